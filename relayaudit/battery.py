@@ -1,0 +1,125 @@
+"""Builds the relay test battery (MAIL FROM / RCPT TO pairs) for one target; pure."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from dataclasses import dataclass
+
+from relayaudit.evidence import RelayTest, TestCategory
+
+__all__ = ["BatteryInputs", "address_literal", "build_battery", "canary_recipient"]
+
+
+@dataclass(frozen=True, slots=True)
+class BatteryInputs:
+    address: str  # the target's IP address
+    hostname: str | None  # the name the target gives itself; the address literal when unknown
+    campus_domains: tuple[str, ...]
+    external_domains: tuple[str, ...]
+    external_local_part: str
+    sender_local_part: str
+
+
+def address_literal(address: str) -> str:
+    """RFC 5321 address literal: `[192.0.2.7]`, and `[IPv6:2001:db8::7]` for IPv6."""
+    ip = ipaddress.ip_address(address)
+    return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"
+
+
+# Recipient forms from ../shared/relay-tests.md: id -> template over u (local part),
+# d (external domain), T (target host name) and IP (address literal).
+_RECIPIENT_FORMS: tuple[tuple[str, str], ...] = (
+    ("rcpt-plain", "{u}@{d}"),
+    ("rcpt-percent-ip", "{u}%{d}@{IP}"),
+    ("rcpt-percent-host", "{u}%{d}@{T}"),
+    ("rcpt-quoted", '"{u}@{d}"'),
+    ("rcpt-quoted-percent", '"{u}%{d}"'),
+    ("rcpt-double-at-ip", "{u}@{d}@{IP}"),
+    ("rcpt-quoted-double-at-ip", '"{u}@{d}"@{IP}'),
+    ("rcpt-double-at-host", "{u}@{d}@{T}"),
+    ("rcpt-quoted-double-at-host", '"{u}@{d}"@{T}'),
+    ("rcpt-source-route-ip", "@{IP}:{u}@{d}"),
+    ("rcpt-source-route-host", "@{T}:{u}@{d}"),
+    ("rcpt-bang", "{d}!{u}"),
+    ("rcpt-bang-ip", "{d}!{u}@{IP}"),
+    ("rcpt-bang-host", "{d}!{u}@{T}"),
+    ("rcpt-trailing-at", "{u}@{d}@"),
+)
+
+
+def _recipient(template: str, *, u: str, d: str, host: str, literal: str) -> str:
+    return template.format(u=u, d=d, T=host, IP=literal)
+
+
+def canary_recipient(test: RelayTest, inputs: BatteryInputs, *, local_part: str, domain: str) -> str:
+    """The same recipient form as `test`, aimed at the canary mailbox instead of the test domain."""
+    literal = address_literal(inputs.address)
+    host = inputs.hostname or literal
+    template = dict(_RECIPIENT_FORMS).get(test.id, "{u}@{d}")
+    return _recipient(template, u=local_part, d=domain, host=host, literal=literal)
+
+
+def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) -> list[RelayTest]:
+    """Every recipient form with an external sender, every sender form with a plain recipient,
+    and the control test; the plain third-party test comes first, the control second, so a short
+    run still holds the two tests the verdict leans on most."""
+    literal = address_literal(inputs.address)
+    host = inputs.hostname or literal
+    u = inputs.external_local_part
+    d = inputs.external_domains[0]
+    # the external sender's domain differs from the recipient's where the config allows
+    d2 = inputs.external_domains[1] if len(inputs.external_domains) > 1 else d
+    f = inputs.sender_local_part
+    external_sender = f"{f}@{d2}"
+    plain = f"{u}@{d}"
+
+    tests: list[RelayTest] = []
+    for test_id, template in _RECIPIENT_FORMS:
+        tests.append(
+            RelayTest(
+                id=test_id,
+                category=TestCategory.RECIPIENT,
+                mail_from=external_sender,
+                rcpt_to=_recipient(template, u=u, d=d, host=host, literal=literal),
+            )
+        )
+        if test_id == "rcpt-plain":
+            token = control_token or secrets.token_hex(6)
+            tests.append(
+                RelayTest(
+                    id="control-invalid",
+                    category=TestCategory.CONTROL,
+                    mail_from=external_sender,
+                    rcpt_to=f"nx-{token}@nx-{token}.invalid",
+                )
+            )
+
+    senders: list[tuple[str, str, bool]] = [
+        ("sender-null", "", False),
+        ("sender-own-host", f"{f}@{host}", True),
+        ("sender-own-literal", f"{f}@{literal}", True),
+    ]
+    senders += [
+        (f"sender-campus-{i}" if i else "sender-campus", f"postmaster@{domain}", True)
+        for i, domain in enumerate(inputs.campus_domains)
+    ]
+    senders += [("sender-unqualified", f, True), ("sender-localhost", f"{f}@localhost", True)]
+    for test_id, sender, local in senders:
+        tests.append(
+            RelayTest(
+                id=test_id,
+                category=TestCategory.SENDER,
+                mail_from=sender,
+                rcpt_to=plain,
+                claims_local_sender=local,
+            )
+        )
+    # without a host name the host forms repeat the literal forms; one copy is enough
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for test in tests:
+        if (test.mail_from, test.rcpt_to) not in seen:
+            seen.add((test.mail_from, test.rcpt_to))
+            unique.append(test)
+    return unique

@@ -1,0 +1,381 @@
+"""Reads the TOML configuration once into one frozen, validated pydantic model."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from relayaudit.errors import ConfigError
+
+__all__ = [
+    "Address",
+    "ApprovedService",
+    "CanaryConfig",
+    "Config",
+    "config_fingerprint",
+    "Network",
+    "format_validation_error",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `30`, `2.5`, `"30s"`, `"5m"`, `"1h"` or `"1h30m"`; rejects negatives and junk."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (use e.g. 30, '30s', '5m', '1h')")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not value.strip() or match is None or not any(match.groups()):
+            raise ValueError(f"{value!r} is not a duration (use e.g. 30, '30s', '5m', '1h')")
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    else:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 30, '30s', '5m', '1h')")
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be longer than zero")
+    return seconds
+
+
+def _network(value: object) -> Network:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a network or address string")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            raise ValueError(f"{value!r} has host bits set") from None
+        raise ValueError(f"{value!r} is not an IP network or address") from None
+
+
+def _address(value: object) -> Address:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an IP address string")
+    try:
+        return ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+def _hostname(value: object) -> str:
+    if not isinstance(value, str) or not _HOSTNAME.match(value):
+        raise ValueError(f"{value!r} is not a valid host or domain name")
+    return value.lower()
+
+
+def _local_part(value: object) -> str:
+    if not isinstance(value, str) or not _LOCAL_PART.match(value):
+        raise ValueError(f"{value!r} is not a plain mailbox local part (letters, digits, . _ + -)")
+    return value
+
+
+def _endpoint(value: object) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` with a literal address (the listener never resolves names)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not of the form ADDRESS:PORT")
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not of the form ADDRESS:PORT (e.g. 127.0.0.1:2526)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"{value!r}: port {port} is outside 1-65535")
+    return host, port
+
+
+def _secret(value: object) -> SecretStr:
+    """A secret given inline, as `{ env = "NAME" }` or as `{ file = "/path" }` (read once, here)."""
+    if isinstance(value, SecretStr):
+        return value
+    if isinstance(value, str):
+        return SecretStr(value)
+    if isinstance(value, Mapping) and len(value) == 1:
+        ((kind, ref),) = value.items()
+        if kind == "env" and isinstance(ref, str):
+            if ref not in os.environ:
+                raise ValueError(f"environment variable {ref!r} is not set")
+            return SecretStr(os.environ[ref])
+        if kind == "file" and isinstance(ref, str):
+            try:
+                return SecretStr(Path(ref).read_text(encoding="utf-8").strip())
+            except OSError as exc:
+                raise ValueError(f"secret file {ref!r} cannot be read: {exc.strerror}") from None
+    raise ValueError("a secret is a string, { env = \"NAME\" } or { file = \"/path\" }")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+NetworkField = Annotated[Network, BeforeValidator(_network)]
+AddressField = Annotated[Address, BeforeValidator(_address)]
+DomainField = Annotated[str, BeforeValidator(_hostname)]
+LocalPart = Annotated[str, BeforeValidator(_local_part)]
+Endpoint = Annotated[tuple[str, int], BeforeValidator(_endpoint)]
+Secret = Annotated[SecretStr, BeforeValidator(_secret)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class Identity(_Model):
+    """How the scanner introduces itself to the servers it knocks on."""
+
+    helo_name: DomainField = "relayaudit.invalid"
+    contact: str = Field(default="", max_length=200)
+
+    @field_validator("contact")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError(f"{value!r} contains control characters")
+        return value
+
+
+class RelayConfig(_Model):
+    """Addresses the relay battery writes into MAIL FROM and RCPT TO."""
+
+    campus_domains: tuple[DomainField, ...] = ()
+    external_domains: tuple[DomainField, ...] = ("relayaudit-test.example",)
+    external_local_part: LocalPart = "relaytest"
+    sender_local_part: LocalPart = "relayaudit"
+    max_tests_per_session: int = Field(default=8, ge=1, le=50)
+    retest_after_starttls: bool = True
+
+    @model_validator(mode="after")
+    def _external_is_not_campus(self) -> RelayConfig:
+        if not self.external_domains:
+            raise ValueError("relay.external_domains: at least one external test domain is needed")
+        for i, domain in enumerate(self.external_domains):
+            if any(domain == c or domain.endswith("." + c) for c in self.campus_domains):
+                raise ValueError(
+                    f"relay.external_domains[{i}]: {domain!r} is a campus domain; relay tests "
+                    "need a domain outside campus"
+                )
+        return self
+
+
+class CanaryConfig(_Model):
+    """Confirmation mode: a real message to a mailbox the ISO owns, caught by our own receiver."""
+
+    enabled: bool = False
+    domain: DomainField = "canary.relayaudit.invalid"
+    local_part: LocalPart = "relayaudit-canary"
+    listen: Endpoint = ("127.0.0.1", 2526)
+    wait: Duration = 60.0
+
+
+class Timeouts(_Model):
+    """Every wait has a deadline."""
+
+    connect: Duration = 3.0
+    command: Duration = 15.0
+    session: Duration = 120.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.command > self.session:
+            raise ValueError(
+                f"timeouts.command: {self.command:g}s is longer than timeouts.session "
+                f"({self.session:g}s)"
+            )
+        return self
+
+
+class Limits(_Model):
+    """Politeness: how hard the scanner may push."""
+
+    concurrency: int = Field(default=256, ge=1, le=100_000)
+    rate: float = Field(default=200.0, gt=0, description="new connections per second, overall")
+    subnet_rate: float = Field(default=20.0, gt=0, description="new connections per second per /24")
+
+
+class ApprovedService(_Model):
+    """An SMTP service the ISO approved; findings about it are not 'unapproved'."""
+
+    address: NetworkField
+    port: Port | None = None
+    note: str = ""
+
+    def covers(self, address: Address, port: int) -> bool:
+        return address in self.address and (self.port is None or self.port == port)
+
+
+class Output(_Model):
+    """Where findings go."""
+
+    findings: Path = Path("findings.jsonl")
+
+
+class Config(_Model):
+    """The whole validated configuration; nothing else in relayaudit reads files or environment."""
+
+    scope: tuple[NetworkField, ...]
+    targets: tuple[NetworkField, ...]
+    exclude: tuple[NetworkField, ...] = ()
+    ports: tuple[Port, ...] = (25, 465, 587)
+    implicit_tls_ports: tuple[Port, ...] = (465,)
+    seed: int = 0
+    source_address: AddressField | None = None
+    identity: Identity = Identity()
+    relay: RelayConfig = RelayConfig()
+    canary: CanaryConfig = CanaryConfig()
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    approved: tuple[ApprovedService, ...] = ()
+    output: Output = Output()
+    source: str = Field(default="<memory>", exclude=True)
+
+    @field_validator("scope", "targets")
+    @classmethod
+    def _not_empty(cls, value: tuple[Network, ...]) -> tuple[Network, ...]:
+        if not value:
+            raise ValueError("must list at least one network")
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _unique_ports(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("must list at least one port")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{list(value)!r} lists a port twice")
+        return value
+
+    @model_validator(mode="after")
+    def _inside_scope(self) -> Config:
+        def check(key: str, networks: tuple[Network, ...]) -> None:
+            for i, net in enumerate(networks):
+                if not any(
+                    net.version == s.version and net.subnet_of(s)  # type: ignore[arg-type]
+                    for s in self.scope
+                ):
+                    raise ValueError(
+                        f"{key}[{i}]: '{net}' is outside scope "
+                        f"({', '.join(str(s) for s in self.scope)})"
+                    )
+
+        check("targets", self.targets)
+        check("exclude", self.exclude)
+        check("approved", tuple(a.address for a in self.approved))
+        for i, port in enumerate(self.implicit_tls_ports):
+            if port not in self.ports:
+                raise ValueError(f"implicit_tls_ports[{i}]: {port} is not one of ports {list(self.ports)}")
+        if self.source_address is not None and self.source_address.version not in {
+            t.version for t in self.targets
+        }:
+            raise ValueError(
+                f"source_address: '{self.source_address}' is IPv{self.source_address.version} "
+                "but no target is"
+            )
+        return self
+
+    def is_approved(self, address: Address, port: int) -> ApprovedService | None:
+        return next((a for a in self.approved if a.covers(address, port)), None)
+
+    def in_scope(self, address: Address) -> bool:
+        return any(address in net for net in self.scope)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not path:
+            path = part
+        # pydantic inserts the validator's name for function-wrapped types; it is not a key
+        elif part.startswith(("function-", "union[", "lax-", "json-or-python")):
+            continue
+        else:
+            path += f".{part}"
+    return path
+
+
+def format_validation_error(exc: ValidationError, *, source: str) -> str:
+    """One line per problem: `SOURCE: key.path[i]: what is wrong (got VALUE)`."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        path = _key_path(err["loc"])
+        kind = err["type"]
+        msg = str(err["msg"])
+        if kind == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            # errors raised by whole-model validators already carry their key path
+            lines.append(f"{source}: {msg}" if not path or msg.startswith(path) else f"{source}: {path}: {msg}")
+            continue
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "required key is missing"
+        else:
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config:
+    """Validate an already-parsed mapping; raises ConfigError naming key and value."""
+    try:
+        return Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML file; every problem becomes a ConfigError naming the file."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot be read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
+    if "source" in data:
+        raise ConfigError(f"{source}: source: unknown key")
+    return parse_config(data, source=source)
+
+
+def config_fingerprint(config: Config) -> str:
+    """A short stable hash of the effective configuration (recorded with every sweep)."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+

@@ -1,0 +1,218 @@
+"""Typed evidence records a probe returns: replies, relay test results, session facts, TLS facts."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "Confirmation",
+    "Exchange",
+    "PortState",
+    "ProbeResult",
+    "ProbeStatus",
+    "RelayTest",
+    "Reply",
+    "ReplyClass",
+    "SessionFacts",
+    "TestCategory",
+    "TestOutcome",
+    "TestResult",
+    "TlsFacts",
+    "Transport",
+    "classify_reply",
+    "redact_command",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PortState(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+    FILTERED = "filtered"
+    ERROR = "error"
+
+
+class ProbeStatus(StrEnum):
+    """How far the conversation with one address:port got; a closed vocabulary (zgrab2-style)."""
+
+    CLOSED = "closed"
+    FILTERED = "filtered"
+    NO_BANNER = "no-banner"  # connected, but no greeting within the deadline (tarpit) or hung up
+    NOT_SMTP = "not-smtp"  # the greeting is not an SMTP reply (HTTP, SSH, garbage)
+    SESSION_REFUSED = "session-refused"  # an SMTP greeting that is not 220 (554 no service)
+    SMTP = "smtp"  # an SMTP conversation took place; the relay tests say the rest
+    ERROR = "error"
+
+
+class Transport(StrEnum):
+    PLAIN = "plain"
+    STARTTLS = "starttls"
+    IMPLICIT_TLS = "implicit-tls"
+
+
+class Reply(_Frozen):
+    code: int
+    text: str
+
+    @property
+    def enhanced(self) -> str | None:
+        """The RFC 3463 enhanced status code (`5.7.1`) if the reply carries one."""
+        match = re.match(r"([245]\.\d{1,3}\.\d{1,3})\b", self.text)
+        return match.group(1) if match else None
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class Exchange(_Frozen):
+    """One line of the transcript: what we sent (None for the greeting) and what came back."""
+
+    command: str | None
+    reply: Reply | None
+    error: str | None = None
+    elapsed_ms: float = 0.0
+
+
+class TestCategory(StrEnum):
+    RECIPIENT = "recipient"  # an odd or plain recipient form, with an external sender
+    SENDER = "sender"  # a sender form, with a plain external recipient
+    CONTROL = "control"  # a recipient that cannot exist: does the server accept everything?
+
+
+class RelayTest(_Frozen):
+    """One MAIL FROM / RCPT TO pair of the battery."""
+
+    id: str  # stable name, e.g. "rcpt-percent-ip" or "sender-campus"
+    category: TestCategory
+    mail_from: str  # the path between the angle brackets ("" for the null sender)
+    rcpt_to: str
+    external_recipient: bool = True  # the recipient, if relayed, would leave campus
+    claims_local_sender: bool = False  # the sender pretends to be campus / the server itself
+
+
+class ReplyClass(StrEnum):
+    OK = "ok"
+    TEMPFAIL = "tempfail"  # 4xx: greylisting, rate limits: retry later
+    DISCONNECT = "disconnect"  # 421: the server is closing the session
+    AUTH_REQUIRED = "auth-required"
+    TLS_REQUIRED = "tls-required"
+    REFUSED = "refused"
+    INVALID = "invalid"  # a code outside 200-599
+
+
+class TestOutcome(StrEnum):
+    ACCEPTED = "accepted"  # MAIL 2xx and RCPT 250/251
+    REFUSED = "refused"  # RCPT 5xx
+    SENDER_REFUSED = "sender-refused"  # MAIL 5xx: RCPT never sent
+    AUTH_REQUIRED = "auth-required"
+    TLS_REQUIRED = "tls-required"
+    TEMPFAIL = "tempfail"
+    ERROR = "error"  # the conversation broke before an answer
+
+
+_TLS_WORDS = re.compile(r"starttls|\btls\b|encrypt|ssl", re.IGNORECASE)
+_AUTH_WORDS = re.compile(r"auth|login|credential|sasl", re.IGNORECASE)
+
+
+def classify_reply(reply: Reply) -> ReplyClass:
+    """Map one reply to what it means for a relay test; pure and total."""
+    code = reply.code
+    if not 200 <= code <= 599:
+        return ReplyClass.INVALID
+    if code < 400:
+        return ReplyClass.OK
+    if code == 421:
+        return ReplyClass.DISCONNECT
+    enhanced = reply.enhanced or ""
+    if code == 530 or enhanced in {"5.7.0", "5.7.11", "5.7.57", "4.7.0", "4.7.11"} or code == 454:
+        if _TLS_WORDS.search(reply.text) or enhanced == "5.7.11":
+            return ReplyClass.TLS_REQUIRED
+        if code == 530 or enhanced == "5.7.57" or _AUTH_WORDS.search(reply.text):
+            return ReplyClass.AUTH_REQUIRED
+    if code < 500:
+        return ReplyClass.TEMPFAIL
+    return ReplyClass.REFUSED
+
+
+class TestResult(_Frozen):
+    test: RelayTest
+    transport: Transport
+    mail: Reply | None = None
+    rcpt: Reply | None = None
+    outcome: TestOutcome
+    error: str | None = None
+
+
+class TlsFacts(_Frozen):
+    protocol: str | None = None
+    cipher: str | None = None
+    subject: str | None = None
+    issuer: str | None = None
+    not_after: datetime | None = None
+    self_signed: bool | None = None
+    error: str | None = None  # the handshake failed: why
+
+
+class SessionFacts(_Frozen):
+    banner: Reply
+    ehlo: bool  # False: EHLO was refused and HELO used
+    hostname: str | None  # the name the server gives itself (banner / EHLO)
+    capabilities: tuple[str, ...] = ()
+    auth_mechanisms: tuple[str, ...] = ()
+    starttls: bool = False
+    size: int | None = None
+    pipelining: bool = False
+    eightbitmime: bool = False
+    tls: TlsFacts | None = None
+    software: str | None = None  # a guess from the greeting: "Postfix", "Exim", ...
+
+
+class Confirmation(_Frozen):
+    """Confirmation mode: one canary message through the server to a mailbox the ISO owns."""
+
+    token: str
+    test_id: str
+    transport: Transport
+    rcpt_to: str
+    data_reply: Reply | None = None
+    sent: bool = False
+    delivered: bool | None = None  # None: not known yet (still waiting) or not sent
+    error: str | None = None
+
+
+class ProbeResult(_Frozen):
+    """Everything one probe of one address:port saw; the verdict is computed from this alone."""
+
+    address: str
+    port: int
+    vantage: str  # the local address the connections came from
+    started: datetime
+    finished: datetime
+    port_state: PortState
+    status: ProbeStatus
+    error: str | None = None
+    facts: SessionFacts | None = None
+    tests: tuple[TestResult, ...] = ()
+    transcript: tuple[Exchange, ...] = ()
+    confirmation: Confirmation | None = None
+    sessions: int = 0
+
+
+_AUTH_COMMAND = re.compile(r"^(AUTH\s+\S+)(\s.*)?$", re.IGNORECASE)
+
+
+def redact_command(command: str, *, in_auth: bool = False) -> str:
+    """AUTH exchanges never reach a transcript: keep the verb and mechanism only."""
+    if in_auth:
+        return "<redacted>"
+    match = _AUTH_COMMAND.match(command)
+    if match and match.group(2):
+        return f"{match.group(1)} <redacted>"
+    return command

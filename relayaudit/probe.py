@@ -1,0 +1,596 @@
+"""Probes one address:port: connect, SMTP session facts, the relay battery, optional canary send."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import re
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+
+import aiosmtplib
+from cryptography import x509
+
+from relayaudit.battery import BatteryInputs, build_battery, canary_recipient
+from relayaudit.evidence import (
+    Confirmation,
+    Exchange,
+    PortState,
+    ProbeResult,
+    ProbeStatus,
+    RelayTest,
+    Reply,
+    ReplyClass,
+    SessionFacts,
+    TestCategory,
+    TestOutcome,
+    TestResult,
+    TlsFacts,
+    Transport,
+    classify_reply,
+    redact_command,
+)
+
+__all__ = ["CanaryTarget", "Gate", "ProbeSettings", "connect_socket", "probe"]
+
+Gate = Callable[[str], Awaitable[None]]
+"""Awaited before every new connection to an address (the engine's pacer); the probe knows no rate."""
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryTarget:
+    local_part: str
+    domain: str
+    contact: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSettings:
+    helo_name: str
+    source_address: str | None = None
+    connect_timeout: float = 3.0
+    command_timeout: float = 15.0
+    session_timeout: float = 120.0
+    max_tests_per_session: int = 8
+    retest_after_starttls: bool = True
+    campus_domains: tuple[str, ...] = ()
+    external_domains: tuple[str, ...] = ("relayaudit-test.example",)
+    external_local_part: str = "relaytest"
+    sender_local_part: str = "relayaudit"
+    canary: CanaryTarget | None = None  # set: confirmation mode
+    max_reconnects: int = 6
+
+
+class _Broken(Exception):
+    """The current SMTP connection is unusable; `fatal` means do not reconnect either."""
+
+    def __init__(self, reason: str, *, fatal: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fatal = fatal
+
+
+class _NoSession(Exception):
+    """No SMTP session could be set up: the status says why."""
+
+    def __init__(self, status: ProbeStatus, reason: str, port_state: PortState) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.port_state = port_state
+
+
+async def connect_socket(
+    address: str, port: int, *, source: str | None, timeout: float
+) -> socket.socket:
+    """A connected non-blocking TCP socket, or _NoSession saying closed / filtered / error."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        if source:
+            sock.bind((source, 0))
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+    except ConnectionRefusedError:
+        sock.close()
+        raise _NoSession(ProbeStatus.CLOSED, "connection refused", PortState.CLOSED) from None
+    except TimeoutError:
+        sock.close()
+        raise _NoSession(ProbeStatus.FILTERED, "connect timed out", PortState.FILTERED) from None
+    except OSError as exc:
+        sock.close()
+        if exc.errno in {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES}:
+            raise _NoSession(
+                ProbeStatus.FILTERED, f"unreachable: {exc.strerror}", PortState.FILTERED
+            ) from None
+        raise _NoSession(
+            ProbeStatus.ERROR, f"connect failed: {exc.strerror or exc}", PortState.ERROR
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_SOFTWARE = (
+    ("Postfix", re.compile(r"postfix", re.I)),
+    ("Exim", re.compile(r"\bexim\b", re.I)),
+    ("OpenSMTPD", re.compile(r"opensmtpd", re.I)),
+    ("Sendmail", re.compile(r"sendmail", re.I)),
+    ("Microsoft Exchange", re.compile(r"microsoft|exchange", re.I)),
+    ("qmail", re.compile(r"qmail", re.I)),
+    ("Haraka", re.compile(r"haraka", re.I)),
+)
+
+
+def _hostname_from(text: str) -> str | None:
+    first = text.split(None, 1)[0] if text.split() else ""
+    return first.lower() if "." in first and _HOSTNAME.match(first) else None
+
+
+def _software(text: str) -> str | None:
+    return next((name for name, rx in _SOFTWARE if rx.search(text)), None)
+
+
+def _tls_facts(smtp: aiosmtplib.SMTP) -> TlsFacts:
+    obj = smtp.get_transport_info("ssl_object")
+    if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+        return TlsFacts(error="no TLS object on the transport")
+    cipher = obj.cipher()
+    der = obj.getpeercert(binary_form=True)
+    facts: dict[str, object] = {
+        "protocol": obj.version(),
+        "cipher": cipher[0] if cipher else None,
+    }
+    if der:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            facts |= {
+                "subject": cert.subject.rfc4514_string(),
+                "issuer": cert.issuer.rfc4514_string(),
+                "not_after": cert.not_valid_after_utc,
+                "self_signed": cert.issuer == cert.subject,
+            }
+        except ValueError as exc:
+            facts["error"] = f"certificate not parseable: {exc}"
+    return TlsFacts.model_validate(facts)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{type(exc).__name__}: {exc.code} {exc.message}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+@dataclass
+class _Run:
+    """Mutable evidence gathered while probing, so a deadline still leaves what was seen."""
+
+    address: str
+    port: int
+    settings: ProbeSettings
+    implicit_tls: bool
+    gate: Gate | None
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    vantage: str = ""
+    port_state: PortState = PortState.ERROR
+    status: ProbeStatus = ProbeStatus.ERROR
+    error: str | None = None
+    facts: SessionFacts | None = None
+    tls: TlsFacts | None = None
+    tests: list[TestResult] = field(default_factory=list)
+    transcript: list[Exchange] = field(default_factory=list)
+    confirmation: Confirmation | None = None
+    sessions: int = 0
+    banner_seen: bool = False
+
+    def result(self) -> ProbeResult:
+        facts = self.facts
+        if facts is not None and self.tls is not None:
+            facts = facts.model_copy(update={"tls": self.tls})
+        return ProbeResult(
+            address=self.address,
+            port=self.port,
+            vantage=self.vantage or (self.settings.source_address or "default"),
+            started=self.started,
+            finished=datetime.now(UTC),
+            port_state=self.port_state,
+            status=self.status,
+            error=self.error,
+            facts=facts,
+            tests=tuple(self.tests),
+            transcript=tuple(self.transcript),
+            confirmation=self.confirmation,
+            sessions=self.sessions,
+        )
+
+    # -- one SMTP command ----------------------------------------------------------------
+
+    async def command(self, smtp: aiosmtplib.SMTP, line: str) -> Reply:
+        started = time.monotonic()
+        verb, _, arg = line.partition(" ")
+        args = (verb.encode(), arg.encode("utf-8", "surrogateescape")) if arg else (verb.encode(),)
+        try:
+            response = await smtp.execute_command(*args)
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
+            self._log(line, None, started, error=f"timeout: {exc}")
+            raise _Broken(f"no reply to {verb} within {self.settings.command_timeout:g}s", fatal=True) from None
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            self._log(line, None, started, error=f"disconnected: {exc}")
+            raise _Broken(f"server hung up after {verb}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            self._log(line, None, started, error=_describe(exc))
+            raise _Broken(f"unreadable reply to {verb}: {exc.message}", fatal=True) from None
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            self._log(line, None, started, error=_describe(exc))
+            raise _Broken(f"{verb} failed: {_describe(exc)}", fatal=True) from None
+        reply = Reply(code=response.code, text=response.message)
+        self._log(line, reply, started)
+        return reply
+
+    def _log(self, line: str | None, reply: Reply | None, started: float, *, error: str | None = None) -> None:
+        self.transcript.append(
+            Exchange(
+                command=redact_command(line) if line is not None else None,
+                reply=reply,
+                error=error,
+                elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        )
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def open_session(self, transport: Transport) -> aiosmtplib.SMTP:
+        """Connect, read the greeting, EHLO (or HELO), and STARTTLS when asked."""
+        s = self.settings
+        if self.gate is not None:
+            await self.gate(self.address)
+        sock = await connect_socket(self.address, self.port, source=s.source_address, timeout=s.connect_timeout)
+        self.port_state = PortState.OPEN
+        with contextlib.suppress(OSError):
+            self.vantage = sock.getsockname()[0]
+        self.sessions += 1
+        smtp = aiosmtplib.SMTP(
+            hostname=self.address,
+            sock=sock,
+            use_tls=transport is Transport.IMPLICIT_TLS,
+            start_tls=False,
+            validate_certs=False,
+            timeout=s.command_timeout,
+            local_hostname=s.helo_name,
+        )
+        started = time.monotonic()
+        try:
+            response = await smtp.connect()
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            smtp.close()
+            self._log(None, Reply(code=exc.code, text=exc.message), started)
+            if 200 <= exc.code <= 599:
+                self.banner_seen = True
+                raise _NoSession(
+                    ProbeStatus.SESSION_REFUSED, f"greeting {exc.code} {exc.message}", PortState.OPEN
+                ) from None
+            raise _NoSession(ProbeStatus.NOT_SMTP, f"greeting code {exc.code}", PortState.OPEN) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            smtp.close()
+            self._log(None, None, started, error=_describe(exc))
+            raise _NoSession(ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.message[:120]}", PortState.OPEN) from None
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError):
+            smtp.close()
+            self._log(None, None, started, error="no greeting")
+            raise _NoSession(
+                ProbeStatus.NO_BANNER, f"no greeting within {s.command_timeout:g}s", PortState.OPEN
+            ) from None
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            smtp.close()
+            self._log(None, None, started, error=_describe(exc))
+            if transport is Transport.IMPLICIT_TLS:
+                self.tls = TlsFacts(error=_describe(exc))
+                raise _NoSession(ProbeStatus.NOT_SMTP, f"implicit TLS failed: {_describe(exc)}", PortState.OPEN) from None
+            raise _NoSession(ProbeStatus.NO_BANNER, f"hung up before the greeting: {_describe(exc)}", PortState.OPEN) from None
+        self.banner_seen = True
+        banner = Reply(code=response.code, text=response.message)
+        self._log(None, banner, started)
+        try:
+            ehlo = await self._hello(smtp, banner)
+            if transport is Transport.STARTTLS:
+                await self._starttls(smtp)
+            elif transport is Transport.IMPLICIT_TLS and self.tls is None:
+                self.tls = _tls_facts(smtp)
+            if self.facts is None:
+                self.facts = self._facts(smtp, banner, ehlo)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    async def _hello(self, smtp: aiosmtplib.SMTP, banner: Reply) -> bool:
+        started = time.monotonic()
+        line = f"EHLO {self.settings.helo_name}"
+        try:
+            response = await smtp.ehlo()
+            self._log(line, Reply(code=response.code, text=response.message), started)
+            return True
+        except aiosmtplib.SMTPHeloError as exc:
+            self._log(line, Reply(code=exc.code, text=exc.message), started)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            self._log(line, None, started, error=_describe(exc))
+            raise _Broken("server hung up after EHLO") from None
+        except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
+            self._log(line, None, started, error=_describe(exc))
+            raise _Broken(f"EHLO failed: {_describe(exc)}", fatal=True) from None
+        reply = await self.command(smtp, f"HELO {self.settings.helo_name}")
+        if reply.code != 250:
+            raise _Broken(f"HELO refused: {reply}", fatal=True)
+        smtp.last_helo_response = aiosmtplib.SMTPResponse(reply.code, reply.text)
+        return False
+
+    async def _starttls(self, smtp: aiosmtplib.SMTP) -> None:
+        started = time.monotonic()
+        try:
+            response = await smtp.starttls(validate_certs=False)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._log("STARTTLS", Reply(code=exc.code, text=exc.message), started)
+            self.tls = TlsFacts(error=f"STARTTLS refused: {exc.code} {exc.message}")
+            raise _Broken("STARTTLS refused", fatal=True) from None
+        except (aiosmtplib.SMTPException, TimeoutError, OSError, ssl.SSLError) as exc:
+            self._log("STARTTLS", None, started, error=_describe(exc))
+            self.tls = TlsFacts(error=f"handshake failed: {_describe(exc)}")
+            raise _Broken("STARTTLS handshake failed", fatal=True) from None
+        self._log("STARTTLS", Reply(code=response.code, text=response.message), started)
+        self.tls = _tls_facts(smtp)
+        started = time.monotonic()
+        try:
+            response = await smtp.ehlo()
+        except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
+            self._log(f"EHLO {self.settings.helo_name}", None, started, error=_describe(exc))
+            raise _Broken("EHLO after STARTTLS failed", fatal=True) from None
+        self._log(f"EHLO {self.settings.helo_name}", Reply(code=response.code, text=response.message), started)
+
+    def _facts(self, smtp: aiosmtplib.SMTP, banner: Reply, ehlo: bool) -> SessionFacts:
+        ext = smtp.esmtp_extensions if ehlo else {}
+        size_text = ext.get("size", "")
+        hello_text = smtp.last_ehlo_response.message if ehlo and smtp.last_ehlo_response else ""
+        return SessionFacts(
+            banner=banner,
+            ehlo=ehlo,
+            hostname=_hostname_from(banner.text) or _hostname_from(hello_text),
+            capabilities=tuple(sorted(ext)),
+            auth_mechanisms=tuple(m.upper() for m in smtp.server_auth_methods) if ehlo else (),
+            starttls="starttls" in ext,
+            size=int(size_text) if size_text.isdigit() else None,
+            pipelining="pipelining" in ext,
+            eightbitmime="8bitmime" in ext,
+            software=_software(banner.text + " " + hello_text),
+        )
+
+    async def quit(self, smtp: aiosmtplib.SMTP) -> None:
+        """Say goodbye politely, but never wait long for it."""
+        if smtp.is_connected:
+            with contextlib.suppress(_Broken):
+                async with asyncio.timeout(min(2.0, self.settings.command_timeout)):
+                    await self.command(smtp, "QUIT")
+        smtp.close()
+
+    # -- the battery ---------------------------------------------------------------------
+
+    async def run_test(self, smtp: aiosmtplib.SMTP, test: RelayTest, transport: Transport) -> TestResult:
+        mail = await self.command(smtp, f"MAIL FROM:<{test.mail_from}>")
+        mail_class = classify_reply(mail)
+        if mail_class is not ReplyClass.OK:
+            return TestResult(test=test, transport=transport, mail=mail, outcome=_outcome(mail_class, sender=True))
+        rcpt = await self.command(smtp, f"RCPT TO:<{test.rcpt_to}>")
+        rcpt_class = classify_reply(rcpt)
+        outcome = TestOutcome.ACCEPTED if rcpt_class is ReplyClass.OK else _outcome(rcpt_class, sender=False)
+        return TestResult(test=test, transport=transport, mail=mail, rcpt=rcpt, outcome=outcome)
+
+    async def battery(self, tests: list[RelayTest], transport: Transport, first: aiosmtplib.SMTP | None) -> None:
+        """Run every test, at most N per session, reconnecting after hang-ups and 421s."""
+        queue = deque(tests)
+        attempts: dict[str, int] = {}
+        reconnects = 0
+        smtp = first
+        while queue:
+            if smtp is None:
+                if reconnects >= self.settings.max_reconnects:
+                    self._skip(queue, transport, "not run: too many reconnects")
+                    return
+                reconnects += 1
+                try:
+                    smtp = await self.open_session(transport)
+                except (_NoSession, _Broken) as exc:
+                    self._skip(queue, transport, f"not run: reconnect failed: {exc}")
+                    return
+            done_here = 0
+            try:
+                while queue and done_here < self.settings.max_tests_per_session:
+                    test = queue[0]
+                    attempts[test.id] = attempts.get(test.id, 0) + 1
+                    try:
+                        result = await self.run_test(smtp, test, transport)
+                    except _Broken as exc:
+                        if exc.fatal or attempts[test.id] >= 2:
+                            queue.popleft()
+                            self.tests.append(TestResult(test=test, transport=transport, outcome=TestOutcome.ERROR, error=exc.reason))
+                        if exc.fatal:
+                            self._skip(queue, transport, f"not run: {exc.reason}")
+                            return
+                        break
+                    queue.popleft()
+                    self.tests.append(result)
+                    done_here += 1
+                    if not smtp.is_connected or 421 in (result.mail and result.mail.code, result.rcpt and result.rcpt.code):
+                        break
+                    if queue and done_here < self.settings.max_tests_per_session:
+                        await self.command(smtp, "RSET")
+            except _Broken as exc:
+                if exc.fatal:
+                    self._skip(queue, transport, f"not run: {exc.reason}")
+                    return
+            finally:
+                await self.quit(smtp)
+                smtp = None
+
+    def _skip(self, queue: deque[RelayTest], transport: Transport, reason: str) -> None:
+        while queue:
+            self.tests.append(TestResult(test=queue.popleft(), transport=transport, outcome=TestOutcome.ERROR, error=reason))
+
+    # -- confirmation mode ---------------------------------------------------------------
+
+    async def confirm(self, canary: CanaryTarget, inputs: BatteryInputs) -> None:
+        """Send one self-identifying message through the strongest accepted test form."""
+        candidates = [t for t in self.tests if t.outcome is TestOutcome.ACCEPTED and t.test.category is not TestCategory.CONTROL]
+        if not candidates:
+            return
+        best = min(candidates, key=_confirmation_preference)
+        token = f"relayaudit-{_token()}"
+        rcpt = canary_recipient(best.test, inputs, local_part=f"{canary.local_part}+{token}", domain=canary.domain)
+        conf = Confirmation(token=token, test_id=best.test.id, transport=best.transport, rcpt_to=rcpt)
+        self.confirmation = conf
+        try:
+            smtp = await self.open_session(best.transport)
+        except (_NoSession, _Broken) as exc:
+            self.confirmation = conf.model_copy(update={"error": f"could not reconnect: {exc}"})
+            return
+        try:
+            mail = await self.command(smtp, f"MAIL FROM:<{best.test.mail_from}>")
+            rcpt_reply = await self.command(smtp, f"RCPT TO:<{rcpt}>")
+            if classify_reply(mail) is not ReplyClass.OK or classify_reply(rcpt_reply) is not ReplyClass.OK:
+                self.confirmation = conf.model_copy(update={"error": f"canary refused: {mail} / {rcpt_reply}"})
+                return
+            data = await self.command(smtp, "DATA")
+            if data.code != 354:
+                self.confirmation = conf.model_copy(update={"error": f"DATA refused: {data}"})
+                return
+            body = _canary_message(token, self, canary, rcpt)
+            started = time.monotonic()
+            try:
+                response = await smtp.protocol.execute_data_command(body, timeout=self.settings.command_timeout)  # type: ignore[union-attr]
+            except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
+                self._log("<message body>", None, started, error=_describe(exc))
+                self.confirmation = conf.model_copy(update={"error": f"message not accepted: {_describe(exc)}"})
+                return
+            reply = Reply(code=response.code, text=response.message)
+            self._log(f"<message body, token {token}>", reply, started)
+            self.confirmation = conf.model_copy(update={"data_reply": reply, "sent": reply.code == 250})
+        except _Broken as exc:
+            self.confirmation = conf.model_copy(update={"error": exc.reason})
+        finally:
+            await self.quit(smtp)
+
+
+def _outcome(kind: ReplyClass, *, sender: bool) -> TestOutcome:
+    return {
+        ReplyClass.TEMPFAIL: TestOutcome.TEMPFAIL,
+        ReplyClass.DISCONNECT: TestOutcome.TEMPFAIL,
+        ReplyClass.AUTH_REQUIRED: TestOutcome.AUTH_REQUIRED,
+        ReplyClass.TLS_REQUIRED: TestOutcome.TLS_REQUIRED,
+        ReplyClass.INVALID: TestOutcome.ERROR,
+    }.get(kind, TestOutcome.SENDER_REFUSED if sender else TestOutcome.REFUSED)
+
+
+def _confirmation_preference(result: TestResult) -> tuple[int, int]:
+    test = result.test
+    if test.id == "rcpt-plain":
+        return (0, 0)
+    if test.category is TestCategory.SENDER:
+        return (1, 0)
+    return (2, len(test.rcpt_to))
+
+
+def _token() -> str:
+    import secrets
+
+    return secrets.token_hex(16)
+
+
+def _canary_message(token: str, run: _Run, canary: CanaryTarget, rcpt: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"relayaudit <{run.settings.sender_local_part}@{run.settings.helo_name}>"
+    msg["To"] = f"<{canary.local_part}@{canary.domain}>"
+    msg["Subject"] = f"relayaudit relay confirmation {token}"
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = make_msgid(domain=run.settings.helo_name)
+    msg["X-Relayaudit-Token"] = token
+    msg.set_content(
+        "This message was sent by relayaudit, the campus security office's relay audit,\n"
+        f"through the SMTP server {run.address} port {run.port} to a mailbox the office owns.\n"
+        f"It proves the server relays mail for outside senders. Contact: {canary.contact or 'n/a'}\n"
+        f"Token: {token}\nRecipient form: {rcpt}\n"
+    )
+    return bytes(msg)
+
+
+async def probe(
+    address: str,
+    port: int,
+    settings: ProbeSettings,
+    *,
+    implicit_tls: bool = False,
+    gate: Gate | None = None,
+) -> ProbeResult:
+    """Probe one address:port within the session deadline; never raises for network outcomes."""
+    run = _Run(address=address, port=port, settings=settings, implicit_tls=implicit_tls, gate=gate)
+    try:
+        async with asyncio.timeout(settings.session_timeout):
+            await _probe(run)
+    except TimeoutError:
+        if not run.banner_seen:
+            run.status, run.error = ProbeStatus.NO_BANNER, f"no greeting within the {settings.session_timeout:g}s session deadline"
+        else:
+            run.error = f"session deadline of {settings.session_timeout:g}s reached; results are partial"
+    except Exception as exc:  # the one place unknown failures become a status, never a crash
+        run.status, run.error = ProbeStatus.ERROR, f"unexpected: {_describe(exc)}"
+    return run.result()
+
+
+async def _probe(run: _Run) -> None:
+    s = run.settings
+    first_transport = Transport.IMPLICIT_TLS if run.implicit_tls else Transport.PLAIN
+    try:
+        smtp = await run.open_session(first_transport)
+    except _NoSession as exc:
+        run.status, run.error, run.port_state = exc.status, exc.reason, exc.port_state
+        return
+    except _Broken as exc:
+        run.status, run.error = ProbeStatus.SMTP, exc.reason
+        return
+    run.status = ProbeStatus.SMTP
+    facts = run.facts
+    assert facts is not None
+    inputs = BatteryInputs(
+        address=run.address,
+        hostname=facts.hostname,
+        campus_domains=s.campus_domains,
+        external_domains=s.external_domains,
+        external_local_part=s.external_local_part,
+        sender_local_part=s.sender_local_part,
+    )
+    tests = build_battery(inputs)
+    await run.battery(tests, first_transport, smtp)
+
+    if facts.starttls and first_transport is Transport.PLAIN:
+        relayed = any(t.outcome is TestOutcome.ACCEPTED and t.test.category is not TestCategory.CONTROL for t in run.tests)
+        try:
+            tls_session = await run.open_session(Transport.STARTTLS)
+        except (_NoSession, _Broken) as exc:
+            run.error = f"STARTTLS retest not possible: {exc}"
+            tls_session = None
+        if tls_session is not None:
+            if s.retest_after_starttls and not relayed:
+                await run.battery(build_battery(inputs), Transport.STARTTLS, tls_session)
+            else:
+                await run.quit(tls_session)
+    if s.canary is not None:
+        await run.confirm(s.canary, inputs)

@@ -1,0 +1,403 @@
+"""Turns one probe's evidence into a status and findings; a pure function, no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+from relayaudit.evidence import (
+    Exchange,
+    ProbeResult,
+    ProbeStatus,
+    TestCategory,
+    TestOutcome,
+    TestResult,
+    TlsFacts,
+    Transport,
+)
+
+__all__ = [
+    "Confidence",
+    "Finding",
+    "FindingKind",
+    "Fingerprint",
+    "Severity",
+    "Verdict",
+    "VerdictStatus",
+    "finding_id",
+    "judge",
+]
+
+
+class FindingKind(StrEnum):
+    OPEN_RELAY = "open-relay"
+    RELAY_CAMPUS_SENDER = "relay-campus-sender"
+    RELAY_AFTER_STARTTLS = "relay-after-starttls"
+    ACCEPTS_WITHOUT_DELIVERY = "accepts-without-delivery"
+    UNAPPROVED_SMTP = "unapproved-smtp"
+    AUTH_WITHOUT_TLS = "auth-without-tls"
+
+
+class Severity(StrEnum):
+    CRITICAL = "critical"
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        return list(Severity).index(self)  # 0 = most severe
+
+
+class Confidence(StrEnum):
+    CONFIRMED = "confirmed"  # the canary message arrived
+    HIGH = "high"  # plain third-party recipient accepted, control recipient refused
+    MEDIUM = "medium"  # only odd recipient forms accepted (may be read as local addresses)
+    LOW = "low"  # the server accepts even the impossible control recipient
+
+
+class VerdictStatus(StrEnum):
+    OPEN_RELAY = "open-relay"
+    RELAY_CAMPUS_SENDER = "relay-campus-sender"
+    RELAY_AFTER_STARTTLS = "relay-after-starttls"
+    ACCEPTS_WITHOUT_DELIVERY = "accepts-without-delivery"
+    RELAY_REFUSED = "relay-refused"
+    AUTH_REQUIRED = "auth-required"
+    TLS_REQUIRED = "tls-required"
+    INCONCLUSIVE = "inconclusive"
+    SESSION_REFUSED = "session-refused"
+    NOT_SMTP = "not-smtp"
+    NO_BANNER = "no-banner"
+    CLOSED = "closed"
+    FILTERED = "filtered"
+    ERROR = "error"
+
+    @property
+    def is_relay(self) -> bool:
+        return self in _RELAY_STATUSES
+
+
+_RELAY_STATUSES = {
+    VerdictStatus.OPEN_RELAY,
+    VerdictStatus.RELAY_CAMPUS_SENDER,
+    VerdictStatus.RELAY_AFTER_STARTTLS,
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Fingerprint(_Frozen):
+    banner: str | None = None
+    hostname: str | None = None
+    software: str | None = None
+    capabilities: tuple[str, ...] = ()
+    auth_mechanisms: tuple[str, ...] = ()
+    starttls: bool = False
+    tls: TlsFacts | None = None
+
+
+class Finding(_Frozen):
+    """One problem at one address:port; `id` is the same for the same problem in every sweep."""
+
+    id: str
+    kind: FindingKind
+    severity: Severity
+    confidence: Confidence
+    address: str
+    port: int
+    vantage: str
+    title: str
+    summary: str
+    observed_at: datetime
+    approved_note: str | None = None
+    evidence: tuple[TestResult, ...] = ()
+    transcript: tuple[Exchange, ...] = ()
+    fingerprint: Fingerprint = Fingerprint()
+    confirmation_token: str | None = None
+
+
+class Verdict(_Frozen):
+    address: str
+    port: int
+    status: VerdictStatus
+    summary: str
+    findings: tuple[Finding, ...] = ()
+
+    @property
+    def relay(self) -> bool:
+        return self.status.is_relay
+
+
+def finding_id(kind: FindingKind, address: str, port: int) -> str:
+    digest = hashlib.sha256(f"{kind}|{address}|{port}".encode()).hexdigest()
+    return f"ra-{digest[:16]}"
+
+
+_NON_SMTP = {
+    ProbeStatus.CLOSED: VerdictStatus.CLOSED,
+    ProbeStatus.FILTERED: VerdictStatus.FILTERED,
+    ProbeStatus.NO_BANNER: VerdictStatus.NO_BANNER,
+    ProbeStatus.NOT_SMTP: VerdictStatus.NOT_SMTP,
+    ProbeStatus.SESSION_REFUSED: VerdictStatus.SESSION_REFUSED,
+    ProbeStatus.ERROR: VerdictStatus.ERROR,
+}
+
+_SEVERITY = {
+    Confidence.CONFIRMED: Severity.CRITICAL,
+    Confidence.HIGH: Severity.HIGH,
+    Confidence.MEDIUM: Severity.MEDIUM,
+    Confidence.LOW: Severity.MEDIUM,
+}
+
+
+def _accepted(results: Iterable[TestResult]) -> list[TestResult]:
+    return [r for r in results if r.outcome is TestOutcome.ACCEPTED and r.test.category is not TestCategory.CONTROL]
+
+
+def _is_plain_recipient(result: TestResult) -> bool:
+    return result.test.id == "rcpt-plain" or result.test.category is TestCategory.SENDER
+
+
+def _describe(result: TestResult) -> str:
+    parts = [f"MAIL FROM:<{result.test.mail_from}>"]
+    if result.mail is not None:
+        parts.append(f"-> {result.mail.code}")
+    parts.append(f"RCPT TO:<{result.test.rcpt_to}>")
+    if result.rcpt is not None:
+        parts.append(f"-> {result.rcpt}")
+    return " ".join(parts)
+
+
+class _Context:
+    """The facts shared by every finding of one probe."""
+
+    def __init__(self, result: ProbeResult, approved_note: str | None) -> None:
+        self.result = result
+        self.approved_note = approved_note
+        facts = result.facts
+        self.fingerprint = (
+            Fingerprint(
+                banner=str(facts.banner),
+                hostname=facts.hostname,
+                software=facts.software,
+                capabilities=facts.capabilities,
+                auth_mechanisms=facts.auth_mechanisms,
+                starttls=facts.starttls,
+                tls=facts.tls,
+            )
+            if facts is not None
+            else Fingerprint()
+        )
+        controls = [r for r in result.tests if r.test.category is TestCategory.CONTROL]
+        self.control = controls[0] if controls else None
+        self.accepts_everything = any(r.outcome is TestOutcome.ACCEPTED for r in controls)
+
+    def finding(
+        self,
+        kind: FindingKind,
+        *,
+        severity: Severity,
+        confidence: Confidence,
+        title: str,
+        summary: str,
+        evidence: Iterable[TestResult] = (),
+    ) -> Finding:
+        r = self.result
+        conf = r.confirmation
+        return Finding(
+            id=finding_id(kind, r.address, r.port),
+            kind=kind,
+            severity=severity,
+            confidence=confidence,
+            address=r.address,
+            port=r.port,
+            vantage=r.vantage,
+            title=title,
+            summary=summary,
+            observed_at=r.finished,
+            approved_note=self.approved_note,
+            evidence=tuple(evidence),
+            transcript=r.transcript,
+            fingerprint=self.fingerprint,
+            confirmation_token=conf.token if conf is not None else None,
+        )
+
+    def relay_finding(self, kind: FindingKind, accepted: list[TestResult], what: str) -> Finding:
+        r = self.result
+        conf = r.confirmation
+        confirmed = (
+            conf is not None and conf.delivered is True and any(a.test.id == conf.test_id and a.transport is conf.transport for a in accepted)
+        )
+        plain = [a for a in accepted if _is_plain_recipient(a)]
+        if confirmed:
+            confidence = Confidence.CONFIRMED
+        elif self.accepts_everything:
+            confidence = Confidence.LOW
+        elif plain:
+            confidence = Confidence.HIGH
+        else:
+            confidence = Confidence.MEDIUM
+        lead = (plain or accepted)[0]
+        notes = [f"{len(accepted)} of the relay tests accepted, e.g. {_describe(lead)}."]
+        if self.accepts_everything and self.control is not None:
+            notes.append(
+                f"It also accepted the impossible control recipient <{self.control.test.rcpt_to}>: "
+                "it accepts everything at RCPT, so acceptance alone is weak evidence."
+            )
+        elif self.control is not None and self.control.rcpt is not None:
+            notes.append(f"The control recipient was refused ({self.control.rcpt.code}).")
+        if confidence is Confidence.MEDIUM:
+            notes.append("Only unusual address forms were accepted; some servers read them as local mailboxes.")
+        if confirmed and conf is not None:
+            notes.append(f"Confirmed: canary message {conf.token} arrived at the ISO's mailbox.")
+        elif conf is not None and conf.sent and conf.delivered is None:
+            notes.append(f"Canary message {conf.token} sent; delivery not yet seen.")
+        title = f"{what} on {r.address}:{r.port}"
+        evidence = [*accepted, *([self.control] if self.control is not None else [])]
+        return self.finding(
+            kind,
+            severity=_SEVERITY[confidence],
+            confidence=confidence,
+            title=title,
+            summary=" ".join(notes),
+            evidence=evidence,
+        )
+
+
+def _refusal_status(results: list[TestResult]) -> VerdictStatus:
+    outcomes = {r.outcome for r in results}
+    if TestOutcome.TEMPFAIL in outcomes:
+        return VerdictStatus.INCONCLUSIVE
+    if TestOutcome.TLS_REQUIRED in outcomes:
+        return VerdictStatus.TLS_REQUIRED
+    if TestOutcome.AUTH_REQUIRED in outcomes:
+        return VerdictStatus.AUTH_REQUIRED
+    if outcomes & {TestOutcome.REFUSED, TestOutcome.SENDER_REFUSED}:
+        return VerdictStatus.RELAY_REFUSED
+    return VerdictStatus.ERROR
+
+
+def judge(result: ProbeResult, *, approved_note: str | None = None, approved: bool = False) -> Verdict:
+    """The verdict for one probe. `approved`: the ISO approved an SMTP service here."""
+    ctx = _Context(result, approved_note)
+    findings: list[Finding] = []
+
+    if result.status is not ProbeStatus.SMTP:
+        status = _NON_SMTP[result.status]
+        if result.status is ProbeStatus.SESSION_REFUSED and not approved:
+            findings.append(_unapproved(ctx))
+        return Verdict(
+            address=result.address,
+            port=result.port,
+            status=status,
+            summary=result.error or status.value,
+            findings=tuple(findings),
+        )
+
+    if not approved:
+        findings.append(_unapproved(ctx))
+    facts = result.facts
+    if facts is not None and facts.auth_mechanisms and facts.tls is None or (
+        facts is not None and facts.auth_mechanisms and facts.starttls and not _implicit(result)
+    ):
+        weak = {"PLAIN", "LOGIN"} & set(facts.auth_mechanisms)
+        findings.append(
+            ctx.finding(
+                FindingKind.AUTH_WITHOUT_TLS,
+                severity=Severity.MEDIUM if weak else Severity.LOW,
+                confidence=Confidence.HIGH,
+                title=f"AUTH offered without TLS on {result.address}:{result.port}",
+                summary=(
+                    f"The server offers AUTH {' '.join(facts.auth_mechanisms)} before any TLS: "
+                    + ("passwords can cross the network in clear text." if weak else "credentials exchange is unprotected.")
+                ),
+            )
+        )
+
+    plain_group = [r for r in result.tests if r.transport is not Transport.STARTTLS]
+    tls_group = [r for r in result.tests if r.transport is Transport.STARTTLS]
+    conf = result.confirmation
+    undelivered = conf is not None and conf.sent and conf.delivered is False
+
+    status: VerdictStatus | None = None
+    for group, after_tls in ((plain_group, False), (tls_group, True)):
+        accepted = _accepted(group)
+        if not accepted or status is not None:
+            continue
+        if undelivered and conf is not None and any(a.transport is conf.transport for a in accepted):
+            continue  # handled below: accepted, but the canary never arrived
+        outside = [a for a in accepted if not a.test.claims_local_sender]
+        if after_tls:
+            kind, what, status = FindingKind.RELAY_AFTER_STARTTLS, "Open relay after STARTTLS", VerdictStatus.RELAY_AFTER_STARTTLS
+        elif outside:
+            kind, what, status = FindingKind.OPEN_RELAY, "Open relay", VerdictStatus.OPEN_RELAY
+        else:
+            kind, what, status = (
+                FindingKind.RELAY_CAMPUS_SENDER,
+                "Relays for anyone claiming a campus sender",
+                VerdictStatus.RELAY_CAMPUS_SENDER,
+            )
+        findings.append(ctx.relay_finding(kind, outside or accepted, what))
+
+    if status is None and undelivered and conf is not None:
+        status = VerdictStatus.ACCEPTS_WITHOUT_DELIVERY
+        findings.append(
+            ctx.finding(
+                FindingKind.ACCEPTS_WITHOUT_DELIVERY,
+                severity=Severity.LOW,
+                confidence=Confidence.HIGH,
+                title=f"Accepts relay recipients but delivers nothing on {result.address}:{result.port}",
+                summary=(
+                    f"Relay tests were accepted at RCPT, but the canary message {conf.token} "
+                    f"(form {conf.test_id}) did not arrive within the wait: an accept-then-discard "
+                    "server or a trap, not an open relay."
+                ),
+                evidence=_accepted(result.tests),
+            )
+        )
+
+    if status is None:
+        status = _refusal_status(plain_group) if plain_group else VerdictStatus.ERROR
+    summary = next((f.summary for f in findings if f.kind not in {FindingKind.UNAPPROVED_SMTP, FindingKind.AUTH_WITHOUT_TLS}), None)
+    return Verdict(
+        address=result.address,
+        port=result.port,
+        status=status,
+        summary=summary or _status_summary(status, plain_group, result),
+        findings=tuple(findings),
+    )
+
+
+def _implicit(result: ProbeResult) -> bool:
+    return any(r.transport is Transport.IMPLICIT_TLS for r in result.tests)
+
+
+def _unapproved(ctx: _Context) -> Finding:
+    r = ctx.result
+    return ctx.finding(
+        FindingKind.UNAPPROVED_SMTP,
+        severity=Severity.MEDIUM,
+        confidence=Confidence.HIGH,
+        title=f"SMTP service not on the approved list: {r.address}:{r.port}",
+        summary=f"An SMTP server answers on {r.address}:{r.port} ({ctx.fingerprint.banner or 'no banner'}) and the ISO has not approved it.",
+    )
+
+
+def _status_summary(status: VerdictStatus, group: list[TestResult], result: ProbeResult) -> str:
+    first = next((r for r in group if r.rcpt is not None or r.mail is not None), None)
+    sample = ""
+    if first is not None:
+        reply = first.rcpt or first.mail
+        sample = f" (e.g. {reply})" if reply is not None else ""
+    return {
+        VerdictStatus.RELAY_REFUSED: f"All {len(group)} relay tests refused{sample}.",
+        VerdictStatus.AUTH_REQUIRED: f"Relaying needs authentication{sample}.",
+        VerdictStatus.TLS_REQUIRED: f"The server requires STARTTLS before mail{sample}.",
+        VerdictStatus.INCONCLUSIVE: f"Temporary refusals (greylisting or rate limits): retry later{sample}.",
+    }.get(status, result.error or status.value)
