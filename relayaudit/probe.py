@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import re
+import secrets
 import socket
 import ssl
 import time
@@ -39,7 +40,15 @@ from relayaudit.evidence import (
     redact_command,
 )
 
-__all__ = ["CanaryTarget", "Gate", "ProbeSettings", "connect_socket", "probe"]
+__all__ = [
+    "CanaryTarget",
+    "Gate",
+    "NoSession",
+    "ProbeSettings",
+    "connect_socket",
+    "probe",
+    "unreachable",
+]
 
 Gate = Callable[[str], Awaitable[None]]
 """Awaited before every new connection to an address (the engine's pacer); the probe knows no rate."""
@@ -78,7 +87,7 @@ class _Broken(Exception):
         self.fatal = fatal
 
 
-class _NoSession(Exception):
+class NoSession(Exception):
     """No SMTP session could be set up: the status says why."""
 
     def __init__(self, status: ProbeStatus, reason: str, port_state: PortState) -> None:
@@ -91,7 +100,7 @@ class _NoSession(Exception):
 async def connect_socket(
     address: str, port: int, *, source: str | None, timeout: float
 ) -> socket.socket:
-    """A connected non-blocking TCP socket, or _NoSession saying closed / filtered / error."""
+    """A connected non-blocking TCP socket, or NoSession saying closed / filtered / error."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -102,17 +111,17 @@ async def connect_socket(
             await asyncio.get_running_loop().sock_connect(sock, (address, port))
     except ConnectionRefusedError:
         sock.close()
-        raise _NoSession(ProbeStatus.CLOSED, "connection refused", PortState.CLOSED) from None
+        raise NoSession(ProbeStatus.CLOSED, "connection refused", PortState.CLOSED) from None
     except TimeoutError:
         sock.close()
-        raise _NoSession(ProbeStatus.FILTERED, "connect timed out", PortState.FILTERED) from None
+        raise NoSession(ProbeStatus.FILTERED, "connect timed out", PortState.FILTERED) from None
     except OSError as exc:
         sock.close()
         if exc.errno in {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES}:
-            raise _NoSession(
+            raise NoSession(
                 ProbeStatus.FILTERED, f"unreachable: {exc.strerror}", PortState.FILTERED
             ) from None
-        raise _NoSession(
+        raise NoSession(
             ProbeStatus.ERROR, f"connect failed: {exc.strerror or exc}", PortState.ERROR
         ) from None
     except BaseException:
@@ -251,12 +260,17 @@ class _Run:
 
     # -- sessions ------------------------------------------------------------------------
 
-    async def open_session(self, transport: Transport) -> aiosmtplib.SMTP:
-        """Connect, read the greeting, EHLO (or HELO), and STARTTLS when asked."""
+    async def open_session(
+        self, transport: Transport, sock: socket.socket | None = None
+    ) -> aiosmtplib.SMTP:
+        """Connect (or take the discovery socket), read the greeting, EHLO or HELO, STARTTLS."""
         s = self.settings
-        if self.gate is not None:
-            await self.gate(self.address)
-        sock = await connect_socket(self.address, self.port, source=s.source_address, timeout=s.connect_timeout)
+        if sock is None:
+            if self.gate is not None:
+                await self.gate(self.address)
+            sock = await connect_socket(
+                self.address, self.port, source=s.source_address, timeout=s.connect_timeout
+            )
         self.port_state = PortState.OPEN
         with contextlib.suppress(OSError):
             self.vantage = sock.getsockname()[0]
@@ -278,18 +292,18 @@ class _Run:
             self._log(None, Reply(code=exc.code, text=exc.message), started)
             if 200 <= exc.code <= 599:
                 self.banner_seen = True
-                raise _NoSession(
+                raise NoSession(
                     ProbeStatus.SESSION_REFUSED, f"greeting {exc.code} {exc.message}", PortState.OPEN
                 ) from None
-            raise _NoSession(ProbeStatus.NOT_SMTP, f"greeting code {exc.code}", PortState.OPEN) from None
+            raise NoSession(ProbeStatus.NOT_SMTP, f"greeting code {exc.code}", PortState.OPEN) from None
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
             self._log(None, None, started, error=_describe(exc))
-            raise _NoSession(ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.message[:120]}", PortState.OPEN) from None
+            raise NoSession(ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.message[:120]}", PortState.OPEN) from None
         except (aiosmtplib.SMTPTimeoutError, TimeoutError):
             smtp.close()
             self._log(None, None, started, error="no greeting")
-            raise _NoSession(
+            raise NoSession(
                 ProbeStatus.NO_BANNER, f"no greeting within {s.command_timeout:g}s", PortState.OPEN
             ) from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
@@ -297,8 +311,8 @@ class _Run:
             self._log(None, None, started, error=_describe(exc))
             if transport is Transport.IMPLICIT_TLS:
                 self.tls = TlsFacts(error=_describe(exc))
-                raise _NoSession(ProbeStatus.NOT_SMTP, f"implicit TLS failed: {_describe(exc)}", PortState.OPEN) from None
-            raise _NoSession(ProbeStatus.NO_BANNER, f"hung up before the greeting: {_describe(exc)}", PortState.OPEN) from None
+                raise NoSession(ProbeStatus.NOT_SMTP, f"implicit TLS failed: {_describe(exc)}", PortState.OPEN) from None
+            raise NoSession(ProbeStatus.NO_BANNER, f"hung up before the greeting: {_describe(exc)}", PortState.OPEN) from None
         self.banner_seen = True
         banner = Reply(code=response.code, text=response.message)
         self._log(None, banner, started)
@@ -409,7 +423,7 @@ class _Run:
                 reconnects += 1
                 try:
                     smtp = await self.open_session(transport)
-                except (_NoSession, _Broken) as exc:
+                except (NoSession, _Broken) as exc:
                     self._skip(queue, transport, f"not run: reconnect failed: {exc}")
                     return
             done_here = 0
@@ -460,7 +474,7 @@ class _Run:
         self.confirmation = conf
         try:
             smtp = await self.open_session(best.transport)
-        except (_NoSession, _Broken) as exc:
+        except (NoSession, _Broken) as exc:
             self.confirmation = conf.model_copy(update={"error": f"could not reconnect: {exc}"})
             return
         try:
@@ -469,20 +483,24 @@ class _Run:
             if classify_reply(mail) is not ReplyClass.OK or classify_reply(rcpt_reply) is not ReplyClass.OK:
                 self.confirmation = conf.model_copy(update={"error": f"canary refused: {mail} / {rcpt_reply}"})
                 return
-            data = await self.command(smtp, "DATA")
-            if data.code != 354:
-                self.confirmation = conf.model_copy(update={"error": f"DATA refused: {data}"})
-                return
             body = _canary_message(token, self, canary, rcpt)
             started = time.monotonic()
+            line = f"DATA <message carrying token {token}>"
             try:
-                response = await smtp.protocol.execute_data_command(body, timeout=self.settings.command_timeout)  # type: ignore[union-attr]
+                protocol = smtp.protocol
+                if protocol is None:
+                    raise _Broken("connection lost before DATA")
+                response = await protocol.execute_data_command(body, timeout=self.settings.command_timeout)
+            except aiosmtplib.SMTPResponseException as exc:
+                self._log(line, Reply(code=exc.code, text=exc.message), started)
+                self.confirmation = conf.model_copy(update={"error": f"message refused: {exc.code} {exc.message}"})
+                return
             except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
-                self._log("<message body>", None, started, error=_describe(exc))
+                self._log(line, None, started, error=_describe(exc))
                 self.confirmation = conf.model_copy(update={"error": f"message not accepted: {_describe(exc)}"})
                 return
             reply = Reply(code=response.code, text=response.message)
-            self._log(f"<message body, token {token}>", reply, started)
+            self._log(line, reply, started)
             self.confirmation = conf.model_copy(update={"data_reply": reply, "sent": reply.code == 250})
         except _Broken as exc:
             self.confirmation = conf.model_copy(update={"error": exc.reason})
@@ -510,8 +528,6 @@ def _confirmation_preference(result: TestResult) -> tuple[int, int]:
 
 
 def _token() -> str:
-    import secrets
-
     return secrets.token_hex(16)
 
 
@@ -527,7 +543,8 @@ def _canary_message(token: str, run: _Run, canary: CanaryTarget, rcpt: str) -> b
         "This message was sent by relayaudit, the campus security office's relay audit,\n"
         f"through the SMTP server {run.address} port {run.port} to a mailbox the office owns.\n"
         f"It proves the server relays mail for outside senders. Contact: {canary.contact or 'n/a'}\n"
-        f"Token: {token}\nRecipient form: {rcpt}\n"
+        f"Token: {token}\nRecipient form: {rcpt}\n",
+        cte="7bit",
     )
     return bytes(msg)
 
@@ -539,12 +556,16 @@ async def probe(
     *,
     implicit_tls: bool = False,
     gate: Gate | None = None,
+    sock: socket.socket | None = None,
 ) -> ProbeResult:
-    """Probe one address:port within the session deadline; never raises for network outcomes."""
+    """Probe one address:port within the session deadline; never raises for network outcomes.
+
+    `sock`, when given, is an already connected socket (from discovery) used for the first session.
+    """
     run = _Run(address=address, port=port, settings=settings, implicit_tls=implicit_tls, gate=gate)
     try:
         async with asyncio.timeout(settings.session_timeout):
-            await _probe(run)
+            await _probe(run, sock)
     except TimeoutError:
         if not run.banner_seen:
             run.status, run.error = ProbeStatus.NO_BANNER, f"no greeting within the {settings.session_timeout:g}s session deadline"
@@ -552,15 +573,33 @@ async def probe(
             run.error = f"session deadline of {settings.session_timeout:g}s reached; results are partial"
     except Exception as exc:  # the one place unknown failures become a status, never a crash
         run.status, run.error = ProbeStatus.ERROR, f"unexpected: {_describe(exc)}"
+    finally:
+        if sock is not None and run.sessions == 0:
+            sock.close()
     return run.result()
 
 
-async def _probe(run: _Run) -> None:
+def unreachable(address: str, port: int, failure: NoSession, *, vantage: str) -> ProbeResult:
+    """The result for a port that discovery found closed, filtered or in error."""
+    now = datetime.now(UTC)
+    return ProbeResult(
+        address=address,
+        port=port,
+        vantage=vantage,
+        started=now,
+        finished=now,
+        port_state=failure.port_state,
+        status=failure.status,
+        error=failure.reason,
+    )
+
+
+async def _probe(run: _Run, sock: socket.socket | None) -> None:
     s = run.settings
     first_transport = Transport.IMPLICIT_TLS if run.implicit_tls else Transport.PLAIN
     try:
-        smtp = await run.open_session(first_transport)
-    except _NoSession as exc:
+        smtp = await run.open_session(first_transport, sock)
+    except NoSession as exc:
         run.status, run.error, run.port_state = exc.status, exc.reason, exc.port_state
         return
     except _Broken as exc:
@@ -584,7 +623,7 @@ async def _probe(run: _Run) -> None:
         relayed = any(t.outcome is TestOutcome.ACCEPTED and t.test.category is not TestCategory.CONTROL for t in run.tests)
         try:
             tls_session = await run.open_session(Transport.STARTTLS)
-        except (_NoSession, _Broken) as exc:
+        except (NoSession, _Broken) as exc:
             run.error = f"STARTTLS retest not possible: {exc}"
             tls_session = None
         if tls_session is not None:

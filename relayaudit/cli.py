@@ -1,0 +1,238 @@
+"""The `relayaudit` command line: check, sweep, config check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from relayaudit import __version__
+from relayaudit.canary import CanaryReceiver
+from relayaudit.config import Config, load_config, parse_config
+from relayaudit.engine import await_confirmation, judge_result, probe_settings, sweep
+from relayaudit.errors import ConfigError, RelayAuditError
+from relayaudit.evidence import ProbeResult
+from relayaudit.probe import probe
+from relayaudit.report import render_check, render_summary
+from relayaudit.sinks import FindingsFile
+from relayaudit.targets import Shard, TargetSpace
+from relayaudit.verdict import Verdict, VerdictStatus
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_RELAY, EXIT_ERROR = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 2 with one clear line (the same code as other errors)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"relayaudit: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="relayaudit", description="Find open mail relays and unapproved SMTP services.")
+    p.add_argument("--version", action="version", version=f"relayaudit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser(
+        "check",
+        help="test one host, like swaks or nmap's smtp-open-relay",
+        description="Test one host. Exit codes: 0 no relay found, 1 relay found, 2 error.",
+    )
+    c.add_argument("host", help="IP address or host name")
+    c.add_argument("--port", type=int, action="append", help="port to test (repeatable; default: the config's ports, else 25)")
+    c.add_argument("--config", type=Path, help="configuration file (scope, identity, test addresses)")
+    c.add_argument("--source", help="local address to connect from (the vantage point)")
+    c.add_argument("--confirm", action="store_true", help="confirmation mode: send a canary message and wait for it")
+    c.add_argument("--json", action="store_true", help="print the evidence and verdict as JSON")
+    c.add_argument("--no-transcript", action="store_true", help="leave the SMTP transcript out")
+
+    s = sub.add_parser("sweep", help="sweep the configured ranges once")
+    s.add_argument("--config", type=Path, required=True)
+    s.add_argument("--shard", help="i/n: sweep only shard i of n (0-based)")
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    cc = cfg_sub.add_parser("check", help="validate a config and print the target counts")
+    cc.add_argument("file", type=Path)
+
+    d = sub.add_parser("demo", help="start a loopback lab of SMTP servers and sweep it")
+    d.add_argument("--output", type=Path, help="findings file (default: a temporary directory)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            return asyncio.run(_check(args))
+        if args.command == "sweep":
+            return asyncio.run(_sweep(args))
+        if args.command == "config":
+            return _config_check(args.file)
+        if args.command == "demo":
+            from relayaudit.demo import run_demo
+
+            return asyncio.run(run_demo(args.output))
+    except RelayAuditError as exc:
+        print(f"relayaudit: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("relayaudit: interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(args.command)
+
+
+# -- config check --------------------------------------------------------------------------
+
+
+def _config_check(path: Path) -> int:
+    config = load_config(path)
+    space = TargetSpace(config.targets, config.exclude, seed=config.seed)
+    print(f"{path}: valid")
+    print(f"  {'target range':40} {'addresses':>12}")
+    for net, count in space.count_per_range():
+        print(f"  {net!s:40} {count:>12}")
+    probes = len(space) * len(config.ports)
+    print(f"  {'total (after exclusions)':40} {len(space):>12}")
+    print(f"  ports {', '.join(map(str, config.ports))}: {probes} address:port probes per sweep")
+    if config.approved:
+        print(f"  approved services: {len(config.approved)}")
+    return EXIT_OK
+
+
+# -- check ---------------------------------------------------------------------------------
+
+
+async def _resolve(host: str, *, source: str) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{source}: {host!r} does not resolve: {exc.strerror}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _check_config(args: argparse.Namespace, addresses: list[str]) -> Config:
+    if args.config is not None:
+        config = load_config(args.config)
+    else:
+        nets = [str(ipaddress.ip_network(a)) for a in addresses]
+        config = parse_config({"scope": nets, "targets": nets}, source="(no config)")
+    for address in addresses:
+        if not config.in_scope(ipaddress.ip_address(address)):
+            raise ConfigError(
+                f"host {args.host!r}: {address} is outside scope "
+                f"({', '.join(map(str, config.scope))}) of {config.source}"
+            )
+    if args.source is not None:
+        try:
+            ipaddress.ip_address(args.source)
+        except ValueError:
+            raise ConfigError(f"--source: {args.source!r} is not an IP address") from None
+        config = config.model_copy(update={"source_address": ipaddress.ip_address(args.source)})
+    return config
+
+
+async def _check(args: argparse.Namespace) -> int:
+    addresses = await _resolve(args.host, source="host")
+    config = _check_config(args, addresses)
+    ports: list[int] = args.port or (list(config.ports) if args.config else [25])
+    for port in ports:
+        if not 0 < port < 65536:
+            raise ConfigError(f"--port: {port} is outside 1-65535")
+    settings = probe_settings(config, confirm=args.confirm)
+    canary: CanaryReceiver | None = None
+    if args.confirm:
+        host, cport = config.canary.listen
+        canary = CanaryReceiver(host, cport, domain=config.canary.domain)
+        try:
+            await canary.start()
+        except OSError as exc:
+            raise ConfigError(f"canary.listen: cannot listen on {host}:{cport}: {exc.strerror}") from None
+    outcomes: list[tuple[ProbeResult, Verdict]] = []
+    try:
+        for address in addresses:
+            for port in ports:
+                result = await probe(address, port, settings, implicit_tls=port in config.implicit_tls_ports)
+                if result.confirmation is not None and result.confirmation.sent and not args.json:
+                    print(f"waiting up to {config.canary.wait:g}s for canary {result.confirmation.token}...", file=sys.stderr)
+                result = await await_confirmation(result, canary, config.canary.wait)
+                outcomes.append((result, judge_result(config, result)))
+    finally:
+        if canary is not None:
+            await canary.stop()
+    if args.json:
+        doc = [{"result": r.model_dump(mode="json"), "verdict": v.model_dump(mode="json")} for r, v in outcomes]
+        print(json.dumps(doc if len(doc) > 1 else doc[0], indent=2))
+    else:
+        print("\n\n".join(render_check(r, v, transcript=not args.no_transcript) for r, v in outcomes))
+    if any(v.relay for _, v in outcomes):
+        return EXIT_RELAY
+    if any(v.status is VerdictStatus.ERROR for _, v in outcomes):
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# -- sweep ---------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.2 and done < total):
+            return
+        self._last = now
+        width = 30
+        filled = width * done // max(total, 1)
+        rate = done / max(now - self._start, 1e-6)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} hosts {rate:7.1f}/s")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def _sweep(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    shard = Shard.parse(args.shard) if args.shard else None
+    sink = FindingsFile(config.output.findings)
+    try:
+        sink.open()
+    except OSError as exc:
+        raise ConfigError(f"output.findings: cannot write {str(config.output.findings)!r}: {exc.strerror}") from None
+    canary: CanaryReceiver | None = None
+    if config.canary.enabled:
+        host, port = config.canary.listen
+        canary = CanaryReceiver(host, port, domain=config.canary.domain)
+        try:
+            await canary.start()
+        except OSError as exc:
+            raise ConfigError(f"canary.listen: cannot listen on {host}:{port}: {exc.strerror}") from None
+    try:
+        stats = await sweep(config, sinks=[sink], shard=shard, canary=canary, progress=_Progress())
+    finally:
+        sink.close()
+        if canary is not None:
+            await canary.stop()
+    print(render_summary(stats))
+    print(f"\n{sink.written} findings written to {config.output.findings}")
+    return EXIT_RELAY if stats.relays else EXIT_OK

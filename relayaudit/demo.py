@@ -1,0 +1,103 @@
+"""`relayaudit demo`: starts a loopback lab of SMTP servers, sweeps it with confirmation on, stops it."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from relayaudit.canary import CanaryReceiver
+from relayaudit.config import Config, parse_config
+from relayaudit.engine import sweep
+from relayaudit.lab import Behaviour, Lab, ServerSpec
+from relayaudit.report import render_findings, render_summary
+from relayaudit.sinks import Collector, FindingsFile
+
+__all__ = ["DEMO_LAB", "demo_config", "run_demo"]
+
+DEMO_NET = "127.0.10.0/28"
+DEMO_PORT = 2525
+DEMO_TLS_PORT = 4650
+CANARY = ("127.0.10.14", 2526)
+CANARY_DOMAIN = "canary.campus.test"
+
+# (last octet, port, behaviour, implicit TLS); every other address:port of the /28 is closed
+DEMO_LAB: tuple[tuple[int, int, Behaviour, bool], ...] = (
+    (1, DEMO_PORT, Behaviour.OPEN_RELAY, False),
+    (2, DEMO_PORT, Behaviour.CLOSED, False),  # the approved campus mail server
+    (3, DEMO_PORT, Behaviour.CAMPUS_SENDER, False),
+    (4, DEMO_PORT, Behaviour.PERCENT_HACK, False),
+    (5, DEMO_PORT, Behaviour.AUTH_REQUIRED, False),
+    (5, DEMO_TLS_PORT, Behaviour.AUTH_REQUIRED, True),
+    (6, DEMO_PORT, Behaviour.ACCEPT_ALL_DISCARD, False),
+    (7, DEMO_PORT, Behaviour.NOT_SMTP, False),
+    (8, DEMO_PORT, Behaviour.RELAY_AFTER_STARTTLS, False),
+    (9, DEMO_PORT, Behaviour.ODD_FORMS_LOCAL, False),
+    (10, DEMO_PORT, Behaviour.GREYLIST, False),
+    (11, DEMO_PORT, Behaviour.TLS_REQUIRED, False),
+    (12, DEMO_PORT, Behaviour.AUTH_NO_TLS, False),
+    (13, DEMO_PORT, Behaviour.TARPIT, False),
+)
+
+
+def demo_config(findings: Path) -> Config:
+    return parse_config(
+        {
+            "scope": ["127.0.10.0/24"],
+            "targets": [DEMO_NET],
+            "exclude": ["127.0.10.14/32"],  # the canary receiver is ours, not a target
+            "ports": [DEMO_PORT, DEMO_TLS_PORT],
+            "implicit_tls_ports": [DEMO_TLS_PORT],
+            "identity": {"helo_name": "relayaudit.campus.test", "contact": "iso@campus.test"},
+            "relay": {
+                "campus_domains": ["campus.test"],
+                "external_domains": ["relay-test.example", "sender.example"],
+            },
+            "canary": {
+                "enabled": True,
+                "domain": CANARY_DOMAIN,
+                "listen": f"{CANARY[0]}:{CANARY[1]}",
+                "wait": "3s",
+            },
+            "timeouts": {"connect": "1s", "command": "3s", "session": "30s"},
+            "limits": {"concurrency": 32, "rate": 500, "subnet_rate": 200},
+            "approved": [{"address": "127.0.10.2", "port": DEMO_PORT, "note": "ISO-0001 campus mail hub"}],
+            "output": {"findings": str(findings)},
+        },
+        source="(demo)",
+    )
+
+
+async def run_demo(output: Path | None) -> int:
+    findings_path = output or Path(tempfile.mkdtemp(prefix="relayaudit-demo-")) / "findings.jsonl"
+    config = demo_config(findings_path)
+    specs = [
+        ServerSpec(host=f"127.0.10.{octet}", port=port, behaviour=behaviour, implicit_tls=tls, hostname=f"mx{octet}.campus.test")
+        for octet, port, behaviour, tls in DEMO_LAB
+    ]
+    lab = Lab(specs, local_domains=("campus.test",), campus_domains=("campus.test",), mx={CANARY_DOMAIN: CANARY})
+    collector = Collector()
+    sink = FindingsFile(findings_path)
+    print(f"demo: starting {len(specs)} lab servers on {DEMO_NET} and the canary receiver on {CANARY[0]}:{CANARY[1]}")
+    for octet, port, behaviour, tls in DEMO_LAB:
+        print(f"  127.0.10.{octet}:{port}  {behaviour.value}{' (implicit TLS)' if tls else ''}")
+    async with lab, CanaryReceiver(*CANARY, domain=CANARY_DOMAIN) as canary:
+        print("demo: sweeping with confirmation mode on (canary messages go only to the receiver above)\n")
+        try:
+            stats = await sweep(config, sinks=[collector, sink], canary=canary)
+        finally:
+            sink.close()
+    print(f"{'address:port':22} {'status':26} summary")
+    for result, verdict in sorted(collector.results, key=lambda rv: (int(rv[0].address.rsplit('.', 1)[1]), rv[0].port)):
+        if verdict.status.value in {"closed"}:
+            continue
+        print(f"{result.address + ':' + str(result.port):22} {verdict.status.value:26} {verdict.summary[:110]}")
+    print("\nfindings:")
+    print("\n".join(render_findings(collector.findings)))
+    print()
+    print(render_summary(stats))
+    print(f"\nlab relayed {len(lab.delivered)} message(s) onward; canary messages delivered: "
+          f"{sum(1 for r, _ in collector.results if r.confirmation and r.confirmation.delivered)}")
+    print(f"findings as JSON lines: {findings_path}")
+    print("demo: lab stopped", file=sys.stderr)
+    return 0

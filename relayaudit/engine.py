@@ -1,0 +1,249 @@
+"""Runs a sweep: one pacer, a bounded worker pool, per-host serial sessions, canary waits."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from asyncio_throttle import Throttler
+
+from relayaudit.canary import CanaryReceiver
+from relayaudit.config import Config
+from relayaudit.evidence import ProbeResult
+from relayaudit.probe import (
+    CanaryTarget,
+    NoSession,
+    ProbeSettings,
+    connect_socket,
+    probe,
+    unreachable,
+)
+from relayaudit.targets import Address, Shard, TargetSpace
+from relayaudit.verdict import Verdict, VerdictStatus, judge
+
+__all__ = ["Pacer", "Sink", "SweepStats", "Watermark", "judge_result", "probe_settings", "sweep"]
+
+
+class Sink(Protocol):
+    """Where each judged probe goes (findings file, state store, logs, metrics)."""
+
+    async def emit(self, result: ProbeResult, verdict: Verdict) -> None: ...
+
+
+def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSettings:
+    """The probe's view of the configuration."""
+    use_canary = config.canary.enabled if confirm is None else confirm
+    return ProbeSettings(
+        helo_name=config.identity.helo_name,
+        source_address=str(config.source_address) if config.source_address else None,
+        connect_timeout=config.timeouts.connect,
+        command_timeout=config.timeouts.command,
+        session_timeout=config.timeouts.session,
+        max_tests_per_session=config.relay.max_tests_per_session,
+        retest_after_starttls=config.relay.retest_after_starttls,
+        campus_domains=config.relay.campus_domains,
+        external_domains=config.relay.external_domains,
+        external_local_part=config.relay.external_local_part,
+        sender_local_part=config.relay.sender_local_part,
+        canary=CanaryTarget(
+            local_part=config.canary.local_part,
+            domain=config.canary.domain,
+            contact=config.identity.contact,
+        )
+        if use_canary
+        else None,
+    )
+
+
+def judge_result(config: Config, result: ProbeResult) -> Verdict:
+    approved = config.is_approved(ipaddress.ip_address(result.address), result.port)
+    return judge(
+        result,
+        approved=approved is not None,
+        approved_note=approved.note if approved is not None else None,
+    )
+
+
+async def await_confirmation(
+    result: ProbeResult, canary: CanaryReceiver | None, wait: float
+) -> ProbeResult:
+    """Fill in whether the canary message arrived (bounded by `wait`)."""
+    conf = result.confirmation
+    if conf is None or not conf.sent or canary is None:
+        return result
+    arrival = await canary.wait_for(conf.token, wait)
+    return result.model_copy(
+        update={"confirmation": conf.model_copy(update={"delivered": arrival is not None})}
+    )
+
+
+class Pacer:
+    """The one place connection rates are enforced.
+
+    A single task acquires from the global asyncio-throttle window and hands out tokens through a
+    queue, so thousands of waiting workers sleep on a future instead of each polling the throttle.
+    The per-/24 cap is a reservation: each connection books the next free slot of its subnet and
+    sleeps exactly until then (no polling either).
+    """
+
+    def __init__(self, rate: float, subnet_rate: float) -> None:
+        # a short window keeps bursts to ~50 ms worth of connections instead of a full second
+        burst = max(1, round(rate / 20))
+        self._throttler = Throttler(rate_limit=burst, period=burst / rate, retry_interval=burst / rate / 50)
+        self._subnet_gap = 1.0 / subnet_rate
+        self._next_slot: dict[int, float] = {}
+        self._tokens: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        self._task: asyncio.Task[None] | None = None
+        self.issued = 0
+
+    async def _produce(self) -> None:
+        while True:
+            await self._throttler.acquire()
+            await self._tokens.put(None)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._produce(), name="pacer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def __call__(self, address: str) -> None:
+        ip = ipaddress.ip_address(address)
+        subnet = int(ip) >> (8 if ip.version == 4 else 64)
+        now = time.monotonic()
+        slot = max(now, self._next_slot.get(subnet, 0.0))
+        self._next_slot[subnet] = slot + self._subnet_gap
+        if len(self._next_slot) > 65536:
+            self._next_slot = {k: v for k, v in self._next_slot.items() if v > now}
+        if slot > now:
+            await asyncio.sleep(slot - now)
+        await self._tokens.get()
+        self.issued += 1
+
+
+@dataclass
+class Watermark:
+    """Tracks out-of-order completions; `low` = every position below it is done (resume point)."""
+
+    low: int = 0
+    _done: set[int] = field(default_factory=set)
+
+    def done(self, position: int) -> None:
+        self._done.add(position)
+        while self.low in self._done:
+            self._done.discard(self.low)
+            self.low += 1
+
+
+@dataclass
+class SweepStats:
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    finished: datetime | None = None
+    hosts: int = 0
+    probes: int = 0
+    statuses: Counter[VerdictStatus] = field(default_factory=Counter)
+    findings: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def relays(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s.is_relay)
+
+
+async def sweep(
+    config: Config,
+    *,
+    sinks: Sequence[Sink],
+    shard: Shard | None = None,
+    start: int = 0,
+    canary: CanaryReceiver | None = None,
+    confirm: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    watermark: Watermark | None = None,
+) -> SweepStats:
+    """Probe every (address, port) of the shard once; each judged result goes to every sink."""
+    space = TargetSpace(config.targets, config.exclude, seed=config.seed)
+    total = space.shard_size(shard)
+    settings = probe_settings(config, confirm=confirm)
+    if settings.canary is not None and canary is None:
+        raise ValueError("confirmation mode needs a running canary receiver")
+    pacer = Pacer(config.limits.rate, config.limits.subnet_rate)
+    stats = SweepStats()
+    mark = watermark or Watermark(low=start)
+    work: Iterator[tuple[int, Address]] = space.iter_shard(shard, start=start)
+    pending: set[asyncio.Task[None]] = set()
+    done_hosts = start
+
+    async def finish(result: ProbeResult) -> None:
+        result = await await_confirmation(result, canary, config.canary.wait)
+        verdict = judge_result(config, result)
+        stats.probes += 1
+        stats.statuses[verdict.status] += 1
+        for f in verdict.findings:
+            stats.findings[f.kind.value] += 1
+        for sink in sinks:
+            await sink.emit(result, verdict)
+
+    async def host(address: str) -> None:
+        # discovery of all ports at once; SMTP sessions one after another (one per host at a time)
+        async def connect(port: int) -> tuple[int, object]:
+            await pacer(address)
+            try:
+                return port, await connect_socket(
+                    address, port, source=settings.source_address, timeout=settings.connect_timeout
+                )
+            except NoSession as exc:
+                return port, exc
+
+        found = await asyncio.gather(*(connect(p) for p in config.ports))
+        vantage = settings.source_address or "default"
+        for port, outcome in found:
+            if isinstance(outcome, NoSession):
+                await finish(unreachable(address, port, outcome, vantage=vantage))
+                continue
+            result = await probe(
+                address,
+                port,
+                settings,
+                implicit_tls=port in config.implicit_tls_ports,
+                gate=pacer,
+                sock=outcome,  # type: ignore[arg-type]
+            )
+            if result.confirmation is not None and result.confirmation.sent:
+                # waiting for the canary must not hold a worker
+                task = asyncio.get_running_loop().create_task(finish(result))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            else:
+                await finish(result)
+
+    async def worker() -> None:
+        nonlocal done_hosts
+        for position, address in work:
+            await host(str(address))
+            stats.hosts += 1
+            done_hosts += 1
+            mark.done(position)
+            if progress is not None:
+                progress(done_hosts, total)
+
+    pacer.start()
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, min(config.limits.concurrency, total))):
+                group.create_task(worker())
+        if pending:
+            await asyncio.gather(*pending)
+    finally:
+        await pacer.stop()
+    stats.finished = datetime.now(UTC)
+    return stats

@@ -1,0 +1,541 @@
+"""Real Postfix instances on loopback, one per relay policy, delivering only to a loopback sink."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import ipaddress
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LAB_HOSTS",
+    "POLICIES",
+    "POSTFIX_LAB_PORT",
+    "POSTFIX_SINK_HOST",
+    "POSTFIX_SINK_PORT",
+    "SCANNER_SOURCE",
+    "PostfixInstance",
+    "SinkHandler",
+    "SinkMessage",
+    "make_lab_directory",
+    "postfix_available",
+    "start_lab",
+    "stop_lab",
+    "stop_stale_labs",
+]
+
+# Every instance listens on its own 127.0.3.x address, all on the same port.
+POSTFIX_LAB_PORT = 2525
+# One SMTP receiver address for everything the instances deliver (relayed and local mail).
+POSTFIX_SINK_HOST = "127.0.0.1"
+POSTFIX_SINK_PORT = 2626
+# The scanner's vantage point: on loopback, but outside every instance's mynetworks except `open`.
+SCANNER_SOURCE = "127.0.0.50"
+
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 30.0
+
+_SBIN_PATHS = "/usr/sbin:/sbin:/usr/local/sbin"
+_MAIL_OWNER = "postfix"
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+_SASL_PLAIN_PLUGINS = ("/usr/lib/*/sasl2/libplain.so*", "/usr/lib/sasl2/libplain.so*")
+
+# Relay settings per policy; "{sender_access}" and "{sasl_config}" become the instance's paths.
+_POLICY_SETTINGS: Mapping[str, Mapping[str, str]] = {
+    "closed": {
+        "mynetworks": "127.0.0.1/32",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
+        ),
+    },
+    "open": {
+        "mynetworks": "0.0.0.0/0",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
+        ),
+    },
+    "campus-sender": {
+        "mynetworks": "127.0.0.1/32",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, check_sender_access hash:{sender_access}, reject_unauth_destination"
+        ),
+    },
+    # AUTH is advertised (Cyrus SASL, sasldb with no users: no daemon needed) but nobody can
+    # authenticate: a third-party recipient is refused with 530 at RCPT, local ones accepted.
+    "auth-required": {
+        "mynetworks": "127.0.0.1/32",
+        "smtpd_sasl_auth_enable": "yes",
+        "smtpd_sasl_type": "cyrus",
+        "smtpd_sasl_path": "smtpd",
+        "cyrus_sasl_config_path": "{sasl_config}",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, permit_sasl_authenticated, permit_auth_destination,"
+            " check_recipient_access static:{530 5.7.0 Authentication required}, reject"
+        ),
+    },
+}
+
+POLICIES: tuple[str, ...] = tuple(_POLICY_SETTINGS)
+# Which loopback address each policy's instance uses in the shared lab.
+LAB_HOSTS: Mapping[str, str] = {
+    policy: f"127.0.3.{index}" for index, policy in enumerate(POLICIES, start=1)
+}
+
+# All services chroot-free (column 5 = n): the queue directory is a throw-away path in /tmp
+# and a chroot there would lack /etc files. Only the smtpd listener differs per instance.
+_MASTER_CF_SERVICES = """\
+pickup     unix  n       -       n       60      1       pickup
+cleanup    unix  n       -       n       -       0       cleanup
+qmgr       unix  n       -       n       300     1       qmgr
+tlsmgr     unix  -       -       n       1000?   1       tlsmgr
+rewrite    unix  -       -       n       -       -       trivial-rewrite
+bounce     unix  -       -       n       -       0       bounce
+defer      unix  -       -       n       -       0       bounce
+trace      unix  -       -       n       -       0       bounce
+verify     unix  -       -       n       -       1       verify
+flush      unix  n       -       n       1000?   0       flush
+proxymap   unix  -       -       n       -       -       proxymap
+proxywrite unix  -       -       n       -       1       proxymap
+smtp       unix  -       -       n       -       -       smtp
+relay      unix  -       -       n       -       -       smtp
+showq      unix  n       -       n       -       -       showq
+error      unix  -       -       n       -       -       error
+retry      unix  -       -       n       -       -       error
+discard    unix  -       -       n       -       -       discard
+local      unix  -       n       n       -       -       local
+virtual    unix  -       n       n       -       -       virtual
+lmtp       unix  -       -       n       -       -       lmtp
+anvil      unix  -       -       n       -       1       anvil
+scache     unix  -       -       n       -       1       scache
+postlog    unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def _find_command(name: str) -> str | None:
+    path = os.environ.get("PATH", "")
+    return shutil.which(name, path=f"{path}:{_SBIN_PATHS}" if path else _SBIN_PATHS)
+
+
+def postfix_available() -> str | None:
+    """Return None when lab instances can run here, else the reason they cannot."""
+    if not sys.platform.startswith("linux"):
+        return f"Postfix lab needs Linux (all of 127.0.0.0/8 on loopback), not {sys.platform}"
+    for command in ("postfix", "postmap", "postconf"):
+        if _find_command(command) is None:
+            return f"`{command}` not found: install Postfix (scripts/test does, as root)"
+    if not any(glob.glob(pattern) for pattern in _SASL_PLAIN_PLUGINS):
+        return "no Cyrus SASL PLAIN plugin (Debian: libsasl2-modules): auth-required needs it"
+    if os.geteuid() != 0:
+        return "Postfix lab instances must be started as root (master binds and drops privileges)"
+    try:
+        pwd.getpwnam(_MAIL_OWNER)
+    except KeyError:
+        return f"no `{_MAIL_OWNER}` user: the Postfix package is not installed properly"
+    return None
+
+
+def _require_loopback(what: str, address: str) -> None:
+    try:
+        parsed = ipaddress.IPv4Address(address)
+    except ValueError as exc:
+        raise ValueError(f"{what} must be an IPv4 loopback address, got {address!r}") from exc
+    if parsed not in _LOOPBACK:
+        raise ValueError(f"{what} must be inside 127.0.0.0/8, got {address}")
+
+
+def _read_banner(host: str, port: int, timeout: float) -> str | None:
+    """The first reply line of an SMTP server, or None if nothing usable answered."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            data = b""
+            while b"\n" not in data and len(data) < 1024:
+                chunk = conn.recv(1024)
+                if not chunk:
+                    break
+                data += chunk
+            with contextlib.suppress(OSError):
+                conn.sendall(b"QUIT\r\n")
+    except OSError:
+        return None
+    line = data.split(b"\n", 1)[0].decode("ascii", "replace").strip()
+    return line or None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class PostfixInstance:
+    """One Postfix master with its own config, queue, data directory and maillog under DIR.
+
+    Layout: DIR/etc (main.cf, master.cf, maps), DIR/queue, DIR/data, DIR/maillog. The config
+    lives in its own subdirectory because `postfix check` warns about every file under the
+    config directory that is not owned by root, which the queue and data directories are not.
+    """
+
+    policy: str
+    host: str
+    port: int
+    directory: Path
+    sink: tuple[str, int] = field(default=(POSTFIX_SINK_HOST, POSTFIX_SINK_PORT))
+
+    def __post_init__(self) -> None:
+        if self.policy not in _POLICY_SETTINGS:
+            raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        _require_loopback("host", self.host)
+        _require_loopback("sink host", self.sink[0])
+        self.directory = Path(self.directory).absolute()
+
+    @property
+    def config_directory(self) -> Path:
+        return self.directory / "etc"
+
+    @property
+    def myhostname(self) -> str:
+        return f"mx-{self.policy}.campus.test"
+
+    @property
+    def maillog_path(self) -> Path:
+        return self.directory / "maillog"
+
+    def maillog(self) -> str:
+        try:
+            return self.maillog_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def main_cf(self) -> str:
+        """The full main.cf text for this instance."""
+        sink_host, sink_port = self.sink
+        # Every transport and the relayhost name the sink: nothing can leave loopback.
+        sink_nexthop = f"[{sink_host}]:{sink_port}"
+        settings: dict[str, str] = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.directory / "queue"),
+            "data_directory": str(self.directory / "data"),
+            "maillog_file": str(self.maillog_path),
+            # Without this, postlogd refuses a maillog outside /var and start fails silently.
+            "maillog_file_prefixes": str(self.directory),
+            "myhostname": self.myhostname,
+            "mydomain": "campus.test",
+            "myorigin": "campus.test",
+            "mydestination": "campus.test",
+            "inet_interfaces": "loopback-only",
+            "inet_protocols": "ipv4",
+            # Deliveries leave from the instance's own address: the sink sees who delivered.
+            "smtp_bind_address": self.host,
+            "relayhost": sink_nexthop,
+            "default_transport": f"smtp:{sink_nexthop}",
+            "relay_transport": f"relay:{sink_nexthop}",
+            "local_transport": f"smtp:{sink_nexthop}",
+            "virtual_transport": f"smtp:{sink_nexthop}",
+            "transport_maps": "",
+            "smtp_fallback_relay": "",
+            "smtp_dns_support_level": "disabled",
+            "lmtp_dns_support_level": "disabled",
+            "smtpd_peername_lookup": "no",
+            "alias_maps": "",
+            "alias_database": "",
+            "local_recipient_maps": "inline:{ postmaster=ok, alice=ok }",
+            "biff": "no",
+            "append_dot_mydomain": "no",
+            # A sink that comes up late still gets the mail within seconds.
+            "queue_run_delay": "1s",
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
+            "smtp_connect_timeout": "2s",
+        }
+        paths = {
+            "{sender_access}": str(self.config_directory / "sender_access"),
+            "{sasl_config}": str(self.config_directory / "sasl"),
+        }
+        for name, template in _POLICY_SETTINGS[self.policy].items():
+            value = template
+            for placeholder, path in paths.items():
+                value = value.replace(placeholder, path)
+            settings[name] = value
+        lines = [f"# relayaudit test lab: policy {self.policy}, generated by tests/postfix_lab.py"]
+        lines += [f"{name} = {value}".rstrip() for name, value in settings.items()]
+        return "\n".join(lines) + "\n"
+
+    def master_cf(self) -> str:
+        """The full master.cf text: the shared services plus this instance's smtpd listener."""
+        listener = f"{self.host}:{self.port} inet  n       -       n       -       -       smtpd\n"
+        return listener + _MASTER_CF_SERVICES
+
+    def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
+        postfix = _find_command("postfix")
+        if postfix is None:
+            raise RuntimeError("`postfix` not found")
+        return subprocess.run(
+            [postfix, "-c", str(self.config_directory), *args],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
+
+    def _fail(self, message: str, output: str = "") -> RuntimeError:
+        tail = "\n".join(self.maillog().splitlines()[-30:])
+        details = f"\n--- command output ---\n{output.strip()}" if output.strip() else ""
+        return RuntimeError(
+            f"Postfix {self.policy} on {self.host}:{self.port}: {message}{details}"
+            f"\n--- tail of {self.maillog_path} ---\n{tail}"
+        )
+
+    def _write_files(self) -> None:
+        mail_owner = pwd.getpwnam(_MAIL_OWNER)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o755)
+        # master opens DIR/data/master.lock as the postfix user, so every directory above DIR
+        # must be searchable by others (tempfile.mkdtemp and pytest's tmp_path are mode 0700).
+        for ancestor in self.directory.parents:
+            if not ancestor.stat().st_mode & 0o001:
+                raise RuntimeError(
+                    f"{ancestor} is not searchable by the {_MAIL_OWNER} user (needs o+x);"
+                    " put lab instances under a directory with mode 0755"
+                )
+        self.config_directory.mkdir(mode=0o755, exist_ok=True)
+        (self.directory / "queue").mkdir(mode=0o755, exist_ok=True)
+        data = self.directory / "data"
+        data.mkdir(mode=0o700, exist_ok=True)
+        os.chown(data, mail_owner.pw_uid, mail_owner.pw_gid)
+        (self.config_directory / "main.cf").write_text(self.main_cf(), encoding="utf-8")
+        (self.config_directory / "master.cf").write_text(self.master_cf(), encoding="utf-8")
+        if self.policy == "auth-required":
+            # Needs the PLAIN and LOGIN plugins (Debian: libsasl2-modules); sasldb2 never exists,
+            # so every AUTH fails with 535.
+            sasl = self.config_directory / "sasl"
+            sasl.mkdir(mode=0o755, exist_ok=True)
+            (sasl / "smtpd.conf").write_text(
+                "pwcheck_method: auxprop\n"
+                "auxprop_plugin: sasldb\n"
+                f"sasldb_path: {self.config_directory / 'sasldb2'}\n"
+                "mech_list: PLAIN LOGIN\n",
+                encoding="utf-8",
+            )
+        if self.policy == "campus-sender":
+            sender_access = self.config_directory / "sender_access"
+            sender_access.write_text("campus.test OK\n", encoding="utf-8")
+            postmap = _find_command("postmap")
+            if postmap is None:
+                raise RuntimeError("`postmap` not found")
+            result = subprocess.run(
+                [postmap, "-c", str(self.config_directory), f"hash:{sender_access}"],
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT_S,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise self._fail("postmap failed", result.stdout + result.stderr)
+
+    def start(self) -> None:
+        """Write the configuration, start the master and wait until it greets with 220."""
+        if reason := postfix_available():
+            raise RuntimeError(reason)
+        if _read_banner(self.host, self.port, timeout=1.0) is not None:
+            raise RuntimeError(
+                f"something already listens on {self.host}:{self.port}: another test session's"
+                " lab? (`ss -ltnp` shows its pid; a lab stops with `postfix -c DIR/etc stop`)"
+            )
+        self._write_files()
+        check = self._postfix("check")
+        if check.returncode != 0:
+            raise self._fail("`postfix check` failed", check.stdout + check.stderr)
+        started = self._postfix("start")
+        if started.returncode != 0:
+            raise self._fail("`postfix start` failed", started.stdout + started.stderr)
+        # `postfix start` returns before the listener is up: poll, bounded.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last: str | None = None
+        while time.monotonic() < deadline:
+            last = _read_banner(self.host, self.port, timeout=1.0)
+            if last is not None and last.startswith("220 "):
+                if self.myhostname not in last:
+                    raise self._fail(f"a different server answered: {last!r}")
+                return
+            time.sleep(0.1)
+        raise self._fail(f"no 220 banner within {START_TIMEOUT_S:.0f} s (last: {last!r})")
+
+    def master_pid(self) -> int | None:
+        return _master_pid(self.directory)
+
+    def stop(self) -> None:
+        """Stop the master and its children; bounded, and safe to call on a stopped instance."""
+        _stop_directory(self.directory)
+
+
+def _master_pid(directory: Path) -> int | None:
+    try:
+        text = (directory / "queue" / "pid" / "master.pid").read_text(encoding="ascii")
+    except (FileNotFoundError, PermissionError):
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def _stop_directory(directory: Path) -> None:
+    """Stop the Postfix whose configuration is DIRECTORY/etc, if one runs."""
+    config = directory / "etc"
+    postfix = _find_command("postfix")
+    if postfix is None or not (config / "main.cf").exists():
+        return
+    pid = _master_pid(directory)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run(
+            [postfix, "-c", str(config), "stop"],
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
+    if pid is None:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        # The pid comes from this instance's own queue directory: it is our master.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+_LAB_PREFIX = "relayaudit-postfix-"
+_OWNER_FILE = "owner.pid"
+
+
+def make_lab_directory() -> Path:
+    """A fresh base directory for one test session's instances, marked with its owner's pid."""
+    base = Path(tempfile.mkdtemp(prefix=_LAB_PREFIX))
+    base.chmod(0o755)  # the postfix user must reach DIR/data below it
+    (base / _OWNER_FILE).write_text(f"{os.getpid()}\n", encoding="ascii")
+    return base
+
+
+def stop_stale_labs(root: Path | None = None) -> list[Path]:
+    """Stop and remove labs whose owning test process is gone (killed runs leave masters up).
+
+    A lab whose owner still runs is left alone: that is a concurrent test session.
+    """
+    removed: list[Path] = []
+    for owner_file in Path(root or tempfile.gettempdir()).glob(f"{_LAB_PREFIX}*/{_OWNER_FILE}"):
+        try:
+            owner = int(owner_file.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid() or _pid_alive(owner):
+            continue
+        base = owner_file.parent
+        directories = [main_cf.parent.parent for main_cf in base.glob("*/etc/main.cf")]
+        with ThreadPoolExecutor(max_workers=len(directories) or 1) as pool:
+            list(pool.map(_stop_directory, directories))
+        shutil.rmtree(base, ignore_errors=True)
+        removed.append(base)
+    return removed
+
+
+def start_lab(
+    base: Path,
+    *,
+    policies: tuple[str, ...] = POLICIES,
+    port: int = POSTFIX_LAB_PORT,
+    sink: tuple[str, int] = (POSTFIX_SINK_HOST, POSTFIX_SINK_PORT),
+) -> dict[str, PostfixInstance]:
+    """Start one instance per policy under BASE/<policy>, in parallel; all or none are left up."""
+    stop_stale_labs(base.parent)
+    instances = {
+        policy: PostfixInstance(policy, LAB_HOSTS[policy], port, base / policy, sink=sink)
+        for policy in policies
+    }
+    with ThreadPoolExecutor(max_workers=len(instances) or 1) as pool:
+        futures = [pool.submit(instance.start) for instance in instances.values()]
+        errors = [exc for future in futures if (exc := future.exception()) is not None]
+    if errors:
+        stop_lab(instances)
+        messages = "\n\n".join(str(error) for error in errors)
+        raise RuntimeError(f"{len(errors)} Postfix lab instance(s) failed to start:\n{messages}")
+    return instances
+
+
+def stop_lab(instances: Mapping[str, PostfixInstance]) -> None:
+    """Stop every instance, in parallel, whatever state each one is in."""
+    with ThreadPoolExecutor(max_workers=len(instances) or 1) as pool:
+        for future in [pool.submit(instance.stop) for instance in instances.values()]:
+            future.result()
+
+
+@dataclass(frozen=True)
+class SinkMessage:
+    """One message as the sink received it: who delivered it, its envelope and its bytes."""
+
+    peer: str
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    content: bytes
+
+
+class SinkHandler:
+    """aiosmtpd handler that keeps every message; tests wait on it from their own thread."""
+
+    def __init__(self) -> None:
+        self._messages: list[SinkMessage] = []
+        self._arrived = threading.Condition()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        content = envelope.original_content or envelope.content or b""
+        if isinstance(content, str):
+            content = content.encode("utf-8", "surrogateescape")
+        message = SinkMessage(
+            peer=str(session.peer[0]) if session.peer else "",
+            mail_from=str(envelope.mail_from),
+            rcpt_tos=tuple(str(rcpt) for rcpt in envelope.rcpt_tos),
+            content=bytes(content),
+        )
+        with self._arrived:
+            self._messages.append(message)
+            self._arrived.notify_all()
+        return "250 2.0.0 Ok: kept by the relayaudit test sink"
+
+    @property
+    def messages(self) -> list[SinkMessage]:
+        with self._arrived:
+            return list(self._messages)
+
+    def wait_for(
+        self, predicate: Callable[[SinkMessage], bool], timeout: float
+    ) -> SinkMessage | None:
+        """The first message matching PREDICATE, waiting at most TIMEOUT seconds for it."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                for message in self._messages:
+                    if predicate(message):
+                        return message
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._arrived.wait(remaining)
