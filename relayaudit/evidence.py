@@ -81,6 +81,8 @@ class Exchange(_Frozen):
 
 
 class TestCategory(StrEnum):
+    __test__ = False  # not a pytest test class, despite the name
+
     RECIPIENT = "recipient"  # an odd or plain recipient form, with an external sender
     SENDER = "sender"  # a sender form, with a plain external recipient
     CONTROL = "control"  # a recipient that cannot exist: does the server accept everything?
@@ -108,6 +110,8 @@ class ReplyClass(StrEnum):
 
 
 class TestOutcome(StrEnum):
+    __test__ = False  # not a pytest test class, despite the name
+
     ACCEPTED = "accepted"  # MAIL 2xx and RCPT 250/251
     REFUSED = "refused"  # RCPT 5xx
     SENDER_REFUSED = "sender-refused"  # MAIL 5xx: RCPT never sent
@@ -142,6 +146,8 @@ def classify_reply(reply: Reply) -> ReplyClass:
 
 
 class TestResult(_Frozen):
+    __test__ = False  # not a pytest test class, despite the name
+
     test: RelayTest
     transport: Transport
     mail: Reply | None = None

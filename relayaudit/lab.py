@@ -715,6 +715,7 @@ class Lab:
         self._listeners: list[_Listener] = []
         self._sessions: set[_Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._forwards: set[asyncio.Task[None]] = set()
         self._queue_ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -755,18 +756,20 @@ class Lab:
         """Let pending forwards finish (bounded), then close listeners and every open connection."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _FORWARD_TIMEOUT
-        # Forwards first: an mx may be another listener of this very lab.
-        while (pending := [t for t in self._tasks if not t.done()]) and loop.time() < deadline:
+        # Forwards first, while every listener still runs: an mx may be a listener of this lab.
+        # Only forwards are waited for; a client stalled in a TLS handshake must not delay stop.
+        while (pending := [t for t in self._forwards if not t.done()]) and loop.time() < deadline:
             await asyncio.wait(pending, timeout=deadline - loop.time())
         for listener in self._listeners:
             if listener.server is not None:
                 listener.server.close()
         for session in list(self._sessions):
             session.abort()
-        for task in list(self._tasks):
+        tasks = self._tasks | self._forwards
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for listener in self._listeners:
             if listener.server is not None:
                 with contextlib.suppress(TimeoutError):
@@ -799,9 +802,11 @@ class Lab:
 
     # -- internals used by sessions ----------------------------------------------------------
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _track(self, task: asyncio.Task[None], *, forward: bool = False) -> None:
+        # The loop keeps only weak references to tasks; these sets keep them alive until done.
+        tasks = self._forwards if forward else self._tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _relay(
         self,
@@ -831,7 +836,7 @@ class Lab:
         loop = asyncio.get_running_loop()
         for mx, deliveries in by_mx.items():
             coro = self._forward(listener, mx, deliveries, received + data)
-            self._track(loop.create_task(coro))
+            self._track(loop.create_task(coro), forward=True)
 
     async def _forward(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import smtplib
 import socket
 import ssl
@@ -11,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -94,12 +96,14 @@ async def talk(
     def run() -> tuple[tuple[int, str], R]:
         client: smtplib.SMTP
         if implicit_tls:
-            client = smtplib.SMTP_SSL(local_hostname=HELO, timeout=SOCK_TIMEOUT, context=unverified())
+            client = smtplib.SMTP_SSL(
+                local_hostname=HELO, timeout=SOCK_TIMEOUT, context=unverified()
+            )
         else:
             client = smtplib.SMTP(local_hostname=HELO, timeout=SOCK_TIMEOUT)
         # connect() (unlike the constructor) returns the banner, but leaves the host name used
         # for TLS empty; set it as the constructor would have.
-        client._host = addr[0]
+        client._host = addr[0]  # type: ignore[attr-defined]
         try:
             code, msg = client.connect(*addr)
             return (code, msg.decode()), script(client)
@@ -407,7 +411,7 @@ async def test_auth_no_tls_is_closed() -> None:
 
 
 async def test_helo_only_refuses_ehlo_and_relays_after_helo() -> None:
-    async with running(Behaviour.HELO_ONLY) as (lab, addr):
+    async with running(Behaviour.HELO_ONLY) as (_, addr):
 
         def script(c: smtplib.SMTP) -> list[tuple[int, str]]:
             out = [ehlo(c)]
@@ -443,7 +447,8 @@ async def test_implicit_tls_speaks_smtp_inside_tls_with_a_self_signed_certificat
 
         def script(c: smtplib.SMTP) -> tuple[Any, ...]:
             reply = ehlo(c)
-            der = c.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+            assert isinstance(c.sock, ssl.SSLSocket)
+            der = c.sock.getpeercert(binary_form=True)
             return reply, "starttls" in c.esmtp_features, der, cmd(c, "MAIL FROM:<f@o.test>")[0]
 
         banner, (reply, starttls, der, mail) = await talk(addr, script, implicit_tls=True)
@@ -454,9 +459,7 @@ async def test_implicit_tls_speaks_smtp_inside_tls_with_a_self_signed_certificat
     cert = x509.load_der_x509_certificate(der)
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     assert cn == "smtps.campus.test"
-    assert cert.not_valid_after_utc - cert.not_valid_before_utc < __import__("datetime").timedelta(
-        days=2
-    )
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc < timedelta(days=2)
 
 
 async def test_starttls_discards_commands_pipelined_in_plaintext() -> None:
@@ -526,9 +529,7 @@ async def test_reply_delay_applies_to_each_reply_and_keeps_pipelined_order() -> 
 
         def run() -> tuple[bytes, float]:
             t0 = time.monotonic()
-            out = raw_exchange(
-                addr, b"EHLO a\r\nNOOP\r\nVRFY x\r\nQUIT\r\n", timeout=SOCK_TIMEOUT
-            )
+            out = raw_exchange(addr, b"EHLO a\r\nNOOP\r\nVRFY x\r\nQUIT\r\n", timeout=SOCK_TIMEOUT)
             return out, time.monotonic() - t0
 
         out, elapsed = await in_thread(run)
@@ -620,12 +621,14 @@ class _Sink:
         return "250 OK"
 
 
-class _EphemeralController(Controller):  # type: ignore[misc]
+class _EphemeralController(Controller):
     """Controller on port 0: learns the bound port before its self-test connection."""
 
     def _trigger_server(self) -> None:
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
+        server = self.server
+        assert isinstance(server, asyncio.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        super()._trigger_server()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture
@@ -693,16 +696,14 @@ async def test_forward_failure_is_recorded_and_stop_is_bounded() -> None:
 
 async def test_many_listeners_in_one_lab() -> None:
     behaviours = list(Behaviour)
-    specs = [
-        ServerSpec(f"127.0.9.{10 + i}", 0, behaviours[i % len(behaviours)]) for i in range(60)
-    ]
+    specs = [ServerSpec(f"127.0.9.{10 + i}", 0, behaviours[i % len(behaviours)]) for i in range(60)]
     async with Lab(specs) as lab:
         addrs = [lab.address_of(i) for i in range(len(specs))]
         assert len({a for a in addrs}) == len(specs)
         assert all(a[0] == s.host and a[1] > 0 for a, s in zip(addrs, specs, strict=True))
         smtp = [a for a, s in zip(addrs, specs, strict=True) if s.behaviour is Behaviour.CLOSED]
         banners = await asyncio.gather(
-            *(in_thread(lambda a=a: raw_exchange(a, b"QUIT\r\n")) for a in smtp)  # type: ignore[misc]
+            *(in_thread(functools.partial(raw_exchange, a, b"QUIT\r\n")) for a in smtp)
         )
     assert all(b.startswith(b"220 mx.campus.test ESMTP relaylab\r\n221") for b in banners)
 
@@ -748,7 +749,11 @@ async def test_stop_closes_open_connections() -> None:
         lab = Lab([ServerSpec("127.0.0.1", 0, behaviour)])
         await lab.start()
         addr = lab.address_of(0)
-        sock = await in_thread(lambda: socket.create_connection(addr, timeout=SOCK_TIMEOUT))
+
+        def connect(a: Addr = addr) -> socket.socket:
+            return socket.create_connection(a, timeout=SOCK_TIMEOUT)
+
+        sock = await in_thread(connect)
         try:
             deadline = time.monotonic() + SOCK_TIMEOUT
             while lab.connections == 0 and time.monotonic() < deadline:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
+import time
 import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -15,6 +17,7 @@ from postfix_lab import (
     SCANNER_SOURCE,
     PostfixInstance,
     SinkHandler,
+    SinkMessage,
 )
 
 pytestmark = pytest.mark.postfix
@@ -52,8 +55,9 @@ def _rcpt_reply(
         client.quit()
 
 
-@pytest.fixture
-def sink() -> Iterator[SinkHandler]:
+@contextlib.contextmanager
+def _running_sink() -> Iterator[SinkHandler]:
+    """An SMTP receiver on the address every lab instance delivers to."""
     handler = SinkHandler()
     controller = Controller(
         handler, hostname=POSTFIX_SINK_HOST, port=POSTFIX_SINK_PORT, server_hostname="sink.test"
@@ -63,6 +67,41 @@ def sink() -> Iterator[SinkHandler]:
         yield handler
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[SinkHandler]:
+    with _running_sink() as handler:
+        yield handler
+
+
+def _send_canary(instance: PostfixInstance) -> str:
+    """Send one message to canary@canary.test through INSTANCE; returns its unique token."""
+    token = uuid.uuid4().hex
+    message = EmailMessage()
+    message["From"] = CAMPUS_SENDER
+    message["To"] = "canary@canary.test"
+    message["Subject"] = f"relayaudit canary {token}"
+    message.set_content(f"relayaudit lab delivery test, token {token}\n")
+    client = _connect(instance)
+    try:
+        refused = client.send_message(message)
+    finally:
+        client.quit()
+    assert refused == {}
+    return token
+
+
+def _wait_for_canary(sink: SinkHandler, instance: PostfixInstance, token: str) -> SinkMessage:
+    received = sink.wait_for(lambda m: token.encode() in m.content, DELIVERY_TIMEOUT_S)
+    assert received is not None, (
+        f"sink got nothing with token {token} within {DELIVERY_TIMEOUT_S:.0f} s;"
+        f" it has {len(sink.messages)} other message(s)\n{instance.maillog()[-3000:]}"
+    )
+    assert received.rcpt_tos == ("canary@canary.test",)
+    assert received.mail_from == CAMPUS_SENDER
+    assert received.peer == instance.host
+    return received
 
 
 @pytest.mark.parametrize("policy", ["closed", "open", "campus-sender", "auth-required"])
@@ -146,24 +185,19 @@ def test_open_relay_delivers_to_the_sink(
     postfix_lab: dict[str, PostfixInstance], sink: SinkHandler
 ) -> None:
     open_relay = postfix_lab["open"]
-    token = uuid.uuid4().hex
-    message = EmailMessage()
-    message["From"] = CAMPUS_SENDER
-    message["To"] = "canary@canary.test"
-    message["Subject"] = f"relayaudit canary {token}"
-    message.set_content(f"relayaudit lab delivery test, token {token}\n")
-    client = _connect(open_relay)
-    try:
-        refused = client.send_message(message)
-    finally:
-        client.quit()
-    assert refused == {}
+    token = _send_canary(open_relay)
+    _wait_for_canary(sink, open_relay, token)
 
-    received = sink.wait_for(lambda m: token.encode() in m.content, DELIVERY_TIMEOUT_S)
-    assert received is not None, (
-        f"sink got nothing with token {token} within {DELIVERY_TIMEOUT_S:.0f} s;"
-        f" it has {len(sink.messages)} other message(s)\n{open_relay.maillog()[-3000:]}"
-    )
-    assert received.rcpt_tos == ("canary@canary.test",)
-    assert received.mail_from == CAMPUS_SENDER
-    assert received.peer == open_relay.host
+
+def test_delivery_is_retried_until_a_late_sink_comes_up(
+    postfix_lab: dict[str, PostfixInstance],
+) -> None:
+    open_relay = postfix_lab["open"]
+    token = _send_canary(open_relay)
+    # With no sink listening the first attempt must fail: that is what makes this a retry test.
+    deadline = time.monotonic() + 10
+    while "status=deferred (connect to" not in open_relay.maillog():
+        assert time.monotonic() < deadline, open_relay.maillog()[-3000:]
+        time.sleep(0.1)
+    with _running_sink() as sink:
+        _wait_for_canary(sink, open_relay, token)

@@ -1,0 +1,88 @@
+"""Verdicts against real Postfix instances on loopback, one per relay policy (see postfix_lab)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from postfix_lab import POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, SCANNER_SOURCE, PostfixInstance
+
+from relayaudit.canary import CanaryReceiver
+from relayaudit.engine import await_confirmation
+from relayaudit.evidence import ProbeResult, TestOutcome
+from relayaudit.probe import CanaryTarget, ProbeSettings, probe
+from relayaudit.verdict import Confidence, FindingKind, Verdict, VerdictStatus, judge
+
+pytestmark = pytest.mark.postfix
+
+CANARY_DOMAIN = "canary.test"
+
+
+def settings(*, confirm: bool = False) -> ProbeSettings:
+    return ProbeSettings(
+        helo_name="relayaudit.campus.test",
+        # the scanner's vantage is outside every instance's mynetworks (127.0.0.1/32)
+        source_address=SCANNER_SOURCE,
+        connect_timeout=3.0,
+        command_timeout=10.0,
+        session_timeout=60.0,
+        campus_domains=("campus.test",),
+        external_domains=("outside-b.test", "outside-a.test"),
+        canary=CanaryTarget(local_part="canary", domain=CANARY_DOMAIN, contact="iso@campus.test") if confirm else None,
+    )
+
+
+@pytest.fixture
+async def canary() -> AsyncIterator[CanaryReceiver]:
+    # every instance's relayhost is this sink: whatever Postfix relays arrives here and nowhere else
+    async with CanaryReceiver(POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, domain=CANARY_DOMAIN) as receiver:
+        yield receiver
+
+
+async def check(instance: PostfixInstance, canary: CanaryReceiver | None = None) -> tuple[ProbeResult, Verdict]:
+    result = await probe(instance.host, instance.port, settings(confirm=canary is not None))
+    result = await await_confirmation(result, canary, 30.0)
+    return result, judge(result)
+
+
+def relay_kinds(verdict: Verdict) -> set[FindingKind]:
+    return {f.kind for f in verdict.findings} - {FindingKind.UNAPPROVED_SMTP, FindingKind.AUTH_WITHOUT_TLS}
+
+
+async def test_closed_postfix_refuses_every_form(postfix_lab: dict[str, PostfixInstance]) -> None:
+    result, verdict = await check(postfix_lab["closed"])
+    assert result.facts is not None and result.facts.software == "Postfix"
+    assert result.vantage == SCANNER_SOURCE
+    assert verdict.status is VerdictStatus.RELAY_REFUSED, [(t.test.id, str(t.rcpt)) for t in result.tests]
+    assert relay_kinds(verdict) == set()
+    plain = next(t for t in result.tests if t.test.id == "rcpt-plain")
+    assert plain.outcome is TestOutcome.REFUSED and plain.rcpt is not None
+    assert plain.rcpt.code == 554 and "Relay access denied" in plain.rcpt.text
+    # short sessions: Postfix never reached its hard error limit
+    assert not any(ex.reply is not None and ex.reply.code == 421 for ex in result.transcript)
+
+
+async def test_open_postfix_is_an_open_relay_and_confirmed(
+    postfix_lab: dict[str, PostfixInstance], canary: CanaryReceiver
+) -> None:
+    result, verdict = await check(postfix_lab["open"], canary)
+    assert verdict.status is VerdictStatus.OPEN_RELAY
+    (finding,) = [f for f in verdict.findings if f.kind is FindingKind.OPEN_RELAY]
+    assert finding.confidence is Confidence.CONFIRMED, (result.confirmation, finding.summary)
+    assert result.confirmation is not None and result.confirmation.delivered is True
+
+
+async def test_campus_sender_postfix(postfix_lab: dict[str, PostfixInstance], canary: CanaryReceiver) -> None:
+    result, verdict = await check(postfix_lab["campus-sender"], canary)
+    assert verdict.status is VerdictStatus.RELAY_CAMPUS_SENDER, [(t.test.id, str(t.rcpt)) for t in result.tests]
+    accepted = {t.test.id for t in result.tests if t.outcome is TestOutcome.ACCEPTED}
+    assert "sender-campus" in accepted and "rcpt-plain" not in accepted
+    (finding,) = [f for f in verdict.findings if f.kind is FindingKind.RELAY_CAMPUS_SENDER]
+    assert finding.confidence is Confidence.CONFIRMED
+
+
+async def test_auth_required_postfix(postfix_lab: dict[str, PostfixInstance]) -> None:
+    if "auth-required" not in postfix_lab:
+        pytest.skip("this Postfix lab has no auth-required instance")
+    result, verdict = await check(postfix_lab["auth-required"])
+    assert verdict.status is VerdictStatus.AUTH_REQUIRED, [(t.test.id, str(t.rcpt)) for t in result.tests]
