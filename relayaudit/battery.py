@@ -52,7 +52,9 @@ def _recipient(template: str, *, u: str, d: str, host: str, literal: str) -> str
     return template.format(u=u, d=d, T=host, IP=literal)
 
 
-def canary_recipient(test: RelayTest, inputs: BatteryInputs, *, local_part: str, domain: str) -> str:
+def canary_recipient(
+    test: RelayTest, inputs: BatteryInputs, *, local_part: str, domain: str
+) -> str:
     """The same recipient form as `test`, aimed at the canary mailbox instead of the test domain."""
     literal = address_literal(inputs.address)
     host = inputs.hostname or literal

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPServerProtocol
 
-__all__ = ["CanaryReceiver", "Arrival"]
+__all__ = ["Arrival", "CanaryReceiver"]
 
 _TOKEN = re.compile(rb"relayaudit-[0-9a-f]{32}")
 _MAX_MESSAGE = 256 * 1024
@@ -30,7 +30,7 @@ class _Handler:
     def __init__(self, receiver: CanaryReceiver) -> None:
         self._receiver = receiver
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+    async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         domain = address.rpartition("@")[2].lower()
@@ -39,18 +39,24 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         content = envelope.original_content or b""
         peer = session.peer[0] if session.peer else "?"
         for token in {m.decode() for m in _TOKEN.findall(content[:_MAX_MESSAGE])}:
-            self._receiver.record(Arrival(token=token, peer=str(peer), mail_from=str(envelope.mail_from), at=time.time()))
+            self._receiver.record(
+                Arrival(
+                    token=token, peer=str(peer), mail_from=str(envelope.mail_from), at=time.time()
+                )
+            )
         return "250 2.0.0 received by relayaudit canary"
 
 
 class CanaryReceiver:
     """Runs in the caller's event loop; `wait_for(token)` resolves when that token arrives."""
 
-    def __init__(self, host: str, port: int, *, domain: str, hostname: str = "relayaudit-canary") -> None:
+    def __init__(
+        self, host: str, port: int, *, domain: str, hostname: str = "relayaudit-canary"
+    ) -> None:
         self.host = host
         self.port = port
         self.domain = domain.lower()
@@ -63,7 +69,9 @@ class CanaryReceiver:
         handler = _Handler(self)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: SMTPServerProtocol(handler, hostname=self._hostname, data_size_limit=_MAX_MESSAGE, loop=loop),
+            lambda: SMTPServerProtocol(
+                handler, hostname=self._hostname, data_size_limit=_MAX_MESSAGE, loop=loop
+            ),
             host=self.host,
             port=self.port,
         )

@@ -16,6 +16,7 @@ from typing import NoReturn
 from relayaudit import __version__
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, load_config, parse_config
+from relayaudit.demo import run_demo
 from relayaudit.engine import await_confirmation, judge_result, probe_settings, sweep
 from relayaudit.errors import ConfigError, RelayAuditError
 from relayaudit.evidence import ProbeResult
@@ -39,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="relayaudit", description="Find open mail relays and unapproved SMTP services.")
+    p = _Parser(
+        prog="relayaudit", description="Find open mail relays and unapproved SMTP services."
+    )
     p.add_argument("--version", action="version", version=f"relayaudit {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -49,10 +52,21 @@ def _parser() -> argparse.ArgumentParser:
         description="Test one host. Exit codes: 0 no relay found, 1 relay found, 2 error.",
     )
     c.add_argument("host", help="IP address or host name")
-    c.add_argument("--port", type=int, action="append", help="port to test (repeatable; default: the config's ports, else 25)")
-    c.add_argument("--config", type=Path, help="configuration file (scope, identity, test addresses)")
+    c.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        help="port to test (repeatable; default: the config's ports, else 25)",
+    )
+    c.add_argument(
+        "--config", type=Path, help="configuration file (scope, identity, test addresses)"
+    )
     c.add_argument("--source", help="local address to connect from (the vantage point)")
-    c.add_argument("--confirm", action="store_true", help="confirmation mode: send a canary message and wait for it")
+    c.add_argument(
+        "--confirm",
+        action="store_true",
+        help="confirmation mode: send a canary message and wait for it",
+    )
     c.add_argument("--json", action="store_true", help="print the evidence and verdict as JSON")
     c.add_argument("--no-transcript", action="store_true", help="leave the SMTP transcript out")
 
@@ -80,8 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             return _config_check(args.file)
         if args.command == "demo":
-            from relayaudit.demo import run_demo
-
             return asyncio.run(run_demo(args.output))
     except RelayAuditError as exc:
         print(f"relayaudit: {exc}", file=sys.stderr)
@@ -142,6 +154,12 @@ def _check_config(args: argparse.Namespace, addresses: list[str]) -> Config:
             ipaddress.ip_address(args.source)
         except ValueError:
             raise ConfigError(f"--source: {args.source!r} is not an IP address") from None
+        version = ipaddress.ip_address(args.source).version
+        if all(ipaddress.ip_address(a).version != version for a in addresses):
+            raise ConfigError(
+                f"--source: {args.source!r} is IPv{version} but host {args.host!r} "
+                f"has no IPv{version} address"
+            )
         config = config.model_copy(update={"source_address": ipaddress.ip_address(args.source)})
     return config
 
@@ -161,24 +179,36 @@ async def _check(args: argparse.Namespace) -> int:
         try:
             await canary.start()
         except OSError as exc:
-            raise ConfigError(f"canary.listen: cannot listen on {host}:{cport}: {exc.strerror}") from None
+            raise ConfigError(
+                f"canary.listen: cannot listen on {host}:{cport}: {exc.strerror}"
+            ) from None
     outcomes: list[tuple[ProbeResult, Verdict]] = []
     try:
         for address in addresses:
             for port in ports:
-                result = await probe(address, port, settings, implicit_tls=port in config.implicit_tls_ports)
+                result = await probe(
+                    address, port, settings, implicit_tls=port in config.implicit_tls_ports
+                )
                 if result.confirmation is not None and result.confirmation.sent and not args.json:
-                    print(f"waiting up to {config.canary.wait:g}s for canary {result.confirmation.token}...", file=sys.stderr)
+                    print(
+                        f"waiting up to {config.canary.wait:g}s for canary {result.confirmation.token}...",
+                        file=sys.stderr,
+                    )
                 result = await await_confirmation(result, canary, config.canary.wait)
                 outcomes.append((result, judge_result(config, result)))
     finally:
         if canary is not None:
             await canary.stop()
     if args.json:
-        doc = [{"result": r.model_dump(mode="json"), "verdict": v.model_dump(mode="json")} for r, v in outcomes]
+        doc = [
+            {"result": r.model_dump(mode="json"), "verdict": v.model_dump(mode="json")}
+            for r, v in outcomes
+        ]
         print(json.dumps(doc if len(doc) > 1 else doc[0], indent=2))
     else:
-        print("\n\n".join(render_check(r, v, transcript=not args.no_transcript) for r, v in outcomes))
+        print(
+            "\n\n".join(render_check(r, v, transcript=not args.no_transcript) for r, v in outcomes)
+        )
     if any(v.relay for _, v in outcomes):
         return EXIT_RELAY
     if any(v.status is VerdictStatus.ERROR for _, v in outcomes):
@@ -205,7 +235,9 @@ class _Progress:
         width = 30
         filled = width * done // max(total, 1)
         rate = done / max(now - self._start, 1e-6)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} hosts {rate:7.1f}/s")
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} hosts {rate:7.1f}/s"
+        )
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -218,7 +250,9 @@ async def _sweep(args: argparse.Namespace) -> int:
     try:
         sink.open()
     except OSError as exc:
-        raise ConfigError(f"output.findings: cannot write {str(config.output.findings)!r}: {exc.strerror}") from None
+        raise ConfigError(
+            f"output.findings: cannot write {str(config.output.findings)!r}: {exc.strerror}"
+        ) from None
     canary: CanaryReceiver | None = None
     if config.canary.enabled:
         host, port = config.canary.listen
@@ -226,7 +260,9 @@ async def _sweep(args: argparse.Namespace) -> int:
         try:
             await canary.start()
         except OSError as exc:
-            raise ConfigError(f"canary.listen: cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise ConfigError(
+                f"canary.listen: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
     try:
         stats = await sweep(config, sinks=[sink], shard=shard, canary=canary, progress=_Progress())
     finally:

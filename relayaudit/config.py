@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -23,14 +24,23 @@ from pydantic import (
 )
 
 from relayaudit.errors import ConfigError
+from relayaudit.schedule import parse_cron
 
 __all__ = [
     "Address",
+    "AlertsConfig",
     "ApprovedService",
     "CanaryConfig",
+    "CommandHook",
     "Config",
-    "config_fingerprint",
+    "EmailHook",
+    "LoggingConfig",
+    "MetricsConfig",
     "Network",
+    "ScheduleConfig",
+    "StateConfig",
+    "WebhookHook",
+    "config_fingerprint",
     "format_validation_error",
     "load_config",
     "parse_config",
@@ -40,7 +50,9 @@ __all__ = [
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+_DURATION = re.compile(
+    r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$"
+)
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -61,6 +73,8 @@ def parse_duration(value: object) -> float:
         hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
         seconds = hours * 3600 + minutes * 60 + secs
     else:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 30, '30s', '5m', '1h')")
+    if not math.isfinite(seconds):  # TOML has nan and inf
         raise ValueError(f"{value!r} is not a duration (use e.g. 30, '30s', '5m', '1h')")
     if seconds <= 0:
         raise ValueError(f"{value!r} must be longer than zero")
@@ -134,7 +148,7 @@ def _secret(value: object) -> SecretStr:
                 return SecretStr(Path(ref).read_text(encoding="utf-8").strip())
             except OSError as exc:
                 raise ValueError(f"secret file {ref!r} cannot be read: {exc.strerror}") from None
-    raise ValueError("a secret is a string, { env = \"NAME\" } or { file = \"/path\" }")
+    raise ValueError('a secret is a string, { env = "NAME" } or { file = "/path" }')
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -219,8 +233,12 @@ class Limits(_Model):
     """Politeness: how hard the scanner may push."""
 
     concurrency: int = Field(default=256, ge=1, le=100_000)
-    rate: float = Field(default=200.0, gt=0, description="new connections per second, overall")
-    subnet_rate: float = Field(default=20.0, gt=0, description="new connections per second per /24")
+    rate: float = Field(
+        default=200.0, gt=0, allow_inf_nan=False, description="new connections per second, overall"
+    )
+    subnet_rate: float = Field(
+        default=20.0, gt=0, allow_inf_nan=False, description="new connections per second per /24"
+    )
 
 
 class ApprovedService(_Model):
@@ -240,6 +258,102 @@ class Output(_Model):
     findings: Path = Path("findings.jsonl")
 
 
+class StateConfig(_Model):
+    """Memory across sweeps (SQLite, WAL)."""
+
+    path: Path = Path("relayaudit-state.sqlite")
+    resolve_after: int = Field(
+        default=2, ge=1, le=100, description="completed sweeps absent before resolved"
+    )
+
+
+class ScheduleConfig(_Model):
+    """When the daemon sweeps: every `interval`, or at a 5-field `cron` expression; plus jitter."""
+
+    interval: Duration | None = 6 * 3600.0
+    cron: str | None = None
+    jitter: Duration | None = None
+    healthy_within: Duration | None = None  # /healthz fails when no sweep completed this long
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleConfig:
+        if self.cron is not None:
+            try:
+                parse_cron(self.cron)
+            except ValueError as exc:
+                raise ValueError(f"schedule.cron: {exc}") from None
+        return self
+
+
+class CommandHook(_Model):
+    """Runs a program with the alert as JSON on stdin (e.g. a ticketing CLI)."""
+
+    argv: tuple[str, ...] = Field(min_length=1)
+    timeout: Duration = 30.0
+
+
+class WebhookHook(_Model):
+    """HTTP POST of the alert as JSON."""
+
+    url: str
+    timeout: Duration = 10.0
+    token: Secret | None = None  # sent as `Authorization: Bearer ...`
+    hmac_key: Secret | None = None  # signs the body: `X-Relayaudit-Signature: sha256=<hex>`
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+
+class EmailHook(_Model):
+    """Mails the alert to a ticketing system's mail gateway (RT, Jira, ServiceNow)."""
+
+    host: str
+    port: Port = 25
+    starttls: bool = False
+    username: str | None = None
+    password: Secret | None = None
+    mail_from: str
+    to: tuple[str, ...] = Field(min_length=1)
+    timeout: Duration = 30.0
+
+
+class AlertsConfig(_Model):
+    """Where transitions of findings go; every alert is kept in a durable outbox until delivered."""
+
+    command: tuple[CommandHook, ...] = ()
+    webhook: tuple[WebhookHook, ...] = ()
+    email: tuple[EmailHook, ...] = ()
+    max_attempts: int = Field(default=12, ge=1, le=1000)
+    backoff_initial: Duration = 5.0
+    backoff_max: Duration = 1800.0
+
+
+class LoggingConfig(_Model):
+    """structlog JSON lines: a file (reopened on SIGHUP for logrotate) and/or stdout."""
+
+    file: Path | None = None
+    stdout: bool = True
+    level: str = "info"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError(f"{value!r} is not one of debug, info, warning, error")
+        return value.lower()
+
+
+class MetricsConfig(_Model):
+    """Prometheus /metrics and /healthz; loopback unless the operator says otherwise."""
+
+    enabled: bool = True
+    listen: Endpoint = ("127.0.0.1", 9425)
+
+
 class Config(_Model):
     """The whole validated configuration; nothing else in relayaudit reads files or environment."""
 
@@ -257,6 +371,11 @@ class Config(_Model):
     limits: Limits = Limits()
     approved: tuple[ApprovedService, ...] = ()
     output: Output = Output()
+    state: StateConfig = StateConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: str = Field(default="<memory>", exclude=True)
 
     @field_validator("scope", "targets")
@@ -293,7 +412,9 @@ class Config(_Model):
         check("approved", tuple(a.address for a in self.approved))
         for i, port in enumerate(self.implicit_tls_ports):
             if port not in self.ports:
-                raise ValueError(f"implicit_tls_ports[{i}]: {port} is not one of ports {list(self.ports)}")
+                raise ValueError(
+                    f"implicit_tls_ports[{i}]: {port} is not one of ports {list(self.ports)}"
+                )
         if self.source_address is not None and self.source_address.version not in {
             t.version for t in self.targets
         }:
@@ -335,7 +456,11 @@ def format_validation_error(exc: ValidationError, *, source: str) -> str:
         if kind == "value_error":
             msg = msg.removeprefix("Value error, ")
             # errors raised by whole-model validators already carry their key path
-            lines.append(f"{source}: {msg}" if not path or msg.startswith(path) else f"{source}: {path}: {msg}")
+            lines.append(
+                f"{source}: {msg}"
+                if not path or msg.startswith(path)
+                else f"{source}: {path}: {msg}"
+            )
             continue
         if kind == "extra_forbidden":
             msg = "unknown key"
@@ -378,4 +503,3 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def config_fingerprint(config: Config) -> str:
     """A short stable hash of the effective configuration (recorded with every sweep)."""
     return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
-

@@ -61,7 +61,9 @@ def demo_config(findings: Path) -> Config:
             },
             "timeouts": {"connect": "1s", "command": "3s", "session": "30s"},
             "limits": {"concurrency": 32, "rate": 500, "subnet_rate": 200},
-            "approved": [{"address": "127.0.10.2", "port": DEMO_PORT, "note": "ISO-0001 campus mail hub"}],
+            "approved": [
+                {"address": "127.0.10.2", "port": DEMO_PORT, "note": "ISO-0001 campus mail hub"}
+            ],
             "output": {"findings": str(findings)},
         },
         source="(demo)",
@@ -72,32 +74,53 @@ async def run_demo(output: Path | None) -> int:
     findings_path = output or Path(tempfile.mkdtemp(prefix="relayaudit-demo-")) / "findings.jsonl"
     config = demo_config(findings_path)
     specs = [
-        ServerSpec(host=f"127.0.10.{octet}", port=port, behaviour=behaviour, implicit_tls=tls, hostname=f"mx{octet}.campus.test")
+        ServerSpec(
+            host=f"127.0.10.{octet}",
+            port=port,
+            behaviour=behaviour,
+            implicit_tls=tls,
+            hostname=f"mx{octet}.campus.test",
+        )
         for octet, port, behaviour, tls in DEMO_LAB
     ]
-    lab = Lab(specs, local_domains=("campus.test",), campus_domains=("campus.test",), mx={CANARY_DOMAIN: CANARY})
+    lab = Lab(
+        specs,
+        local_domains=("campus.test",),
+        campus_domains=("campus.test",),
+        mx={CANARY_DOMAIN: CANARY},
+    )
     collector = Collector()
     sink = FindingsFile(findings_path)
-    print(f"demo: starting {len(specs)} lab servers on {DEMO_NET} and the canary receiver on {CANARY[0]}:{CANARY[1]}")
+    print(
+        f"demo: starting {len(specs)} lab servers on {DEMO_NET} and the canary receiver on {CANARY[0]}:{CANARY[1]}"
+    )
     for octet, port, behaviour, tls in DEMO_LAB:
         print(f"  127.0.10.{octet}:{port}  {behaviour.value}{' (implicit TLS)' if tls else ''}")
     async with lab, CanaryReceiver(*CANARY, domain=CANARY_DOMAIN) as canary:
-        print("demo: sweeping with confirmation mode on (canary messages go only to the receiver above)\n")
+        print(
+            "demo: sweeping with confirmation mode on (canary messages go only to the receiver above)\n"
+        )
         try:
             stats = await sweep(config, sinks=[collector, sink], canary=canary)
         finally:
             sink.close()
     print(f"{'address:port':22} {'status':26} summary")
-    for result, verdict in sorted(collector.results, key=lambda rv: (int(rv[0].address.rsplit('.', 1)[1]), rv[0].port)):
+    for result, verdict in sorted(
+        collector.results, key=lambda rv: (int(rv[0].address.rsplit(".", 1)[1]), rv[0].port)
+    ):
         if verdict.status.value in {"closed"}:
             continue
-        print(f"{result.address + ':' + str(result.port):22} {verdict.status.value:26} {verdict.summary[:110]}")
+        print(
+            f"{result.address + ':' + str(result.port):22} {verdict.status.value:26} {verdict.summary[:110]}"
+        )
     print("\nfindings:")
     print("\n".join(render_findings(collector.findings)))
     print()
     print(render_summary(stats))
-    print(f"\nlab relayed {len(lab.delivered)} message(s) onward; canary messages delivered: "
-          f"{sum(1 for r, _ in collector.results if r.confirmation and r.confirmation.delivered)}")
+    print(
+        f"\nlab relayed {len(lab.delivered)} message(s) onward; canary messages delivered: "
+        f"{sum(1 for r, _ in collector.results if r.confirmation and r.confirmation.delivered)}"
+    )
     print(f"findings as JSON lines: {findings_path}")
     print("demo: lab stopped", file=sys.stderr)
     return 0

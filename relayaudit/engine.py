@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from asyncio_throttle import Throttler
+from asyncio_throttle.throttler import Throttler
 
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config
@@ -95,7 +95,9 @@ class Pacer:
     def __init__(self, rate: float, subnet_rate: float) -> None:
         # a short window keeps bursts to ~50 ms worth of connections instead of a full second
         burst = max(1, round(rate / 20))
-        self._throttler = Throttler(rate_limit=burst, period=burst / rate, retry_interval=burst / rate / 50)
+        self._throttler = Throttler(
+            rate_limit=burst, period=burst / rate, retry_interval=burst / rate / 50
+        )
         self._subnet_gap = 1.0 / subnet_rate
         self._next_slot: dict[int, float] = {}
         self._tokens: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
@@ -104,7 +106,7 @@ class Pacer:
 
     async def _produce(self) -> None:
         while True:
-            await self._throttler.acquire()
+            await self._throttler.acquire()  # type: ignore[no-untyped-call]
             await self._tokens.put(None)
 
     def start(self) -> None:

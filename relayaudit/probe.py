@@ -234,7 +234,9 @@ class _Run:
             response = await smtp.execute_command(*args)
         except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
             self._log(line, None, started, error=f"timeout: {exc}")
-            raise _Broken(f"no reply to {verb} within {self.settings.command_timeout:g}s", fatal=True) from None
+            raise _Broken(
+                f"no reply to {verb} within {self.settings.command_timeout:g}s", fatal=True
+            ) from None
         except aiosmtplib.SMTPServerDisconnected as exc:
             self._log(line, None, started, error=f"disconnected: {exc}")
             raise _Broken(f"server hung up after {verb}") from None
@@ -248,7 +250,9 @@ class _Run:
         self._log(line, reply, started)
         return reply
 
-    def _log(self, line: str | None, reply: Reply | None, started: float, *, error: str | None = None) -> None:
+    def _log(
+        self, line: str | None, reply: Reply | None, started: float, *, error: str | None = None
+    ) -> None:
         self.transcript.append(
             Exchange(
                 command=redact_command(line) if line is not None else None,
@@ -293,13 +297,19 @@ class _Run:
             if 200 <= exc.code <= 599:
                 self.banner_seen = True
                 raise NoSession(
-                    ProbeStatus.SESSION_REFUSED, f"greeting {exc.code} {exc.message}", PortState.OPEN
+                    ProbeStatus.SESSION_REFUSED,
+                    f"greeting {exc.code} {exc.message}",
+                    PortState.OPEN,
                 ) from None
-            raise NoSession(ProbeStatus.NOT_SMTP, f"greeting code {exc.code}", PortState.OPEN) from None
+            raise NoSession(
+                ProbeStatus.NOT_SMTP, f"greeting code {exc.code}", PortState.OPEN
+            ) from None
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
             self._log(None, None, started, error=_describe(exc))
-            raise NoSession(ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.message[:120]}", PortState.OPEN) from None
+            raise NoSession(
+                ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.message[:120]}", PortState.OPEN
+            ) from None
         except (aiosmtplib.SMTPTimeoutError, TimeoutError):
             smtp.close()
             self._log(None, None, started, error="no greeting")
@@ -311,8 +321,14 @@ class _Run:
             self._log(None, None, started, error=_describe(exc))
             if transport is Transport.IMPLICIT_TLS:
                 self.tls = TlsFacts(error=_describe(exc))
-                raise NoSession(ProbeStatus.NOT_SMTP, f"implicit TLS failed: {_describe(exc)}", PortState.OPEN) from None
-            raise NoSession(ProbeStatus.NO_BANNER, f"hung up before the greeting: {_describe(exc)}", PortState.OPEN) from None
+                raise NoSession(
+                    ProbeStatus.NOT_SMTP, f"implicit TLS failed: {_describe(exc)}", PortState.OPEN
+                ) from None
+            raise NoSession(
+                ProbeStatus.NO_BANNER,
+                f"hung up before the greeting: {_describe(exc)}",
+                PortState.OPEN,
+            ) from None
         self.banner_seen = True
         banner = Reply(code=response.code, text=response.message)
         self._log(None, banner, started)
@@ -370,7 +386,11 @@ class _Run:
         except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
             self._log(f"EHLO {self.settings.helo_name}", None, started, error=_describe(exc))
             raise _Broken("EHLO after STARTTLS failed", fatal=True) from None
-        self._log(f"EHLO {self.settings.helo_name}", Reply(code=response.code, text=response.message), started)
+        self._log(
+            f"EHLO {self.settings.helo_name}",
+            Reply(code=response.code, text=response.message),
+            started,
+        )
 
     def _facts(self, smtp: aiosmtplib.SMTP, banner: Reply, ehlo: bool) -> SessionFacts:
         ext = smtp.esmtp_extensions if ehlo else {}
@@ -399,17 +419,27 @@ class _Run:
 
     # -- the battery ---------------------------------------------------------------------
 
-    async def run_test(self, smtp: aiosmtplib.SMTP, test: RelayTest, transport: Transport) -> TestResult:
+    async def run_test(
+        self, smtp: aiosmtplib.SMTP, test: RelayTest, transport: Transport
+    ) -> TestResult:
         mail = await self.command(smtp, f"MAIL FROM:<{test.mail_from}>")
         mail_class = classify_reply(mail)
         if mail_class is not ReplyClass.OK:
-            return TestResult(test=test, transport=transport, mail=mail, outcome=_outcome(mail_class, sender=True))
+            return TestResult(
+                test=test, transport=transport, mail=mail, outcome=_outcome(mail_class, sender=True)
+            )
         rcpt = await self.command(smtp, f"RCPT TO:<{test.rcpt_to}>")
         rcpt_class = classify_reply(rcpt)
-        outcome = TestOutcome.ACCEPTED if rcpt_class is ReplyClass.OK else _outcome(rcpt_class, sender=False)
+        outcome = (
+            TestOutcome.ACCEPTED
+            if rcpt_class is ReplyClass.OK
+            else _outcome(rcpt_class, sender=False)
+        )
         return TestResult(test=test, transport=transport, mail=mail, rcpt=rcpt, outcome=outcome)
 
-    async def battery(self, tests: list[RelayTest], transport: Transport, first: aiosmtplib.SMTP | None) -> None:
+    async def battery(
+        self, tests: list[RelayTest], transport: Transport, first: aiosmtplib.SMTP | None
+    ) -> None:
         """Run every test, at most N per session, reconnecting after hang-ups and 421s."""
         queue = deque(tests)
         attempts: dict[str, int] = {}
@@ -436,7 +466,14 @@ class _Run:
                     except _Broken as exc:
                         if exc.fatal or attempts[test.id] >= 2:
                             queue.popleft()
-                            self.tests.append(TestResult(test=test, transport=transport, outcome=TestOutcome.ERROR, error=exc.reason))
+                            self.tests.append(
+                                TestResult(
+                                    test=test,
+                                    transport=transport,
+                                    outcome=TestOutcome.ERROR,
+                                    error=exc.reason,
+                                )
+                            )
                         if exc.fatal:
                             self._skip(queue, transport, f"not run: {exc.reason}")
                             return
@@ -444,7 +481,10 @@ class _Run:
                     queue.popleft()
                     self.tests.append(result)
                     done_here += 1
-                    if not smtp.is_connected or 421 in (result.mail and result.mail.code, result.rcpt and result.rcpt.code):
+                    if not smtp.is_connected or 421 in (
+                        result.mail and result.mail.code,
+                        result.rcpt and result.rcpt.code,
+                    ):
                         break
                     if queue and done_here < self.settings.max_tests_per_session:
                         await self.command(smtp, "RSET")
@@ -458,19 +498,34 @@ class _Run:
 
     def _skip(self, queue: deque[RelayTest], transport: Transport, reason: str) -> None:
         while queue:
-            self.tests.append(TestResult(test=queue.popleft(), transport=transport, outcome=TestOutcome.ERROR, error=reason))
+            self.tests.append(
+                TestResult(
+                    test=queue.popleft(),
+                    transport=transport,
+                    outcome=TestOutcome.ERROR,
+                    error=reason,
+                )
+            )
 
     # -- confirmation mode ---------------------------------------------------------------
 
     async def confirm(self, canary: CanaryTarget, inputs: BatteryInputs) -> None:
         """Send one self-identifying message through the strongest accepted test form."""
-        candidates = [t for t in self.tests if t.outcome is TestOutcome.ACCEPTED and t.test.category is not TestCategory.CONTROL]
+        candidates = [
+            t
+            for t in self.tests
+            if t.outcome is TestOutcome.ACCEPTED and t.test.category is not TestCategory.CONTROL
+        ]
         if not candidates:
             return
         best = min(candidates, key=_confirmation_preference)
         token = f"relayaudit-{_token()}"
-        rcpt = canary_recipient(best.test, inputs, local_part=f"{canary.local_part}+{token}", domain=canary.domain)
-        conf = Confirmation(token=token, test_id=best.test.id, transport=best.transport, rcpt_to=rcpt)
+        rcpt = canary_recipient(
+            best.test, inputs, local_part=f"{canary.local_part}+{token}", domain=canary.domain
+        )
+        conf = Confirmation(
+            token=token, test_id=best.test.id, transport=best.transport, rcpt_to=rcpt
+        )
         self.confirmation = conf
         try:
             smtp = await self.open_session(best.transport)
@@ -480,8 +535,13 @@ class _Run:
         try:
             mail = await self.command(smtp, f"MAIL FROM:<{best.test.mail_from}>")
             rcpt_reply = await self.command(smtp, f"RCPT TO:<{rcpt}>")
-            if classify_reply(mail) is not ReplyClass.OK or classify_reply(rcpt_reply) is not ReplyClass.OK:
-                self.confirmation = conf.model_copy(update={"error": f"canary refused: {mail} / {rcpt_reply}"})
+            if (
+                classify_reply(mail) is not ReplyClass.OK
+                or classify_reply(rcpt_reply) is not ReplyClass.OK
+            ):
+                self.confirmation = conf.model_copy(
+                    update={"error": f"canary refused: {mail} / {rcpt_reply}"}
+                )
                 return
             body = _canary_message(token, self, canary, rcpt)
             started = time.monotonic()
@@ -490,18 +550,26 @@ class _Run:
                 protocol = smtp.protocol
                 if protocol is None:
                     raise _Broken("connection lost before DATA")
-                response = await protocol.execute_data_command(body, timeout=self.settings.command_timeout)
+                response = await protocol.execute_data_command(
+                    body, timeout=self.settings.command_timeout
+                )
             except aiosmtplib.SMTPResponseException as exc:
                 self._log(line, Reply(code=exc.code, text=exc.message), started)
-                self.confirmation = conf.model_copy(update={"error": f"message refused: {exc.code} {exc.message}"})
+                self.confirmation = conf.model_copy(
+                    update={"error": f"message refused: {exc.code} {exc.message}"}
+                )
                 return
             except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
                 self._log(line, None, started, error=_describe(exc))
-                self.confirmation = conf.model_copy(update={"error": f"message not accepted: {_describe(exc)}"})
+                self.confirmation = conf.model_copy(
+                    update={"error": f"message not accepted: {_describe(exc)}"}
+                )
                 return
             reply = Reply(code=response.code, text=response.message)
             self._log(line, reply, started)
-            self.confirmation = conf.model_copy(update={"data_reply": reply, "sent": reply.code == 250})
+            self.confirmation = conf.model_copy(
+                update={"data_reply": reply, "sent": reply.code == 250}
+            )
         except _Broken as exc:
             self.confirmation = conf.model_copy(update={"error": exc.reason})
         finally:
@@ -568,9 +636,14 @@ async def probe(
             await _probe(run, sock)
     except TimeoutError:
         if not run.banner_seen:
-            run.status, run.error = ProbeStatus.NO_BANNER, f"no greeting within the {settings.session_timeout:g}s session deadline"
+            run.status, run.error = (
+                ProbeStatus.NO_BANNER,
+                f"no greeting within the {settings.session_timeout:g}s session deadline",
+            )
         else:
-            run.error = f"session deadline of {settings.session_timeout:g}s reached; results are partial"
+            run.error = (
+                f"session deadline of {settings.session_timeout:g}s reached; results are partial"
+            )
     except Exception as exc:  # the one place unknown failures become a status, never a crash
         run.status, run.error = ProbeStatus.ERROR, f"unexpected: {_describe(exc)}"
     finally:
@@ -620,7 +693,10 @@ async def _probe(run: _Run, sock: socket.socket | None) -> None:
     await run.battery(tests, first_transport, smtp)
 
     if facts.starttls and first_transport is Transport.PLAIN:
-        relayed = any(t.outcome is TestOutcome.ACCEPTED and t.test.category is not TestCategory.CONTROL for t in run.tests)
+        relayed = any(
+            t.outcome is TestOutcome.ACCEPTED and t.test.category is not TestCategory.CONTROL
+            for t in run.tests
+        )
         try:
             tls_session = await run.open_session(Transport.STARTTLS)
         except (NoSession, _Broken) as exc:

@@ -26,7 +26,9 @@ def _clip(text: str, width: int) -> str:
 def render_findings(findings: Iterable[Finding]) -> list[str]:
     lines = []
     for f in findings:
-        lines.append(f"  [{f.severity.value:8}] {f.kind.value:24} {f.id}  confidence {f.confidence.value}")
+        lines.append(
+            f"  [{f.severity.value:8}] {f.kind.value:24} {f.id}  confidence {f.confidence.value}"
+        )
         lines.append(f"             {f.title}")
         lines.append(f"             {f.summary}")
         if f.approved_note:
@@ -35,13 +37,17 @@ def render_findings(findings: Iterable[Finding]) -> list[str]:
 
 
 def render_check(result: ProbeResult, verdict: Verdict, *, transcript: bool = True) -> str:
-    lines = [f"{result.address}:{result.port}  {verdict.status.value.upper()}  (seen from {result.vantage})"]
+    lines = [
+        f"{result.address}:{result.port}  {verdict.status.value.upper()}  (seen from {result.vantage})"
+    ]
     lines.append(f"  {verdict.summary}")
     facts = result.facts
     if facts is not None:
         lines.append(f"  greeting: {facts.banner}")
         software = f"  software: {facts.software}" if facts.software else ""
-        lines.append(f"  {'EHLO' if facts.ehlo else 'HELO only'}: {' '.join(facts.capabilities) or '-'}{software}")
+        lines.append(
+            f"  {'EHLO' if facts.ehlo else 'HELO only'}: {' '.join(facts.capabilities) or '-'}{software}"
+        )
         if facts.auth_mechanisms:
             lines.append(f"  AUTH: {' '.join(facts.auth_mechanisms)}")
         tls = facts.tls

@@ -157,7 +157,11 @@ _SEVERITY = {
 
 
 def _accepted(results: Iterable[TestResult]) -> list[TestResult]:
-    return [r for r in results if r.outcome is TestOutcome.ACCEPTED and r.test.category is not TestCategory.CONTROL]
+    return [
+        r
+        for r in results
+        if r.outcome is TestOutcome.ACCEPTED and r.test.category is not TestCategory.CONTROL
+    ]
 
 
 def _is_plain_recipient(result: TestResult) -> bool:
@@ -232,7 +236,9 @@ class _Context:
         r = self.result
         conf = r.confirmation
         confirmed = (
-            conf is not None and conf.delivered is True and any(a.test.id == conf.test_id and a.transport is conf.transport for a in accepted)
+            conf is not None
+            and conf.delivered is True
+            and any(a.test.id == conf.test_id and a.transport is conf.transport for a in accepted)
         )
         plain = [a for a in accepted if _is_plain_recipient(a)]
         if confirmed:
@@ -253,7 +259,9 @@ class _Context:
         elif self.control is not None and self.control.rcpt is not None:
             notes.append(f"The control recipient was refused ({self.control.rcpt.code}).")
         if confidence is Confidence.MEDIUM:
-            notes.append("Only unusual address forms were accepted; some servers read them as local mailboxes.")
+            notes.append(
+                "Only unusual address forms were accepted; some servers read them as local mailboxes."
+            )
         if confirmed and conf is not None:
             notes.append(f"Confirmed: canary message {conf.token} arrived at the ISO's mailbox.")
         elif conf is not None and conf.sent and conf.delivered is None:
@@ -283,29 +291,30 @@ def _refusal_status(results: list[TestResult]) -> VerdictStatus:
     return VerdictStatus.ERROR
 
 
-def judge(result: ProbeResult, *, approved_note: str | None = None, approved: bool = False) -> Verdict:
+def judge(
+    result: ProbeResult, *, approved_note: str | None = None, approved: bool = False
+) -> Verdict:
     """The verdict for one probe. `approved`: the ISO approved an SMTP service here."""
     ctx = _Context(result, approved_note)
     findings: list[Finding] = []
 
     if result.status is not ProbeStatus.SMTP:
-        status = _NON_SMTP[result.status]
+        session_status = _NON_SMTP[result.status]
         if result.status is ProbeStatus.SESSION_REFUSED and not approved:
             findings.append(_unapproved(ctx))
         return Verdict(
             address=result.address,
             port=result.port,
-            status=status,
-            summary=result.error or status.value,
+            status=session_status,
+            summary=result.error or session_status.value,
             findings=tuple(findings),
         )
 
     if not approved:
         findings.append(_unapproved(ctx))
     facts = result.facts
-    if facts is not None and facts.auth_mechanisms and facts.tls is None or (
-        facts is not None and facts.auth_mechanisms and facts.starttls and not _implicit(result)
-    ):
+    # the facts come from the first EHLO, which is in clear text unless the port is implicit TLS
+    if facts is not None and facts.auth_mechanisms and not _implicit(result):
         weak = {"PLAIN", "LOGIN"} & set(facts.auth_mechanisms)
         findings.append(
             ctx.finding(
@@ -315,7 +324,11 @@ def judge(result: ProbeResult, *, approved_note: str | None = None, approved: bo
                 title=f"AUTH offered without TLS on {result.address}:{result.port}",
                 summary=(
                     f"The server offers AUTH {' '.join(facts.auth_mechanisms)} before any TLS: "
-                    + ("passwords can cross the network in clear text." if weak else "credentials exchange is unprotected.")
+                    + (
+                        "passwords can cross the network in clear text."
+                        if weak
+                        else "credentials exchange is unprotected."
+                    )
                 ),
             )
         )
@@ -330,11 +343,19 @@ def judge(result: ProbeResult, *, approved_note: str | None = None, approved: bo
         accepted = _accepted(group)
         if not accepted or status is not None:
             continue
-        if undelivered and conf is not None and any(a.transport is conf.transport for a in accepted):
+        if (
+            undelivered
+            and conf is not None
+            and any(a.transport is conf.transport for a in accepted)
+        ):
             continue  # handled below: accepted, but the canary never arrived
         outside = [a for a in accepted if not a.test.claims_local_sender]
         if after_tls:
-            kind, what, status = FindingKind.RELAY_AFTER_STARTTLS, "Open relay after STARTTLS", VerdictStatus.RELAY_AFTER_STARTTLS
+            kind, what, status = (
+                FindingKind.RELAY_AFTER_STARTTLS,
+                "Open relay after STARTTLS",
+                VerdictStatus.RELAY_AFTER_STARTTLS,
+            )
         elif outside:
             kind, what, status = FindingKind.OPEN_RELAY, "Open relay", VerdictStatus.OPEN_RELAY
         else:
@@ -364,7 +385,14 @@ def judge(result: ProbeResult, *, approved_note: str | None = None, approved: bo
 
     if status is None:
         status = _refusal_status(plain_group) if plain_group else VerdictStatus.ERROR
-    summary = next((f.summary for f in findings if f.kind not in {FindingKind.UNAPPROVED_SMTP, FindingKind.AUTH_WITHOUT_TLS}), None)
+    summary = next(
+        (
+            f.summary
+            for f in findings
+            if f.kind not in {FindingKind.UNAPPROVED_SMTP, FindingKind.AUTH_WITHOUT_TLS}
+        ),
+        None,
+    )
     return Verdict(
         address=result.address,
         port=result.port,
@@ -385,7 +413,10 @@ def _unapproved(ctx: _Context) -> Finding:
         severity=Severity.MEDIUM,
         confidence=Confidence.HIGH,
         title=f"SMTP service not on the approved list: {r.address}:{r.port}",
-        summary=f"An SMTP server answers on {r.address}:{r.port} ({ctx.fingerprint.banner or 'no banner'}) and the ISO has not approved it.",
+        summary=(
+            f"An SMTP server answers on {r.address}:{r.port} "
+            f"({ctx.fingerprint.banner or 'no banner'}) and the ISO has not approved it."
+        ),
     )
 
 

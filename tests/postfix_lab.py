@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import ipaddress
 import os
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = [
     "LAB_HOSTS",
@@ -38,11 +39,51 @@ __all__ = [
     "stop_stale_labs",
 ]
 
-# Every instance listens on its own 127.0.3.x address, all on the same port.
+# Several test processes may run on one machine at once (developers side by side, xdist
+# workers). Each claims a lab slot for its lifetime with an flock; slot k uses 127.0.<k>.1-4
+# on port 2525 for the instances and 127.0.0.1:<2626 + index> for the sink. The first slot is
+# 127.0.3.x with the sink on 2626. 127.0.10.x is skipped: relayaudit's demo lab lives there.
+_SLOT_OCTETS = (3, 4, 5, 6, 7, 8, 9, *range(30, 60))
+_SINK_BASE_PORT = 2626
 POSTFIX_LAB_PORT = 2525
+
+
+def _slot_in_use(octet: int, sink_port: int) -> bool:
+    addresses = [(f"127.0.{octet}.{n}", POSTFIX_LAB_PORT) for n in range(1, 5)]
+    for address in [*addresses, ("127.0.0.1", sink_port)]:
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            if probe.connect_ex(address) == 0:
+                return True
+    return False
+
+
+def _claim_slot() -> tuple[int, int, TextIO | None]:
+    """Pick a slot no other live process holds (flock dies with its holder, even on kill -9)."""
+    for index, octet in enumerate(_SLOT_OCTETS):
+        sink_port = _SINK_BASE_PORT + index
+        lock_path = Path(tempfile.gettempdir()) / f"relayaudit-postfix-slot-{octet}.lock"
+        try:
+            lock = lock_path.open("a", encoding="ascii")
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        # A listener without a lock holder: a lab left by a killed run, or something foreign.
+        # Labs whose owner died are cleaned by stop_stale_labs(); meanwhile take another slot.
+        if _slot_in_use(octet, sink_port):
+            lock.close()
+            continue
+        return octet, sink_port, lock
+    return _SLOT_OCTETS[0], _SINK_BASE_PORT, None  # all taken: start() reports the clash
+
+
+_SLOT_OCTET, POSTFIX_SINK_PORT, _SLOT_LOCK = _claim_slot()
 # One SMTP receiver address for everything the instances deliver (relayed and local mail).
 POSTFIX_SINK_HOST = "127.0.0.1"
-POSTFIX_SINK_PORT = 2626
 # The scanner's vantage point: on loopback, but outside every instance's mynetworks except `open`.
 SCANNER_SOURCE = "127.0.0.50"
 
@@ -93,7 +134,7 @@ _POLICY_SETTINGS: Mapping[str, Mapping[str, str]] = {
 POLICIES: tuple[str, ...] = tuple(_POLICY_SETTINGS)
 # Which loopback address each policy's instance uses in the shared lab.
 LAB_HOSTS: Mapping[str, str] = {
-    policy: f"127.0.3.{index}" for index, policy in enumerate(POLICIES, start=1)
+    policy: f"127.0.{_SLOT_OCTET}.{index}" for index, policy in enumerate(POLICIES, start=1)
 }
 
 # All services chroot-free (column 5 = n): the queue directory is a throw-away path in /tmp

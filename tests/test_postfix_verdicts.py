@@ -28,32 +28,43 @@ def settings(*, confirm: bool = False) -> ProbeSettings:
         session_timeout=60.0,
         campus_domains=("campus.test",),
         external_domains=("outside-b.test", "outside-a.test"),
-        canary=CanaryTarget(local_part="canary", domain=CANARY_DOMAIN, contact="iso@campus.test") if confirm else None,
+        canary=CanaryTarget(local_part="canary", domain=CANARY_DOMAIN, contact="iso@campus.test")
+        if confirm
+        else None,
     )
 
 
 @pytest.fixture
 async def canary() -> AsyncIterator[CanaryReceiver]:
     # every instance's relayhost is this sink: whatever Postfix relays arrives here and nowhere else
-    async with CanaryReceiver(POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, domain=CANARY_DOMAIN) as receiver:
+    async with CanaryReceiver(
+        POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, domain=CANARY_DOMAIN
+    ) as receiver:
         yield receiver
 
 
-async def check(instance: PostfixInstance, canary: CanaryReceiver | None = None) -> tuple[ProbeResult, Verdict]:
+async def check(
+    instance: PostfixInstance, canary: CanaryReceiver | None = None
+) -> tuple[ProbeResult, Verdict]:
     result = await probe(instance.host, instance.port, settings(confirm=canary is not None))
     result = await await_confirmation(result, canary, 30.0)
     return result, judge(result)
 
 
 def relay_kinds(verdict: Verdict) -> set[FindingKind]:
-    return {f.kind for f in verdict.findings} - {FindingKind.UNAPPROVED_SMTP, FindingKind.AUTH_WITHOUT_TLS}
+    return {f.kind for f in verdict.findings} - {
+        FindingKind.UNAPPROVED_SMTP,
+        FindingKind.AUTH_WITHOUT_TLS,
+    }
 
 
 async def test_closed_postfix_refuses_every_form(postfix_lab: dict[str, PostfixInstance]) -> None:
     result, verdict = await check(postfix_lab["closed"])
     assert result.facts is not None and result.facts.software == "Postfix"
     assert result.vantage == SCANNER_SOURCE
-    assert verdict.status is VerdictStatus.RELAY_REFUSED, [(t.test.id, str(t.rcpt)) for t in result.tests]
+    assert verdict.status is VerdictStatus.RELAY_REFUSED, [
+        (t.test.id, str(t.rcpt)) for t in result.tests
+    ]
     assert relay_kinds(verdict) == set()
     plain = next(t for t in result.tests if t.test.id == "rcpt-plain")
     assert plain.outcome is TestOutcome.REFUSED and plain.rcpt is not None
@@ -72,9 +83,13 @@ async def test_open_postfix_is_an_open_relay_and_confirmed(
     assert result.confirmation is not None and result.confirmation.delivered is True
 
 
-async def test_campus_sender_postfix(postfix_lab: dict[str, PostfixInstance], canary: CanaryReceiver) -> None:
+async def test_campus_sender_postfix(
+    postfix_lab: dict[str, PostfixInstance], canary: CanaryReceiver
+) -> None:
     result, verdict = await check(postfix_lab["campus-sender"], canary)
-    assert verdict.status is VerdictStatus.RELAY_CAMPUS_SENDER, [(t.test.id, str(t.rcpt)) for t in result.tests]
+    assert verdict.status is VerdictStatus.RELAY_CAMPUS_SENDER, [
+        (t.test.id, str(t.rcpt)) for t in result.tests
+    ]
     accepted = {t.test.id for t in result.tests if t.outcome is TestOutcome.ACCEPTED}
     assert "sender-campus" in accepted and "rcpt-plain" not in accepted
     (finding,) = [f for f in verdict.findings if f.kind is FindingKind.RELAY_CAMPUS_SENDER]
@@ -85,4 +100,6 @@ async def test_auth_required_postfix(postfix_lab: dict[str, PostfixInstance]) ->
     if "auth-required" not in postfix_lab:
         pytest.skip("this Postfix lab has no auth-required instance")
     result, verdict = await check(postfix_lab["auth-required"])
-    assert verdict.status is VerdictStatus.AUTH_REQUIRED, [(t.test.id, str(t.rcpt)) for t in result.tests]
+    assert verdict.status is VerdictStatus.AUTH_REQUIRED, [
+        (t.test.id, str(t.rcpt)) for t in result.tests
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -308,10 +309,8 @@ async def test_filtered_port_when_the_listen_queue_drops_syns() -> None:
         for _ in range(4):
             s = socket.socket()
             s.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 s.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
             fillers.append(s)
         await asyncio.sleep(0.2)
         quick = ProbeSettings(
