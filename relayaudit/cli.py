@@ -85,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors, --help, --version: return the code, not raise it
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     try:
         if args.command == "check":
             return asyncio.run(_check(args))

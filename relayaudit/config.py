@@ -378,6 +378,16 @@ class Config(_Model):
     metrics: MetricsConfig = MetricsConfig()
     source: str = Field(default="<memory>", exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_implicit_tls(cls, data: Any) -> Any:
+        # 465 speaks TLS from the first byte wherever it is scanned; other ports only if listed
+        if isinstance(data, Mapping) and "implicit_tls_ports" not in data:
+            ports = data.get("ports", (25, 465, 587))
+            if isinstance(ports, list | tuple):
+                data = {**data, "implicit_tls_ports": [p for p in ports if p == 465]}
+        return data
+
     @field_validator("scope", "targets")
     @classmethod
     def _not_empty(cls, value: tuple[Network, ...]) -> tuple[Network, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -86,28 +86,45 @@ async def await_confirmation(
 class Pacer:
     """The one place connection rates are enforced.
 
-    A single task acquires from the global asyncio-throttle window and hands out tokens through a
-    queue, so thousands of waiting workers sleep on a future instead of each polling the throttle.
-    The per-/24 cap is a reservation: each connection books the next free slot of its subnet and
-    sleeps exactly until then (no polling either).
+    A single task takes slots from two asyncio-throttle windows -- at most `rate` in any second,
+    and at most `rate/20` in any 50 ms, so the second's worth never leaves in one burst -- and
+    hands out tokens through a queue: thousands of waiting workers sleep on a future instead of
+    each polling the throttle. The task itself sleeps exactly until the oldest slot expires
+    rather than polling at the throttle's retry interval. The per-/24 cap is a reservation: each
+    connection books the next free slot of its subnet and sleeps exactly until then.
     """
 
     def __init__(self, rate: float, subnet_rate: float) -> None:
-        # a short window keeps bursts to ~50 ms worth of connections instead of a full second
         burst = max(1, round(rate / 20))
-        self._throttler = Throttler(
-            rate_limit=burst, period=burst / rate, retry_interval=burst / rate / 50
+        self._windows = (
+            Throttler(rate_limit=max(1, int(rate)), period=max(1.0, 1 / rate)),
+            Throttler(rate_limit=burst, period=burst / rate),
         )
         self._subnet_gap = 1.0 / subnet_rate
         self._next_slot: dict[int, float] = {}
-        self._tokens: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.issued = 0
 
     async def _produce(self) -> None:
         while True:
-            await self._throttler.acquire()  # type: ignore[no-untyped-call]
-            await self._tokens.put(None)
+            # a slot is taken only when someone waits, so a slot is used the moment it is granted
+            while not self._waiters:
+                self._wake.clear()
+                await self._wake.wait()
+            for window in self._windows:
+                window.flush()  # type: ignore[no-untyped-call]
+                log: deque[float] = window._task_logs
+                if len(log) >= window.rate_limit:
+                    await asyncio.sleep(max(0.0, log[0] + window.period - time.monotonic()))
+            for window in self._windows:
+                await window.acquire()  # type: ignore[no-untyped-call]
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():  # a cancelled waiter leaves its slot unused: conservative
+                    waiter.set_result(None)
+                    break
 
     def start(self) -> None:
         if self._task is None:
@@ -129,7 +146,10 @@ class Pacer:
             self._next_slot = {k: v for k, v in self._next_slot.items() if v > now}
         if slot > now:
             await asyncio.sleep(slot - now)
-        await self._tokens.get()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._wake.set()
+        await waiter
         self.issued += 1
 
 

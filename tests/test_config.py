@@ -77,14 +77,22 @@ def test_shipped_configs_use_only_documentation_or_loopback_networks(path: Path)
 
 def test_example_values() -> None:
     config = load_config(EXAMPLE)
-    assert [str(n) for n in config.scope] == ["192.0.2.0/24", "198.51.100.0/24", "2001:db8:25::/120"]
+    assert [str(n) for n in config.scope] == [
+        "192.0.2.0/24",
+        "198.51.100.0/24",
+        "2001:db8:25::/120",
+    ]
     assert config.ports == (25, 465, 587)
     assert config.implicit_tls_ports == (465,)
     assert config.source_address is None
     assert config.canary.enabled is False
     assert config.canary.listen == ("198.51.100.250", 2526)
     assert config.canary.wait == 120.0
-    assert (config.timeouts.connect, config.timeouts.command, config.timeouts.session) == (3, 15, 120)
+    assert (config.timeouts.connect, config.timeouts.command, config.timeouts.session) == (
+        3,
+        15,
+        120,
+    )
     assert config.relay.campus_domains == ("campus.example", "campus-alumni.example")
     assert config.is_approved(ipaddress.ip_address("192.0.2.25"), 25) is not None
     assert config.is_approved(ipaddress.ip_address("192.0.2.25"), 587) is None
@@ -176,7 +184,8 @@ def test_durations(tmp_path: Path, toml: str, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "seconds"), [(30, 30.0), (2.5, 2.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0)]
+    ("value", "seconds"),
+    [(30, 30.0), (2.5, 2.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0)],
 )
 def test_parse_duration(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
@@ -251,7 +260,11 @@ BAD: list[tuple[str, str, str]] = [
         BASE + '[timeouts]\nconnect = "3 seconds"\n',
         f"timeouts.connect: '3 seconds' {DURATION_HINT}",
     ),
-    ("zero-duration", BASE + "[timeouts]\nconnect = 0\n", "timeouts.connect: 0 must be longer than zero"),
+    (
+        "zero-duration",
+        BASE + "[timeouts]\nconnect = 0\n",
+        "timeouts.connect: 0 must be longer than zero",
+    ),
     (
         "zero-duration-with-unit",
         BASE + '[canary]\nwait = "0s"\n',
@@ -262,7 +275,11 @@ BAD: list[tuple[str, str, str]] = [
         BASE + "[timeouts]\nsession = -1\n",
         "timeouts.session: -1 must be longer than zero",
     ),
-    ("nan-duration", BASE + "[timeouts]\nconnect = nan\n", f"timeouts.connect: nan {DURATION_HINT}"),
+    (
+        "nan-duration",
+        BASE + "[timeouts]\nconnect = nan\n",
+        f"timeouts.connect: nan {DURATION_HINT}",
+    ),
     ("infinite-duration", BASE + "[canary]\nwait = inf\n", f"canary.wait: inf {DURATION_HINT}"),
     (
         "port-out-of-range",
@@ -277,7 +294,7 @@ BAD: list[tuple[str, str, str]] = [
     ("duplicate-port", BASE + "ports = [25, 587, 25]\n", "ports: [25, 587, 25] lists a port twice"),
     (
         "implicit-tls-port-not-in-ports",
-        BASE + "ports = [25, 587]\n",
+        BASE + "ports = [25, 587]\nimplicit_tls_ports = [465]\n",
         "implicit_tls_ports[0]: 465 is not one of ports [25, 587]",
     ),
     (
@@ -303,7 +320,11 @@ BAD: list[tuple[str, str, str]] = [
         BASE + '[timeouts]\ncommand = "5m"\nsession = "2m"\n',
         "timeouts.command: 300s is longer than timeouts.session (120s)",
     ),
-    ("rate-zero", BASE + "[limits]\nrate = 0\n", "limits.rate: Input should be greater than 0 (got 0)"),
+    (
+        "rate-zero",
+        BASE + "[limits]\nrate = 0\n",
+        "limits.rate: Input should be greater than 0 (got 0)",
+    ),
     (
         "rate-infinite",
         BASE + "[limits]\nrate = inf\n",
@@ -381,7 +402,10 @@ def test_config_error_is_a_value_error(tmp_path: Path) -> None:
 
 
 def _with_secret(secret: str) -> str:
-    return BASE + f'[[alerts.webhook]]\nurl = "https://tickets.campus.example/hook"\ntoken = {secret}\n'
+    return (
+        BASE
+        + f'[[alerts.webhook]]\nurl = "https://tickets.campus.example/hook"\ntoken = {secret}\n'
+    )
 
 
 def _token(config: Config) -> str:

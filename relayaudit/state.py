@@ -1,0 +1,860 @@
+"""Durable memory across sweeps: findings and their transitions, sweeps, history, the alert outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import sqlite3
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from relayaudit.errors import StateError
+from relayaudit.verdict import Finding, FindingKind, Severity, VerdictStatus
+
+if TYPE_CHECKING:
+    from relayaudit.engine import SweepStats
+    from relayaudit.evidence import ProbeResult
+    from relayaudit.verdict import Verdict
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Alert",
+    "FindingRow",
+    "FindingStatus",
+    "ObservationRow",
+    "OutboxItem",
+    "StateSink",
+    "StateStore",
+    "SweepRecord",
+    "Transition",
+    "read_findings",
+    "read_history",
+]
+
+SCHEMA_VERSION = 1
+
+# Every statement of version 1; a later version adds a migration step, never edits these.
+_SCHEMA = """
+CREATE TABLE sweeps (
+    id          TEXT PRIMARY KEY,
+    shard       TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('running', 'completed', 'abandoned')),
+    started     TEXT NOT NULL,
+    finished    TEXT,
+    watermark   INTEGER NOT NULL DEFAULT 0,
+    total       INTEGER NOT NULL,
+    counts      TEXT
+);
+CREATE INDEX sweeps_by_state ON sweeps (state, shard);
+
+CREATE TABLE findings (
+    id           TEXT PRIMARY KEY,
+    kind         TEXT NOT NULL,
+    address      TEXT NOT NULL,
+    port         INTEGER NOT NULL,
+    severity     TEXT NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('new', 'ongoing', 'resolved', 'reopened')),
+    first_seen   TEXT NOT NULL,
+    last_seen    TEXT NOT NULL,
+    resolved_at  TEXT,
+    seen_sweep   TEXT NOT NULL,
+    missed       INTEGER NOT NULL DEFAULT 0,
+    missed_sweep TEXT,
+    seq          INTEGER NOT NULL DEFAULT 0,
+    finding      TEXT NOT NULL
+);
+CREATE INDEX findings_by_endpoint ON findings (address, port);
+
+CREATE TABLE observations (
+    sweep_id TEXT NOT NULL,
+    address  TEXT NOT NULL,
+    port     INTEGER NOT NULL,
+    status   TEXT NOT NULL,
+    summary  TEXT NOT NULL,
+    observed TEXT NOT NULL,
+    kinds    TEXT NOT NULL,
+    PRIMARY KEY (sweep_id, address, port)
+);
+CREATE INDEX observations_by_address ON observations (address, observed);
+
+CREATE TABLE alerts (
+    key        TEXT PRIMARY KEY,
+    finding_id TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    transition TEXT NOT NULL,
+    sweep_id   TEXT NOT NULL,
+    created    TEXT NOT NULL,
+    body       TEXT NOT NULL
+);
+
+CREATE TABLE deliveries (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    alert_key    TEXT NOT NULL REFERENCES alerts (key),
+    finding_id   TEXT NOT NULL,
+    channel      TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt TEXT NOT NULL,
+    last_error   TEXT,
+    updated      TEXT NOT NULL,
+    UNIQUE (alert_key, channel)
+);
+CREATE INDEX deliveries_due ON deliveries (channel, state, next_attempt);
+CREATE INDEX deliveries_by_finding ON deliveries (channel, finding_id, state, id);
+"""
+
+# A port that answers nothing and never had a finding is the bulk of every sweep and says nothing;
+# writing it would cost one fsync per probe and bury `history` in noise.
+_QUIET = frozenset({VerdictStatus.CLOSED, VerdictStatus.FILTERED})
+
+
+class Transition(StrEnum):
+    """The changes of a finding that raise an alert; nothing else does."""
+
+    NEW = "new"
+    REOPENED = "reopened"
+    SEVERITY_RAISED = "severity-raised"
+    RESOLVED = "resolved"
+
+
+class FindingStatus(StrEnum):
+    NEW = "new"  # first seen in the sweep that last saw it
+    ONGOING = "ongoing"  # seen again in a later sweep
+    RESOLVED = "resolved"  # absent from `resolve_after` consecutive sweeps of its address:port
+    REOPENED = "reopened"  # seen again after it was resolved
+
+    @property
+    def open(self) -> bool:
+        return self is not FindingStatus.RESOLVED
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Alert(_Frozen):
+    """One transition of one finding; `key` is stable so a receiver can drop repeats."""
+
+    key: str
+    transition: Transition
+    finding: Finding  # for RESOLVED: the finding as last seen
+    sweep_id: str
+    created: datetime
+
+
+class SweepRecord(_Frozen):
+    id: str
+    shard: str
+    fingerprint: str
+    started: datetime
+    watermark: int  # every target position below it is done: resume from here
+    total: int
+    resumed: bool
+
+
+class OutboxItem(_Frozen):
+    """One pending delivery of one alert to one channel."""
+
+    id: int
+    channel: str
+    alert: Alert
+    attempts: int
+    next_attempt: datetime
+    last_error: str | None = None
+
+
+class FindingRow(_Frozen):
+    id: str
+    kind: FindingKind
+    severity: Severity
+    status: FindingStatus
+    address: str
+    port: int
+    first_seen: datetime
+    last_seen: datetime
+    resolved_at: datetime | None
+    missed: int
+    finding: Finding
+
+
+class ObservationRow(_Frozen):
+    sweep_id: str
+    shard: str | None
+    address: str
+    port: int
+    status: VerdictStatus
+    summary: str
+    observed: datetime
+    kinds: tuple[FindingKind, ...]
+
+
+def _ts(when: datetime) -> str:
+    # Fixed-width UTC text compares like the instants it names, so SQL can order and filter on it;
+    # a naive datetime is taken as local time, which is what datetime.now() returns.
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dt(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _why(exc: sqlite3.Error, busy_timeout: float) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return f"locked by another process (waited {busy_timeout:g}s)"
+    if "readonly" in text or "read-only" in text:
+        return "the file or its directory is read-only"
+    if "full" in text:
+        return "the disk is full"
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return "not a relayaudit state file, or corrupt"
+    if "unable to open" in text:
+        return "cannot be opened (missing directory or no permission)"
+    return "database error"
+
+
+class StateStore:
+    """One SQLite file (one per shard) in WAL mode; every method is one short transaction.
+
+    The connection is shared by the event loop thread and worker threads (see StateSink), so every
+    use holds `_lock`: sqlite3 is thread-safe, but a transaction must not interleave with another.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        resolve_after: int = 2,
+        busy_timeout: float = 10.0,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        if resolve_after < 1:
+            raise ValueError(f"resolve_after must be at least 1, not {resolve_after}")
+        self.path = Path(path)
+        self.resolve_after = resolve_after
+        self.busy_timeout = busy_timeout
+        self.readonly = False
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._channels: tuple[str, ...] = ()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def open(self, *, readonly: bool = False) -> None:
+        """Open (and for writing, create or migrate) the file; idempotent."""
+        with self._lock:
+            if self._db is not None:
+                return
+            self.readonly = readonly
+            try:
+                if readonly:
+                    if not self.path.is_file():
+                        raise StateError(f"state file {self.path}: no such file")
+                    db = sqlite3.connect(
+                        f"{self.path.resolve().as_uri()}?mode=ro",
+                        uri=True,
+                        timeout=self.busy_timeout,
+                        isolation_level=None,
+                        check_same_thread=False,
+                    )
+                else:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    db = sqlite3.connect(
+                        self.path,
+                        timeout=self.busy_timeout,
+                        isolation_level=None,  # we issue BEGIN IMMEDIATE ourselves
+                        check_same_thread=False,  # shared with worker threads, under _lock
+                    )
+            except OSError as exc:
+                raise StateError(f"state file {self.path}: cannot be created: {exc.strerror}") from exc
+            except sqlite3.Error as exc:
+                raise self._error(exc, "open") from exc
+            db.row_factory = sqlite3.Row
+            try:
+                self._prepare(db, readonly=readonly)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+
+    def _prepare(self, db: sqlite3.Connection, *, readonly: bool) -> None:
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"state file {self.path}: schema version {version} was written by a newer "
+                    f"relayaudit (this one knows {SCHEMA_VERSION})"
+                )
+            if readonly:
+                if version != SCHEMA_VERSION:
+                    raise StateError(f"state file {self.path}: not a relayaudit state file")
+                return
+            # WAL: the CLI can read while the daemon writes. FULL: a commit is on disk before
+            # record() returns, so an alert the outbox acknowledged survives a power cut, not
+            # only a crash (NORMAL would only lose a suffix, but costs nothing to avoid here).
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            if version == 0:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    # re-read under the write lock: another process may have created it meanwhile
+                    if int(db.execute("PRAGMA user_version").fetchone()[0]) == 0:
+                        if db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                            raise StateError(
+                                f"state file {self.path}: an SQLite file that relayaudit did not "
+                                "create; refusing to add tables to it"
+                            )
+                        for statement in _SCHEMA.split(";"):
+                            if statement.strip():
+                                db.execute(statement)
+                        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise self._error(exc, "open") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                db, self._db = self._db, None
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+
+    def __enter__(self) -> StateStore:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_channels(self, names: Iterable[str]) -> None:
+        """The delivery channels each new alert is queued for (e.g. `webhook:0`)."""
+        self._channels = tuple(dict.fromkeys(names))
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self._channels
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def _error(self, exc: sqlite3.Error, action: str) -> StateError:
+        """The one place sqlite errors become StateError (the file is always named)."""
+        return StateError(
+            f"state file {self.path}: {action}: {_why(exc, self.busy_timeout)} (sqlite: {exc})"
+        )
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StateError(f"state file {self.path}: not open")
+        return self._db
+
+    @contextlib.contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._conn()
+            if self.readonly:
+                raise StateError(f"state file {self.path}: {action}: opened read-only")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._error(exc, action) from exc
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error(exc, action) from exc
+                raise
+
+    @contextlib.contextmanager
+    def _read(self, action: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._conn()
+            try:
+                yield db
+            except sqlite3.Error as exc:
+                raise self._error(exc, action) from exc
+
+    # -- sweeps --------------------------------------------------------------------------------
+
+    def begin_sweep(self, *, shard: str, config_fingerprint: str, total: int) -> SweepRecord:
+        """Resume this shard's unfinished sweep of the same configuration, or start a new one."""
+        now = _ts(self._clock())
+        with self._write("begin sweep") as db:
+            running = db.execute(
+                "SELECT * FROM sweeps WHERE state = 'running' AND shard = ? "
+                "ORDER BY started DESC, rowid DESC",
+                (shard,),
+            ).fetchall()
+            resume = next((r for r in running if r["fingerprint"] == config_fingerprint), None)
+            for row in running:
+                if row is not resume:
+                    # its targets or settings differ: continuing it would mix two configurations
+                    db.execute(
+                        "UPDATE sweeps SET state = 'abandoned', finished = ? WHERE id = ?",
+                        (now, row["id"]),
+                    )
+            if resume is not None:
+                return SweepRecord(
+                    id=resume["id"],
+                    shard=shard,
+                    fingerprint=config_fingerprint,
+                    started=_dt(resume["started"]),
+                    watermark=int(resume["watermark"]),
+                    total=int(resume["total"]),
+                    resumed=True,
+                )
+            sweep_id = uuid.uuid4().hex[:12]
+            db.execute(
+                "INSERT INTO sweeps (id, shard, fingerprint, state, started, watermark, total) "
+                "VALUES (?, ?, ?, 'running', ?, 0, ?)",
+                (sweep_id, shard, config_fingerprint, now, total),
+            )
+        return SweepRecord(
+            id=sweep_id,
+            shard=shard,
+            fingerprint=config_fingerprint,
+            started=_dt(now),
+            watermark=0,
+            total=total,
+            resumed=False,
+        )
+
+    def checkpoint(self, sweep_id: str, watermark: int) -> None:
+        with self._write("checkpoint") as db:
+            # MAX: a late, smaller checkpoint must never move the resume point backwards
+            cur = db.execute(
+                "UPDATE sweeps SET watermark = MAX(watermark, ?) WHERE id = ? AND state = 'running'",
+                (watermark, sweep_id),
+            )
+            if cur.rowcount == 0:
+                raise StateError(f"state file {self.path}: checkpoint: no running sweep {sweep_id!r}")
+
+    def complete_sweep(self, sweep_id: str, stats: SweepStats) -> None:
+        counts = {
+            "hosts": stats.hosts,
+            "probes": stats.probes,
+            "relays": stats.relays,
+            "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
+            "findings": dict(sorted(stats.findings.items())),
+        }
+        finished = _ts(stats.finished or self._clock())
+        with self._write("complete sweep") as db:
+            cur = db.execute(
+                "UPDATE sweeps SET state = 'completed', finished = ?, counts = ?, watermark = total "
+                "WHERE id = ? AND state = 'running'",
+                (finished, json.dumps(counts), sweep_id),
+            )
+            if cur.rowcount == 0:
+                raise StateError(f"state file {self.path}: complete sweep: no running sweep {sweep_id!r}")
+
+    def last_completed(self) -> datetime | None:
+        with self._read("last completed sweep") as db:
+            row = db.execute("SELECT MAX(finished) FROM sweeps WHERE state = 'completed'").fetchone()
+        return _dt(row[0]) if row[0] is not None else None
+
+    # -- findings ------------------------------------------------------------------------------
+
+    def record(self, sweep_id: str, result: ProbeResult, verdict: Verdict) -> list[Alert]:
+        """Fold one judged probe into the findings, in one transaction with its outbox rows.
+
+        Safe to repeat for the same (sweep, address, port): a resumed sweep re-probes the
+        positions after its last checkpoint, and must not alert twice.
+        """
+        address, port = verdict.address, verdict.port
+        if not verdict.findings and verdict.status in _QUIET:
+            with self._read("record") as db:
+                known = db.execute(
+                    "SELECT 1 FROM findings WHERE address = ? AND port = ? LIMIT 1", (address, port)
+                ).fetchone()
+            if known is None:
+                return []
+        now = self._clock()
+        alerts: list[Alert] = []
+        with self._write("record") as db:
+            if db.execute("SELECT 1 FROM sweeps WHERE id = ?", (sweep_id,)).fetchone() is None:
+                raise StateError(f"state file {self.path}: record: no sweep {sweep_id!r}")
+            stored = {
+                row["id"]: row
+                for row in db.execute(
+                    "SELECT * FROM findings WHERE address = ? AND port = ? ORDER BY id", (address, port)
+                )
+            }
+            present = {f.id: f for f in verdict.findings}
+            for finding in present.values():
+                alert = self._seen(db, sweep_id, finding, stored.get(finding.id), now)
+                if alert is not None:
+                    alerts.append(alert)
+            for fid, row in stored.items():
+                if fid not in present:
+                    alert = self._absent(db, sweep_id, row, result.finished, now)
+                    if alert is not None:
+                        alerts.append(alert)
+            db.execute(
+                "INSERT OR REPLACE INTO observations "
+                "(sweep_id, address, port, status, summary, observed, kinds) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sweep_id,
+                    address,
+                    port,
+                    verdict.status.value,
+                    verdict.summary,
+                    _ts(result.finished),
+                    json.dumps([f.kind.value for f in verdict.findings]),
+                ),
+            )
+            alerts = [a for a in alerts if self._enqueue(db, a)]
+        return alerts
+
+    def _seen(
+        self,
+        db: sqlite3.Connection,
+        sweep_id: str,
+        finding: Finding,
+        row: sqlite3.Row | None,
+        now: datetime,
+    ) -> Alert | None:
+        seen = _ts(finding.observed_at)
+        body = finding.model_dump_json()
+        if row is None:
+            db.execute(
+                "INSERT INTO findings (id, kind, address, port, severity, status, first_seen, "
+                "last_seen, seen_sweep, missed, seq, finding) "
+                "VALUES (?, ?, ?, ?, ?, 'new', ?, ?, ?, 0, 1, ?)",
+                (
+                    finding.id,
+                    finding.kind.value,
+                    finding.address,
+                    finding.port,
+                    finding.severity.value,
+                    seen,
+                    seen,
+                    sweep_id,
+                    body,
+                ),
+            )
+            return self._alert(finding, Transition.NEW, 1, sweep_id, now)
+        status = FindingStatus(row["status"])
+        transition: Transition | None = None
+        if status is FindingStatus.RESOLVED:
+            transition, status = Transition.REOPENED, FindingStatus.REOPENED
+        else:
+            if finding.severity.rank < Severity(row["severity"]).rank:
+                transition = Transition.SEVERITY_RAISED
+            if row["seen_sweep"] != sweep_id:
+                status = FindingStatus.ONGOING  # a later sweep saw it again
+        seq = int(row["seq"]) + (transition is not None)
+        db.execute(
+            # MAX: a resumed sweep may re-probe out of order; last_seen never moves back
+            "UPDATE findings SET severity = ?, status = ?, last_seen = MAX(last_seen, ?), "
+            "resolved_at = NULL, seen_sweep = ?, missed = 0, seq = ?, finding = ? WHERE id = ?",
+            (
+                finding.severity.value,
+                status.value,
+                seen,
+                sweep_id,
+                seq,
+                body,
+                finding.id,
+            ),
+        )
+        return self._alert(finding, transition, seq, sweep_id, now) if transition else None
+
+    def _absent(
+        self,
+        db: sqlite3.Connection,
+        sweep_id: str,
+        row: sqlite3.Row,
+        observed: datetime,
+        now: datetime,
+    ) -> Alert | None:
+        if not FindingStatus(row["status"]).open:
+            return None
+        if sweep_id in (row["seen_sweep"], row["missed_sweep"]):
+            # seen by this sweep already (a re-probe disagrees: the sighting wins), or this
+            # sweep already counted its miss: one miss per sweep, however often it re-probes
+            return None
+        missed = int(row["missed"]) + 1
+        if missed < self.resolve_after:
+            db.execute(
+                "UPDATE findings SET missed = ?, missed_sweep = ? WHERE id = ?",
+                (missed, sweep_id, row["id"]),
+            )
+            return None
+        seq = int(row["seq"]) + 1
+        db.execute(
+            "UPDATE findings SET missed = ?, missed_sweep = ?, status = 'resolved', "
+            "resolved_at = ?, seq = ? WHERE id = ?",
+            (missed, sweep_id, _ts(observed), seq, row["id"]),
+        )
+        last = Finding.model_validate_json(row["finding"])
+        return self._alert(last, Transition.RESOLVED, seq, sweep_id, now)
+
+    @staticmethod
+    def _alert(
+        finding: Finding, transition: Transition, seq: int, sweep_id: str, now: datetime
+    ) -> Alert:
+        return Alert(
+            key=f"{finding.id}/{transition.value}/{seq}",
+            transition=transition,
+            finding=finding,
+            sweep_id=sweep_id,
+            created=now,
+        )
+
+    def _enqueue(self, db: sqlite3.Connection, alert: Alert) -> bool:
+        """Store the alert and one delivery per channel; False if this key was stored before."""
+        created = _ts(alert.created)
+        cur = db.execute(
+            "INSERT OR IGNORE INTO alerts (key, finding_id, seq, transition, sweep_id, created, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                alert.key,
+                alert.finding.id,
+                int(alert.key.rsplit("/", 1)[1]),
+                alert.transition.value,
+                alert.sweep_id,
+                created,
+                alert.model_dump_json(),
+            ),
+        )
+        if cur.rowcount == 0:
+            return False
+        db.executemany(
+            "INSERT OR IGNORE INTO deliveries "
+            "(alert_key, finding_id, channel, state, attempts, next_attempt, updated) "
+            "VALUES (?, ?, ?, 'pending', 0, ?, ?)",
+            [(alert.key, alert.finding.id, ch, created, created) for ch in self._channels],
+        )
+        return True
+
+    # -- outbox --------------------------------------------------------------------------------
+
+    def due(self, channel: str, now: datetime, limit: int = 50) -> list[OutboxItem]:
+        """Pending deliveries of `channel` due by `now`, oldest first, in order per finding."""
+        with self._read("read outbox") as db:
+            rows = db.execute(
+                "SELECT d.id, d.channel, d.attempts, d.next_attempt, d.last_error, a.body "
+                "FROM deliveries d JOIN alerts a ON a.key = d.alert_key "
+                "WHERE d.channel = ? AND d.state = 'pending' AND d.next_attempt <= ? "
+                # a later transition of a finding waits until the earlier one is out (or dead)
+                "AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.channel = d.channel "
+                "    AND e.finding_id = d.finding_id AND e.state = 'pending' AND e.id < d.id) "
+                "ORDER BY d.id LIMIT ?",
+                (channel, _ts(now), limit),
+            ).fetchall()
+        return [
+            OutboxItem(
+                id=r["id"],
+                channel=r["channel"],
+                alert=Alert.model_validate_json(r["body"]),
+                attempts=r["attempts"],
+                next_attempt=_dt(r["next_attempt"]),
+                last_error=r["last_error"],
+            )
+            for r in rows
+        ]
+
+    def delivered(self, item: OutboxItem) -> None:
+        with self._write("mark delivered") as db:
+            db.execute(
+                "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, updated = ?, "
+                "last_error = NULL WHERE id = ? AND state = 'pending'",
+                (_ts(self._clock()), item.id),
+            )
+
+    def failed(self, item: OutboxItem, error: str, *, next_attempt: datetime, dead: bool) -> None:
+        with self._write("mark failed") as db:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt = ?, "
+                "state = ?, updated = ? WHERE id = ? AND state = 'pending'",
+                (
+                    error[:1000],
+                    _ts(next_attempt),
+                    "dead" if dead else "pending",
+                    _ts(self._clock()),
+                    item.id,
+                ),
+            )
+
+    def outbox_counts(self) -> dict[str, int]:
+        with self._read("count outbox") as db:
+            rows = db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
+        counts = {"pending": 0, "sent": 0, "dead": 0}
+        counts.update({r[0]: int(r[1]) for r in rows})
+        return counts
+
+    def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
+        """Deliveries given up on, newest first (for the operator to look at and replay)."""
+        with self._read("read dead letters") as db:
+            rows = db.execute(
+                "SELECT d.id, d.channel, d.attempts, d.next_attempt, d.last_error, a.body "
+                "FROM deliveries d JOIN alerts a ON a.key = d.alert_key "
+                "WHERE d.state = 'dead' ORDER BY d.id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            OutboxItem(
+                id=r["id"],
+                channel=r["channel"],
+                alert=Alert.model_validate_json(r["body"]),
+                attempts=r["attempts"],
+                next_attempt=_dt(r["next_attempt"]),
+                last_error=r["last_error"],
+            )
+            for r in rows
+        ]
+
+    def alerts(self) -> list[Alert]:
+        """Every alert ever raised, oldest first (also those created with no channel configured)."""
+        with self._read("read alerts") as db:
+            rows = db.execute("SELECT body FROM alerts ORDER BY rowid").fetchall()
+        return [Alert.model_validate_json(r[0]) for r in rows]
+
+    # -- queries for the CLI -------------------------------------------------------------------
+
+    def findings(self, status: FindingStatus | str | None = None) -> list[FindingRow]:
+        wanted = FindingStatus(status) if status is not None else None
+        with self._read("read findings") as db:
+            if wanted is None:
+                rows = db.execute("SELECT * FROM findings").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM findings WHERE status = ?", (wanted.value,)).fetchall()
+        return _sorted_findings(
+            FindingRow(
+                id=r["id"],
+                kind=r["kind"],
+                severity=r["severity"],
+                status=r["status"],
+                address=r["address"],
+                port=r["port"],
+                first_seen=_dt(r["first_seen"]),
+                last_seen=_dt(r["last_seen"]),
+                resolved_at=_dt(r["resolved_at"]) if r["resolved_at"] else None,
+                missed=r["missed"],
+                finding=Finding.model_validate_json(r["finding"]),
+            )
+            for r in rows
+        )
+
+    def history(self, address: str) -> list[ObservationRow]:
+        with self._read("read history") as db:
+            rows = db.execute(
+                "SELECT o.*, s.shard FROM observations o LEFT JOIN sweeps s ON s.id = o.sweep_id "
+                "WHERE o.address = ? ORDER BY o.observed, o.port",
+                (address,),
+            ).fetchall()
+        return [
+            ObservationRow(
+                sweep_id=r["sweep_id"],
+                shard=r["shard"],
+                address=r["address"],
+                port=r["port"],
+                status=r["status"],
+                summary=r["summary"],
+                observed=_dt(r["observed"]),
+                kinds=tuple(json.loads(r["kinds"])),
+            )
+            for r in rows
+        ]
+
+
+def _address_key(address: str) -> tuple[int, int]:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return (9, 0)
+    return (ip.version, int(ip))
+
+
+def _sorted_findings(rows: Iterable[FindingRow]) -> list[FindingRow]:
+    # most severe first, then numerically by address (text order puts .10 before .9)
+    return sorted(rows, key=lambda r: (r.severity.rank, _address_key(r.address), r.port, r.kind.value))
+
+
+def read_findings(paths: Sequence[Path], status: FindingStatus | str | None = None) -> list[FindingRow]:
+    """Findings of several shard files, read-only; a finding in two files keeps its newest sighting."""
+    merged: dict[str, FindingRow] = {}
+    for path in paths:
+        store = StateStore(path)
+        store.open(readonly=True)
+        try:
+            rows = store.findings(status)
+        finally:
+            store.close()
+        for row in rows:
+            kept = merged.get(row.id)
+            if kept is None or row.last_seen > kept.last_seen:
+                merged[row.id] = row
+    return _sorted_findings(merged.values())
+
+
+def read_history(paths: Sequence[Path], address: str) -> list[ObservationRow]:
+    """What was seen at `address`, over several shard files, read-only, oldest first."""
+    rows: list[ObservationRow] = []
+    for path in paths:
+        store = StateStore(path)
+        store.open(readonly=True)
+        try:
+            rows.extend(store.history(address))
+        finally:
+            store.close()
+    return sorted(rows, key=lambda r: (r.observed, r.port, r.sweep_id))
+
+
+class StateSink:
+    """Engine sink: records each judged probe under one sweep id, off the event loop.
+
+    record() commits with fsync; running it in a worker thread keeps a slow disk from stalling
+    every probe's timers. If the awaiting task is cancelled the commit still completes in its
+    thread; the sweep's watermark then excludes the position and a resume records it again,
+    which record() makes harmless.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        sweep_id: str,
+        *,
+        on_alerts: Callable[[list[Alert]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.sweep_id = sweep_id
+        self.on_alerts = on_alerts
+        self.recorded = 0
+        self.transitions: Counter[Transition] = Counter()
+
+    @property
+    def alerts(self) -> int:
+        return sum(self.transitions.values())
+
+    async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
+        alerts = await asyncio.to_thread(self.store.record, self.sweep_id, result, verdict)
+        self.recorded += 1
+        self.transitions.update(a.transition for a in alerts)
+        if alerts and self.on_alerts is not None:
+            self.on_alerts(alerts)

@@ -1,0 +1,119 @@
+"""The relay battery's forms and the reply classifier, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from relayaudit.battery import BatteryInputs, address_literal, build_battery, canary_recipient
+from relayaudit.evidence import Reply, ReplyClass, TestCategory, classify_reply, redact_command
+
+
+def inputs(address: str = "192.0.2.7", hostname: str | None = "mx.campus.example") -> BatteryInputs:
+    return BatteryInputs(
+        address=address,
+        hostname=hostname,
+        campus_domains=("campus.example",),
+        external_domains=("outside.example", "sender.example"),
+        external_local_part="u",
+        sender_local_part="f",
+    )
+
+
+def test_every_form_of_the_catalogue_is_there() -> None:
+    tests = build_battery(inputs(), control_token="abc")
+    by_id = {t.id: t for t in tests}
+    rcpt = {t.id: t.rcpt_to for t in tests if t.category is TestCategory.RECIPIENT}
+    assert rcpt == {
+        "rcpt-plain": "u@outside.example",
+        "rcpt-percent-ip": "u%outside.example@[192.0.2.7]",
+        "rcpt-percent-host": "u%outside.example@mx.campus.example",
+        "rcpt-quoted": '"u@outside.example"',
+        "rcpt-quoted-percent": '"u%outside.example"',
+        "rcpt-double-at-ip": "u@outside.example@[192.0.2.7]",
+        "rcpt-quoted-double-at-ip": '"u@outside.example"@[192.0.2.7]',
+        "rcpt-double-at-host": "u@outside.example@mx.campus.example",
+        "rcpt-quoted-double-at-host": '"u@outside.example"@mx.campus.example',
+        "rcpt-source-route-ip": "@[192.0.2.7]:u@outside.example",
+        "rcpt-source-route-host": "@mx.campus.example:u@outside.example",
+        "rcpt-bang": "outside.example!u",
+        "rcpt-bang-ip": "outside.example!u@[192.0.2.7]",
+        "rcpt-bang-host": "outside.example!u@mx.campus.example",
+        "rcpt-trailing-at": "u@outside.example@",
+    }
+    # every recipient form goes with the external sender, every sender form with the plain recipient
+    assert {t.mail_from for t in tests if t.category is TestCategory.RECIPIENT} == {
+        "f@sender.example"
+    }
+    senders = {t.id: t.mail_from for t in tests if t.category is TestCategory.SENDER}
+    assert senders == {
+        "sender-null": "",
+        "sender-own-host": "f@mx.campus.example",
+        "sender-own-literal": "f@[192.0.2.7]",
+        "sender-campus": "postmaster@campus.example",
+        "sender-unqualified": "f",
+        "sender-localhost": "f@localhost",
+    }
+    assert {t.rcpt_to for t in tests if t.category is TestCategory.SENDER} == {"u@outside.example"}
+    assert by_id["control-invalid"].rcpt_to == "nx-abc@nx-abc.invalid"
+    # the two tests the verdict leans on most come first
+    assert [t.id for t in tests[:2]] == ["rcpt-plain", "control-invalid"]
+
+
+def test_ipv6_literals_follow_rfc_5321() -> None:
+    assert address_literal("2001:db8::7") == "[IPv6:2001:db8::7]"
+    assert address_literal("192.0.2.7") == "[192.0.2.7]"
+    tests = build_battery(inputs("2001:db8::7", hostname=None))
+    rcpt = {t.id: t.rcpt_to for t in tests}
+    assert rcpt["rcpt-percent-ip"] == "u%outside.example@[IPv6:2001:db8::7]"
+    assert rcpt["rcpt-source-route-ip"] == "@[IPv6:2001:db8::7]:u@outside.example"
+
+
+def test_without_a_host_name_the_host_forms_are_not_repeated() -> None:
+    tests = build_battery(inputs(hostname=None))
+    pairs = [(t.mail_from, t.rcpt_to) for t in tests]
+    assert len(pairs) == len(set(pairs))
+    assert "rcpt-percent-host" not in {t.id for t in tests}
+
+
+def test_canary_recipient_keeps_the_accepted_form() -> None:
+    tests = {t.id: t for t in build_battery(inputs())}
+    got = canary_recipient(
+        tests["rcpt-bang-ip"], inputs(), local_part="c+tok", domain="canary.example"
+    )
+    assert got == "canary.example!c+tok@[192.0.2.7]"
+    got = canary_recipient(
+        tests["sender-campus"], inputs(), local_part="c", domain="canary.example"
+    )
+    assert got == "c@canary.example"
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "expected"),
+    [
+        (250, "2.1.5 Ok", ReplyClass.OK),
+        (251, "User not local; will forward", ReplyClass.OK),
+        (554, "5.7.1 <u@d>: Relay access denied", ReplyClass.REFUSED),
+        (550, "5.7.1 Unable to relay", ReplyClass.REFUSED),
+        (551, "User not local", ReplyClass.REFUSED),
+        (553, "5.1.3 malformed address", ReplyClass.REFUSED),
+        (451, "4.7.1 Greylisted, try again later", ReplyClass.TEMPFAIL),
+        (450, "4.2.0 Mailbox busy", ReplyClass.TEMPFAIL),
+        (421, "4.7.0 Error: too many errors", ReplyClass.DISCONNECT),
+        (530, "5.7.0 Authentication required", ReplyClass.AUTH_REQUIRED),
+        (530, "5.7.0 Must issue a STARTTLS command first", ReplyClass.TLS_REQUIRED),
+        (550, "5.7.57 Client not authenticated to send mail", ReplyClass.AUTH_REQUIRED),
+        (554, "5.7.0 Authentication required for relaying", ReplyClass.AUTH_REQUIRED),
+        (454, "4.7.0 TLS not available due to local problem", ReplyClass.TLS_REQUIRED),
+        (999, "weird", ReplyClass.INVALID),
+        (0, "", ReplyClass.INVALID),
+    ],
+)
+def test_classify_reply(code: int, text: str, expected: ReplyClass) -> None:
+    assert classify_reply(Reply(code=code, text=text)) is expected
+
+
+def test_auth_commands_are_redacted() -> None:
+    assert redact_command("AUTH PLAIN AGZvbwBiYXI=") == "AUTH PLAIN <redacted>"
+    assert redact_command("AUTH LOGIN") == "AUTH LOGIN"
+    assert redact_command("Zm9vYmFy", in_auth=True) == "<redacted>"
+    assert redact_command("MAIL FROM:<a@b>") == "MAIL FROM:<a@b>"
