@@ -16,6 +16,7 @@ from typing import NoReturn
 from relayaudit import __version__
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, load_config, parse_config
+from relayaudit.daemon import Daemon
 from relayaudit.demo import run_demo
 from relayaudit.engine import await_confirmation, judge_result, probe_settings, sweep
 from relayaudit.errors import ConfigError, RelayAuditError
@@ -23,6 +24,7 @@ from relayaudit.evidence import ProbeResult
 from relayaudit.probe import probe
 from relayaudit.report import render_check, render_summary
 from relayaudit.sinks import FindingsFile
+from relayaudit.state import read_findings, read_history
 from relayaudit.targets import Shard, TargetSpace
 from relayaudit.verdict import Verdict, VerdictStatus
 
@@ -79,6 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     cc = cfg_sub.add_parser("check", help="validate a config and print the target counts")
     cc.add_argument("file", type=Path)
 
+    r = sub.add_parser("run", help="the daemon: scheduled sweeps, state, alerts, metrics")
+    r.add_argument("--config", type=Path, required=True)
+    r.add_argument("--shard", help="i/n: this process sweeps shard i of n (0-based)")
+
+    f = sub.add_parser("findings", help="list the findings in the state store(s)")
+    f.add_argument("--config", type=Path, help="read the state file named in this config")
+    f.add_argument(
+        "--state", type=Path, action="append", help="state file (repeatable: several shards)"
+    )
+    f.add_argument("--status", choices=["new", "ongoing", "resolved", "reopened", "open"])
+    f.add_argument("--json", action="store_true")
+
+    h = sub.add_parser("history", help="what was seen at one address, sweep by sweep")
+    h.add_argument("address")
+    h.add_argument("--config", type=Path)
+    h.add_argument("--state", type=Path, action="append")
+    h.add_argument("--json", action="store_true")
+
     d = sub.add_parser("demo", help="start a loopback lab of SMTP servers and sweep it")
     d.add_argument("--output", type=Path, help="findings file (default: a temporary directory)")
     return p
@@ -96,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_sweep(args))
         if args.command == "config":
             return _config_check(args.file)
+        if args.command == "run":
+            shard = Shard.parse(args.shard) if args.shard else None
+            return asyncio.run(Daemon(args.config, shard=shard).run())
+        if args.command == "findings":
+            return _findings(args)
+        if args.command == "history":
+            return _history(args)
         if args.command == "demo":
             return asyncio.run(run_demo(args.output))
     except RelayAuditError as exc:
@@ -122,6 +149,62 @@ def _config_check(path: Path) -> int:
     print(f"  ports {', '.join(map(str, config.ports))}: {probes} address:port probes per sweep")
     if config.approved:
         print(f"  approved services: {len(config.approved)}")
+    return EXIT_OK
+
+
+# -- state queries -------------------------------------------------------------------------
+
+
+def _state_paths(args: argparse.Namespace) -> list[Path]:
+    if args.state:
+        paths: list[Path] = list(args.state)
+    elif args.config is not None:
+        paths = [load_config(args.config).state.path]
+    else:
+        raise ConfigError("give --state FILE (repeatable) or --config FILE to name the state store")
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"--state: {str(path)!r} does not exist")
+    return paths
+
+
+def _findings(args: argparse.Namespace) -> int:
+    rows = read_findings(_state_paths(args))
+    if args.status == "open":
+        rows = [r for r in rows if r.status.open]
+    elif args.status:
+        rows = [r for r in rows if r.status.value == args.status]
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return EXIT_OK
+    print(
+        f"{'id':20} {'kind':24} {'severity':9} {'status':9} {'address:port':22} {'first seen':17} last seen"
+    )
+    for r in rows:
+        print(
+            f"{r.id:20} {r.kind.value:24} {r.severity.value:9} {r.status.value:9} "
+            f"{r.address + ':' + str(r.port):22} {r.first_seen:%Y-%m-%d %H:%M} {r.last_seen:%Y-%m-%d %H:%M}"
+        )
+    print(f"{len(rows)} finding(s)")
+    return EXIT_OK
+
+
+def _history(args: argparse.Namespace) -> int:
+    try:
+        address = str(ipaddress.ip_address(args.address))
+    except ValueError:
+        raise ConfigError(f"address: {args.address!r} is not an IP address") from None
+    rows = read_history(_state_paths(args), address)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return EXIT_OK
+    for r in rows:
+        kinds = ", ".join(k.value for k in r.kinds) or "-"
+        print(
+            f"{r.observed:%Y-%m-%d %H:%M:%S} sweep {r.sweep_id} port {r.port:<5} {r.status.value:26} {kinds}"
+        )
+    if not rows:
+        print(f"nothing recorded for {address}")
     return EXIT_OK
 
 

@@ -88,8 +88,8 @@ class Pacer:
 
     A single task takes slots from two asyncio-throttle windows -- at most `rate` in any second,
     and at most `rate/20` in any 50 ms, so the second's worth never leaves in one burst -- and
-    hands out tokens through a queue: thousands of waiting workers sleep on a future instead of
-    each polling the throttle. The task itself sleeps exactly until the oldest slot expires
+    grants them to waiting workers in arrival order: thousands of workers sleep on a future
+    instead of each polling the throttle. The task itself sleeps exactly until the oldest slot expires
     rather than polling at the throttle's retry interval. The per-/24 cap is a reservation: each
     connection books the next free slot of its subnet and sleeps exactly until then.
     """
@@ -191,6 +191,7 @@ async def sweep(
     confirm: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
     watermark: Watermark | None = None,
+    workers: int | None = None,
 ) -> SweepStats:
     """Probe every (address, port) of the shard once; each judged result goes to every sink."""
     space = TargetSpace(config.targets, config.exclude, seed=config.seed)
@@ -261,7 +262,7 @@ async def sweep(
     pacer.start()
     try:
         async with asyncio.TaskGroup() as group:
-            for _ in range(max(1, min(config.limits.concurrency, total))):
+            for _ in range(max(1, min(workers or config.limits.concurrency, total))):
                 group.create_task(worker())
         if pending:
             await asyncio.gather(*pending)

@@ -117,6 +117,9 @@ CREATE INDEX deliveries_by_finding ON deliveries (channel, finding_id, state, id
 # A port that answers nothing and never had a finding is the bulk of every sweep and says nothing;
 # writing it would cost one fsync per probe and bury `history` in noise.
 _QUIET = frozenset({VerdictStatus.CLOSED, VerdictStatus.FILTERED})
+# A probe that could not decide (greylisting, a local error) says nothing about whether a finding
+# is gone: counting it as a miss would resolve a relay just because it answered 451 once.
+_UNDECIDED = frozenset({VerdictStatus.INCONCLUSIVE, VerdictStatus.ERROR})
 
 
 class Transition(StrEnum):
@@ -485,6 +488,10 @@ class StateStore:
         positions after its last checkpoint, and must not alert twice.
         """
         address, port = verdict.address, verdict.port
+        strays = [f.id for f in verdict.findings if (f.address, f.port) != (address, port)]
+        if strays:
+            # resolution works per address:port; a finding filed elsewhere would never resolve
+            raise ValueError(f"findings {strays} are not about {address}:{port}")
         if not verdict.findings and verdict.status in _QUIET:
             with self._read("record") as db:
                 known = db.execute(
@@ -509,7 +516,7 @@ class StateStore:
                 if alert is not None:
                     alerts.append(alert)
             for fid, row in stored.items():
-                if fid not in present:
+                if fid not in present and verdict.status not in _UNDECIDED:
                     alert = self._absent(db, sweep_id, row, result.finished, now)
                     if alert is not None:
                         alerts.append(alert)

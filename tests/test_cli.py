@@ -6,16 +6,17 @@ import asyncio
 import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from relayaudit.cli import main
+from relayaudit.cli import _parser, main
 from relayaudit.demo import CANARY, CANARY_DOMAIN, DEMO_LAB
 from relayaudit.lab import Lab, ServerSpec
 
@@ -26,14 +27,20 @@ DOC_CONFIG = 'scope = ["192.0.2.0/24"]\ntargets = ["192.0.2.0/24"]\n'
 
 
 @pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any connect to, or name lookup of, anything but loopback (in this process)."""
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refuse any connect to, or name lookup of, anything but loopback (in this process).
+
+    The probe turns unexpected exceptions into an ERROR result, so refusals are also recorded
+    and fail the test at teardown.
+    """
+    refused: list[str] = []
     real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
     real_getaddrinfo = socket.getaddrinfo
 
     def check(address: Any) -> None:
-        if isinstance(address, tuple):
-            assert ipaddress.ip_address(address[0]).is_loopback, f"test connects to {address}"
+        if isinstance(address, tuple) and not ipaddress.ip_address(address[0]).is_loopback:
+            refused.append(f"connect to {address}")
+            raise AssertionError(f"test connects to {address}")
 
     def connect(self: socket.socket, address: Any) -> None:
         check(address)
@@ -51,12 +58,16 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
             loopback = host is None or ipaddress.ip_address(host).is_loopback
         except ValueError:
             loopback = False
-        assert loopback, f"test resolves {host!r}"
+        if not loopback:
+            refused.append(f"lookup of {host!r}")
+            raise AssertionError(f"test resolves {host!r}")
         return real_getaddrinfo(host, *args, **kwargs)
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    assert refused == [], "the test tried to leave loopback"
 
 
 @pytest.fixture(autouse=True)
@@ -90,26 +101,33 @@ def free_port() -> int:
 # -- usage errors ----------------------------------------------------------------------------
 
 
+def _top_usage() -> tuple[str, list[str]]:
+    """The top-level usage text (it lists every subcommand, so it grows) and the subcommands."""
+    usage = _parser().format_usage()
+    match = re.search(r"\{([a-z,]+)\}", usage)
+    assert match is not None, usage
+    return usage, match.group(1).split(",")
+
+
 def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    usage, commands = _top_usage()
+    assert {"check", "sweep", "config", "demo"} <= set(commands)
     code, out, err = run(capsys, "frobnicate")
-    assert code == 2
-    assert out == ""
-    usage = "usage: relayaudit [-h] [--version] {check,sweep,config,demo} ...\n"
+    assert (code, out) == (2, "")
+    error = "relayaudit: error: argument command: invalid choice: 'frobnicate' (choose from "
     # Python 3.12.8+ and 3.13.1+ stopped quoting the choices
     assert err in {
-        usage + "relayaudit: error: argument command: invalid choice: 'frobnicate' "
-        "(choose from 'check', 'sweep', 'config', 'demo')\n",
-        usage + "relayaudit: error: argument command: invalid choice: 'frobnicate' "
-        "(choose from check, sweep, config, demo)\n",
+        usage + error + ", ".join(f"'{c}'" for c in commands) + ")\n",
+        usage + error + ", ".join(commands) + ")\n",
     }
 
 
 def test_no_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    usage, _ = _top_usage()
     assert run(capsys) == (
         2,
         "",
-        "usage: relayaudit [-h] [--version] {check,sweep,config,demo} ...\n"
-        "relayaudit: error: the following arguments are required: command\n",
+        usage + "relayaudit: error: the following arguments are required: command\n",
     )
 
 

@@ -1,0 +1,348 @@
+"""`relayaudit run`: scheduled, resumable sweeps with state, alerts, logs, metrics and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from relayaudit.alerts import Dispatcher
+from relayaudit.canary import CanaryReceiver
+from relayaudit.config import Config, config_fingerprint, load_config
+from relayaudit.engine import SweepStats, Watermark, sweep
+from relayaudit.errors import ConfigError, RelayAuditError
+from relayaudit.evidence import ProbeResult
+from relayaudit.logs import LogHandle, configure_logging
+from relayaudit.metrics import Metrics, MetricsServer
+from relayaudit.schedule import Schedule, local_zone
+from relayaudit.sinks import FindingsFile
+from relayaudit.state import Alert, StateSink, StateStore
+from relayaudit.targets import Shard, TargetSpace
+from relayaudit.verdict import Verdict
+
+__all__ = ["Daemon", "raise_open_file_limit", "worker_count"]
+
+STOP_GRACE = 10.0  # seconds a stop may take before in-flight probes are abandoned
+CHECKPOINT_EVERY = 2.0
+
+log = structlog.get_logger("relayaudit")
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard limit; return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def worker_count(config: Config, open_files: int) -> int:
+    """Workers the file limit allows: each holds one socket per port during discovery."""
+    reserve = 128  # the state database, logs, metrics, canary, alert deliveries
+    per_worker = len(config.ports) + 1
+    return max(1, min(config.limits.concurrency, (open_files - reserve) // per_worker))
+
+
+class _LogSink:
+    """One canonical log event per probed address:port."""
+
+    async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
+        log.info(
+            "probe",
+            address=result.address,
+            port=result.port,
+            port_state=result.port_state.value,
+            status=verdict.status.value,
+            findings=[f.kind.value for f in verdict.findings],
+            sessions=result.sessions,
+            duration_ms=round((result.finished - result.started).total_seconds() * 1000, 1),
+            vantage=result.vantage,
+            error=result.error,
+        )
+
+
+@dataclass
+class _MetricsSink:
+    metrics: Metrics
+
+    async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
+        self.metrics.probe(verdict.status.value)
+
+
+@dataclass
+class Daemon:
+    """Owns the long-lived pieces; a sweep is one call of `_sweep_once`."""
+
+    config_path: Path
+    shard: Shard | None = None
+    config: Config = field(init=False)
+    stopping: asyncio.Event = field(init=False)
+    _reload: asyncio.Event = field(init=False)
+    _logs: LogHandle | None = None
+    _store: StateStore | None = None
+    _metrics: Metrics = field(default_factory=Metrics)
+    _last_completed: datetime | None = None
+    _rng: random.Random = field(default_factory=random.Random)
+    _started_at: float = field(default_factory=time.time)
+    _dispatcher_task: asyncio.Task[None] | None = None
+    _dispatcher_stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> int:
+        self.config = load_config(self.config_path)
+        self.stopping = asyncio.Event()
+        self._reload = asyncio.Event()
+        shard_text = str(self.shard) if self.shard else "0/1"
+        self._logs = configure_logging(self.config.logging, bind={"shard": shard_text})
+        open_files = raise_open_file_limit()
+        store = StateStore(self.config.state.path, resolve_after=self.config.state.resolve_after)
+        store.open()
+        self._store = store
+        self._last_completed = store.last_completed()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        metrics_server = await self._start_metrics()
+        self._start_dispatcher()
+        log.info(
+            "daemon.start",
+            config=str(self.config_path),
+            fingerprint=config_fingerprint(self.config),
+            open_files=open_files,
+            workers=worker_count(self.config, open_files),
+        )
+        try:
+            await self._loop(open_files)
+        finally:
+            await self._stop_dispatcher()
+            if metrics_server is not None:
+                await metrics_server.stop()
+            store.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            log.info("daemon.stop")
+        return 0
+
+    def _start_dispatcher(self) -> None:
+        assert self._store is not None
+        self._dispatcher_stop = asyncio.Event()
+        dispatcher = Dispatcher(self._store, self.config.alerts)
+        self._dispatcher_task = asyncio.create_task(dispatcher.run(self._dispatcher_stop))
+
+    async def _stop_dispatcher(self) -> None:
+        if self._dispatcher_task is None:
+            return
+        self._dispatcher_stop.set()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._dispatcher_task, STOP_GRACE / 2)
+        self._dispatcher_task = None
+
+    def _request_stop(self, sig: int) -> None:
+        log.info("daemon.signal", signal=signal.Signals(sig).name)
+        self.stopping.set()
+
+    async def _start_metrics(self) -> MetricsServer | None:
+        cfg = self.config.metrics
+        if not cfg.enabled:
+            return None
+        server = MetricsServer(self._metrics, cfg.listen[0], cfg.listen[1], health=self._health)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics.listen: cannot listen on {cfg.listen[0]}:{cfg.listen[1]}: {exc.strerror}"
+            ) from None
+        return server
+
+    def _health(self) -> tuple[bool, str]:
+        window = (
+            self.config.schedule.healthy_within
+            or 2 * Schedule(self.config.schedule).expected_gap() + 3600
+        )
+        if self._last_completed is None:
+            started = self._started_at
+            if time.time() - started < window:
+                return True, "starting: no sweep completed yet"
+            return False, f"no sweep completed in the {window:.0f}s since start"
+        age = (datetime.now(UTC) - self._last_completed).total_seconds()
+        if age > window:
+            return False, f"last sweep completed {age:.0f}s ago (window {window:.0f}s)"
+        return True, f"last sweep completed {age:.0f}s ago"
+
+    async def _apply_reload(self) -> None:
+        self._reload.clear()
+        if self._logs is not None:
+            self._logs.reopen()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error(
+                "config.reload_rejected", error=str(exc), kept=config_fingerprint(self.config)
+            )
+            return
+        self.config = new
+        # the hooks may have changed: a new dispatcher takes over; pending items stay in the outbox
+        await self._stop_dispatcher()
+        self._start_dispatcher()
+        log.info("config.reloaded", fingerprint=config_fingerprint(new))
+
+    async def _wait_until(self, when: datetime) -> bool:
+        """Sleep until `when`; False if asked to stop first. Reloads are applied while waiting."""
+        while not self.stopping.is_set():
+            delay = (when - datetime.now(UTC)).total_seconds()
+            if delay <= 0:
+                return True
+            waits = [
+                asyncio.create_task(self.stopping.wait()),
+                asyncio.create_task(self._reload.wait()),
+            ]
+            _, pending = await asyncio.wait(
+                waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+            if self._reload.is_set():
+                await self._apply_reload()
+        return False
+
+    async def _loop(self, open_files: int) -> None:
+        store = self._store
+        assert store is not None
+        last_started: datetime | None = None
+        while not self.stopping.is_set():
+            if self._reload.is_set():
+                await self._apply_reload()
+            space = TargetSpace(self.config.targets, self.config.exclude, seed=self.config.seed)
+            record = store.begin_sweep(
+                shard=str(self.shard) if self.shard else "0/1",
+                config_fingerprint=config_fingerprint(self.config),
+                total=space.shard_size(self.shard),
+            )
+            if not record.resumed and last_started is not None:
+                # a fresh sweep waits for its slot; an interrupted one continues at once
+                when = Schedule(self.config.schedule, tz=local_zone()).next_run(
+                    datetime.now(UTC), last_started=last_started, rng=self._rng
+                )
+                log.info("sweep.scheduled", at=when.isoformat())
+                if not await self._wait_until(when):
+                    break
+                if self._reload.is_set():
+                    continue
+            last_started = datetime.now(UTC)
+            await self._sweep_once(
+                record.id, record.watermark, record.total, record.resumed, open_files
+            )
+
+    async def _sweep_once(
+        self, sweep_id: str, start: int, total: int, resumed: bool, open_files: int
+    ) -> None:
+        store = self._store
+        assert store is not None and self._logs is not None
+        config = self.config
+        self._logs.bind(sweep_id=sweep_id)
+        log.info("sweep.start", resumed=resumed, start=start, total=total)
+        mark = Watermark(low=start)
+
+        def on_alerts(alerts: list[Alert]) -> None:
+            for alert in alerts:
+                log.info(
+                    "finding.transition",
+                    transition=alert.transition.value,
+                    finding_id=alert.finding.id,
+                    kind=alert.finding.kind.value,
+                    severity=alert.finding.severity.value,
+                    address=alert.finding.address,
+                    port=alert.finding.port,
+                    key=alert.key,
+                )
+
+        state_sink = StateSink(store, sweep_id, on_alerts=on_alerts)
+        findings = FindingsFile(config.output.findings)
+        metrics_sink = _MetricsSink(self._metrics)
+        canary: CanaryReceiver | None = None
+        if config.canary.enabled:
+            canary = CanaryReceiver(*config.canary.listen, domain=config.canary.domain)
+            await canary.start()
+
+        def progress(done: int, of: int) -> None:
+            self._metrics.sweep_progress(done, of)
+
+        async def checkpoints() -> None:
+            while True:
+                await asyncio.sleep(CHECKPOINT_EVERY)
+                await asyncio.to_thread(store.checkpoint, sweep_id, mark.low)
+                self._refresh_gauges()
+
+        started = time.monotonic()
+        work = asyncio.create_task(
+            sweep(
+                config,
+                sinks=[state_sink, findings, _LogSink(), metrics_sink],
+                shard=self.shard,
+                start=start,
+                canary=canary,
+                progress=progress,
+                watermark=mark,
+                workers=worker_count(config, open_files),
+            )
+        )
+        saver = asyncio.create_task(checkpoints())
+        stopper = asyncio.create_task(self.stopping.wait())
+        stats: SweepStats | None = None
+        try:
+            done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                stats = work.result()
+            else:
+                log.info("sweep.interrupted", watermark=mark.low)
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError, RelayAuditError):
+                    await asyncio.wait_for(work, STOP_GRACE)
+        finally:
+            saver.cancel()
+            stopper.cancel()
+            await asyncio.to_thread(store.checkpoint, sweep_id, mark.low)
+            findings.close()
+            if canary is not None:
+                await canary.stop()
+        if stats is None:
+            return
+        await asyncio.to_thread(store.complete_sweep, sweep_id, stats)
+        self._last_completed = datetime.now(UTC)
+        elapsed = time.monotonic() - started
+        self._metrics.sweep_completed(duration=elapsed, finished_at=time.time())
+        self._refresh_gauges()
+        log.info(
+            "sweep.summary",
+            hosts=stats.hosts,
+            probes=stats.probes,
+            relays=stats.relays,
+            statuses={k.value: v for k, v in stats.statuses.items()},
+            findings=dict(stats.findings),
+            transitions={k.value: v for k, v in state_sink.transitions.items()},
+            duration_s=round(elapsed, 2),
+        )
+        self._logs.bind(sweep_id=None)
+
+    def _refresh_gauges(self) -> None:
+        store = self._store
+        assert store is not None
+        counts: dict[tuple[str, str], int] = {}
+        for row in store.findings():
+            key = (row.kind.value, row.status.value)
+            counts[key] = counts.get(key, 0) + 1
+        self._metrics.set_findings(counts)
+        outbox = store.outbox_counts()
+        self._metrics.set_alerts(
+            pending=outbox.get("pending", 0), sent=outbox.get("sent", 0), dead=outbox.get("dead", 0)
+        )

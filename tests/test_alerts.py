@@ -1,0 +1,601 @@
+"""Alert delivery against real receivers on 127.0.0.1: webhook, command subprocess, SMTP gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from relayaudit.alerts import (
+    DeliveryError,
+    Dispatcher,
+    channel_names,
+    deliver_command,
+    deliver_email,
+    deliver_webhook,
+    email_subject,
+    render_payload,
+)
+from relayaudit.config import AlertsConfig, CommandHook, EmailHook, WebhookHook
+from relayaudit.engine import SweepStats
+from relayaudit.evidence import Exchange, PortState, ProbeResult, ProbeStatus, Reply
+from relayaudit.lab import server_tls_context
+from relayaudit.state import Alert, StateStore, Transition
+from relayaudit.verdict import (
+    Confidence,
+    Finding,
+    FindingKind,
+    Severity,
+    Verdict,
+    VerdictStatus,
+    finding_id,
+)
+
+TOKEN = "tok-9f8e7d6c5b4a-SECRET"
+HMAC_KEY = "hmac-0a1b2c3d4e5f-SECRET"
+PASSWORD = "pw-77aa88bb99cc-SECRET"
+SECRETS = (TOKEN, HMAC_KEY, PASSWORD)
+T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
+ADDR = "127.0.9.7"  # data only
+
+
+# -- alerts made by a real store ---------------------------------------------------------------
+
+
+def make_finding(port: int, severity: Severity, when: datetime) -> Finding:
+    return Finding(
+        id=finding_id(FindingKind.OPEN_RELAY, ADDR, port),
+        kind=FindingKind.OPEN_RELAY,
+        severity=severity,
+        confidence=Confidence.HIGH,
+        address=ADDR,
+        port=port,
+        vantage="127.0.0.1",
+        title=f"Open relay on {ADDR}:{port}",
+        summary="3 of the relay tests accepted.",
+        observed_at=when,
+        transcript=(
+            Exchange(command=None, reply=Reply(code=220, text="mx.campus.test ESMTP")),
+            Exchange(command="RCPT TO:<relaytest@relay-test.example>", reply=Reply(code=250, text="Ok")),
+        ),
+    )
+
+
+def observe(port: int, finding: Finding | None, when: datetime) -> tuple[ProbeResult, Verdict]:
+    result = ProbeResult(
+        address=ADDR,
+        port=port,
+        vantage="127.0.0.1",
+        started=when,
+        finished=when,
+        port_state=PortState.OPEN,
+        status=ProbeStatus.SMTP,
+    )
+    verdict = Verdict(
+        address=ADDR,
+        port=port,
+        status=VerdictStatus.OPEN_RELAY if finding else VerdictStatus.RELAY_REFUSED,
+        summary="test",
+        findings=(finding,) if finding else (),
+    )
+    return result, verdict
+
+
+def raise_alerts(store: StateStore, ports: tuple[int, ...]) -> list[Alert]:
+    """Per port: NEW, SEVERITY_RAISED, RESOLVED (two misses), REOPENED: four ordered alerts each."""
+    plan: list[tuple[Severity | None, int]] = [
+        (Severity.MEDIUM, 0),
+        (Severity.CRITICAL, 1),
+        (None, 2),
+        (None, 3),
+        (Severity.HIGH, 4),
+    ]
+    alerts: list[Alert] = []
+    for severity, day in plan:
+        when = T0 + timedelta(days=day)
+        rec = store.begin_sweep(shard="0/1", config_fingerprint="fp", total=len(ports))
+        for port in ports:
+            finding = make_finding(port, severity, when) if severity else None
+            alerts += store.record(rec.id, *observe(port, finding, when))
+        store.complete_sweep(rec.id, SweepStats())
+    assert len(alerts) == 4 * len(ports)
+    return alerts
+
+
+def open_store(path: Path, config: AlertsConfig) -> StateStore:
+    store = StateStore(path, resolve_after=2)
+    store.open()
+    store.set_channels(channel_names(config))
+    return store
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> None:
+    for _ in range(int(timeout / interval) + 1):
+        if predicate():
+            return
+        await asyncio.sleep(interval)
+    assert predicate(), f"condition not met within {timeout}s"
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, f"a secret leaked into: {text!r}"
+
+
+def exception_texts(exc: BaseException) -> list[str]:
+    """str and repr of the exception and of everything chained to it."""
+    texts: list[str] = []
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        texts += [str(seen), repr(seen)]
+        seen = seen.__cause__ or seen.__context__
+    return texts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- a webhook receiver ------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    key: str
+    headers: dict[str, str]
+    body: bytes
+    answered: int | None  # None: the connection was dropped without an answer
+
+
+@dataclass
+class Receiver:
+    """HTTP/1.1 on 127.0.0.1 with a script of failures; dedupes by Idempotency-Key like a good
+    ticketing system (a ticket is opened on the first acceptance of a key only)."""
+
+    fail_first: int = 0  # answer 500 to this many requests
+    drop_after_accept: int = 0  # then accept (open the ticket) but drop the connection this often
+    down_for: float = 0.0  # then close the listener (connection refused) this long
+    status: int = 200  # otherwise answer this
+    body: bytes = b""
+    hang: bool = False  # accept and never answer
+    requests: list[Received] = field(default_factory=list)
+    tickets: list[str] = field(default_factory=list)
+    lost_answers: list[str] = field(default_factory=list)  # keys accepted whose answer was dropped
+    port: int = 0
+    _open: set[asyncio.StreamWriter] = field(default_factory=set)
+    _server: asyncio.Server | None = None
+    _went_down: bool = False
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._open):  # 3.11's close() leaves accepted connections open
+                writer.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._server.wait_closed()
+            self._server = None
+
+    async def _bounce(self) -> None:
+        await self.stop()  # a real outage: connections are refused, not answered
+        await asyncio.sleep(self.down_for)
+        await self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/relayaudit"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            async with asyncio.timeout(5):
+                await self._serve(reader, writer)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._open.discard(writer)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()  # request line
+        headers: dict[str, str] = {}
+        for _ in range(100):
+            line = await reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        if self.hang:
+            await asyncio.sleep(10)
+        key = headers.get("idempotency-key", "")
+        n = len(self.requests)
+        if n < self.fail_first:
+            return self._answer(writer, key, headers, body, 500, b"upstream database unavailable")
+        if n < self.fail_first + self.drop_after_accept:
+            self._accept(key)
+            self.lost_answers.append(key)
+            self.requests.append(Received(key, headers, body, None))
+            writer.transport.abort()  # the ticket exists, the answer is lost
+            return None
+        if self.down_for and not self._went_down:
+            self._went_down = True
+            self.requests.append(Received(key, headers, body, None))
+            writer.transport.abort()
+            asyncio.get_running_loop().create_task(self._bounce())
+            return None
+        if 200 <= self.status < 300:
+            self._accept(key)
+        return self._answer(writer, key, headers, body, self.status, self.body)
+
+    def _accept(self, key: str) -> None:
+        if key not in self.tickets:
+            self.tickets.append(key)
+
+    def _answer(
+        self,
+        writer: asyncio.StreamWriter,
+        key: str,
+        headers: dict[str, str],
+        body: bytes,
+        status: int,
+        reply: bytes,
+    ) -> None:
+        self.requests.append(Received(key, headers, body, status))
+        writer.write(
+            f"HTTP/1.1 {status} Whatever\r\nContent-Length: {len(reply)}\r\nConnection: close\r\n\r\n".encode()
+            + reply
+        )
+
+
+@contextlib.asynccontextmanager
+async def receiving(receiver: Receiver) -> AsyncIterator[Receiver]:
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+@contextlib.asynccontextmanager
+async def dispatching(dispatcher: Dispatcher) -> AsyncIterator[Dispatcher]:
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(dispatcher.run(stop))
+    try:
+        yield dispatcher
+    finally:
+        stop.set()
+        async with asyncio.timeout(5):
+            await task
+
+
+# -- webhook -----------------------------------------------------------------------------------
+
+
+async def test_every_alert_arrives_once_in_order_through_failures_an_outage_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    started = time.monotonic()
+    async with asyncio.timeout(20):
+        receiver = Receiver(fail_first=4, drop_after_accept=2, down_for=1.0)
+        async with receiving(receiver):
+            config = AlertsConfig(
+                webhook=(
+                    WebhookHook(
+                        url=receiver.url, timeout=2.0, token=SecretStr(TOKEN), hmac_key=SecretStr(HMAC_KEY)
+                    ),
+                ),
+                max_attempts=100,
+                backoff_initial=0.05,
+                backoff_max=0.4,
+            )
+            path = tmp_path / "state.sqlite"
+            store = open_store(path, config)
+            alerts = raise_alerts(store, ports=(25, 465, 587))
+            try:
+                async with dispatching(Dispatcher(store, config, poll_interval=0.05)):
+                    await eventually(lambda: receiver._went_down, 10)
+                assert store.outbox_counts()["pending"] > 0  # there is something left to carry over
+            finally:
+                store.close()  # the daemon stops while the receiver is down: a restart
+            store = open_store(path, config)
+            try:
+                async with dispatching(Dispatcher(store, config, poll_interval=0.05)):
+                    await eventually(lambda: len(receiver.tickets) == len(alerts), 12)
+                    await eventually(lambda: store.outbox_counts()["pending"] == 0, 5)
+                assert store.outbox_counts() == {"pending": 0, "sent": len(alerts), "dead": 0}
+            finally:
+                store.close()
+
+    # exactly once, by idempotency key, and no ticket that was not an alert
+    keys = [a.key for a in alerts]
+    assert sorted(receiver.tickets) == sorted(keys)
+    assert len(set(receiver.tickets)) == len(receiver.tickets)
+    # the lost answers made the dispatcher resend; the receiver's dedupe by key absorbed them
+    assert len(receiver.lost_answers) == 2
+    sent = Counter(r.key for r in receiver.requests)
+    for key in receiver.lost_answers:
+        assert sent[key] >= 2 and receiver.tickets.count(key) == 1
+        assert any(r.key == key and r.answered == 200 for r in receiver.requests)
+    assert sum(1 for r in receiver.requests if r.answered is None) == 3  # 2 drops + outage
+    # in order per finding: each finding's tickets follow its transitions
+    for port in (25, 465, 587):
+        fid = finding_id(FindingKind.OPEN_RELAY, ADDR, port)
+        mine = [k for k in receiver.tickets if k.startswith(fid)]
+        assert mine == [a.key for a in alerts if a.finding.id == fid]
+        assert [k.split("/")[1] for k in mine] == ["new", "severity-raised", "resolved", "reopened"]
+    # every request carried the headers, and the signature verifies with the key
+    for request in receiver.requests:
+        h = request.headers
+        assert h["content-type"] == "application/json"
+        assert h["authorization"] == f"Bearer {TOKEN}"
+        expected = hmac.new(HMAC_KEY.encode(), request.body, hashlib.sha256).hexdigest()
+        assert h["x-relayaudit-signature"] == f"sha256={expected}"
+        doc = json.loads(request.body)
+        assert doc["idempotency_key"] == h["idempotency-key"] == request.key
+        assert set(doc) == {"idempotency_key", "transition", "sweep_id", "created", "finding"}
+        assert doc["finding"]["transcript"][0]["reply"]["code"] == 220
+    assert time.monotonic() - started < 20
+
+
+async def test_webhook_failures_never_reveal_secrets(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "s.sqlite") as scratch:
+        alert = raise_alerts(scratch, ports=(25,))[0]
+    payload = render_payload(alert)
+    texts: list[str] = []
+
+    def hook(url: str, timeout: float = 2.0) -> WebhookHook:
+        return WebhookHook(url=url, timeout=timeout, token=SecretStr(TOKEN), hmac_key=SecretStr(HMAC_KEY))
+
+    async def failure(h: WebhookHook) -> DeliveryError:
+        with pytest.raises(DeliveryError) as info:
+            await deliver_webhook(h, payload, alert.key)
+        texts.extend(exception_texts(info.value))
+        return info.value
+
+    refused = await failure(hook(f"http://127.0.0.1:{free_port()}/x/{TOKEN}"))  # secret in the path
+    assert "127.0.0.1" in str(refused) and "/x/" not in str(refused)
+    # a receiver that echoes the request headers back in its error page
+    echo = Receiver(status=401, body=f"bad credentials: Bearer {TOKEN} sig {HMAC_KEY}".encode())
+    async with receiving(echo):
+        unauthorized = await failure(hook(echo.url))
+    assert unauthorized.status == 401 and "client error" in str(unauthorized)
+    assert "***" in str(unauthorized)
+    for status in (408, 429, 503):
+        async with receiving(Receiver(status=status)) as r:
+            error = await failure(hook(r.url))
+        assert error.status == status and "client error" not in str(error)
+    async with receiving(Receiver(hang=True)) as r:
+        started = time.monotonic()
+        timed_out = await failure(hook(r.url, timeout=0.3))
+        assert time.monotonic() - started < 2
+    assert "no answer within 0.3s" in str(timed_out)
+    async with receiving(Receiver(status=204)) as r:
+        await deliver_webhook(hook(r.url), payload, alert.key)  # any 2xx is delivered
+    # https: the lab's self-signed certificate is refused (certificates are verified)
+    tls = await asyncio.start_server(
+        lambda _r, w: w.close(), "127.0.0.1", 0, ssl=server_tls_context("hooks.campus.test")
+    )
+    try:
+        untrusted = await failure(hook(f"https://127.0.0.1:{tls.sockets[0].getsockname()[1]}/"))
+    finally:
+        tls.close()
+    assert "certificate" in str(untrusted).lower()
+    assert_no_secret(*texts)
+
+    # and through the dispatcher: nothing secret in the outbox or in the logs
+    config = AlertsConfig(webhook=(hook(echo.url),), max_attempts=2, backoff_initial=0.01, backoff_max=0.01)
+    store = open_store(tmp_path / "d.sqlite", config)
+    try:
+        raise_alerts(store, ports=(25,))
+        async with receiving(Receiver(status=401, body=f"echo {TOKEN}".encode(), port=echo.port)):
+            dispatcher = Dispatcher(store, config)
+            with capture_logs() as logs:
+                for _ in range(20):
+                    await dispatcher.run_once()
+                    if store.outbox_counts()["dead"] == 1:
+                        break
+                    await asyncio.sleep(0.02)
+        assert store.outbox_counts()["dead"] == 1
+        assert dispatcher.dead == 1
+        (dead,) = store.dead_letters()
+        assert dead.last_error is not None and "HTTP 401" in dead.last_error
+        assert_no_secret(dead.last_error, json.dumps(logs, default=str))
+        assert any(e["event"] == "alert.dead" for e in logs)
+    finally:
+        store.close()
+
+
+# -- command -----------------------------------------------------------------------------------
+
+APPEND_STDIN = "import sys; open(sys.argv[1], 'ab').write(sys.stdin.buffer.read() + b'\\n')"
+FAIL_3 = (
+    "import sys; sys.stdin.buffer.read(); open(sys.argv[1], 'a').write('x'); "
+    "sys.stderr.write('ticket system says no\\n'); sys.exit(3)"
+)
+
+
+async def test_command_hook_receives_the_json_on_stdin(tmp_path: Path) -> None:
+    out = tmp_path / "tickets.jsonl"
+    config = AlertsConfig(command=(CommandHook(argv=(sys.executable, "-c", APPEND_STDIN, str(out)), timeout=10),))
+    store = open_store(tmp_path / "state.sqlite", config)
+    try:
+        alerts = raise_alerts(store, ports=(25, 587))
+        dispatcher = Dispatcher(store, config)
+        async with asyncio.timeout(20):
+            assert await dispatcher.drain(15) == 0
+        docs = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(d["idempotency_key"] for d in docs) == sorted(a.key for a in alerts)
+        for fid in {a.finding.id for a in alerts}:
+            assert [d["idempotency_key"] for d in docs if d["finding"]["id"] == fid] == [
+                a.key for a in alerts if a.finding.id == fid
+            ]
+        assert store.outbox_counts() == {"pending": 0, "sent": 8, "dead": 0}
+    finally:
+        store.close()
+
+
+async def test_a_failing_command_is_retried_then_dead_lettered(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    hook = CommandHook(argv=(sys.executable, "-c", FAIL_3, str(runs)), timeout=10)
+    config = AlertsConfig(command=(hook,), max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
+    store = open_store(tmp_path / "state.sqlite", config)
+    try:
+        (alert,) = raise_alerts(store, ports=(25,))[:1]
+        with pytest.raises(DeliveryError) as info:
+            await deliver_command(hook, render_payload(alert))
+        assert info.value.exit_code == 3
+        assert "exited 3: ticket system says no" in str(info.value)
+        runs.unlink()
+        dispatcher = Dispatcher(store, config)
+        async with asyncio.timeout(20):
+            for _ in range(200):
+                await dispatcher.run_once()
+                if store.outbox_counts()["pending"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+        # four alerts, each tried max_attempts times (the later ones wait behind the first)
+        assert store.outbox_counts() == {"pending": 0, "sent": 0, "dead": 4}
+        assert runs.read_text() == "x" * 12
+        assert dispatcher.dead == 4 and dispatcher.retried == 8
+        assert all("exited 3" in (d.last_error or "") for d in store.dead_letters())
+    finally:
+        store.close()
+
+
+async def test_a_hanging_command_is_killed_at_its_timeout(tmp_path: Path) -> None:
+    hook = CommandHook(argv=(sys.executable, "-c", "import time; time.sleep(30)"), timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(DeliveryError, match=r"no exit within 0\.3s \(killed\)"):
+        await deliver_command(hook, b"{}")
+    assert time.monotonic() - started < 5
+    with pytest.raises(DeliveryError, match="cannot start"):
+        await deliver_command(CommandHook(argv=(str(tmp_path / "no-such-program"),)), b"{}")
+
+
+# -- email -------------------------------------------------------------------------------------
+
+
+class _Gateway:
+    """aiosmtpd handler keeping every message; runs in the Controller's thread."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 2.0.0 queued"
+
+
+class _EphemeralController(Controller):
+    """Controller on port 0: learns the bound port before its self-test connection."""
+
+    def _trigger_server(self) -> None:
+        server = self.server
+        assert isinstance(server, asyncio.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        super()._trigger_server()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def gateway() -> Iterator[tuple[_Gateway, int]]:
+    handler = _Gateway()
+    controller = _EphemeralController(handler, hostname="127.0.0.1", port=0, ready_timeout=5.0)
+    controller.start()
+    try:
+        yield handler, int(controller.port)
+    finally:
+        controller.stop()
+
+
+async def test_email_hook_reaches_the_gateway_with_the_key_in_message_id(
+    tmp_path: Path, gateway: tuple[_Gateway, int]
+) -> None:
+    handler, port = gateway
+    hook = EmailHook(
+        host="127.0.0.1", port=port, mail_from="relayaudit@iso.campus.test", to=("rt@campus.test",), timeout=5
+    )
+    config = AlertsConfig(email=(hook,))
+    store = open_store(tmp_path / "state.sqlite", config)
+    try:
+        alerts = raise_alerts(store, ports=(25,))
+        async with asyncio.timeout(15):
+            assert await Dispatcher(store, config).drain(10) == 0
+    finally:
+        store.close()
+    assert len(handler.messages) == len(alerts)
+    first = alerts[0]
+    mail_from, rcpts, content = handler.messages[0]
+    assert (mail_from, rcpts) == ("relayaudit@iso.campus.test", ["rt@campus.test"])
+    msg = BytesParser(policy=policy.default).parsebytes(content)
+    assert msg["Message-ID"] == f"<{first.key}@iso.campus.test>"
+    assert msg["X-Relayaudit-Idempotency-Key"] == first.key
+    assert msg["Subject"] == f"[relayaudit] NEW open-relay {ADDR}:25 (medium)" == email_subject(first)
+    text = msg.get_body().get_content()  # type: ignore[union-attr]
+    assert text.startswith(f"NEW: Open relay on {ADDR}:25")
+    doc = json.loads(text[text.index("-- alert as JSON") :].split("\n", 1)[1])
+    assert doc["idempotency_key"] == first.key and doc["transition"] == Transition.NEW
+    subjects = [BytesParser(policy=policy.default).parsebytes(c)["Subject"] for _, _, c in handler.messages]
+    assert [s.split()[1] for s in subjects] == ["NEW", "SEVERITY-RAISED", "RESOLVED", "REOPENED"]
+
+
+async def test_email_failures_never_reveal_the_password(tmp_path: Path, gateway: tuple[_Gateway, int]) -> None:
+    _, port = gateway
+    with StateStore(tmp_path / "s.sqlite") as store:
+        alert = raise_alerts(store, ports=(25,))[0]
+    texts: list[str] = []
+    for target in (port, free_port()):  # no AUTH offered; nothing listening
+        hook = EmailHook(
+            host="127.0.0.1",
+            port=target,
+            username="relayaudit",
+            password=SecretStr(PASSWORD),
+            mail_from="relayaudit@iso.campus.test",
+            to=("rt@campus.test",),
+            timeout=3,
+        )
+        with pytest.raises(DeliveryError) as info:
+            await deliver_email(hook, alert, render_payload(alert))
+        assert f"127.0.0.1:{target}" in str(info.value)
+        texts += exception_texts(info.value)
+    assert_no_secret(*texts)
+
+
+@pytest.fixture(autouse=True)
+def _bounded() -> Iterator[None]:
+    # a safety net on top of each test's own deadlines
+    started = time.monotonic()
+    yield
+    assert time.monotonic() - started < 30
