@@ -110,12 +110,14 @@ def test_example_commented_out_values_are_valid(
         '# source_address = "203.0.113.10"\n',
         '# token = { env = "RELAYAUDIT_WEBHOOK_TOKEN" }\n',
         '# username = "relayaudit"\n',
+        '# cron = "30 1 * * *"\n',
     ):
         assert line in text
         text = text.replace(line, line.removeprefix("# "))
     config = load_config(write(tmp_path, text))
     assert str(config.source_address) == "203.0.113.10"
     assert _token(config) == "t0ken"
+    assert config.schedule.cron == "30 1 * * *"
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
