@@ -95,6 +95,9 @@ class Daemon:
     _rng: random.Random = field(default_factory=random.Random)
     _started_at: float = field(default_factory=time.time)
     _dispatcher_task: asyncio.Task[None] | None = None
+    _dispatcher: Dispatcher | None = None
+    _dead_counted: int = 0
+    _findings_file: FindingsFile | None = None
     _dispatcher_stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> int:
@@ -137,6 +140,8 @@ class Daemon:
         assert self._store is not None
         self._dispatcher_stop = asyncio.Event()
         dispatcher = Dispatcher(self._store, self.config.alerts)
+        self._dispatcher = dispatcher
+        self._dead_counted = 0
         self._dispatcher_task = asyncio.create_task(dispatcher.run(self._dispatcher_stop))
 
     async def _stop_dispatcher(self) -> None:
@@ -183,6 +188,8 @@ class Daemon:
         self._reload.clear()
         if self._logs is not None:
             self._logs.reopen()
+        if self._findings_file is not None:
+            self._findings_file.reopen()  # logrotate moved it: continue in a fresh file
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
@@ -268,6 +275,7 @@ class Daemon:
 
         state_sink = StateSink(store, sweep_id, on_alerts=on_alerts)
         findings = FindingsFile(config.output.findings)
+        self._findings_file = findings
         metrics_sink = _MetricsSink(self._metrics)
         canary: CanaryReceiver | None = None
         if config.canary.enabled:
@@ -346,3 +354,6 @@ class Daemon:
         self._metrics.set_alerts(
             pending=outbox.get("pending", 0), sent=outbox.get("sent", 0), dead=outbox.get("dead", 0)
         )
+        if self._dispatcher is not None and self._dispatcher.dead > self._dead_counted:
+            self._metrics.alert_dead(self._dispatcher.dead - self._dead_counted)
+            self._dead_counted = self._dispatcher.dead
