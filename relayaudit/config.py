@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -187,7 +188,7 @@ class RelayConfig(_Model):
     external_local_part: LocalPart = "relaytest"
     sender_local_part: LocalPart = "relayaudit"
     max_tests_per_session: int = Field(default=8, ge=1, le=50)
-    retest_after_starttls: bool = True
+    retest_after_starttls: StrictBool = True
 
     @model_validator(mode="after")
     def _external_is_not_campus(self) -> RelayConfig:
@@ -205,7 +206,7 @@ class RelayConfig(_Model):
 class CanaryConfig(_Model):
     """Confirmation mode: a real message to a mailbox the ISO owns, caught by our own receiver."""
 
-    enabled: bool = False
+    enabled: StrictBool = False
     domain: DomainField = "canary.relayaudit.invalid"
     local_part: LocalPart = "relayaudit-canary"
     listen: Endpoint = ("127.0.0.1", 2526)
@@ -313,7 +314,7 @@ class EmailHook(_Model):
 
     host: str
     port: Port = 25
-    starttls: bool = False
+    starttls: StrictBool = False
     username: str | None = None
     password: Secret | None = None
     mail_from: str
@@ -336,7 +337,7 @@ class LoggingConfig(_Model):
     """structlog JSON lines: a file (reopened on SIGHUP for logrotate) and/or stdout."""
 
     file: Path | None = None
-    stdout: bool = True
+    stdout: StrictBool = True
     level: str = "info"
 
     @field_validator("level")
@@ -350,7 +351,7 @@ class LoggingConfig(_Model):
 class MetricsConfig(_Model):
     """Prometheus /metrics and /healthz; loopback unless the operator says otherwise."""
 
-    enabled: bool = True
+    enabled: StrictBool = True
     listen: Endpoint = ("127.0.0.1", 9425)
 
 
@@ -441,6 +442,29 @@ class Config(_Model):
         return any(address in net for net in self.scope)
 
 
+# pydantic's type errors in the words of TOML
+_TYPE_WORDS = {
+    "tuple_type": "must be an array, e.g. [\"192.0.2.0/24\"]",
+    "list_type": "must be an array",
+    "dict_type": "must be a table",
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+    "path_type": "must be a path string",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+}
+
+
+def _toml_repr(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
@@ -474,6 +498,8 @@ def format_validation_error(exc: ValidationError, *, source: str) -> str:
             continue
         if kind == "extra_forbidden":
             msg = "unknown key"
+        elif kind in _TYPE_WORDS:
+            msg = f"{_TYPE_WORDS[kind]} (got {_toml_repr(err.get('input'))})"
         elif kind == "missing":
             msg = "required key is missing"
         else:
