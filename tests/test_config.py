@@ -335,8 +335,7 @@ BAD: list[tuple[str, str, str]] = [
     (
         "string-for-concurrency",
         BASE + '[limits]\nconcurrency = "many"\n',
-        "limits.concurrency: Input should be a valid integer, unable to parse string as an integer "
-        "(got 'many')",
+        "limits.concurrency: must be an integer (got 'many')",
     ),
     (
         "ipv6-source-with-only-ipv4-targets",
