@@ -15,7 +15,7 @@ from asyncio_throttle.throttler import Throttler
 
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config
-from relayaudit.evidence import ProbeResult
+from relayaudit.evidence import ProbeResult, ProbeStatus
 from relayaudit.probe import (
     CanaryTarget,
     NoSession,
@@ -26,6 +26,12 @@ from relayaudit.probe import (
 )
 from relayaudit.targets import Address, Shard, TargetSpace
 from relayaudit.verdict import Verdict, VerdictStatus, judge
+
+_UNREACHABLE_STATUS = {
+    ProbeStatus.CLOSED: VerdictStatus.CLOSED,
+    ProbeStatus.FILTERED: VerdictStatus.FILTERED,
+    ProbeStatus.ERROR: VerdictStatus.ERROR,
+}
 
 __all__ = ["Pacer", "Sink", "SweepStats", "Watermark", "judge_result", "probe_settings", "sweep"]
 
@@ -58,6 +64,18 @@ def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSetti
         )
         if use_canary
         else None,
+    )
+
+
+def unreachable_verdict(result: ProbeResult) -> Verdict:
+    """The verdict of a closed, filtered or failed connect, built without validation (hot path)."""
+    status = _UNREACHABLE_STATUS[result.status]
+    return Verdict.model_construct(
+        address=result.address,
+        port=result.port,
+        status=status,
+        summary=result.error or status.value,
+        findings=(),
     )
 
 
@@ -101,30 +119,45 @@ class Pacer:
             Throttler(rate_limit=burst, period=burst / rate),
         )
         self._subnet_gap = 1.0 / subnet_rate
-        self._next_slot: dict[int, float] = {}
+        self._next_slot: dict[str, float] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.issued = 0
 
+    # asyncio-throttle keeps each window as a log of grant times; reading it lets the pacer
+    # sleep exactly until the oldest grant expires and grant a whole batch in one wake-up,
+    # where Throttler.acquire() would poll every retry_interval, once per caller.
+    def _delay(self) -> float:
+        delay = 0.0
+        now = time.monotonic()
+        for window in self._windows:
+            window.flush()  # type: ignore[no-untyped-call]
+            log: deque[float] = window._task_logs
+            if len(log) >= window.rate_limit:
+                delay = max(delay, log[0] + window.period - now)
+        return delay
+
+    def _take(self) -> None:
+        now = time.monotonic()
+        for window in self._windows:
+            window._task_logs.append(now)
+        self.issued += 1
+
     async def _produce(self) -> None:
         while True:
-            # a slot is taken only when someone waits, so a slot is used the moment it is granted
             while not self._waiters:
                 self._wake.clear()
                 await self._wake.wait()
-            for window in self._windows:
-                window.flush()  # type: ignore[no-untyped-call]
-                log: deque[float] = window._task_logs
-                if len(log) >= window.rate_limit:
-                    await asyncio.sleep(max(0.0, log[0] + window.period - time.monotonic()))
-            for window in self._windows:
-                await window.acquire()  # type: ignore[no-untyped-call]
-            while self._waiters:
+            delay = self._delay()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            while self._waiters and self._delay() <= 0:
                 waiter = self._waiters.popleft()
-                if not waiter.done():  # a cancelled waiter leaves its slot unused: conservative
+                if not waiter.done():  # a cancelled waiter takes no slot
+                    self._take()
                     waiter.set_result(None)
-                    break
 
     def start(self) -> None:
         if self._task is None:
@@ -137,8 +170,10 @@ class Pacer:
             self._task = None
 
     async def __call__(self, address: str) -> None:
-        ip = ipaddress.ip_address(address)
-        subnet = int(ip) >> (8 if ip.version == 4 else 64)
+        if ":" in address:
+            subnet = str(ipaddress.ip_network(f"{address}/64", strict=False))
+        else:
+            subnet = address.rpartition(".")[0]
         now = time.monotonic()
         slot = max(now, self._next_slot.get(subnet, 0.0))
         self._next_slot[subnet] = slot + self._subnet_gap
@@ -146,11 +181,13 @@ class Pacer:
             self._next_slot = {k: v for k, v in self._next_slot.items() if v > now}
         if slot > now:
             await asyncio.sleep(slot - now)
+        if not self._waiters and self._delay() <= 0:
+            self._take()  # a free slot and nobody ahead: no future, no task switch
+            return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._wake.set()
         await waiter
-        self.issued += 1
 
 
 @dataclass
@@ -209,6 +246,9 @@ async def sweep(
     async def finish(result: ProbeResult) -> None:
         result = await await_confirmation(result, canary, config.canary.wait)
         verdict = judge_result(config, result)
+        await deliver(result, verdict)
+
+    async def deliver(result: ProbeResult, verdict: Verdict) -> None:
         stats.probes += 1
         stats.statuses[verdict.status] += 1
         for f in verdict.findings:
@@ -227,11 +267,15 @@ async def sweep(
             except NoSession as exc:
                 return port, exc
 
-        found = await asyncio.gather(*(connect(p) for p in config.ports))
+        if len(config.ports) == 1:
+            found = [await connect(config.ports[0])]  # no task per connect when there is one port
+        else:
+            found = await asyncio.gather(*(connect(p) for p in config.ports))
         vantage = settings.source_address or "default"
         for port, outcome in found:
             if isinstance(outcome, NoSession):
-                await finish(unreachable(address, port, outcome, vantage=vantage))
+                result = unreachable(address, port, outcome, vantage=vantage)
+                await deliver(result, unreachable_verdict(result))
                 continue
             result = await probe(
                 address,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import re
 import secrets
 import socket
@@ -97,33 +98,57 @@ class NoSession(Exception):
         self.port_state = port_state
 
 
+_UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES}
+
+
+def _connect_failure(err: int) -> NoSession:
+    if err == errno.ECONNREFUSED:
+        return NoSession(ProbeStatus.CLOSED, "connection refused", PortState.CLOSED)
+    text = os.strerror(err)
+    if err in _UNREACHABLE:
+        return NoSession(ProbeStatus.FILTERED, f"unreachable: {text}", PortState.FILTERED)
+    return NoSession(ProbeStatus.ERROR, f"connect failed: {text}", PortState.ERROR)
+
+
 async def connect_socket(
     address: str, port: int, *, source: str | None, timeout: float
 ) -> socket.socket:
-    """A connected non-blocking TCP socket, or NoSession saying closed / filtered / error."""
+    """A connected non-blocking TCP socket, or NoSession saying closed / filtered / error.
+
+    The hot path of discovery: the connect is issued directly and, when the answer is already
+    there (a RST or a finished handshake, as on near hosts), settled without touching the event
+    loop; only a handshake still in flight waits for writability under the deadline.
+    """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
     try:
+        sock.setblocking(False)
         if source:
             sock.bind((source, 0))
+        err = sock.connect_ex((address, port))
+        if err == errno.EINPROGRESS:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                try:
+                    sock.getpeername()
+                    return sock  # already connected
+                except OSError:
+                    err = errno.EINPROGRESS
+        if err == 0:
+            return sock
+        if err != errno.EINPROGRESS:
+            sock.close()
+            raise _connect_failure(err)
         async with asyncio.timeout(timeout):
             await asyncio.get_running_loop().sock_connect(sock, (address, port))
-    except ConnectionRefusedError:
-        sock.close()
-        raise NoSession(ProbeStatus.CLOSED, "connection refused", PortState.CLOSED) from None
     except TimeoutError:
         sock.close()
         raise NoSession(ProbeStatus.FILTERED, "connect timed out", PortState.FILTERED) from None
+    except NoSession:
+        raise
     except OSError as exc:
         sock.close()
-        if exc.errno in {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES}:
-            raise NoSession(
-                ProbeStatus.FILTERED, f"unreachable: {exc.strerror}", PortState.FILTERED
-            ) from None
-        raise NoSession(
-            ProbeStatus.ERROR, f"connect failed: {exc.strerror or exc}", PortState.ERROR
-        ) from None
+        raise _connect_failure(exc.errno or errno.EIO) from None
     except BaseException:
         sock.close()
         raise
@@ -655,7 +680,9 @@ async def probe(
 def unreachable(address: str, port: int, failure: NoSession, *, vantage: str) -> ProbeResult:
     """The result for a port that discovery found closed, filtered or in error."""
     now = datetime.now(UTC)
-    return ProbeResult(
+    # model_construct skips validation: this runs once per closed port, the sweep's hot path,
+    # and every value here is already of its declared type
+    return ProbeResult.model_construct(
         address=address,
         port=port,
         vantage=vantage,
@@ -664,6 +691,11 @@ def unreachable(address: str, port: int, failure: NoSession, *, vantage: str) ->
         port_state=failure.port_state,
         status=failure.status,
         error=failure.reason,
+        facts=None,
+        tests=(),
+        transcript=(),
+        confirmation=None,
+        sessions=0,
     )
 
 
