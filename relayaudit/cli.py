@@ -1,4 +1,8 @@
-"""The `relayaudit` command line: check, sweep, config check, demo."""
+"""The `relayaudit` command line: check, sweep, config check, run, findings, history, demo.
+
+The daemon, the demo lab and the state store are imported only by the commands that use them:
+a sweep process starts faster without them (benchmarks count start-up time).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,33 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from relayaudit import __version__
-from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, load_config, parse_config
-from relayaudit.daemon import Daemon
-from relayaudit.demo import run_demo
-from relayaudit.engine import await_confirmation, judge_result, probe_settings, sweep
+from relayaudit.engine import (
+    SweepStats,
+    await_confirmation,
+    judge_result,
+    probe_settings,
+    sweep,
+)
 from relayaudit.errors import ConfigError, RelayAuditError
 from relayaudit.evidence import ProbeResult
 from relayaudit.probe import probe
 from relayaudit.report import render_check, render_summary
 from relayaudit.sinks import FindingsFile
-from relayaudit.state import read_findings, read_history
 from relayaudit.targets import Shard, TargetSpace
 from relayaudit.verdict import Verdict, VerdictStatus
+
+if TYPE_CHECKING:
+    from relayaudit.canary import CanaryReceiver
 
 __all__ = ["main"]
 
@@ -75,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="sweep the configured ranges once")
     s.add_argument("--config", type=Path, required=True)
     s.add_argument("--shard", help="i/n: sweep only shard i of n (0-based)")
+    s.add_argument(
+        "--processes", type=int, help="split the sweep over N processes (default: limits.processes)"
+    )
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
@@ -113,10 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return asyncio.run(_check(args))
         if args.command == "sweep":
-            return asyncio.run(_sweep(args))
+            return _sweep_main(args)
         if args.command == "config":
             return _config_check(args.file)
         if args.command == "run":
+            from relayaudit.daemon import Daemon
+
             shard = Shard.parse(args.shard) if args.shard else None
             return asyncio.run(Daemon(args.config, shard=shard).run())
         if args.command == "findings":
@@ -124,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "history":
             return _history(args)
         if args.command == "demo":
+            from relayaudit.demo import run_demo
+
             return asyncio.run(run_demo(args.output))
     except RelayAuditError as exc:
         print(f"relayaudit: {exc}", file=sys.stderr)
@@ -169,6 +186,8 @@ def _state_paths(args: argparse.Namespace) -> list[Path]:
 
 
 def _findings(args: argparse.Namespace) -> int:
+    from relayaudit.state import read_findings
+
     rows = read_findings(_state_paths(args))
     if args.status == "open":
         rows = [r for r in rows if r.status.open]
@@ -190,6 +209,8 @@ def _findings(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
+    from relayaudit.state import read_history
+
     try:
         address = str(ipaddress.ip_address(args.address))
     except ValueError:
@@ -260,6 +281,8 @@ async def _check(args: argparse.Namespace) -> int:
     settings = probe_settings(config, confirm=args.confirm)
     canary: CanaryReceiver | None = None
     if args.confirm:
+        from relayaudit.canary import CanaryReceiver
+
         host, cport = config.canary.listen
         canary = CanaryReceiver(host, cport, domain=config.canary.domain)
         try:
@@ -329,9 +352,28 @@ class _Progress:
         sys.stderr.flush()
 
 
-async def _sweep(args: argparse.Namespace) -> int:
+def _sweep_main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     shard = Shard.parse(args.shard) if args.shard else None
+    processes = args.processes if args.processes is not None else config.limits.processes
+    if processes < 1:
+        raise ConfigError(f"--processes: {processes} must be at least 1")
+    if processes == 1:
+        stats, written = asyncio.run(_sweep(config, shard, progress=_Progress()))
+        print(render_summary(stats))
+        print(f"\n{written} findings written to {config.output.findings}")
+        return EXIT_RELAY if stats.relays else EXIT_OK
+    if config.canary.enabled:
+        raise ConfigError(
+            f"--processes: {processes}: confirmation mode (canary.enabled) needs the canary "
+            "receiver in the sweeping process; use one process"
+        )
+    return _sweep_processes(config, shard, processes)
+
+
+async def _sweep(
+    config: Config, shard: Shard | None, *, progress: _Progress | None
+) -> tuple[SweepStats, int]:
     sink = FindingsFile(config.output.findings)
     try:
         sink.open()
@@ -341,6 +383,8 @@ async def _sweep(args: argparse.Namespace) -> int:
         ) from None
     canary: CanaryReceiver | None = None
     if config.canary.enabled:
+        from relayaudit.canary import CanaryReceiver
+
         host, port = config.canary.listen
         canary = CanaryReceiver(host, port, domain=config.canary.domain)
         try:
@@ -350,11 +394,61 @@ async def _sweep(args: argparse.Namespace) -> int:
                 f"canary.listen: cannot listen on {host}:{port}: {exc.strerror}"
             ) from None
     try:
-        stats = await sweep(config, sinks=[sink], shard=shard, canary=canary, progress=_Progress())
+        stats = await sweep(config, sinks=[sink], shard=shard, canary=canary, progress=progress)
     finally:
         sink.close()
         if canary is not None:
             await canary.stop()
+    return stats, sink.written
+
+
+def _sweep_processes(config: Config, shard: Shard | None, processes: int) -> int:
+    """Fork `processes` children after the config is loaded (no second interpreter start-up).
+
+    Shard i/n is split into sub-shards (i*P+p)/(n*P), whose union is exactly i/n; each child
+    gets 1/P of the rate limits, so together they keep the configured politeness.
+    """
+    outer = shard or Shard(0, 1)
+    limits = config.limits.model_copy(
+        update={
+            "rate": config.limits.rate / processes,
+            "subnet_rate": config.limits.subnet_rate / processes,
+        }
+    )
+    child_config = config.model_copy(update={"limits": limits})
+    children: list[tuple[int, int]] = []
+    for p in range(processes):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: sweep one sub-shard, report its figures, never return
+            code = EXIT_ERROR
+            try:
+                os.close(read_end)
+                sub = Shard(outer.index * processes + p, outer.count * processes)
+                stats, written = asyncio.run(_sweep(child_config, sub, progress=None))
+                os.write(write_end, json.dumps({**stats.to_json(), "written": written}).encode())
+                code = EXIT_OK
+            except RelayAuditError as exc:
+                print(f"relayaudit: {exc}", file=sys.stderr)
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        children.append((pid, read_end))
+    parts, failed = [], []
+    for pid, read_end in children:
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0 or not data:
+            failed.append(pid)
+        else:
+            parts.append(json.loads(data))
+    if failed:
+        raise RelayAuditError(f"{len(failed)} of {processes} sweep processes failed; see above")
+    stats = SweepStats.merge([SweepStats.from_json(part) for part in parts])
     print(render_summary(stats))
-    print(f"\n{sink.written} findings written to {config.output.findings}")
+    print(
+        f"\n{sum(part['written'] for part in parts)} findings written to "
+        f"{config.output.findings} by {processes} processes"
+    )
     return EXIT_RELAY if stats.relays else EXIT_OK

@@ -240,6 +240,9 @@ class Limits(_Model):
     subnet_rate: float = Field(
         default=20.0, gt=0, allow_inf_nan=False, description="new connections per second per /24"
     )
+    processes: int = Field(
+        default=1, ge=1, le=64, description="`sweep` processes sharing the work (and the rates)"
+    )
 
 
 class ApprovedService(_Model):

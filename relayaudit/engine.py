@@ -9,11 +9,10 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asyncio_throttle.throttler import Throttler
 
-from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config
 from relayaudit.evidence import ProbeResult, ProbeStatus
 from relayaudit.probe import (
@@ -27,6 +26,9 @@ from relayaudit.probe import (
 from relayaudit.targets import Address, Shard, TargetSpace
 from relayaudit.verdict import Verdict, VerdictStatus, judge
 
+if TYPE_CHECKING:  # the receiver (aiosmtpd) is imported only where confirmation mode runs
+    from relayaudit.canary import CanaryReceiver
+
 _UNREACHABLE_STATUS = {
     ProbeStatus.CLOSED: VerdictStatus.CLOSED,
     ProbeStatus.FILTERED: VerdictStatus.FILTERED,
@@ -37,7 +39,12 @@ __all__ = ["Pacer", "Sink", "SweepStats", "Watermark", "judge_result", "probe_se
 
 
 class Sink(Protocol):
-    """Where each judged probe goes (findings file, state store, logs, metrics)."""
+    """Where each judged probe goes (findings file, state store, logs, metrics).
+
+    A sink that never cares about closed, filtered or failed connects sets
+    `wants_unreachable = False`; when no sink wants them, the sweep's hot path builds no result
+    objects for them at all (they are still counted).
+    """
 
     async def emit(self, result: ProbeResult, verdict: Verdict) -> None: ...
 
@@ -217,6 +224,38 @@ class SweepStats:
     def relays(self) -> int:
         return sum(n for s, n in self.statuses.items() if s.is_relay)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "started": self.started.isoformat(),
+            "finished": (self.finished or self.started).isoformat(),
+            "hosts": self.hosts,
+            "probes": self.probes,
+            "statuses": {k.value: v for k, v in self.statuses.items()},
+            "findings": dict(self.findings),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SweepStats:
+        return cls(
+            started=datetime.fromisoformat(data["started"]),
+            finished=datetime.fromisoformat(data["finished"]),
+            hosts=int(data["hosts"]),
+            probes=int(data["probes"]),
+            statuses=Counter({VerdictStatus(k): int(v) for k, v in data["statuses"].items()}),
+            findings=Counter({str(k): int(v) for k, v in data["findings"].items()}),
+        )
+
+    @classmethod
+    def merge(cls, parts: Sequence[SweepStats]) -> SweepStats:
+        merged = cls(started=min(p.started for p in parts))
+        merged.finished = max((p.finished or p.started) for p in parts)
+        for p in parts:
+            merged.hosts += p.hosts
+            merged.probes += p.probes
+            merged.statuses.update(p.statuses)
+            merged.findings.update(p.findings)
+        return merged
+
 
 async def sweep(
     config: Config,
@@ -242,18 +281,19 @@ async def sweep(
     work: Iterator[tuple[int, Address]] = space.iter_shard(shard, start=start)
     pending: set[asyncio.Task[None]] = set()
     done_hosts = start
+    unreachable_sinks = [s for s in sinks if getattr(s, "wants_unreachable", True)]
 
     async def finish(result: ProbeResult) -> None:
         result = await await_confirmation(result, canary, config.canary.wait)
         verdict = judge_result(config, result)
-        await deliver(result, verdict)
+        await deliver(result, verdict, sinks)
 
-    async def deliver(result: ProbeResult, verdict: Verdict) -> None:
+    async def deliver(result: ProbeResult, verdict: Verdict, to: Sequence[Sink]) -> None:
         stats.probes += 1
         stats.statuses[verdict.status] += 1
         for f in verdict.findings:
             stats.findings[f.kind.value] += 1
-        for sink in sinks:
+        for sink in to:
             await sink.emit(result, verdict)
 
     async def host(address: str) -> None:
@@ -274,8 +314,12 @@ async def sweep(
         vantage = settings.source_address or "default"
         for port, outcome in found:
             if isinstance(outcome, NoSession):
+                if not unreachable_sinks:
+                    stats.probes += 1
+                    stats.statuses[_UNREACHABLE_STATUS[outcome.status]] += 1
+                    continue
                 result = unreachable(address, port, outcome, vantage=vantage)
-                await deliver(result, unreachable_verdict(result))
+                await deliver(result, unreachable_verdict(result), unreachable_sinks)
                 continue
             result = await probe(
                 address,

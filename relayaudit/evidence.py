@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 __all__ = [
     "Confirmation",
@@ -30,6 +31,31 @@ __all__ = [
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# C0 controls but tab and newline (multi-line replies are joined by newlines), DEL, C1 controls
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _writable(value: str) -> str:
+    """Server text made safe to write anywhere: invalid UTF-8 and control bytes become `\\xNN`.
+
+    aiosmtplib decodes replies with surrogateescape; a lone surrogate makes every later
+    serialization (findings file, state store, log line) raise UnicodeEncodeError. Control
+    characters (ESC sequences) would reach the analyst's terminal through `relayaudit check`.
+    """
+    if value.isascii() and _CONTROL.search(value) is None:
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        raw = value.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+Text = Annotated[str, AfterValidator(_writable)]
+"""A string that may carry bytes a server sent."""
 
 
 class PortState(StrEnum):
@@ -59,7 +85,7 @@ class Transport(StrEnum):
 
 class Reply(_Frozen):
     code: int
-    text: str
+    text: Text
 
     @property
     def enhanced(self) -> str | None:
@@ -76,7 +102,7 @@ class Exchange(_Frozen):
 
     command: str | None
     reply: Reply | None
-    error: str | None = None
+    error: Text | None = None
     elapsed_ms: float = 0.0
 
 
@@ -153,7 +179,7 @@ class TestResult(_Frozen):
     mail: Reply | None = None
     rcpt: Reply | None = None
     outcome: TestOutcome
-    error: str | None = None
+    error: Text | None = None
 
 
 class TlsFacts(_Frozen):
@@ -163,15 +189,15 @@ class TlsFacts(_Frozen):
     issuer: str | None = None
     not_after: datetime | None = None
     self_signed: bool | None = None
-    error: str | None = None  # the handshake failed: why
+    error: Text | None = None  # the handshake failed: why
 
 
 class SessionFacts(_Frozen):
     banner: Reply
     ehlo: bool  # False: EHLO was refused and HELO used
     hostname: str | None  # the name the server gives itself (banner / EHLO)
-    capabilities: tuple[str, ...] = ()
-    auth_mechanisms: tuple[str, ...] = ()
+    capabilities: tuple[Text, ...] = ()
+    auth_mechanisms: tuple[Text, ...] = ()
     starttls: bool = False
     size: int | None = None
     pipelining: bool = False
@@ -190,7 +216,7 @@ class Confirmation(_Frozen):
     data_reply: Reply | None = None
     sent: bool = False
     delivered: bool | None = None  # None: not known yet (still waiting) or not sent
-    error: str | None = None
+    error: Text | None = None
 
 
 class ProbeResult(_Frozen):
@@ -203,7 +229,7 @@ class ProbeResult(_Frozen):
     finished: datetime
     port_state: PortState
     status: ProbeStatus
-    error: str | None = None
+    error: Text | None = None
     facts: SessionFacts | None = None
     tests: tuple[TestResult, ...] = ()
     transcript: tuple[Exchange, ...] = ()

@@ -19,7 +19,6 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
 import aiosmtplib
-from cryptography import x509
 
 from relayaudit.battery import BatteryInputs, build_battery, canary_recipient
 from relayaudit.evidence import (
@@ -187,6 +186,8 @@ def _tls_facts(smtp: aiosmtplib.SMTP) -> TlsFacts:
         "cipher": cipher[0] if cipher else None,
     }
     if der:
+        from cryptography import x509  # noqa: PLC0415 - only sessions with TLS pay for this import
+
         try:
             cert = x509.load_der_x509_certificate(der)
             facts |= {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import IO
 
 from relayaudit.evidence import ProbeResult
 from relayaudit.verdict import Finding, Verdict
@@ -13,21 +12,27 @@ __all__ = ["Collector", "FindingsFile"]
 
 
 class FindingsFile:
-    """Appends each finding as one JSON line; flushed per line so a crash loses nothing written."""
+    """Appends each finding as one JSON line, written with one O_APPEND write and fsynced.
+
+    One write per line keeps lines whole when several sweep processes share the file; the
+    fsync means a crash loses nothing that was reported written.
+    """
+
+    wants_unreachable = False  # closed ports have no findings
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
         self.written = 0
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def reopen(self) -> None:
         """For logrotate: the next line goes to a fresh file at the same path."""
@@ -35,15 +40,15 @@ class FindingsFile:
         self.open()
 
     async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
-        if self._file is None:
+        if not verdict.findings:
+            return
+        if self._fd is None:
             self.open()
-        assert self._file is not None
+        assert self._fd is not None
         for finding in verdict.findings:
-            self._file.write(finding.model_dump_json() + "\n")
+            os.write(self._fd, (finding.model_dump_json() + "\n").encode())
             self.written += 1
-        if verdict.findings:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        os.fsync(self._fd)
 
 
 class Collector:

@@ -136,6 +136,7 @@ def test_sweep_without_config(capsys: pytest.CaptureFixture[str]) -> None:
         2,
         "",
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
+        "                        [--processes PROCESSES]\n"
         "relayaudit: error: the following arguments are required: --config\n",
     )
 
@@ -328,6 +329,7 @@ def test_python_m_usage_error() -> None:
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == (
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
+        "                        [--processes PROCESSES]\n"
         "relayaudit: error: the following arguments are required: --config\n"
     )
 
