@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Container image of relayaudit: a builder stage makes the wheels, a slim runtime runs `relayaudit run` as uid 10001.
 #
 #   docker build -t relayaudit .
@@ -8,7 +7,9 @@
 # Mount a config at /etc/relayaudit/relayaudit.toml (none is baked in: scope and targets are the
 # operator's) with state.path and output.findings under /var/lib/relayaudit and logging.stdout on
 # (the default), so `docker logs` shows the JSON log. Connect scans need no capabilities: run with
-# `--cap-drop ALL --security-opt no-new-privileges --read-only` if you like.
+# `--cap-drop ALL --security-opt no-new-privileges --read-only --tmpfs /tmp` if you like.
+#
+# RUN --mount needs BuildKit (the default builder since Docker 23).
 #
 # There is no Docker engine on the project's build machines: tests/test_container_steps.py runs
 # these same steps outside Docker (wheels, venv, install, entrypoint, healthcheck) and parses this

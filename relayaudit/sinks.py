@@ -35,9 +35,10 @@ class FindingsFile:
             self._fd = None
 
     def reopen(self) -> None:
-        """For logrotate: the next line goes to a fresh file at the same path."""
-        self.close()
-        self.open()
+        """For logrotate: the next line goes to a fresh file at the same path (if one is open)."""
+        if self._fd is not None:
+            self.close()
+            self.open()
 
     async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
         if not verdict.findings:

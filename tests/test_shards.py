@@ -1,0 +1,188 @@
+"""Shards as real processes: n `run`/`sweep --shard i/n` cover every target once, and their findings merge."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from relayaudit.daemon import STOP_GRACE
+from relayaudit.lab import Behaviour, Lab, ServerSpec
+from relayaudit.targets import Shard, TargetSpace
+
+NET = "127.0.62.0/27"
+PORT = 2762
+N = 3
+ADDRESSES = {f"127.0.62.{i}" for i in range(32)}
+LAB = [
+    ServerSpec(host="127.0.62.3", port=PORT, behaviour=Behaviour.OPEN_RELAY),
+    ServerSpec(host="127.0.62.9", port=PORT, behaviour=Behaviour.OPEN_RELAY),
+    ServerSpec(host="127.0.62.17", port=PORT, behaviour=Behaviour.CAMPUS_SENDER),
+    ServerSpec(host="127.0.62.21", port=PORT, behaviour=Behaviour.CLOSED),
+    ServerSpec(host="127.0.62.30", port=PORT, behaviour=Behaviour.AUTH_NO_TLS),
+]
+SEED = 7
+
+
+def write_config(directory: Path) -> Path:
+    """One shard's config: the same targets and seed as every other shard, its own files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = directory / "relayaudit.toml"
+    cfg.write_text(
+        f"""
+scope = ["127.0.62.0/24"]
+targets = ["{NET}"]
+ports = [{PORT}]
+seed = {SEED}
+[relay]
+campus_domains = ["campus.test"]
+[timeouts]
+connect = "1s"
+command = "3s"
+session = "20s"
+[limits]
+concurrency = 16
+rate = 500
+subnet_rate = 500
+[schedule]
+interval = "1h"
+[state]
+path = "{directory / "state.sqlite"}"
+[output]
+findings = "{directory / "findings.jsonl"}"
+[logging]
+file = "{directory / "log.jsonl"}"
+stdout = false
+[metrics]
+enabled = false
+"""
+    )
+    return cfg
+
+
+def events(directory: Path, name: str) -> list[dict[str, Any]]:
+    path = directory / "log.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["event"] == name]
+
+
+def findings_lines(directory: Path) -> list[dict[str, Any]]:
+    path = directory / "findings.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def relayaudit(*args: str, timeout: float = 60) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relayaudit",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    assert proc.returncode in (0, 1), err.decode()
+    return proc.returncode, out.decode()
+
+
+async def findings_json(*states: Path) -> list[dict[str, Any]]:
+    args = [a for s in states for a in ("--state", str(s))]
+    code, out = await relayaudit("findings", *args, "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert isinstance(rows, list)
+    return rows
+
+
+async def test_daemon_shards_cover_every_target_once_and_merge(tmp_path: Path) -> None:
+    dirs = [tmp_path / f"shard-{i}" for i in range(N)]
+    whole = tmp_path / "whole"  # one unsharded daemon: what the shards must add up to
+    jobs = [(d, ["--shard", f"{i}/{N}"]) for i, d in enumerate(dirs)] + [(whole, [])]
+    procs: list[asyncio.subprocess.Process] = []
+    async with Lab(LAB):
+        try:
+            for directory, extra in jobs:
+                cfg = write_config(directory)
+                procs.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "relayaudit", "run", "--config", str(cfg), *extra,
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=asyncio.subprocess.DEVNULL,
+                    )
+                )  # fmt: skip
+            deadline = time.monotonic() + 60
+            while not all(events(d, "sweep.summary") for d, _ in jobs):
+                assert time.monotonic() < deadline, "timed out waiting for every shard's sweep"
+                assert all(p.returncode is None for p in procs), "a shard exited early"
+                await asyncio.sleep(0.2)
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            codes = [await asyncio.wait_for(p.wait(), STOP_GRACE * 2) for p in procs]
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
+    assert codes == [0] * len(jobs)
+
+    # every address probed by exactly one shard, and each shard probed what it owns
+    space = TargetSpace([ipaddress.ip_network(NET)], [], seed=SEED)  # the shards' own split
+    probed = Counter(e["address"] for d in dirs for e in events(d, "probe"))
+    assert set(probed) == ADDRESSES and set(probed.values()) == {1}
+    for i, d in enumerate(dirs):
+        owned = {str(a) for _, a in space.iter_shard(Shard(i, N))}
+        assert {e["address"] for e in events(d, "probe")} == owned
+        (start,) = events(d, "sweep.start")
+        assert start["total"] == len(owned) and start["shard"] == f"{i}/{N}"
+    assert {e["address"] for e in events(whole, "probe")} == ADDRESSES
+
+    # `relayaudit findings` reads the three state files together: nothing twice, nothing lost
+    per_shard = [await findings_json(d / "state.sqlite") for d in dirs]
+    merged = await findings_json(*(d / "state.sqlite" for d in dirs))
+    ids = [r["id"] for r in merged]
+    assert len(ids) == len(set(ids)) == sum(len(rows) for rows in per_shard)
+    assert {r["id"] for rows in per_shard for r in rows} == set(ids)
+    reference = await findings_json(whole / "state.sqlite")
+    assert {r["id"] for r in reference} == set(ids)
+    relays = {r["address"] for r in merged if r["kind"] in {"open-relay", "relay-campus-sender"}}
+    assert relays == {"127.0.62.3", "127.0.62.9", "127.0.62.17"}
+    # overlapping state files (say, before and after a re-shard) still give each finding once
+    overlapping = await findings_json(*(d / "state.sqlite" for d in dirs), whole / "state.sqlite")
+    assert sorted(r["id"] for r in overlapping) == sorted(ids)
+
+
+async def test_sweep_shards_write_disjoint_findings(tmp_path: Path) -> None:
+    dirs = [tmp_path / f"shard-{i}" for i in range(N)]
+    whole = tmp_path / "whole"
+    async with Lab(LAB):
+        results = await asyncio.gather(
+            *(
+                relayaudit("sweep", "--config", str(write_config(d)), "--shard", f"{i}/{N}")
+                for i, d in enumerate(dirs)
+            ),
+            relayaudit("sweep", "--config", str(write_config(whole))),
+        )
+    # exit 1 exactly for the shards that found a relay
+    for (code, _), d in zip(results, [*dirs, whole], strict=True):
+        relay = any(f["kind"] in {"open-relay", "relay-campus-sender"} for f in findings_lines(d))
+        assert code == (1 if relay else 0)
+    by_shard = [{f["id"] for f in findings_lines(d)} for d in dirs]
+    assert sum(len(s) for s in by_shard) == len(set().union(*by_shard)), "a finding in two shards"
+    assert set().union(*by_shard) == {f["id"] for f in findings_lines(whole)}
+    assert by_shard.count(set()) < N  # the lab's servers are spread over the shards
