@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -14,12 +15,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from asyncio_throttle.throttler import Throttler
 
 from relayaudit.config import Config
+from relayaudit.errors import RelayAuditError
 from relayaudit.evidence import ProbeResult, ProbeStatus
 from relayaudit.probe import (
     CanaryTarget,
     NoSession,
     ProbeSettings,
-    connect_socket,
+    open_socket,
     probe,
     unreachable,
 )
@@ -126,6 +128,8 @@ class Pacer:
             Throttler(rate_limit=burst, period=burst / rate),
         )
         self._subnet_gap = 1.0 / subnet_rate
+        # a subnet can never get more than the global rate: then its cap cannot bind
+        self._subnet_binds = subnet_rate < rate
         self._next_slot: dict[str, float] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._wake = asyncio.Event()
@@ -177,6 +181,17 @@ class Pacer:
             self._task = None
 
     async def __call__(self, address: str) -> None:
+        if self._subnet_binds:
+            await self._subnet_slot(address)
+        if not self._waiters and self._delay() <= 0:
+            self._take()  # a free slot and nobody ahead: no future, no task switch
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._wake.set()
+        await waiter
+
+    async def _subnet_slot(self, address: str) -> None:
         if ":" in address:
             subnet = str(ipaddress.ip_network(f"{address}/64", strict=False))
         else:
@@ -188,13 +203,6 @@ class Pacer:
             self._next_slot = {k: v for k, v in self._next_slot.items() if v > now}
         if slot > now:
             await asyncio.sleep(slot - now)
-        if not self._waiters and self._delay() <= 0:
-            self._take()  # a free slot and nobody ahead: no future, no task switch
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._wake.set()
-        await waiter
 
 
 @dataclass
@@ -298,14 +306,12 @@ async def sweep(
 
     async def host(address: str) -> None:
         # discovery of all ports at once; SMTP sessions one after another (one per host at a time)
-        async def connect(port: int) -> tuple[int, object]:
+        async def connect(port: int) -> tuple[int, socket.socket | NoSession]:
             await pacer(address)
-            try:
-                return port, await connect_socket(
-                    address, port, source=settings.source_address, timeout=settings.connect_timeout
-                )
-            except NoSession as exc:
-                return port, exc
+            outcome = await open_socket(
+                address, port, source=settings.source_address, timeout=settings.connect_timeout
+            )
+            return port, outcome
 
         if len(config.ports) == 1:
             found = [await connect(config.ports[0])]  # no task per connect when there is one port
@@ -327,7 +333,7 @@ async def sweep(
                 settings,
                 implicit_tls=port in config.implicit_tls_ports,
                 gate=pacer,
-                sock=outcome,  # type: ignore[arg-type]
+                sock=outcome,
             )
             if result.confirmation is not None and result.confirmation.sent:
                 # waiting for the canary must not hold a worker
@@ -354,6 +360,13 @@ async def sweep(
                 group.create_task(worker())
         if pending:
             await asyncio.gather(*pending)
+    except BaseExceptionGroup as failed:
+        # a sink that cannot write (state store locked or full, findings file) ends the sweep;
+        # the caller gets that error, with its clear message, not a group around it
+        ours = next((e for e in failed.exceptions if isinstance(e, RelayAuditError)), None)
+        if ours is None:
+            raise
+        raise ours from None
     finally:
         await pacer.stop()
     stats.finished = datetime.now(UTC)

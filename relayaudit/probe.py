@@ -38,6 +38,7 @@ from relayaudit.evidence import (
     Transport,
     classify_reply,
     redact_command,
+    writable_text,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "NoSession",
     "ProbeSettings",
     "connect_socket",
+    "open_socket",
     "probe",
     "unreachable",
 ]
@@ -109,14 +111,15 @@ def _connect_failure(err: int) -> NoSession:
     return NoSession(ProbeStatus.ERROR, f"connect failed: {text}", PortState.ERROR)
 
 
-async def connect_socket(
+async def open_socket(
     address: str, port: int, *, source: str | None, timeout: float
-) -> socket.socket:
-    """A connected non-blocking TCP socket, or NoSession saying closed / filtered / error.
+) -> socket.socket | NoSession:
+    """A connected non-blocking TCP socket, or the NoSession saying closed / filtered / error.
 
-    The hot path of discovery: the connect is issued directly and, when the answer is already
-    there (a RST or a finished handshake, as on near hosts), settled without touching the event
-    loop; only a handshake still in flight waits for writability under the deadline.
+    The hot path of discovery, so outcomes are returned, not raised. The connect is issued
+    directly and, when the answer is already there (a RST or a finished handshake, as on near
+    hosts), settled without touching the event loop; only a handshake still in flight waits
+    for writability under the deadline.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -137,21 +140,29 @@ async def connect_socket(
             return sock
         if err != errno.EINPROGRESS:
             sock.close()
-            raise _connect_failure(err)
+            return _connect_failure(err)
         async with asyncio.timeout(timeout):
             await asyncio.get_running_loop().sock_connect(sock, (address, port))
     except TimeoutError:
         sock.close()
-        raise NoSession(ProbeStatus.FILTERED, "connect timed out", PortState.FILTERED) from None
-    except NoSession:
-        raise
+        return NoSession(ProbeStatus.FILTERED, "connect timed out", PortState.FILTERED)
     except OSError as exc:
         sock.close()
-        raise _connect_failure(exc.errno or errno.EIO) from None
+        return _connect_failure(exc.errno or errno.EIO)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def connect_socket(
+    address: str, port: int, *, source: str | None, timeout: float
+) -> socket.socket:
+    """Like open_socket, but a failure is raised as NoSession."""
+    outcome = await open_socket(address, port, source=source, timeout=timeout)
+    if isinstance(outcome, NoSession):
+        raise outcome
+    return outcome
 
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -273,8 +284,9 @@ class _Run:
             self._log(line, None, started, error=_describe(exc))
             raise _Broken(f"{verb} failed: {_describe(exc)}", fatal=True) from None
         # records on the per-command path are built without validation: their values come
-        # typed from aiosmtplib and from us, and validation was a third of a relay test's cost
-        reply = Reply.model_construct(code=response.code, text=response.message)
+        # typed from aiosmtplib and from us, and validation was a third of a relay test's cost;
+        # only the server's text needs what validation would do (invalid UTF-8, control bytes)
+        reply = Reply.model_construct(code=response.code, text=writable_text(response.message))
         self._log(line, reply, started)
         return reply
 
@@ -285,7 +297,7 @@ class _Run:
             Exchange.model_construct(
                 command=redact_command(line) if line is not None else None,
                 reply=reply,
-                error=error,
+                error=writable_text(error) if error is not None else None,
                 elapsed_ms=round((time.monotonic() - started) * 1000, 1),
             )
         )
@@ -521,7 +533,12 @@ class _Run:
                         result.rcpt and result.rcpt.code,
                     ):
                         break
-                    if queue and done_here < self.settings.max_tests_per_session:
+                    # RSET ends the transaction MAIL opened; after a refused MAIL none is open
+                    if (
+                        queue
+                        and done_here < self.settings.max_tests_per_session
+                        and result.rcpt is not None
+                    ):
                         await self.command(smtp, "RSET")
             except _Broken as exc:
                 if exc.fatal:
