@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from campus import Server
+
 from relayaudit.lab import Behaviour
 
 __all__ = [
@@ -197,7 +198,11 @@ def compare(
     )
     misses: list[dict[str, str]] = []
     relays = {"truth": 0, "both": 0, "relayaudit_only": 0, "nmap_only": 0, "neither": 0}
-    open_ports = {"truth": len(servers), "relayaudit_smtp_findings": 0, "nmap_open": 0}
+    open_ports: dict[str, Any] = {
+        "truth": len(servers),
+        "relayaudit_smtp_findings": 0,
+        "nmap_open": 0,
+    }
     truth_keys = {(s.host, port) for s in servers}
     for s in servers:
         key = (s.host, port)

@@ -29,9 +29,9 @@ from relayaudit.lab import Behaviour
 __all__ = [
     "CAMPUS_DOMAIN",
     "EXTERNAL_DOMAINS",
-    "BlackholeNamespace",
     "FilteredRange",
     "LabProcess",
+    "ScanNamespace",
     "Server",
     "build_campus",
     "cleanup_stale_namespaces",
@@ -184,7 +184,9 @@ def route_conflicts(networks: list[ipaddress.IPv4Network]) -> list[str]:
     return problems
 
 
-def _run(argv: list[str], *, check: bool = True, timeout: float = _CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], *, check: bool = True, timeout: float = _CMD_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
 
 
@@ -274,8 +276,21 @@ class FilteredRange:
         net = str(self.network)
         try:
             _run(["ip", "netns", "add", self.namespace])
-            _run(["ip", "link", "add", self.host_dev, "type", "veth", "peer", "name", self.ns_dev,
-                  "netns", self.namespace])
+            _run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    self.host_dev,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    self.ns_dev,
+                    "netns",
+                    self.namespace,
+                ]
+            )
             _run(["ip", "addr", "add", f"{host_ip}/30", "dev", self.host_dev])
             _run(["ip", "link", "set", self.host_dev, "up"])
             _run(["ip", "-n", self.namespace, "addr", "add", f"{ns_ip}/30", "dev", self.ns_dev])
@@ -289,13 +304,36 @@ class FilteredRange:
                     f"    ip daddr {net} tcp flags & (syn|ack) == syn counter drop\n"
                     "  }\n}\n"
                 )
-                subprocess.run(["ip", "netns", "exec", self.namespace, "nft", "-f", "-"],
-                               input=rules, capture_output=True, text=True, check=True,
-                               timeout=_CMD_TIMEOUT)
+                subprocess.run(
+                    ["ip", "netns", "exec", self.namespace, "nft", "-f", "-"],
+                    input=rules,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=_CMD_TIMEOUT,
+                )
                 self.method = "nftables rule in the namespace drops SYNs"
             elif tool == "iptables":
-                _run(["ip", "netns", "exec", self.namespace, "iptables", "-t", "raw", "-A",
-                      "PREROUTING", "-d", net, "-p", "tcp", "--syn", "-j", "DROP"])
+                _run(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        self.namespace,
+                        "iptables",
+                        "-t",
+                        "raw",
+                        "-A",
+                        "PREROUTING",
+                        "-d",
+                        net,
+                        "-p",
+                        "tcp",
+                        "--syn",
+                        "-j",
+                        "DROP",
+                    ]
+                )
                 self.method = "iptables rule in the namespace drops SYNs"
             else:
                 _run(["ip", "-n", self.namespace, "route", "add", "blackhole", net])
@@ -314,8 +352,9 @@ class FilteredRange:
         """SYNs the nftables rule dropped so far (None without nftables)."""
         if not self.active or not self.method.startswith("nftables"):
             return None
-        out = _run(["ip", "netns", "exec", self.namespace, "nft", "list", "ruleset"],
-                   check=False).stdout
+        out = _run(
+            ["ip", "netns", "exec", self.namespace, "nft", "list", "ruleset"], check=False
+        ).stdout
         match = re.search(r"counter packets (\d+)", out)
         return int(match.group(1)) if match else None
 
@@ -337,54 +376,95 @@ class FilteredRange:
         self.stop()
 
 
-class BlackholeNamespace:
-    """A namespace whose own loopback drops outgoing SYNs to 127.0.0.0/8 port `port`.
+class ScanNamespace:
+    """A namespace with only its own loopback, for running a scanner inside (``wrap(argv)``).
 
-    A scanner run inside it (``ip netns exec NAME ...``) sees every connect hang until its
-    timeout: connections stay in flight without any server holding them. Nothing outside the
-    namespace is touched. Needs nftables or iptables.
+    drop_syns: an nftables (or iptables) rule drops outgoing SYNs to 127.0.0.0/8 port `port`, so
+    every connect hangs until its timeout and connections stay in flight without any server
+    holding them. Without it, nothing listens there: every connect is refused at once. Its TCP
+    counters (/proc/PID/net/snmp) count only the scanner's connections. Nothing outside the
+    namespace is touched.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, drop_syns: bool, suffix: str) -> None:
         self.port = port
-        self.namespace = f"{_NS_PREFIX}{os.getpid()}-m"
-        self.method = ""
+        self.drop_syns = drop_syns
+        self.namespace = f"{_NS_PREFIX}{os.getpid()}-{suffix}"
+        self.method = "empty namespace: connects are refused"
 
     def start(self) -> None:
         try:
             _run(["ip", "netns", "add", self.namespace])
             _run(["ip", "-n", self.namespace, "link", "set", "lo", "up"])
-            tool = _drop_tool()
-            if tool == "nft":
-                rules = (
-                    "table inet rabmem {\n"
-                    "  chain out { type filter hook output priority raw; policy accept;\n"
-                    f"    ip daddr 127.0.0.0/8 tcp dport {self.port} tcp flags & (syn|ack) == syn drop\n"
-                    "  }\n}\n"
-                )
-                subprocess.run(["ip", "netns", "exec", self.namespace, "nft", "-f", "-"],
-                               input=rules, capture_output=True, text=True, check=True,
-                               timeout=_CMD_TIMEOUT)
-                self.method = "nftables output rule drops SYNs on the namespace's loopback"
-            elif tool == "iptables":
-                _run(["ip", "netns", "exec", self.namespace, "iptables", "-t", "raw", "-A",
-                      "OUTPUT", "-d", "127.0.0.0/8", "-p", "tcp", "--dport", str(self.port),
-                      "--syn", "-j", "DROP"])
-                self.method = "iptables output rule drops SYNs on the namespace's loopback"
-            else:
-                raise RuntimeError("neither nft nor iptables is installed")
+            if self.drop_syns:
+                self._drop()
         except BaseException:
             self.stop()
             raise
 
+    def _drop(self) -> None:
+        tool = _drop_tool()
+        if tool == "nft":
+            rules = (
+                "table inet rabmem {\n"
+                "  chain out { type filter hook output priority raw; policy accept;\n"
+                f"    ip daddr 127.0.0.0/8 tcp dport {self.port} tcp flags & (syn|ack) == syn drop\n"
+                "  }\n}\n"
+            )
+            subprocess.run(
+                ["ip", "netns", "exec", self.namespace, "nft", "-f", "-"],
+                input=rules,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=_CMD_TIMEOUT,
+            )
+            self.method = "nftables output rule drops SYNs on the namespace's loopback"
+        elif tool == "iptables":
+            _run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.namespace,
+                    "iptables",
+                    "-t",
+                    "raw",
+                    "-A",
+                    "OUTPUT",
+                    "-d",
+                    "127.0.0.0/8",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    str(self.port),
+                    "--syn",
+                    "-j",
+                    "DROP",
+                ]
+            )
+            self.method = "iptables output rule drops SYNs on the namespace's loopback"
+        else:
+            raise RuntimeError("neither nft nor iptables is installed")
+
     def wrap(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespace, *argv]
+
+    def contains(self, pid: int) -> bool:
+        """Whether process `pid` has entered this namespace yet (``ip netns exec`` is quick)."""
+        try:
+            return (
+                os.stat(f"/proc/{pid}/ns/net").st_ino
+                == os.stat(f"/run/netns/{self.namespace}").st_ino
+            )
+        except OSError:
+            return False
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             _run(["ip", "netns", "del", self.namespace], check=False)
 
-    def __enter__(self) -> BlackholeNamespace:
+    def __enter__(self) -> ScanNamespace:
         self.start()
         return self
 
@@ -400,7 +480,9 @@ class BlackholeNamespace:
 class LabProcess:
     """relayaudit.lab serving `servers` in one separate Python process (its own process group)."""
 
-    def __init__(self, servers: list[Server], workdir: Path, *, repo: Path, max_seconds: float) -> None:
+    def __init__(
+        self, servers: list[Server], workdir: Path, *, repo: Path, max_seconds: float
+    ) -> None:
         self.servers = servers
         self.workdir = workdir
         self.repo = repo
@@ -415,10 +497,19 @@ class LabProcess:
         env = {**os.environ, "PYTHONPATH": _pythonpath(self.repo)}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("labproc.py")), str(specs),
-                 "--max-seconds", str(self.max_seconds)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                cwd=self.workdir, env=env, start_new_session=True,
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("labproc.py")),
+                    str(specs),
+                    "--max-seconds",
+                    str(self.max_seconds),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,
             )
         try:
             assert self.proc.stdout is not None

@@ -2,7 +2,9 @@
 
 The command gets its own process group; on its deadline (or when the caller's planned stop time
 comes) the group gets SIGTERM, then SIGKILL. CPU and peak RSS are those wait4() reports for the
-child (both relayaudit and nmap do their work in that one process).
+child: its own plus those of the children it waited for (`relayaudit sweep --processes N` forks
+and waits), so CPU is the whole tree's while ru_maxrss is the largest single process; with
+`tree_every` the summed RSS of the process group is sampled too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Measured", "proc_rss_mb", "run_measured", "syn_sent_count"]
+__all__ = [
+    "Measured",
+    "active_opens",
+    "group_rss_mb",
+    "proc_rss_mb",
+    "run_measured",
+    "syn_sent_count",
+]
 
 _TICK = 0.1
 
@@ -79,6 +88,7 @@ def run_measured(
     stop_after: float | None = None,
     on_tick: Callable[[int, float], None] | None = None,
     tick: float = _TICK,
+    tree_every: float | None = None,
 ) -> Measured:
     """Run argv to completion (or until `timeout`; or SIGTERM at `stop_after` seconds)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +100,12 @@ def run_measured(
     with open(result.stdout_path, "wb") as out, open(result.stderr_path, "wb") as err:
         started = time.monotonic()
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd, env=env,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            cwd=cwd,
+            env=env,
             start_new_session=True,
         )
     deadline = started + timeout
@@ -98,6 +113,8 @@ def run_measured(
     status = 0
     rusage = None
     termed_at: float | None = None
+    next_tree = started
+    tree_peak = 0.0
     try:
         # bounded: ends when the child exits, and the child is killed at the deadline
         while True:
@@ -107,6 +124,9 @@ def run_measured(
             now = time.monotonic()
             if on_tick is not None:
                 on_tick(proc.pid, now - started)
+            if tree_every is not None and now >= next_tree:
+                next_tree = now + tree_every
+                tree_peak = max(tree_peak, group_rss_mb(proc.pid))
             if planned is not None and now >= planned and termed_at is None:
                 result.stopped = True
                 termed_at = now
@@ -134,7 +154,25 @@ def run_measured(
         result.user_s = rusage.ru_utime
         result.sys_s = rusage.ru_stime
         result.maxrss_mb = rusage.ru_maxrss / 1024  # Linux: KiB
+    if tree_every is not None:
+        result.extra["peak_group_rss_mb"] = round(tree_peak, 1)
     return result
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Sum of VmRSS over the live processes of process group `pgid` (forked workers included)."""
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            if int(stat.rpartition(")")[2].split()[2]) != pgid:
+                continue
+        except (OSError, ValueError, IndexError):
+            continue
+        total += proc_rss_mb(int(entry.name))[0]
+    return total
 
 
 def proc_rss_mb(pid: int) -> tuple[float, float]:
@@ -169,3 +207,19 @@ def syn_sent_count(pid: int) -> tuple[int, int]:
         except OSError:
             continue
     return syn, est
+
+
+def active_opens(pid: int) -> int | None:
+    """TCP ActiveOpens (connect() calls that sent a SYN) in the network namespace of `pid`."""
+    try:
+        lines = Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
+    except OSError:
+        return None
+    tcp = [line.split() for line in lines if line.startswith("Tcp:")]
+    if len(tcp) < 2:
+        return None
+    header, values = tcp[0], tcp[1]
+    try:
+        return int(values[header.index("ActiveOpens")])
+    except (ValueError, IndexError):
+        return None

@@ -181,7 +181,8 @@ def _state_paths(args: argparse.Namespace) -> list[Path]:
         raise ConfigError("give --state FILE (repeatable) or --config FILE to name the state store")
     for path in paths:
         if not path.exists():
-            raise ConfigError(f"--state: {str(path)!r} does not exist")
+            where = "--state" if args.state else f"{args.config}: state.path"
+            raise ConfigError(f"{where}: {str(path)!r} does not exist")
     return paths
 
 
@@ -406,13 +407,15 @@ def _sweep_processes(config: Config, shard: Shard | None, processes: int) -> int
     """Fork `processes` children after the config is loaded (no second interpreter start-up).
 
     Shard i/n is split into sub-shards (i*P+p)/(n*P), whose union is exactly i/n; each child
-    gets 1/P of the rate limits, so together they keep the configured politeness.
+    gets 1/P of the rate limits and of the concurrency, so together they keep the configured
+    politeness and connections in flight.
     """
     outer = shard or Shard(0, 1)
     limits = config.limits.model_copy(
         update={
             "rate": config.limits.rate / processes,
             "subnet_rate": config.limits.subnet_rate / processes,
+            "concurrency": max(1, config.limits.concurrency // processes),
         }
     )
     child_config = config.model_copy(update={"limits": limits})
