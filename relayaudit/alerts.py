@@ -22,7 +22,7 @@ import aiosmtplib
 import structlog
 
 from relayaudit.config import AlertsConfig, CommandHook, EmailHook, WebhookHook
-from relayaudit.errors import RelayAuditError
+from relayaudit.errors import RelayAuditError, StateError
 from relayaudit.state import Alert, OutboxItem, StateStore
 
 __all__ = [
@@ -69,7 +69,11 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 
 def _hook_secrets(hook: WebhookHook | EmailHook | CommandHook) -> list[str]:
     if isinstance(hook, WebhookHook):
-        return [s.get_secret_value() for s in (hook.token, hook.hmac_key) if s is not None]
+        # the path and query of a webhook URL are often a credential (Slack-style): a receiver
+        # quoting the request line in its error page must not put them in our logs
+        url = urlsplit(hook.url)
+        in_url = [part for part in (url.path, url.query) if len(part) > 1]
+        return [*(s.get_secret_value() for s in (hook.token, hook.hmac_key) if s is not None), *in_url]
     if isinstance(hook, EmailHook) and hook.password is not None:
         return [hook.password.get_secret_value()]
     return []
@@ -240,17 +244,21 @@ async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
     for name, value in headers:
         if not _HEADER_SAFE.match(value):
             raise DeliveryError(f"webhook {origin}: the {name} header value has forbidden characters")
+    failure: str | None = None
     try:
         async with asyncio.timeout(hook.timeout):
             status, reason, body = await _http_post(url, headers, payload)
     except TimeoutError:
-        raise DeliveryError(f"webhook {origin}: no answer within {hook.timeout:g}s") from None
+        failure = f"webhook {origin}: no answer within {hook.timeout:g}s"
     except DeliveryError as exc:
-        raise DeliveryError(_scrub(f"webhook {origin}: {exc}", secrets)) from None
+        failure = _scrub(f"webhook {origin}: {exc}", secrets)
     except (OSError, EOFError, ValueError) as exc:
         # OSError covers refused, reset, unreachable and TLS failures; ValueError an over-long line
         what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise DeliveryError(_scrub(f"webhook {origin}: {what}", secrets)) from None
+        failure = _scrub(f"webhook {origin}: {what}", secrets)
+    if failure is not None:
+        # raised outside the handler, so the original (unscrubbed) error is not its __context__
+        raise DeliveryError(failure)
     if 200 <= status < 300:
         return
     message = f"webhook {origin}: HTTP {status} {_printable(reason.encode(), 80)}".rstrip()
@@ -319,6 +327,7 @@ async def deliver_email(hook: EmailHook, alert: Alert, payload: bytes) -> None:
     where = f"email {_endpoint(hook.host, hook.port)}"
     secrets = _hook_secrets(hook)
     message = email_message(hook, alert, payload)
+    failure: str | None
     try:
         async with asyncio.timeout(hook.timeout):
             errors, _ = await aiosmtplib.send(
@@ -333,11 +342,17 @@ async def deliver_email(hook: EmailHook, alert: Alert, payload: bytes) -> None:
                 timeout=hook.timeout,
             )
     except TimeoutError:
-        raise DeliveryError(f"{where}: no answer within {hook.timeout:g}s") from None
+        failure = f"{where}: no answer within {hook.timeout:g}s"
     except aiosmtplib.SMTPException as exc:
-        raise DeliveryError(_scrub(f"{where}: {type(exc).__name__}: {exc}", secrets)) from None
+        failure = _scrub(f"{where}: {type(exc).__name__}: {exc}", secrets)
     except OSError as exc:
-        raise DeliveryError(_scrub(f"{where}: {exc.strerror or exc}", secrets)) from None
+        failure = _scrub(f"{where}: {exc.strerror or exc}", secrets)
+    else:
+        failure = None
+    if failure is not None:
+        # raised outside the handler: aiosmtplib's exception quotes the server's reply (which may
+        # quote the password back) and would otherwise stay attached as __context__
+        raise DeliveryError(failure)
     if errors:
         refused = ", ".join(f"{r}: {e.code}" for r, e in errors.items())
         raise DeliveryError(_scrub(f"{where}: recipients refused ({refused})", secrets))
@@ -489,9 +504,18 @@ class Dispatcher:
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until `stop` is set; sleeps `poll_interval` whenever a pass delivered nothing."""
+        """Deliver until `stop` is set; sleeps `poll_interval` whenever a pass delivered nothing.
+
+        A StateError (the store locked past its busy timeout, a full disk) costs one pass, not
+        the dispatcher: the items stay pending in the file and the next pass tries again.
+        """
         while not stop.is_set():
-            if await self.run_once() == 0:
+            try:
+                delivered = await self.run_once()
+            except StateError as exc:
+                log.error("alert.store_error", error=str(exc))
+                delivered = 0
+            if delivered == 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._poll):
                         await stop.wait()

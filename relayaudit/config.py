@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -152,6 +153,13 @@ def _secret(value: object) -> SecretStr:
     raise ValueError('a secret is a string, { env = "NAME" } or { file = "/path" }')
 
 
+def _path(value: object) -> object:
+    """A file path the operating system can open: an empty one or one with NUL is refused here."""
+    if isinstance(value, str) and (not value.strip() or "\x00" in value):
+        raise ValueError(f"{value!r} is not a usable file path")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 NetworkField = Annotated[Network, BeforeValidator(_network)]
 AddressField = Annotated[Address, BeforeValidator(_address)]
@@ -159,6 +167,7 @@ DomainField = Annotated[str, BeforeValidator(_hostname)]
 LocalPart = Annotated[str, BeforeValidator(_local_part)]
 Endpoint = Annotated[tuple[str, int], BeforeValidator(_endpoint)]
 Secret = Annotated[SecretStr, BeforeValidator(_secret)]
+FilePath = Annotated[Path, BeforeValidator(_path)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -259,13 +268,13 @@ class ApprovedService(_Model):
 class Output(_Model):
     """Where findings go."""
 
-    findings: Path = Path("findings.jsonl")
+    findings: FilePath = Path("findings.jsonl")
 
 
 class StateConfig(_Model):
     """Memory across sweeps (SQLite, WAL)."""
 
-    path: Path = Path("relayaudit-state.sqlite")
+    path: FilePath = Path("relayaudit-state.sqlite")
     resolve_after: int = Field(
         default=2, ge=1, le=100, description="completed sweeps absent before resolved"
     )
@@ -339,7 +348,7 @@ class AlertsConfig(_Model):
 class LoggingConfig(_Model):
     """structlog JSON lines: a file (reopened on SIGHUP for logrotate) and/or stdout."""
 
-    file: Path | None = None
+    file: FilePath | None = None
     stdout: StrictBool = True
     level: str = "info"
 
@@ -447,7 +456,7 @@ class Config(_Model):
 
 # pydantic's type errors in the words of TOML
 _TYPE_WORDS = {
-    "tuple_type": "must be an array, e.g. [\"192.0.2.0/24\"]",
+    "tuple_type": "must be an array",
     "list_type": "must be an array",
     "dict_type": "must be a table",
     "model_type": "must be a table",
@@ -468,18 +477,27 @@ def _toml_repr(value: object) -> str:
     return repr(value)
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key(part: str) -> str:
+    # a key TOML would quote (empty, dotted, spaces) is shown quoted, so the path stays readable;
+    # escaped to ASCII, so no character of it can break the one-line-per-problem format
+    return part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
         elif not path:
-            path = part
+            path = _key(part)
         # pydantic inserts the validator's name for function-wrapped types; it is not a key
         elif part.startswith(("function-", "union[", "lax-", "json-or-python")):
             continue
         else:
-            path += f".{part}"
+            path += f".{_key(part)}"
     return path
 
 
@@ -501,6 +519,9 @@ def format_validation_error(exc: ValidationError, *, source: str) -> str:
             continue
         if kind == "extra_forbidden":
             msg = "unknown key"
+        elif kind in ("tuple_type", "list_type") and isinstance(err.get("input"), Mapping):
+            # [alerts.webhook] written where [[alerts.webhook]] was meant
+            msg = f"must be an array of tables: write [[{path}]] for each entry (got a table)"
         elif kind in _TYPE_WORDS:
             msg = f"{_TYPE_WORDS[kind]} (got {_toml_repr(err.get('input'))})"
         elif kind == "missing":
@@ -534,6 +555,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level
+        raise ConfigError(f"{source}: TOML syntax error: arrays or tables nested too deeply") from None
     if "source" in data:
         raise ConfigError(f"{source}: source: unknown key")
     return parse_config(data, source=source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import resource
 import signal
@@ -18,7 +19,7 @@ from relayaudit.alerts import Dispatcher
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, config_fingerprint, load_config
 from relayaudit.engine import SweepStats, Watermark, sweep
-from relayaudit.errors import ConfigError, RelayAuditError
+from relayaudit.errors import ConfigError, RelayAuditError, StateError
 from relayaudit.evidence import ProbeResult
 from relayaudit.logs import LogHandle, configure_logging
 from relayaudit.metrics import Metrics, MetricsServer
@@ -34,6 +35,11 @@ STOP_GRACE = 10.0  # seconds a stop may take before in-flight probes are abandon
 CHECKPOINT_EVERY = 2.0
 
 log = structlog.get_logger("relayaudit")
+
+
+def _reason(exc: OSError) -> str:
+    # asyncio's bind errors carry a long "error while attempting to bind ..." strerror
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def raise_open_file_limit() -> int:
@@ -165,7 +171,7 @@ class Daemon:
             await server.start()
         except OSError as exc:
             raise ConfigError(
-                f"metrics.listen: cannot listen on {cfg.listen[0]}:{cfg.listen[1]}: {exc.strerror}"
+                f"metrics.listen: cannot listen on {cfg.listen[0]}:{cfg.listen[1]}: {_reason(exc)}"
             ) from None
         return server
 
@@ -280,7 +286,11 @@ class Daemon:
         canary: CanaryReceiver | None = None
         if config.canary.enabled:
             canary = CanaryReceiver(*config.canary.listen, domain=config.canary.domain)
-            await canary.start()
+            try:
+                await canary.start()
+            except OSError as exc:  # a clear exit; the sweep resumes on restart
+                host, port = config.canary.listen
+                raise ConfigError(f"canary.listen: cannot listen on {host}:{port}: {_reason(exc)}") from None
 
         def progress(done: int, of: int) -> None:
             self._metrics.sweep_progress(done, of)
@@ -288,8 +298,11 @@ class Daemon:
         async def checkpoints() -> None:
             while True:
                 await asyncio.sleep(CHECKPOINT_EVERY)
-                await asyncio.to_thread(store.checkpoint, sweep_id, mark.low)
-                self._refresh_gauges()
+                try:
+                    await asyncio.to_thread(store.checkpoint, sweep_id, mark.low)
+                    self._refresh_gauges()
+                except StateError as exc:  # the resume point lags; the next checkpoint catches up
+                    log.error("sweep.checkpoint_failed", error=str(exc))
 
         started = time.monotonic()
         work = asyncio.create_task(

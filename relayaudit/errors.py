@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ProbeError", "RelayAuditError", "StateError"]
+__all__ = ["ConfigError", "OutputError", "ProbeError", "RelayAuditError", "StateError"]
 
 
 class RelayAuditError(Exception):
@@ -22,3 +22,7 @@ class ProbeError(RelayAuditError, RuntimeError):
 
 class StateError(RelayAuditError, RuntimeError):
     """The state store is unusable (locked, corrupt, disk full)."""
+
+
+class OutputError(RelayAuditError, OSError):
+    """An output file (the findings file) cannot be written: disk full, removed, no permission."""

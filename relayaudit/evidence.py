@@ -26,6 +26,7 @@ __all__ = [
     "Transport",
     "classify_reply",
     "redact_command",
+    "writable_text",
 ]
 
 
@@ -37,7 +38,7 @@ class _Frozen(BaseModel):
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def _writable(value: str) -> str:
+def writable_text(value: str) -> str:
     """Server text made safe to write anywhere: invalid UTF-8 and control bytes become `\\xNN`.
 
     aiosmtplib decodes replies with surrogateescape; a lone surrogate makes every later
@@ -54,7 +55,7 @@ def _writable(value: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-Text = Annotated[str, AfterValidator(_writable)]
+Text = Annotated[str, AfterValidator(writable_text)]
 """A string that may carry bytes a server sent."""
 
 
@@ -185,8 +186,8 @@ class TestResult(_Frozen):
 class TlsFacts(_Frozen):
     protocol: str | None = None
     cipher: str | None = None
-    subject: str | None = None
-    issuer: str | None = None
+    subject: Text | None = None  # from the server's certificate
+    issuer: Text | None = None
     not_after: datetime | None = None
     self_signed: bool | None = None
     error: Text | None = None  # the handshake failed: why

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -146,7 +147,10 @@ class _StdlibBridge(logging.Handler):
 
 
 def _open(path: Path) -> IO[str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where the directory should be ("File exists" misleads)
+        raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a directory") from None
     # Line-buffered, and msg() flushes too: a crash loses at most the line being written.
     return path.open("a", encoding="utf-8", buffering=1)
 

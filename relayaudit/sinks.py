@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+from relayaudit.errors import OutputError
 from relayaudit.evidence import ProbeResult
 from relayaudit.verdict import Finding, Verdict
 
@@ -26,7 +28,10 @@ class FindingsFile:
         self.written = 0
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file where the directory should be ("File exists" misleads)
+            raise NotADirectoryError(errno.ENOTDIR, f"{self.path.parent} is not a directory") from None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def close(self) -> None:
@@ -43,13 +48,20 @@ class FindingsFile:
     async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
         if not verdict.findings:
             return
-        if self._fd is None:
-            self.open()
-        assert self._fd is not None
-        for finding in verdict.findings:
-            os.write(self._fd, (finding.model_dump_json() + "\n").encode())
-            self.written += 1
-        os.fsync(self._fd)
+        try:
+            if self._fd is None:
+                self.open()
+            assert self._fd is not None
+            for finding in verdict.findings:
+                line = memoryview((finding.model_dump_json() + "\n").encode())
+                while line:  # a short write happens only as the disk fills: finish, or fail below
+                    line = line[os.write(self._fd, line) :]
+                self.written += 1
+            os.fsync(self._fd)
+        except OSError as exc:  # a clear error (the daemon exits and resumes), not a traceback
+            raise OutputError(
+                f"output.findings: cannot write {str(self.path)!r}: {exc.strerror or exc}"
+            ) from None
 
 
 class Collector:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import json
 import sqlite3
@@ -265,6 +266,8 @@ class StateStore:
             if self._db is not None:
                 return
             self.readonly = readonly
+            if self.path.is_dir():  # sqlite would only say "unable to open database file"
+                raise StateError(f"state file {self.path}: is a directory")
             try:
                 if readonly:
                     if not self.path.is_file():
@@ -277,7 +280,12 @@ class StateStore:
                         check_same_thread=False,
                     )
                 else:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        self.path.parent.mkdir(parents=True, exist_ok=True)
+                    except FileExistsError:  # a file where the directory should be
+                        raise NotADirectoryError(
+                            errno.ENOTDIR, f"{self.path.parent} is not a directory"
+                        ) from None
                     db = sqlite3.connect(
                         self.path,
                         timeout=self.busy_timeout,

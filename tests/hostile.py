@@ -19,10 +19,10 @@ __all__ = [
     "BEASTS",
     "LIFETIME",
     "Beast",
+    "BlindRelay",
     "HostileServer",
     "Zoo",
     "bad_code_banner",
-    "BlindRelay",
     "bad_codes",
     "close_after_banner",
     "drip_banner",
@@ -62,7 +62,9 @@ async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
-async def _each_line(reader: asyncio.StreamReader, answer: Callable[[bytes], Awaitable[bool]]) -> None:
+async def _each_line(
+    reader: asyncio.StreamReader, answer: Callable[[bytes], Awaitable[bool]]
+) -> None:
     """Call `answer` for each command line until it returns False, EOF, or MAX_LINES."""
     for _ in range(MAX_LINES):
         line = await reader.readline()
@@ -415,7 +417,9 @@ class HostileServer:
             sock.bind((self.host, self.port))
             sock.listen(128)
             sock.setblocking(False)
-            self._server = await asyncio.start_server(self._client, sock=sock, limit=self.read_limit)
+            self._server = await asyncio.start_server(
+                self._client, sock=sock, limit=self.read_limit
+            )
         except BaseException:
             sock.close()
             raise
@@ -464,7 +468,10 @@ class HostileServer:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()
 
@@ -523,7 +530,9 @@ class Zoo:
     async def start(self) -> None:
         if len(self.hosts) < len(self.beasts):
             raise ValueError(f"{len(self.beasts)} beasts need as many hosts, got {len(self.hosts)}")
-        for attempt in range(20):  # an ephemeral port free on the first host may be taken on another
+        for attempt in range(
+            20
+        ):  # an ephemeral port free on the first host may be taken on another
             try:
                 for host, beast in zip(self.hosts, self.beasts, strict=False):
                     server = beast.server(host, self.port)
@@ -547,6 +556,9 @@ class Zoo:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()

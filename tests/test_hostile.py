@@ -132,7 +132,9 @@ async def test_replies_each_just_in_time_are_cut_by_the_session_deadline() -> No
     assert judge(result).status is VerdictStatus.OPEN_RELAY  # what was seen is kept
 
 
-async def test_invalid_utf8_from_a_server_is_kept_as_escapes_in_every_output(tmp_path: Path) -> None:
+async def test_invalid_utf8_from_a_server_is_kept_as_escapes_in_every_output(
+    tmp_path: Path,
+) -> None:
     (beast,) = [b for b in BEASTS if b.name == "invalid-utf8-relay"]
     async with beast.server() as server:
         result = await probe("127.0.0.1", server.port, SETTINGS)
@@ -214,7 +216,9 @@ async def sweep_zoo(tmp_path: Path, concurrency: int, bound: float) -> tuple[flo
                 assert store.history(host), host  # every beast was recorded
     assert zoo.errors == []
     assert stats.probes == 32
-    for line in (tmp_path / f"findings-{concurrency}.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (
+        (tmp_path / f"findings-{concurrency}.jsonl").read_text(encoding="utf-8").splitlines()
+    ):
         json.loads(line)
     by_host = {r.address: v.status for r, v in collector.results}
     assert len(by_host) == 32
