@@ -133,6 +133,7 @@ class ReplyClass(StrEnum):
     AUTH_REQUIRED = "auth-required"
     TLS_REQUIRED = "tls-required"
     REFUSED = "refused"
+    DOMAIN_UNKNOWN = "domain-unknown"  # x.1.2 / x.1.8: a test address's domain does not resolve
     INVALID = "invalid"  # a code outside 200-599
 
 
@@ -145,11 +146,15 @@ class TestOutcome(StrEnum):
     AUTH_REQUIRED = "auth-required"
     TLS_REQUIRED = "tls-required"
     TEMPFAIL = "tempfail"
+    DOMAIN_UNKNOWN = "domain-unknown"  # refused for the test domain, not for relaying: undecided
     ERROR = "error"  # the conversation broke before an answer
 
 
 _TLS_WORDS = re.compile(r"starttls|\btls\b|encrypt|ssl", re.IGNORECASE)
 _AUTH_WORDS = re.compile(r"auth|login|credential|sasl", re.IGNORECASE)
+
+
+_DOMAIN_STATUS = {"1.2", "1.8", "1.10"}
 
 
 def classify_reply(reply: Reply) -> ReplyClass:
@@ -162,6 +167,10 @@ def classify_reply(reply: Reply) -> ReplyClass:
     if code == 421:
         return ReplyClass.DISCONNECT
     enhanced = reply.enhanced or ""
+    # "bad destination / sender system address": the domain did not resolve, so the refusal
+    # says nothing about relaying (servers checking recipient or sender domains do this)
+    if enhanced[2:] in _DOMAIN_STATUS:
+        return ReplyClass.DOMAIN_UNKNOWN
     if code == 530 or enhanced in {"5.7.0", "5.7.11", "5.7.57", "4.7.0", "4.7.11"} or code == 454:
         if _TLS_WORDS.search(reply.text) or enhanced == "5.7.11":
             return ReplyClass.TLS_REQUIRED

@@ -635,6 +635,7 @@ def _outcome(kind: ReplyClass, *, sender: bool) -> TestOutcome:
         ReplyClass.AUTH_REQUIRED: TestOutcome.AUTH_REQUIRED,
         ReplyClass.TLS_REQUIRED: TestOutcome.TLS_REQUIRED,
         ReplyClass.INVALID: TestOutcome.ERROR,
+        ReplyClass.DOMAIN_UNKNOWN: TestOutcome.DOMAIN_UNKNOWN,
     }.get(kind, TestOutcome.SENDER_REFUSED if sender else TestOutcome.REFUSED)
 
 

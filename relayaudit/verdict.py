@@ -280,6 +280,10 @@ class _Context:
 
 def _refusal_status(results: list[TestResult]) -> VerdictStatus:
     outcomes = {r.outcome for r in results}
+    plain = next((r for r in results if r.test.id == "rcpt-plain"), None)
+    undecided = {TestOutcome.TEMPFAIL, TestOutcome.DOMAIN_UNKNOWN}
+    if plain is not None and plain.outcome in undecided:
+        return VerdictStatus.INCONCLUSIVE  # the decisive test has no answer
     if TestOutcome.TEMPFAIL in outcomes:
         return VerdictStatus.INCONCLUSIVE
     if TestOutcome.TLS_REQUIRED in outcomes:
@@ -288,6 +292,8 @@ def _refusal_status(results: list[TestResult]) -> VerdictStatus:
         return VerdictStatus.AUTH_REQUIRED
     if outcomes & {TestOutcome.REFUSED, TestOutcome.SENDER_REFUSED}:
         return VerdictStatus.RELAY_REFUSED
+    if TestOutcome.DOMAIN_UNKNOWN in outcomes:
+        return VerdictStatus.INCONCLUSIVE
     return VerdictStatus.ERROR
 
 
@@ -421,6 +427,14 @@ def _unapproved(ctx: _Context) -> Finding:
 
 
 def _status_summary(status: VerdictStatus, group: list[TestResult], result: ProbeResult) -> str:
+    unknown = next((r for r in group if r.outcome is TestOutcome.DOMAIN_UNKNOWN), None)
+    if status is VerdictStatus.INCONCLUSIVE and unknown is not None:
+        reply = unknown.rcpt or unknown.mail
+        return (
+            f"The server refused a test address's domain as unknown ({reply}), which says nothing "
+            "about relaying: set relay.external_domains to domains that resolve (an MX the ISO "
+            "controls). Inconclusive."
+        )
     first = next((r for r in group if r.rcpt is not None or r.mail is not None), None)
     sample = ""
     if first is not None:

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from relayaudit.battery import BatteryInputs, address_literal, build_battery, canary_recipient
-from relayaudit.evidence import Reply, ReplyClass, TestCategory, classify_reply, redact_command
+from relayaudit.evidence import (
+    PortState,
+    ProbeResult,
+    ProbeStatus,
+    Reply,
+    ReplyClass,
+    SessionFacts,
+    TestCategory,
+    TestOutcome,
+    TestResult,
+    Transport,
+    classify_reply,
+    redact_command,
+)
+from relayaudit.verdict import VerdictStatus, judge
 
 
 def inputs(address: str = "192.0.2.7", hostname: str | None = "mx.campus.example") -> BatteryInputs:
@@ -104,6 +120,22 @@ def test_canary_recipient_keeps_the_accepted_form() -> None:
         (550, "5.7.57 Client not authenticated to send mail", ReplyClass.AUTH_REQUIRED),
         (554, "5.7.0 Authentication required for relaying", ReplyClass.AUTH_REQUIRED),
         (454, "4.7.0 TLS not available due to local problem", ReplyClass.TLS_REQUIRED),
+        (
+            450,
+            "4.1.2 <u@nx.example>: Recipient address rejected: Domain not found",
+            ReplyClass.DOMAIN_UNKNOWN,
+        ),
+        (
+            550,
+            "5.1.2 <u@nx.example>: Recipient address rejected: Domain not found",
+            ReplyClass.DOMAIN_UNKNOWN,
+        ),
+        (
+            450,
+            "4.1.8 <f@nx.example>: Sender address rejected: Domain not found",
+            ReplyClass.DOMAIN_UNKNOWN,
+        ),
+        (553, "5.1.3 malformed address", ReplyClass.REFUSED),
         (999, "weird", ReplyClass.INVALID),
         (0, "", ReplyClass.INVALID),
     ],
@@ -117,3 +149,54 @@ def test_auth_commands_are_redacted() -> None:
     assert redact_command("AUTH LOGIN") == "AUTH LOGIN"
     assert redact_command("Zm9vYmFy", in_auth=True) == "<redacted>"
     assert redact_command("MAIL FROM:<a@b>") == "MAIL FROM:<a@b>"
+
+
+def _result(outcomes: dict[str, tuple[int, str]]) -> ProbeResult:
+    """A probe whose relay tests got the given RCPT replies (MAIL always 250)."""
+    now = datetime.now(UTC)
+    tests = []
+    for test in build_battery(inputs(), control_token="abc"):
+        code, text = outcomes.get(test.id, (554, "5.7.1 Relay access denied"))
+        reply = Reply(code=code, text=text)
+        kind = classify_reply(reply)
+        outcome = {
+            ReplyClass.OK: TestOutcome.ACCEPTED,
+            ReplyClass.DOMAIN_UNKNOWN: TestOutcome.DOMAIN_UNKNOWN,
+            ReplyClass.TEMPFAIL: TestOutcome.TEMPFAIL,
+        }.get(kind, TestOutcome.REFUSED)
+        tests.append(
+            TestResult(
+                test=test,
+                transport=Transport.PLAIN,
+                mail=Reply(code=250, text="ok"),
+                rcpt=reply,
+                outcome=outcome,
+            )
+        )
+    return ProbeResult(
+        address="192.0.2.7",
+        port=25,
+        vantage="192.0.2.200",
+        started=now,
+        finished=now,
+        port_state=PortState.OPEN,
+        status=ProbeStatus.SMTP,
+        facts=SessionFacts(banner=Reply(code=220, text="mx ESMTP"), ehlo=True, hostname=None),
+        tests=tuple(tests),
+    )
+
+
+def test_an_unresolvable_test_domain_is_inconclusive_not_refused() -> None:
+    unknown = (
+        450,
+        "4.1.2 <relaytest@outside.example>: Recipient address rejected: Domain not found",
+    )
+    verdict = judge(_result({"rcpt-plain": unknown}))
+    assert verdict.status is VerdictStatus.INCONCLUSIVE
+    assert "relay.external_domains" in verdict.summary
+
+
+def test_a_relay_refusal_of_the_plain_test_decides_even_with_odd_domain_errors() -> None:
+    odd = (550, "5.1.2 bad destination system address")
+    verdict = judge(_result({"rcpt-double-at-ip": odd, "rcpt-trailing-at": odd}))
+    assert verdict.status is VerdictStatus.RELAY_REFUSED
