@@ -23,6 +23,7 @@ import structlog
 
 from relayaudit.config import AlertsConfig, CommandHook, EmailHook, WebhookHook
 from relayaudit.errors import RelayAuditError, StateError
+from relayaudit.evidence import endpoint
 from relayaudit.state import Alert, OutboxItem, StateStore
 
 __all__ = [
@@ -53,7 +54,9 @@ _HEADER_SAFE = re.compile(r"^[\x20-\x7e]+$")  # printable ASCII: nothing that co
 class DeliveryError(RelayAuditError):
     """One delivery attempt failed; the message is safe to log (it never contains a secret)."""
 
-    def __init__(self, message: str, *, status: int | None = None, exit_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, exit_code: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status  # HTTP status, for webhooks
         self.exit_code = exit_code  # exit code, for commands
@@ -73,7 +76,10 @@ def _hook_secrets(hook: WebhookHook | EmailHook | CommandHook) -> list[str]:
         # quoting the request line in its error page must not put them in our logs
         url = urlsplit(hook.url)
         in_url = [part for part in (url.path, url.query) if len(part) > 1]
-        return [*(s.get_secret_value() for s in (hook.token, hook.hmac_key) if s is not None), *in_url]
+        return [
+            *(s.get_secret_value() for s in (hook.token, hook.hmac_key) if s is not None),
+            *in_url,
+        ]
     if isinstance(hook, EmailHook) and hook.password is not None:
         return [hook.password.get_secret_value()]
     return []
@@ -129,7 +135,9 @@ async def deliver_command(hook: CommandHook, payload: bytes) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_KILL_WAIT):
                 await proc.wait()
-        raise DeliveryError(f"command {name!r}: no exit within {hook.timeout:g}s (killed)") from None
+        raise DeliveryError(
+            f"command {name!r}: no exit within {hook.timeout:g}s (killed)"
+        ) from None
     except BaseException:
         # cancelled (shutdown): do not leave the child running unsupervised
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -230,7 +238,9 @@ async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
     origin = _origin(url)
     secrets = _hook_secrets(hook)
     if url.username is not None or url.password is not None:
-        raise DeliveryError(f"webhook {origin}: credentials in the URL are not supported; use token")
+        raise DeliveryError(
+            f"webhook {origin}: credentials in the URL are not supported; use token"
+        )
     headers = [
         ("User-Agent", _USER_AGENT),
         ("Content-Type", "application/json"),
@@ -243,7 +253,9 @@ async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
         headers.append(("X-Relayaudit-Signature", sign(hook.hmac_key.get_secret_value(), payload)))
     for name, value in headers:
         if not _HEADER_SAFE.match(value):
-            raise DeliveryError(f"webhook {origin}: the {name} header value has forbidden characters")
+            raise DeliveryError(
+                f"webhook {origin}: the {name} header value has forbidden characters"
+            )
     failure: str | None = None
     try:
         async with asyncio.timeout(hook.timeout):
@@ -254,7 +266,11 @@ async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
         failure = _scrub(f"webhook {origin}: {exc}", secrets)
     except (OSError, EOFError, ValueError) as exc:
         # OSError covers refused, reset, unreachable and TLS failures; ValueError an over-long line
-        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        what = (
+            exc.strerror
+            if isinstance(exc, OSError) and exc.strerror
+            else str(exc) or type(exc).__name__
+        )
         failure = _scrub(f"webhook {origin}: {what}", secrets)
     if failure is not None:
         # raised outside the handler, so the original (unscrubbed) error is not its __context__
@@ -274,15 +290,11 @@ async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
 # -- email -------------------------------------------------------------------------------------
 
 
-def _endpoint(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
 def email_subject(alert: Alert) -> str:
     f = alert.finding
     return (
         f"[relayaudit] {alert.transition.value.upper()} {f.kind.value} "
-        f"{_endpoint(f.address, f.port)} ({f.severity.value})"
+        f"{endpoint(f.address, f.port)} ({f.severity.value})"
     )
 
 
@@ -303,7 +315,7 @@ def email_message(hook: EmailHook, alert: Alert, payload: bytes) -> EmailMessage
         f"{alert.transition.value.upper()}: {f.title}",
         "",
         f"Finding:     {f.id} ({f.kind.value})",
-        f"Where:       {_endpoint(f.address, f.port)} (seen from {f.vantage})",
+        f"Where:       {endpoint(f.address, f.port)} (seen from {f.vantage})",
         f"Severity:    {f.severity.value} (confidence {f.confidence.value})",
         f"Observed:    {f.observed_at.isoformat()}",
         f"Sweep:       {alert.sweep_id}",
@@ -317,14 +329,19 @@ def email_message(hook: EmailHook, alert: Alert, payload: bytes) -> EmailMessage
         pretty = json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
     except ValueError:
         pretty = payload.decode("utf-8", "replace")
-    body = "\n".join(summary) + "\n\n-- alert as JSON (evidence and transcript included) --\n" + pretty + "\n"
+    body = (
+        "\n".join(summary)
+        + "\n\n-- alert as JSON (evidence and transcript included) --\n"
+        + pretty
+        + "\n"
+    )
     msg.set_content(body)
     return msg
 
 
 async def deliver_email(hook: EmailHook, alert: Alert, payload: bytes) -> None:
     """Send one message to the gateway; accepted by the gateway for every recipient = delivered."""
-    where = f"email {_endpoint(hook.host, hook.port)}"
+    where = f"email {endpoint(hook.host, hook.port)}"
     secrets = _hook_secrets(hook)
     message = email_message(hook, alert, payload)
     failure: str | None

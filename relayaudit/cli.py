@@ -28,7 +28,7 @@ from relayaudit.engine import (
     sweep,
 )
 from relayaudit.errors import ConfigError, RelayAuditError
-from relayaudit.evidence import ProbeResult
+from relayaudit.evidence import ProbeResult, endpoint
 from relayaudit.probe import probe
 from relayaudit.report import render_check, render_summary
 from relayaudit.sinks import FindingsFile
@@ -203,7 +203,7 @@ def _findings(args: argparse.Namespace) -> int:
     for r in rows:
         print(
             f"{r.id:20} {r.kind.value:24} {r.severity.value:9} {r.status.value:9} "
-            f"{r.address + ':' + str(r.port):22} {r.first_seen:%Y-%m-%d %H:%M} {r.last_seen:%Y-%m-%d %H:%M}"
+            f"{endpoint(r.address, r.port):22} {r.first_seen:%Y-%m-%d %H:%M} {r.last_seen:%Y-%m-%d %H:%M}"
         )
     print(f"{len(rows)} finding(s)")
     return EXIT_OK

@@ -556,7 +556,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
     except RecursionError:  # tomllib recurses per nesting level
-        raise ConfigError(f"{source}: TOML syntax error: arrays or tables nested too deeply") from None
+        raise ConfigError(
+            f"{source}: TOML syntax error: arrays or tables nested too deeply"
+        ) from None
     if "source" in data:
         raise ConfigError(f"{source}: source: unknown key")
     return parse_config(data, source=source)

@@ -290,7 +290,9 @@ class Daemon:
                 await canary.start()
             except OSError as exc:  # a clear exit; the sweep resumes on restart
                 host, port = config.canary.listen
-                raise ConfigError(f"canary.listen: cannot listen on {host}:{port}: {_reason(exc)}") from None
+                raise ConfigError(
+                    f"canary.listen: cannot listen on {host}:{port}: {_reason(exc)}"
+                ) from None
 
         def progress(done: int, of: int) -> None:
             self._metrics.sweep_progress(done, of)

@@ -9,6 +9,7 @@ from pathlib import Path
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, parse_config
 from relayaudit.engine import sweep
+from relayaudit.evidence import endpoint
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.report import render_findings, render_summary
 from relayaudit.sinks import Collector, FindingsFile
@@ -111,7 +112,7 @@ async def run_demo(output: Path | None) -> int:
         if verdict.status.value in {"closed"}:
             continue
         print(
-            f"{result.address + ':' + str(result.port):22} {verdict.status.value:26} {verdict.summary[:110]}"
+            f"{endpoint(result.address, result.port):22} {verdict.status.value:26} {verdict.summary[:110]}"
         )
     print("\nfindings:")
     print("\n".join(render_findings(collector.findings)))

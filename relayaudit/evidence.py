@@ -25,6 +25,7 @@ __all__ = [
     "TlsFacts",
     "Transport",
     "classify_reply",
+    "endpoint",
     "redact_command",
     "writable_text",
 ]
@@ -248,6 +249,11 @@ class ProbeResult(_Frozen):
 
 
 _AUTH_COMMAND = re.compile(r"^(AUTH\s+\S+)(\s.*)?$", re.IGNORECASE)
+
+
+def endpoint(address: str, port: int) -> str:
+    """`192.0.2.7:25`, and `[2001:db8::7]:25` for IPv6, as people write them."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def redact_command(command: str, *, in_auth: bool = False) -> str:

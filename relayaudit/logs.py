@@ -169,8 +169,7 @@ class LogHandle:
                 file = _open(self.path)
             except OSError as exc:
                 raise ConfigError(
-                    f"logging.file: cannot open '{self.path}' for writing: "
-                    f"{exc.strerror or exc}"
+                    f"logging.file: cannot open '{self.path}' for writing: {exc.strerror or exc}"
                 ) from None
         self._writer = _LineWriter(file, config.stdout)
         self._processors: list[Any] = [

@@ -194,10 +194,13 @@ class Metrics(Registry):
     def __init__(self) -> None:
         super().__init__()
         self.probes_total = self.counter(
-            "relayaudit_probes_total", "Probes of (address, port) finished, by outcome.", ("status",)
+            "relayaudit_probes_total",
+            "Probes of (address, port) finished, by outcome.",
+            ("status",),
         )
         self.findings = self.gauge(
-            "relayaudit_findings", "Findings in the state store, by kind and status.",
+            "relayaudit_findings",
+            "Findings in the state store, by kind and status.",
             ("kind", "status"),
         )
         self.alerts = self.gauge(

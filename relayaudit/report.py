@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from relayaudit.engine import SweepStats
-from relayaudit.evidence import ProbeResult, TestOutcome, TestResult
+from relayaudit.evidence import ProbeResult, TestOutcome, TestResult, endpoint
 from relayaudit.verdict import Finding, Verdict, VerdictStatus
 
 __all__ = ["render_check", "render_findings", "render_summary"]
@@ -38,7 +38,7 @@ def render_findings(findings: Iterable[Finding]) -> list[str]:
 
 def render_check(result: ProbeResult, verdict: Verdict, *, transcript: bool = True) -> str:
     lines = [
-        f"{result.address}:{result.port}  {verdict.status.value.upper()}  (seen from {result.vantage})"
+        f"{endpoint(result.address, result.port)}  {verdict.status.value.upper()}  (seen from {result.vantage})"
     ]
     lines.append(f"  {verdict.summary}")
     facts = result.facts

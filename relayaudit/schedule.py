@@ -39,7 +39,20 @@ _MACROS = {
 }
 
 # Longest month length per month; February is 29 because leap years make the 29th reachable.
-_MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
+_MONTH_DAYS = {
+    1: 31,
+    2: 29,
+    3: 31,
+    4: 30,
+    5: 31,
+    6: 30,
+    7: 31,
+    8: 31,
+    9: 30,
+    10: 31,
+    11: 30,
+    12: 31,
+}
 
 # How far next_after looks before giving up. Day steps (with whole non-matching months skipped),
 # never minute steps. The worst real case is "Feb 29 that is also a given weekday" with the
@@ -268,9 +281,7 @@ def parse_cron(expr: str) -> CronSpec:
     text = expr.strip()
     if text.startswith("@"):
         if text.lower() not in _MACROS:
-            raise ValueError(
-                f"'{text}': only {', '.join(_MACROS)} are supported as @ shortcuts"
-            )
+            raise ValueError(f"'{text}': only {', '.join(_MACROS)} are supported as @ shortcuts")
         parts = _MACROS[text.lower()].split()
     else:
         parts = text.split()

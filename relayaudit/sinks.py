@@ -31,7 +31,9 @@ class FindingsFile:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # a file where the directory should be ("File exists" misleads)
-            raise NotADirectoryError(errno.ENOTDIR, f"{self.path.parent} is not a directory") from None
+            raise NotADirectoryError(
+                errno.ENOTDIR, f"{self.path.parent} is not a directory"
+            ) from None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def close(self) -> None:

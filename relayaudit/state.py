@@ -293,7 +293,9 @@ class StateStore:
                         check_same_thread=False,  # shared with worker threads, under _lock
                     )
             except OSError as exc:
-                raise StateError(f"state file {self.path}: cannot be created: {exc.strerror}") from exc
+                raise StateError(
+                    f"state file {self.path}: cannot be created: {exc.strerror}"
+                ) from exc
             except sqlite3.Error as exc:
                 raise self._error(exc, "open") from exc
             db.row_factory = sqlite3.Row
@@ -462,7 +464,9 @@ class StateStore:
                 (watermark, sweep_id),
             )
             if cur.rowcount == 0:
-                raise StateError(f"state file {self.path}: checkpoint: no running sweep {sweep_id!r}")
+                raise StateError(
+                    f"state file {self.path}: checkpoint: no running sweep {sweep_id!r}"
+                )
 
     def complete_sweep(self, sweep_id: str, stats: SweepStats) -> None:
         counts = {
@@ -480,11 +484,15 @@ class StateStore:
                 (finished, json.dumps(counts), sweep_id),
             )
             if cur.rowcount == 0:
-                raise StateError(f"state file {self.path}: complete sweep: no running sweep {sweep_id!r}")
+                raise StateError(
+                    f"state file {self.path}: complete sweep: no running sweep {sweep_id!r}"
+                )
 
     def last_completed(self) -> datetime | None:
         with self._read("last completed sweep") as db:
-            row = db.execute("SELECT MAX(finished) FROM sweeps WHERE state = 'completed'").fetchone()
+            row = db.execute(
+                "SELECT MAX(finished) FROM sweeps WHERE state = 'completed'"
+            ).fetchone()
         return _dt(row[0]) if row[0] is not None else None
 
     # -- findings ------------------------------------------------------------------------------
@@ -515,7 +523,8 @@ class StateStore:
             stored = {
                 row["id"]: row
                 for row in db.execute(
-                    "SELECT * FROM findings WHERE address = ? AND port = ? ORDER BY id", (address, port)
+                    "SELECT * FROM findings WHERE address = ? AND port = ? ORDER BY id",
+                    (address, port),
                 )
             }
             present = {f.id: f for f in verdict.findings}
@@ -758,7 +767,9 @@ class StateStore:
             if wanted is None:
                 rows = db.execute("SELECT * FROM findings").fetchall()
             else:
-                rows = db.execute("SELECT * FROM findings WHERE status = ?", (wanted.value,)).fetchall()
+                rows = db.execute(
+                    "SELECT * FROM findings WHERE status = ?", (wanted.value,)
+                ).fetchall()
         return _sorted_findings(
             FindingRow(
                 id=r["id"],
@@ -808,10 +819,14 @@ def _address_key(address: str) -> tuple[int, int]:
 
 def _sorted_findings(rows: Iterable[FindingRow]) -> list[FindingRow]:
     # most severe first, then numerically by address (text order puts .10 before .9)
-    return sorted(rows, key=lambda r: (r.severity.rank, _address_key(r.address), r.port, r.kind.value))
+    return sorted(
+        rows, key=lambda r: (r.severity.rank, _address_key(r.address), r.port, r.kind.value)
+    )
 
 
-def read_findings(paths: Sequence[Path], status: FindingStatus | str | None = None) -> list[FindingRow]:
+def read_findings(
+    paths: Sequence[Path], status: FindingStatus | str | None = None
+) -> list[FindingRow]:
     """Findings of several shard files, read-only; a finding in two files keeps its newest sighting."""
     merged: dict[str, FindingRow] = {}
     for path in paths:

@@ -18,6 +18,7 @@ from relayaudit.evidence import (
     TestResult,
     TlsFacts,
     Transport,
+    endpoint,
 )
 
 __all__ = [
@@ -266,7 +267,7 @@ class _Context:
             notes.append(f"Confirmed: canary message {conf.token} arrived at the ISO's mailbox.")
         elif conf is not None and conf.sent and conf.delivered is None:
             notes.append(f"Canary message {conf.token} sent; delivery not yet seen.")
-        title = f"{what} on {r.address}:{r.port}"
+        title = f"{what} on {endpoint(r.address, r.port)}"
         evidence = [*accepted, *([self.control] if self.control is not None else [])]
         return self.finding(
             kind,
@@ -327,7 +328,7 @@ def judge(
                 FindingKind.AUTH_WITHOUT_TLS,
                 severity=Severity.MEDIUM if weak else Severity.LOW,
                 confidence=Confidence.HIGH,
-                title=f"AUTH offered without TLS on {result.address}:{result.port}",
+                title=f"AUTH offered without TLS on {endpoint(result.address, result.port)}",
                 summary=(
                     f"The server offers AUTH {' '.join(facts.auth_mechanisms)} before any TLS: "
                     + (
@@ -379,7 +380,7 @@ def judge(
                 FindingKind.ACCEPTS_WITHOUT_DELIVERY,
                 severity=Severity.LOW,
                 confidence=Confidence.HIGH,
-                title=f"Accepts relay recipients but delivers nothing on {result.address}:{result.port}",
+                title=f"Accepts relay recipients but delivers nothing on {endpoint(result.address, result.port)}",
                 summary=(
                     f"Relay tests were accepted at RCPT, but the canary message {conf.token} "
                     f"(form {conf.test_id}) did not arrive within the wait: an accept-then-discard "
@@ -418,9 +419,9 @@ def _unapproved(ctx: _Context) -> Finding:
         FindingKind.UNAPPROVED_SMTP,
         severity=Severity.MEDIUM,
         confidence=Confidence.HIGH,
-        title=f"SMTP service not on the approved list: {r.address}:{r.port}",
+        title=f"SMTP service not on the approved list: {endpoint(r.address, r.port)}",
         summary=(
-            f"An SMTP server answers on {r.address}:{r.port} "
+            f"An SMTP server answers on {endpoint(r.address, r.port)} "
             f"({ctx.fingerprint.banner or 'no banner'}) and the ISO has not approved it."
         ),
     )
