@@ -227,10 +227,16 @@ class Timeouts(_Model):
 
     connect: Duration = 3.0
     command: Duration = 15.0
+    greeting: Duration = 30.0  # servers may pause before the 220 (greet delays, tarpits)
     session: Duration = 120.0
 
     @model_validator(mode="after")
     def _ordered(self) -> Timeouts:
+        if self.greeting > self.session:
+            raise ValueError(
+                f"timeouts.greeting: {self.greeting:g}s is longer than timeouts.session "
+                f"({self.session:g}s)"
+            )
         if self.command > self.session:
             raise ValueError(
                 f"timeouts.command: {self.command:g}s is longer than timeouts.session "

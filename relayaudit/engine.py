@@ -59,6 +59,7 @@ def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSetti
         source_address=str(config.source_address) if config.source_address else None,
         connect_timeout=config.timeouts.connect,
         command_timeout=config.timeouts.command,
+        greeting_timeout=config.timeouts.greeting,
         session_timeout=config.timeouts.session,
         max_tests_per_session=config.relay.max_tests_per_session,
         retest_after_starttls=config.relay.retest_after_starttls,

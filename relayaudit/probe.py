@@ -20,7 +20,7 @@ from email.utils import format_datetime, make_msgid
 
 import aiosmtplib
 
-from relayaudit.battery import BatteryInputs, build_battery, canary_recipient
+from relayaudit.battery import BatteryInputs, address_literal, build_battery, canary_recipient
 from relayaudit.evidence import (
     Confirmation,
     Exchange,
@@ -69,6 +69,7 @@ class ProbeSettings:
     source_address: str | None = None
     connect_timeout: float = 3.0
     command_timeout: float = 15.0
+    greeting_timeout: float = 30.0
     session_timeout: float = 120.0
     max_tests_per_session: int = 8
     retest_after_starttls: bool = True
@@ -240,6 +241,10 @@ class _Run:
     confirmation: Confirmation | None = None
     sessions: int = 0
     banner_seen: bool = False
+    helo: str = ""  # the HELO name in use: the configured one, or the literal it fell back to
+
+    def __post_init__(self) -> None:
+        self.helo = self.helo or self.settings.helo_name
 
     def result(self) -> ProbeResult:
         facts = self.facts
@@ -330,7 +335,9 @@ class _Run:
         )
         started = time.monotonic()
         try:
-            response = await smtp.connect()
+            # the greeting may come late (greet pauses, anti-spam delays); RFC 5321 4.5.3.2
+            # allows the server minutes, so it gets its own, longer deadline
+            response = await smtp.connect(timeout=max(s.greeting_timeout, s.command_timeout))
         except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
             self._log(None, Reply(code=exc.code, text=exc.message), started)
@@ -354,7 +361,9 @@ class _Run:
             smtp.close()
             self._log(None, None, started, error="no greeting")
             raise NoSession(
-                ProbeStatus.NO_BANNER, f"no greeting within {s.command_timeout:g}s", PortState.OPEN
+                ProbeStatus.NO_BANNER,
+                f"no greeting within {max(s.greeting_timeout, s.command_timeout):g}s",
+                PortState.OPEN,
             ) from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             smtp.close()
@@ -386,25 +395,44 @@ class _Run:
         return smtp
 
     async def _hello(self, smtp: aiosmtplib.SMTP, banner: Reply) -> bool:
-        started = time.monotonic()
-        line = f"EHLO {self.settings.helo_name}"
-        try:
-            response = await smtp.ehlo()
-            self._log(line, Reply(code=response.code, text=response.message), started)
-            return True
-        except aiosmtplib.SMTPHeloError as exc:
-            self._log(line, Reply(code=exc.code, text=exc.message), started)
-        except aiosmtplib.SMTPServerDisconnected as exc:
-            self._log(line, None, started, error=_describe(exc))
-            raise _Broken("server hung up after EHLO") from None
-        except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
-            self._log(line, None, started, error=_describe(exc))
-            raise _Broken(f"EHLO failed: {_describe(exc)}", fatal=True) from None
-        reply = await self.command(smtp, f"HELO {self.settings.helo_name}")
-        if reply.code != 250:
-            raise _Broken(f"HELO refused: {reply}", fatal=True)
-        smtp.last_helo_response = aiosmtplib.SMTPResponse(reply.code, reply.text)
-        return False
+        """EHLO, else HELO; True when EHLO worked.
+
+        Servers with anti-forgery HELO rules refuse a name they consider theirs (a campus HELO
+        name from outside is exactly that): then the vantage's address literal is tried, the
+        RFC 5321 form for a client without a name. A server refusing both refuses the session.
+        """
+        names = [self.helo]
+        if self.vantage:
+            literal = address_literal(self.vantage)
+            if literal != self.helo:
+                names.append(literal)
+        reply: Reply | None = None
+        for name in names:
+            started = time.monotonic()
+            line = f"EHLO {name}"
+            try:
+                response = await smtp.ehlo(hostname=name)
+                self._log(line, Reply(code=response.code, text=response.message), started)
+                self.helo = name
+                return True
+            except aiosmtplib.SMTPHeloError as exc:
+                self._log(line, Reply(code=exc.code, text=exc.message), started)
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                self._log(line, None, started, error=_describe(exc))
+                raise _Broken("server hung up after EHLO") from None
+            except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
+                self._log(line, None, started, error=_describe(exc))
+                raise _Broken(f"EHLO failed: {_describe(exc)}", fatal=True) from None
+            if not smtp.is_connected:
+                raise _Broken("server hung up after EHLO")
+            reply = await self.command(smtp, f"HELO {name}")
+            if reply.code == 250:
+                self.helo = name
+                smtp.last_helo_response = aiosmtplib.SMTPResponse(reply.code, reply.text)
+                return False
+            if not smtp.is_connected or reply.code == 421:
+                break
+        raise NoSession(ProbeStatus.SESSION_REFUSED, f"HELO refused: {reply}", PortState.OPEN)
 
     async def _starttls(self, smtp: aiosmtplib.SMTP) -> None:
         started = time.monotonic()
@@ -422,12 +450,12 @@ class _Run:
         self.tls = _tls_facts(smtp)
         started = time.monotonic()
         try:
-            response = await smtp.ehlo()
+            response = await smtp.ehlo(hostname=self.helo)
         except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
-            self._log(f"EHLO {self.settings.helo_name}", None, started, error=_describe(exc))
+            self._log(f"EHLO {self.helo}", None, started, error=_describe(exc))
             raise _Broken("EHLO after STARTTLS failed", fatal=True) from None
         self._log(
-            f"EHLO {self.settings.helo_name}",
+            f"EHLO {self.helo}",
             Reply(code=response.code, text=response.message),
             started,
         )

@@ -197,7 +197,8 @@ class _Context:
                 tls=facts.tls,
             )
             if facts is not None
-            else Fingerprint()
+            # no session facts (e.g. HELO refused): the greeting is still in the transcript
+            else Fingerprint(banner=_greeting(result))
         )
         controls = [r for r in result.tests if r.test.category is TestCategory.CONTROL]
         self.control = controls[0] if controls else None
@@ -257,6 +258,11 @@ class _Context:
                 f"It also accepted the impossible control recipient <{self.control.test.rcpt_to}>: "
                 "it accepts everything at RCPT, so acceptance alone is weak evidence."
             )
+            if conf is None or not conf.sent:
+                notes.append(
+                    "An open relay that does not verify recipients, or an accept-all trap: "
+                    "confirmation mode (--confirm / canary.enabled) tells them apart."
+                )
         elif self.control is not None and self.control.rcpt is not None:
             notes.append(f"The control recipient was refused ({self.control.rcpt.code}).")
         if confidence is Confidence.MEDIUM:
@@ -267,6 +273,11 @@ class _Context:
             notes.append(f"Confirmed: canary message {conf.token} arrived at the ISO's mailbox.")
         elif conf is not None and conf.sent and conf.delivered is None:
             notes.append(f"Canary message {conf.token} sent; delivery not yet seen.")
+        elif conf is not None and conf.sent and conf.delivered is False:
+            notes.append(
+                f"Canary message {conf.token} was accepted but not seen within the wait: it may "
+                "still be queued; the RCPT evidence above stands."
+            )
         title = f"{what} on {endpoint(r.address, r.port)}"
         evidence = [*accepted, *([self.control] if self.control is not None else [])]
         return self.finding(
@@ -343,7 +354,12 @@ def judge(
     plain_group = [r for r in result.tests if r.transport is not Transport.STARTTLS]
     tls_group = [r for r in result.tests if r.transport is Transport.STARTTLS]
     conf = result.confirmation
-    undelivered = conf is not None and conf.sent and conf.delivered is False
+    # Not delivered within the wait clears a relay only for a server that accepts everything
+    # (a trap or accept-then-discard); a server that refused the control recipient but accepted
+    # the relay tests is selective, and its canary may simply sit in a queue.
+    undelivered = (
+        conf is not None and conf.sent and conf.delivered is False and ctx.accepts_everything
+    )
 
     status: VerdictStatus | None = None
     for group, after_tls in ((plain_group, False), (tls_group, True)):
@@ -407,6 +423,11 @@ def judge(
         summary=summary or _status_summary(status, plain_group, result),
         findings=tuple(findings),
     )
+
+
+def _greeting(result: ProbeResult) -> str | None:
+    first = next((ex for ex in result.transcript if ex.command is None and ex.reply), None)
+    return str(first.reply) if first is not None and first.reply is not None else None
 
 
 def _implicit(result: ProbeResult) -> bool:
