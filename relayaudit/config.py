@@ -227,12 +227,17 @@ class Timeouts(_Model):
 
     connect: Duration = 3.0
     command: Duration = 15.0
-    greeting: Duration = 30.0  # servers may pause before the 220 (greet delays, tarpits)
+    # servers may pause before the 220 (greet delays, tarpits); unset: 30 s, within `session`
+    greeting: Duration | None = None
     session: Duration = 120.0
+
+    @property
+    def greeting_wait(self) -> float:
+        return self.greeting if self.greeting is not None else min(30.0, self.session)
 
     @model_validator(mode="after")
     def _ordered(self) -> Timeouts:
-        if self.greeting > self.session:
+        if self.greeting is not None and self.greeting > self.session:
             raise ValueError(
                 f"timeouts.greeting: {self.greeting:g}s is longer than timeouts.session "
                 f"({self.session:g}s)"
