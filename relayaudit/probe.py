@@ -69,7 +69,7 @@ class ProbeSettings:
     source_address: str | None = None
     connect_timeout: float = 3.0
     command_timeout: float = 15.0
-    greeting_timeout: float = 30.0
+    greeting_timeout: float = 0.0  # the wait for the 220; never less than command_timeout
     session_timeout: float = 120.0
     max_tests_per_session: int = 8
     retest_after_starttls: bool = True

@@ -354,11 +354,17 @@ def judge(
     plain_group = [r for r in result.tests if r.transport is not Transport.STARTTLS]
     tls_group = [r for r in result.tests if r.transport is Transport.STARTTLS]
     conf = result.confirmation
-    # Not delivered within the wait clears a relay only for a server that accepts everything
-    # (a trap or accept-then-discard); a server that refused the control recipient but accepted
-    # the relay tests is selective, and its canary may simply sit in a queue.
+    # Not delivered within the wait clears a relay for a server that accepts everything (a trap,
+    # accept-then-discard) or only odd forms (read as local mailboxes); a server that refused the
+    # control but accepted a plain third-party recipient is selective: its canary may be queued.
+    selective_plain = conf is not None and any(
+        _is_plain_recipient(a) for a in _accepted(result.tests) if a.transport is conf.transport
+    )
     undelivered = (
-        conf is not None and conf.sent and conf.delivered is False and ctx.accepts_everything
+        conf is not None
+        and conf.sent
+        and conf.delivered is False
+        and (ctx.accepts_everything or not selective_plain)
     )
 
     status: VerdictStatus | None = None
