@@ -79,6 +79,7 @@ def settings(*, confirm: bool = False) -> ProbeSettings:
         source_address=SCANNER_SOURCE,
         connect_timeout=3.0,
         command_timeout=10.0,
+        greeting_timeout=30.0,  # the config's default (timeouts.greeting)
         session_timeout=60.0,
         campus_domains=("campus.test",),
         external_domains=("relay-test.example", "sender.example"),
