@@ -691,17 +691,7 @@ class StateStore:
                 "ORDER BY d.id LIMIT ?",
                 (channel, _ts(now), limit),
             ).fetchall()
-        return [
-            OutboxItem(
-                id=r["id"],
-                channel=r["channel"],
-                alert=Alert.model_validate_json(r["body"]),
-                attempts=r["attempts"],
-                next_attempt=_dt(r["next_attempt"]),
-                last_error=r["last_error"],
-            )
-            for r in rows
-        ]
+        return [_outbox_item(r) for r in rows]
 
     def delivered(self, item: OutboxItem) -> None:
         with self._write("mark delivered") as db:
@@ -741,17 +731,7 @@ class StateStore:
                 "WHERE d.state = 'dead' ORDER BY d.id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [
-            OutboxItem(
-                id=r["id"],
-                channel=r["channel"],
-                alert=Alert.model_validate_json(r["body"]),
-                attempts=r["attempts"],
-                next_attempt=_dt(r["next_attempt"]),
-                last_error=r["last_error"],
-            )
-            for r in rows
-        ]
+        return [_outbox_item(r) for r in rows]
 
     def alerts(self) -> list[Alert]:
         """Every alert ever raised, oldest first (also those created with no channel configured)."""
@@ -807,6 +787,17 @@ class StateStore:
             )
             for r in rows
         ]
+
+
+def _outbox_item(row: sqlite3.Row) -> OutboxItem:
+    return OutboxItem(
+        id=row["id"],
+        channel=row["channel"],
+        alert=Alert.model_validate_json(row["body"]),
+        attempts=row["attempts"],
+        next_attempt=_dt(row["next_attempt"]),
+        last_error=row["last_error"],
+    )
 
 
 def _address_key(address: str) -> tuple[int, int]:
