@@ -478,12 +478,14 @@ class _Run:
         )
 
     async def quit(self, smtp: aiosmtplib.SMTP) -> None:
-        """Say goodbye politely, but never wait long for it."""
-        if smtp.is_connected:
-            with contextlib.suppress(_Broken):
-                async with asyncio.timeout(min(2.0, self.settings.command_timeout)):
-                    await self.command(smtp, "QUIT")
-        smtp.close()
+        """Say goodbye politely, but never wait long for it (a silent QUIT is not an error)."""
+        try:
+            if smtp.is_connected:
+                with contextlib.suppress(_Broken, TimeoutError):
+                    async with asyncio.timeout(min(2.0, self.settings.command_timeout)):
+                        await self.command(smtp, "QUIT")
+        finally:
+            smtp.close()
 
     # -- the battery ---------------------------------------------------------------------
 
@@ -553,13 +555,18 @@ class _Run:
                             self._skip(queue, transport, f"not run: {exc.reason}")
                             return
                         break
+                    closing = 421 in (
+                        result.mail and result.mail.code,
+                        result.rcpt and result.rcpt.code,
+                    )
+                    if closing and attempts[test.id] < 2:
+                        # 421 closes the session ("too many errors", connection limits); it is no
+                        # answer about relaying: ask again on a fresh connection
+                        break
                     queue.popleft()
                     self.tests.append(result)
                     done_here += 1
-                    if not smtp.is_connected or 421 in (
-                        result.mail and result.mail.code,
-                        result.rcpt and result.rcpt.code,
-                    ):
+                    if not smtp.is_connected or closing:
                         break
                     # RSET ends the transaction MAIL opened; after a refused MAIL none is open
                     if (
@@ -712,11 +719,15 @@ async def probe(
     `sock`, when given, is an already connected socket (from discovery) used for the first session.
     """
     run = _Run(address=address, port=port, settings=settings, implicit_tls=implicit_tls, gate=gate)
+    deadline = asyncio.timeout(settings.session_timeout)
     try:
-        async with asyncio.timeout(settings.session_timeout):
+        async with deadline:
             await _probe(run, sock)
     except TimeoutError:
-        if not run.banner_seen:
+        if not deadline.expired():
+            # an inner wait's timeout that escaped: a bug of ours, not the session deadline
+            run.status, run.error = ProbeStatus.ERROR, "unexpected: an inner timeout escaped"
+        elif not run.banner_seen:
             run.status, run.error = (
                 ProbeStatus.NO_BANNER,
                 f"no greeting within the {settings.session_timeout:g}s session deadline",
@@ -759,7 +770,14 @@ async def _probe(run: _Run, sock: socket.socket | None) -> None:
     s = run.settings
     first_transport = Transport.IMPLICIT_TLS if run.implicit_tls else Transport.PLAIN
     try:
-        smtp = await run.open_session(first_transport, sock)
+        try:
+            smtp = await run.open_session(first_transport, sock)
+        except _Broken as exc:
+            if sock is None or exc.fatal:
+                raise
+            # the discovery connection may have idled while other ports were probed, and the
+            # server dropped it: one fresh connection before giving up
+            smtp = await run.open_session(first_transport)
     except NoSession as exc:
         run.status, run.error, run.port_state = exc.status, exc.reason, exc.port_state
         return
@@ -792,7 +810,7 @@ async def _probe(run: _Run, sock: socket.socket | None) -> None:
             tls_session = None
         if tls_session is not None:
             if s.retest_after_starttls and not relayed:
-                await run.battery(build_battery(inputs), Transport.STARTTLS, tls_session)
+                await run.battery(tests, Transport.STARTTLS, tls_session)
             else:
                 await run.quit(tls_session)
     if s.canary is not None:
