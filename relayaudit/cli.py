@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -279,6 +280,13 @@ async def _check(args: argparse.Namespace) -> int:
     for port in ports:
         if not 0 < port < 65536:
             raise ConfigError(f"--port: {port} is outside 1-65535")
+    if args.confirm and (
+        config.canary.domain == "invalid" or config.canary.domain.endswith(".invalid")
+    ):
+        raise ConfigError(
+            f"--confirm: canary.domain {config.canary.domain!r} cannot receive mail; give a "
+            "--config whose [canary] domain has its MX at canary.listen"
+        )
     settings = probe_settings(config, confirm=args.confirm)
     canary: CanaryReceiver | None = None
     if args.confirm:
@@ -433,6 +441,8 @@ def _sweep_processes(config: Config, shard: Shard | None, processes: int) -> int
                 code = EXIT_OK
             except RelayAuditError as exc:
                 print(f"relayaudit: {exc}", file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()  # os._exit below would otherwise swallow it
             finally:
                 os._exit(code)
         os.close(write_end)

@@ -221,6 +221,17 @@ class CanaryConfig(_Model):
     listen: Endpoint = ("127.0.0.1", 2526)
     wait: Duration = 60.0
 
+    @model_validator(mode="after")
+    def _deliverable(self) -> CanaryConfig:
+        # a canary to a domain that cannot resolve never arrives, and "not delivered" would
+        # clear real relays as accept-without-delivery
+        if self.enabled and (self.domain == "invalid" or self.domain.endswith(".invalid")):
+            raise ValueError(
+                f"canary.domain: {self.domain!r} cannot receive mail; confirmation mode needs a "
+                "domain whose MX points at canary.listen"
+            )
+        return self
+
 
 class Timeouts(_Model):
     """Every wait has a deadline."""

@@ -234,13 +234,24 @@ class _Context:
             confirmation_token=conf.token if conf is not None else None,
         )
 
-    def relay_finding(self, kind: FindingKind, accepted: list[TestResult], what: str) -> Finding:
+    def relay_finding(
+        self,
+        kind: FindingKind,
+        accepted: list[TestResult],
+        what: str,
+        *,
+        confirmable: list[TestResult],
+    ) -> Finding:
+        """`accepted`: the tests the finding is about; `confirmable`: every accepted test of the
+        same transport, any of which a delivered canary may have gone through."""
         r = self.result
         conf = r.confirmation
         confirmed = (
             conf is not None
             and conf.delivered is True
-            and any(a.test.id == conf.test_id and a.transport is conf.transport for a in accepted)
+            and any(
+                a.test.id == conf.test_id and a.transport is conf.transport for a in confirmable
+            )
         )
         plain = [a for a in accepted if _is_plain_recipient(a)]
         if confirmed:
@@ -393,7 +404,7 @@ def judge(
                 "Relays for anyone claiming a campus sender",
                 VerdictStatus.RELAY_CAMPUS_SENDER,
             )
-        findings.append(ctx.relay_finding(kind, outside or accepted, what))
+        findings.append(ctx.relay_finding(kind, outside or accepted, what, confirmable=accepted))
 
     if status is None and undelivered and conf is not None:
         status = VerdictStatus.ACCEPTS_WITHOUT_DELIVERY

@@ -386,7 +386,11 @@ async def test_a_daemon_with_default_metrics_listens_on_loopback_only(tmp_path: 
         pytest.skip(f"cannot create a network namespace here: {err.decode().strip()}")
     data = base_config(tmp_path, "127.0.78.4/30", PORT)
     del data["metrics"]  # the defaults: enabled, 127.0.0.1:9425
-    data["canary"] = {"enabled": True, "wait": "1s"}  # its receiver at its default listen
+    data["canary"] = {
+        "enabled": True,
+        "domain": "canary.campus.test",
+        "wait": "1s",
+    }  # default listen
     cfg = write_config(tmp_path / "relayaudit.toml", data)
     d = DaemonProcess(cfg, tmp_path / "log.jsonl", prefix=NETNS)
     await d.start()
