@@ -231,26 +231,30 @@ class Daemon:
     async def _loop(self, open_files: int) -> None:
         store = self._store
         assert store is not None
-        last_started: datetime | None = None
+        shard = str(self.shard) if self.shard else "0/1"
+        last_started = await asyncio.to_thread(store.last_started)
         while not self.stopping.is_set():
             if self._reload.is_set():
                 await self._apply_reload()
-            space = TargetSpace(self.config.targets, self.config.exclude, seed=self.config.seed)
-            record = store.begin_sweep(
-                shard=str(self.shard) if self.shard else "0/1",
-                config_fingerprint=config_fingerprint(self.config),
-                total=space.shard_size(self.shard),
+            schedule = Schedule(self.config.schedule, tz=local_zone())
+            fingerprint = config_fingerprint(self.config)
+            # an interrupted sweep continues at once; a fresh one waits for its slot (a daemon
+            # that never swept starts at once in interval mode, cron always waits for its time)
+            resumable = await asyncio.to_thread(
+                store.resumable, shard=shard, config_fingerprint=fingerprint
             )
-            if not record.resumed and last_started is not None:
-                # a fresh sweep waits for its slot; an interrupted one continues at once
-                when = Schedule(self.config.schedule, tz=local_zone()).next_run(
+            if not resumable and (last_started is not None or schedule.kind == "cron"):
+                when = schedule.next_run(
                     datetime.now(UTC), last_started=last_started, rng=self._rng
                 )
                 log.info("sweep.scheduled", at=when.isoformat())
                 if not await self._wait_until(when):
                     break
-                if self._reload.is_set():
-                    continue
+                fingerprint = config_fingerprint(self.config)  # reloaded while waiting?
+            space = TargetSpace(self.config.targets, self.config.exclude, seed=self.config.seed)
+            record = store.begin_sweep(
+                shard=shard, config_fingerprint=fingerprint, total=space.shard_size(self.shard)
+            )
             last_started = datetime.now(UTC)
             await self._sweep_once(
                 record.id, record.watermark, record.total, record.resumed, open_files
@@ -302,7 +306,7 @@ class Daemon:
                 await asyncio.sleep(CHECKPOINT_EVERY)
                 try:
                     await asyncio.to_thread(store.checkpoint, sweep_id, mark.low)
-                    self._refresh_gauges()
+                    await self._refresh_gauges()
                 except StateError as exc:  # the resume point lags; the next checkpoint catches up
                     log.error("sweep.checkpoint_failed", error=str(exc))
 
@@ -344,7 +348,7 @@ class Daemon:
         self._last_completed = datetime.now(UTC)
         elapsed = time.monotonic() - started
         self._metrics.sweep_completed(duration=elapsed, finished_at=time.time())
-        self._refresh_gauges()
+        await self._refresh_gauges()
         log.info(
             "sweep.summary",
             hosts=stats.hosts,
@@ -357,15 +361,12 @@ class Daemon:
         )
         self._logs.bind(sweep_id=None)
 
-    def _refresh_gauges(self) -> None:
+    async def _refresh_gauges(self) -> None:
         store = self._store
         assert store is not None
-        counts: dict[tuple[str, str], int] = {}
-        for row in store.findings():
-            key = (row.kind.value, row.status.value)
-            counts[key] = counts.get(key, 0) + 1
-        self._metrics.set_findings(counts)
-        outbox = store.outbox_counts()
+        # off the event loop: the store lock is shared with the sink's writer threads
+        self._metrics.set_findings(await asyncio.to_thread(store.finding_counts))
+        outbox = await asyncio.to_thread(store.outbox_counts)
         self._metrics.set_alerts(
             pending=outbox.get("pending", 0), sent=outbox.get("sent", 0), dead=outbox.get("dead", 0)
         )

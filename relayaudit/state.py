@@ -488,6 +488,23 @@ class StateStore:
                     f"state file {self.path}: complete sweep: no running sweep {sweep_id!r}"
                 )
 
+    def resumable(self, *, shard: str, config_fingerprint: str) -> bool:
+        """Whether begin_sweep would continue an interrupted sweep rather than start one."""
+        with self._read("look for an interrupted sweep") as db:
+            row = db.execute(
+                "SELECT 1 FROM sweeps WHERE state = 'running' AND shard = ? AND fingerprint = ?",
+                (shard, config_fingerprint),
+            ).fetchone()
+        return row is not None
+
+    def last_started(self) -> datetime | None:
+        """When the latest sweep that ran to the end (or is running) started: the schedule's base."""
+        with self._read("last sweep start") as db:
+            row = db.execute(
+                "SELECT MAX(started) FROM sweeps WHERE state IN ('completed', 'running')"
+            ).fetchone()
+        return _dt(row[0]) if row[0] is not None else None
+
     def last_completed(self) -> datetime | None:
         with self._read("last completed sweep") as db:
             row = db.execute(
@@ -714,6 +731,14 @@ class StateStore:
                     item.id,
                 ),
             )
+
+    def finding_counts(self) -> dict[tuple[str, str], int]:
+        """{(kind, status): count}: what the metrics need, without parsing any finding."""
+        with self._read("count findings") as db:
+            rows = db.execute(
+                "SELECT kind, status, COUNT(*) FROM findings GROUP BY kind, status"
+            ).fetchall()
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
 
     def outbox_counts(self) -> dict[str, int]:
         with self._read("count outbox") as db:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,26 @@ async def test_sigterm_mid_sweep_exits_within_the_bound(
     assert took < 12, took  # STOP_GRACE is 10 s; in practice cancellation is immediate
     assert d.events("sweep.interrupted")
     assert os.path.exists(tmp_path / "state.sqlite")
+
+
+async def test_a_restart_keeps_the_schedule_instead_of_sweeping_at_once(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    cfg = write_config(tmp_path, "127.0.55.0/30", interval="1h")
+    async with Lab([ServerSpec(host="127.0.55.1", port=PORT, behaviour=Behaviour.CLOSED)]):
+        first = Daemon(cfg, tmp_path / "log.jsonl")
+        daemons.append(first)
+        await first.start()
+        await first.wait_for(lambda: bool(first.events("sweep.summary")), 30, "the first sweep")
+        await first.signal(signal.SIGTERM)
+        assert await first.exit_code(15) == 0
+        second = Daemon(cfg, tmp_path / "log.jsonl")
+        daemons.append(second)
+        await second.start()
+        await second.wait_for(lambda: len(second.events("sweep.scheduled")) >= 2, 15, "a schedule")
+        await asyncio.sleep(1.0)
+        assert len(second.events("sweep.start")) == 1  # only the first daemon's sweep
+        when = datetime.fromisoformat(second.events("sweep.scheduled")[-1]["at"])
+        assert (when - datetime.now(UTC)).total_seconds() > 50 * 60
+        await second.signal(signal.SIGTERM)
+        assert await second.exit_code(15) == 0

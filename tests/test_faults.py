@@ -453,6 +453,8 @@ async def test_full_disk_stops_the_daemon_with_a_clear_message_and_it_resumes(
                     err,
                 ), err
                 filler.unlink()
+                begun = {e["sweep_id"] for e in d.events("sweep.start")}
+                finished = {e["sweep_id"] for e in d.events("sweep.summary")}
                 again = DaemonProcess(cfg, tmp_path / "log.jsonl")
                 daemons.append(again)
                 await again.start()
@@ -466,8 +468,11 @@ async def test_full_disk_stops_the_daemon_with_a_clear_message_and_it_resumes(
                 )
                 assert await again.stop() == 0
         assert_nothing_lost(state, read_jsonl(tmp_path / "tickets.jsonl"))
+        # the disk filled either mid-sweep (then the restart must continue that sweep) or while
+        # the daemon was starting its next one (then there is nothing to resume)
         starts = again.events("sweep.start")
-        assert any(e["resumed"] for e in starts)  # the interrupted sweep was continued
+        if begun - finished:
+            assert any(e["resumed"] and e["sweep_id"] in begun - finished for e in starts)
         # the findings file holds whole JSON lines only
         lines = (fs / "findings.jsonl").read_text(encoding="utf-8").splitlines()
         assert lines and all(_is_json(line) for line in lines)
