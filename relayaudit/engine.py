@@ -16,7 +16,7 @@ from asyncio_throttle.throttler import Throttler
 
 from relayaudit.config import Config
 from relayaudit.errors import RelayAuditError
-from relayaudit.evidence import ProbeResult, ProbeStatus
+from relayaudit.evidence import PortState, ProbeResult, ProbeStatus
 from relayaudit.probe import (
     CanaryTarget,
     NoSession,
@@ -30,6 +30,8 @@ from relayaudit.verdict import Verdict, VerdictStatus, judge
 
 if TYPE_CHECKING:  # the receiver (aiosmtpd) is imported only where confirmation mode runs
     from relayaudit.canary import CanaryReceiver
+
+_HANDED_OVER = NoSession(ProbeStatus.ERROR, "handed to the probe", PortState.OPEN)
 
 _UNREACHABLE_STATUS = {
     ProbeStatus.CLOSED: VerdictStatus.CLOSED,
@@ -288,7 +290,23 @@ async def sweep(
     stats = SweepStats()
     mark = watermark or Watermark(low=start)
     work: Iterator[tuple[int, Address]] = space.iter_shard(shard, start=start)
-    pending: set[asyncio.Task[None]] = set()
+    # A position counts as done (for the resume watermark) only once its results reached the
+    # sinks, including those whose canary is still awaited: each holds a reference.
+    refs: dict[int, int] = {}
+    group = asyncio.TaskGroup()
+
+    def release(position: int) -> None:
+        refs[position] -= 1
+        if not refs[position]:
+            del refs[position]
+            mark.done(position)
+
+    async def finish_later(result: ProbeResult, position: int) -> None:
+        try:
+            await finish(result)
+        finally:
+            release(position)
+
     done_hosts = start
     unreachable_sinks = [s for s in sinks if getattr(s, "wants_unreachable", True)]
 
@@ -305,7 +323,7 @@ async def sweep(
         for sink in to:
             await sink.emit(result, verdict)
 
-    async def host(address: str) -> None:
+    async def host(address: str, position: int) -> None:
         # discovery of all ports at once; SMTP sessions one after another (one per host at a time)
         async def connect(port: int) -> tuple[int, socket.socket | NoSession]:
             await pacer(address)
@@ -314,53 +332,59 @@ async def sweep(
             )
             return port, outcome
 
+        found: list[tuple[int, socket.socket | NoSession]]
         if len(config.ports) == 1:
             found = [await connect(config.ports[0])]  # no task per connect when there is one port
         else:
-            found = await asyncio.gather(*(connect(p) for p in config.ports))
+            found = list(await asyncio.gather(*(connect(p) for p in config.ports)))
         vantage = settings.source_address or "default"
-        for port, outcome in found:
-            if isinstance(outcome, NoSession):
-                if not unreachable_sinks:
-                    stats.probes += 1
-                    stats.statuses[_UNREACHABLE_STATUS[outcome.status]] += 1
+        try:
+            for i, (port, outcome) in enumerate(found):
+                if isinstance(outcome, NoSession):
+                    if not unreachable_sinks:
+                        stats.probes += 1
+                        stats.statuses[_UNREACHABLE_STATUS[outcome.status]] += 1
+                        continue
+                    result = unreachable(address, port, outcome, vantage=vantage)
+                    await deliver(result, unreachable_verdict(result), unreachable_sinks)
                     continue
-                result = unreachable(address, port, outcome, vantage=vantage)
-                await deliver(result, unreachable_verdict(result), unreachable_sinks)
-                continue
-            result = await probe(
-                address,
-                port,
-                settings,
-                implicit_tls=port in config.implicit_tls_ports,
-                gate=pacer,
-                sock=outcome,
-            )
-            if result.confirmation is not None and result.confirmation.sent:
-                # waiting for the canary must not hold a worker
-                task = asyncio.get_running_loop().create_task(finish(result))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            else:
-                await finish(result)
+                found[i] = (port, _HANDED_OVER)  # probe() owns the socket from here on
+                result = await probe(
+                    address,
+                    port,
+                    settings,
+                    implicit_tls=port in config.implicit_tls_ports,
+                    gate=pacer,
+                    sock=outcome,
+                )
+                if result.confirmation is not None and result.confirmation.sent:
+                    # waiting for the canary must not hold a worker; the task group still owns it
+                    refs[position] += 1
+                    group.create_task(finish_later(result, position))
+                else:
+                    await finish(result)
+        finally:
+            # a cancelled or failed host leaves no discovery connection open
+            for _, outcome in found:
+                if isinstance(outcome, socket.socket):
+                    outcome.close()
 
     async def worker() -> None:
         nonlocal done_hosts
         for position, address in work:
-            await host(str(address))
+            refs[position] = 1
+            await host(str(address), position)
             stats.hosts += 1
             done_hosts += 1
-            mark.done(position)
+            release(position)
             if progress is not None:
                 progress(done_hosts, total)
 
     pacer.start()
     try:
-        async with asyncio.TaskGroup() as group:
+        async with group:
             for _ in range(max(1, min(workers or config.limits.concurrency, total))):
                 group.create_task(worker())
-        if pending:
-            await asyncio.gather(*pending)
     except BaseExceptionGroup as failed:
         # a sink that cannot write (state store locked or full, findings file) ends the sweep;
         # the caller gets that error, with its clear message, not a group around it
