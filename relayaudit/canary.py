@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPServerProtocol
+
+from relayaudit.errors import ConfigError
 
 __all__ = ["Arrival", "CanaryReceiver"]
 
@@ -118,3 +121,15 @@ class CanaryReceiver:
             waiters = self._waiters.get(token)
             if waiters and fut in waiters:
                 waiters.remove(fut)
+
+
+async def start_canary(host: str, port: int, *, domain: str) -> CanaryReceiver:
+    """A started receiver, or a ConfigError naming `canary.listen` and why it cannot listen."""
+    receiver = CanaryReceiver(host, port, domain=domain)
+    try:
+        await receiver.start()
+    except OSError as exc:
+        # asyncio's bind errors carry a long "error while attempting to bind ..." strerror
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"canary.listen: cannot listen on {host}:{port}: {reason}") from None
+    return receiver

@@ -290,16 +290,9 @@ async def _check(args: argparse.Namespace) -> int:
     settings = probe_settings(config, confirm=args.confirm)
     canary: CanaryReceiver | None = None
     if args.confirm:
-        from relayaudit.canary import CanaryReceiver
+        from relayaudit.canary import start_canary
 
-        host, cport = config.canary.listen
-        canary = CanaryReceiver(host, cport, domain=config.canary.domain)
-        try:
-            await canary.start()
-        except OSError as exc:
-            raise ConfigError(
-                f"canary.listen: cannot listen on {host}:{cport}: {exc.strerror}"
-            ) from None
+        canary = await start_canary(*config.canary.listen, domain=config.canary.domain)
     outcomes: list[tuple[ProbeResult, Verdict]] = []
     try:
         for address in addresses:
@@ -392,16 +385,9 @@ async def _sweep(
         ) from None
     canary: CanaryReceiver | None = None
     if config.canary.enabled:
-        from relayaudit.canary import CanaryReceiver
+        from relayaudit.canary import start_canary
 
-        host, port = config.canary.listen
-        canary = CanaryReceiver(host, port, domain=config.canary.domain)
-        try:
-            await canary.start()
-        except OSError as exc:
-            raise ConfigError(
-                f"canary.listen: cannot listen on {host}:{port}: {exc.strerror}"
-            ) from None
+        canary = await start_canary(*config.canary.listen, domain=config.canary.domain)
     try:
         stats = await sweep(config, sinks=[sink], shard=shard, canary=canary, progress=progress)
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from relayaudit.alerts import Dispatcher
-from relayaudit.canary import CanaryReceiver
+from relayaudit.canary import CanaryReceiver, start_canary
 from relayaudit.config import Config, config_fingerprint, load_config
 from relayaudit.engine import SweepStats, Watermark, sweep
 from relayaudit.errors import ConfigError, RelayAuditError, StateError
@@ -288,15 +288,8 @@ class Daemon:
         self._findings_file = findings
         metrics_sink = _MetricsSink(self._metrics)
         canary: CanaryReceiver | None = None
-        if config.canary.enabled:
-            canary = CanaryReceiver(*config.canary.listen, domain=config.canary.domain)
-            try:
-                await canary.start()
-            except OSError as exc:  # a clear exit; the sweep resumes on restart
-                host, port = config.canary.listen
-                raise ConfigError(
-                    f"canary.listen: cannot listen on {host}:{port}: {_reason(exc)}"
-                ) from None
+        if config.canary.enabled:  # a port in use is a clear exit; the sweep resumes on restart
+            canary = await start_canary(*config.canary.listen, domain=config.canary.domain)
 
         def progress(done: int, of: int) -> None:
             self._metrics.sweep_progress(done, of)
