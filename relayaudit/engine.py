@@ -371,12 +371,17 @@ async def sweep(
 
     async def worker() -> None:
         nonlocal done_hosts
+        confirming = settings.canary is not None
         for position, address in work:
-            refs[position] = 1
+            if confirming:
+                refs[position] = 1
             await host(str(address), position)
             stats.hosts += 1
             done_hosts += 1
-            release(position)
+            if confirming:
+                release(position)
+            else:
+                mark.done(position)
             if progress is not None:
                 progress(done_hosts, total)
 
