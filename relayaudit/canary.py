@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPServerProtocol
 
-from relayaudit.errors import ConfigError
+from relayaudit.errors import ConfigError, os_reason
 
 __all__ = ["Arrival", "CanaryReceiver"]
 
@@ -129,7 +128,7 @@ async def start_canary(host: str, port: int, *, domain: str) -> CanaryReceiver:
     try:
         await receiver.start()
     except OSError as exc:
-        # asyncio's bind errors carry a long "error while attempting to bind ..." strerror
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConfigError(f"canary.listen: cannot listen on {host}:{port}: {reason}") from None
+        raise ConfigError(
+            f"canary.listen: cannot listen on {host}:{port}: {os_reason(exc)}"
+        ) from None
     return receiver

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import resource
 import signal
@@ -19,7 +18,7 @@ from relayaudit.alerts import Dispatcher
 from relayaudit.canary import CanaryReceiver, start_canary
 from relayaudit.config import Config, config_fingerprint, load_config
 from relayaudit.engine import SweepStats, Watermark, sweep
-from relayaudit.errors import ConfigError, RelayAuditError, StateError
+from relayaudit.errors import ConfigError, RelayAuditError, StateError, os_reason
 from relayaudit.evidence import ProbeResult
 from relayaudit.logs import LogHandle, configure_logging
 from relayaudit.metrics import Metrics, MetricsServer
@@ -35,11 +34,6 @@ STOP_GRACE = 10.0  # seconds a stop may take before in-flight probes are abandon
 CHECKPOINT_EVERY = 2.0
 
 log = structlog.get_logger("relayaudit")
-
-
-def _reason(exc: OSError) -> str:
-    # asyncio's bind errors carry a long "error while attempting to bind ..." strerror
-    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def raise_open_file_limit() -> int:
@@ -171,7 +165,7 @@ class Daemon:
             await server.start()
         except OSError as exc:
             raise ConfigError(
-                f"metrics.listen: cannot listen on {cfg.listen[0]}:{cfg.listen[1]}: {_reason(exc)}"
+                f"metrics.listen: cannot listen on {cfg.listen[0]}:{cfg.listen[1]}: {os_reason(exc)}"
             ) from None
         return server
 

@@ -16,7 +16,7 @@ from asyncio_throttle.throttler import Throttler
 
 from relayaudit.config import Config
 from relayaudit.errors import RelayAuditError
-from relayaudit.evidence import PortState, ProbeResult, ProbeStatus
+from relayaudit.evidence import ProbeResult, ProbeStatus
 from relayaudit.probe import (
     CanaryTarget,
     NoSession,
@@ -30,8 +30,6 @@ from relayaudit.verdict import Verdict, VerdictStatus, judge
 
 if TYPE_CHECKING:  # the receiver (aiosmtpd) is imported only where confirmation mode runs
     from relayaudit.canary import CanaryReceiver
-
-_HANDED_OVER = NoSession(ProbeStatus.ERROR, "handed to the probe", PortState.OPEN)
 
 _UNREACHABLE_STATUS = {
     ProbeStatus.CLOSED: VerdictStatus.CLOSED,
@@ -332,14 +330,16 @@ async def sweep(
             )
             return port, outcome
 
-        found: list[tuple[int, socket.socket | NoSession]]
+        found: Sequence[tuple[int, socket.socket | NoSession]]
         if len(config.ports) == 1:
             found = [await connect(config.ports[0])]  # no task per connect when there is one port
         else:
-            found = list(await asyncio.gather(*(connect(p) for p in config.ports)))
+            found = await asyncio.gather(*(connect(p) for p in config.ports))
         vantage = settings.source_address or "default"
+        # discovery sockets not yet handed to probe(), which owns each one from then on
+        unclaimed = [o for _, o in found if isinstance(o, socket.socket)]
         try:
-            for i, (port, outcome) in enumerate(found):
+            for port, outcome in found:
                 if isinstance(outcome, NoSession):
                     if not unreachable_sinks:
                         stats.probes += 1
@@ -348,7 +348,7 @@ async def sweep(
                     result = unreachable(address, port, outcome, vantage=vantage)
                     await deliver(result, unreachable_verdict(result), unreachable_sinks)
                     continue
-                found[i] = (port, _HANDED_OVER)  # probe() owns the socket from here on
+                unclaimed.remove(outcome)
                 result = await probe(
                     address,
                     port,
@@ -365,9 +365,8 @@ async def sweep(
                     await finish(result)
         finally:
             # a cancelled or failed host leaves no discovery connection open
-            for _, outcome in found:
-                if isinstance(outcome, socket.socket):
-                    outcome.close()
+            for sock in unclaimed:
+                sock.close()
 
     async def worker() -> None:
         nonlocal done_hosts

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "OutputError", "ProbeError", "RelayAuditError", "StateError"]
+import os
+
+__all__ = [
+    "ConfigError",
+    "OutputError",
+    "ProbeError",
+    "RelayAuditError",
+    "StateError",
+    "os_reason",
+]
 
 
 class RelayAuditError(Exception):
@@ -26,3 +35,8 @@ class StateError(RelayAuditError, RuntimeError):
 
 class OutputError(RelayAuditError, OSError):
     """An output file (the findings file) cannot be written: disk full, removed, no permission."""
+
+
+def os_reason(exc: OSError) -> str:
+    """The short reason of an OSError; asyncio's bind errors carry a long, repetitive strerror."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
