@@ -18,8 +18,6 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
-import aiosmtplib
-
 from relayaudit.battery import BatteryInputs, address_literal, build_battery, canary_recipient
 from relayaudit.evidence import (
     Confirmation,
@@ -39,6 +37,17 @@ from relayaudit.evidence import (
     classify_reply,
     redact_command,
     writable_text,
+)
+from relayaudit.smtpwire import (
+    BadReply,
+    Disconnected,
+    RawReply,
+    ReplyTimeout,
+    SmtpConnection,
+    WireError,
+    dot_stuffed,
+    open_connection,
+    parse_ehlo,
 )
 
 __all__ = [
@@ -79,6 +88,8 @@ class ProbeSettings:
     sender_local_part: str = "relayaudit"
     canary: CanaryTarget | None = None  # set: confirmation mode
     max_reconnects: int = 6
+    sessions_per_host: int = 3  # parallel sessions of one probe's battery
+    pipelining: bool = True  # RFC 2920 groups where the server advertises PIPELINING
 
 
 class _Broken(Exception):
@@ -187,8 +198,8 @@ def _software(text: str) -> str | None:
     return next((name for name, rx in _SOFTWARE if rx.search(text)), None)
 
 
-def _tls_facts(smtp: aiosmtplib.SMTP) -> TlsFacts:
-    obj = smtp.get_transport_info("ssl_object")
+def _tls_facts(conn: SmtpConnection) -> TlsFacts:
+    obj = conn.info("ssl_object")
     if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
         return TlsFacts(error="no TLS object on the transport")
     cipher = obj.cipher()
@@ -214,10 +225,37 @@ def _tls_facts(smtp: aiosmtplib.SMTP) -> TlsFacts:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"{type(exc).__name__}: {exc.code} {exc.message}"
+    if isinstance(exc, WireError):
+        return exc.reason
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _reply(raw: RawReply) -> Reply:
+    # records on the per-command path are built without validation: the code is an int from the
+    # parser and only the server's text needs what validation would do (invalid UTF-8, controls)
+    return Reply.model_construct(code=raw.code, text=writable_text(raw.text))
+
+
+@dataclass(slots=True)
+class _Session:
+    """One SMTP connection of a probe; its exchanges join the transcript as one block."""
+
+    conn: SmtpConnection
+    log: list[Exchange]
+    pipelining: bool = False
+
+
+@dataclass(slots=True)
+class _Battery:
+    """The tests still to run for one transport, shared by the probe's parallel sessions."""
+
+    queue: deque[RelayTest]
+    transport: Transport
+    attempts: dict[str, int] = field(default_factory=dict)
+    sessions_left: int = 0
+    stop: str | None = None  # set: run nothing more, skip the rest with this reason
+    last_failure: str = ""
 
 
 @dataclass
@@ -266,52 +304,64 @@ class _Run:
             sessions=self.sessions,
         )
 
-    # -- one SMTP command ----------------------------------------------------------------
+    # -- SMTP commands -------------------------------------------------------------------
 
-    async def command(self, smtp: aiosmtplib.SMTP, line: str) -> Reply:
+    async def command(self, session: _Session, line: str) -> Reply:
+        return await self.read(session, line, self._send(session, line))
+
+    def _send(self, session: _Session, *lines: str) -> float:
+        """Write one command, or a pipelined group; the time it went out."""
         started = time.monotonic()
-        verb, _, arg = line.partition(" ")
-        args = (verb.encode(), arg.encode("utf-8", "surrogateescape")) if arg else (verb.encode(),)
         try:
-            response = await smtp.execute_command(*args)
-        except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
-            self._log(line, None, started, error=f"timeout: {exc}")
+            session.conn.send(*lines)
+        except Disconnected as exc:
+            self._log(session, lines[0], None, started, error=f"disconnected: {exc.reason}")
+            raise _Broken(f"server hung up before {lines[0].partition(' ')[0]}") from None
+        except (WireError, ValueError) as exc:
+            self._log(session, lines[0], None, started, error=_describe(exc))
+            raise _Broken(
+                f"{lines[0].partition(' ')[0]} failed: {_describe(exc)}", fatal=True
+            ) from None
+        return started
+
+    async def read(self, session: _Session, line: str, started: float) -> Reply:
+        """The reply to `line`, sent at `started` (alone, or as part of a pipelined group)."""
+        verb = line.partition(" ")[0]
+        try:
+            raw = await session.conn.reply(self.settings.command_timeout)
+        except ReplyTimeout:
+            self._log(session, line, None, started, error="timeout: no reply")
             raise _Broken(
                 f"no reply to {verb} within {self.settings.command_timeout:g}s", fatal=True
             ) from None
-        except aiosmtplib.SMTPServerDisconnected as exc:
-            self._log(line, None, started, error=f"disconnected: {exc}")
+        except Disconnected as exc:
+            self._log(session, line, None, started, error=f"disconnected: {exc.reason}")
             raise _Broken(f"server hung up after {verb}") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            self._log(line, None, started, error=_describe(exc))
-            raise _Broken(f"unreadable reply to {verb}: {exc.message}", fatal=True) from None
-        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-            self._log(line, None, started, error=_describe(exc))
-            raise _Broken(f"{verb} failed: {_describe(exc)}", fatal=True) from None
-        # records on the per-command path are built without validation: their values come
-        # typed from aiosmtplib and from us, and validation was a third of a relay test's cost;
-        # only the server's text needs what validation would do (invalid UTF-8, control bytes)
-        reply = Reply.model_construct(code=response.code, text=writable_text(response.message))
-        self._log(line, reply, started)
+        except BadReply as exc:
+            self._log(session, line, None, started, error=exc.reason)
+            raise _Broken(f"unreadable reply to {verb}: {exc.reason}", fatal=True) from None
+        reply = _reply(raw)
+        self._log(session, line, reply, started)
+        if raw.code == 421:
+            session.conn.close()  # 421: the server is closing the channel (RFC 5321 3.8)
         return reply
 
     def _log(
-        self, line: str | None, reply: Reply | None, started: float, *, error: str | None = None
+        self,
+        session: _Session,
+        line: str | None,
+        reply: Reply | None,
+        started: float,
+        *,
+        error: str | None = None,
     ) -> None:
-        self.transcript.append(
-            Exchange.model_construct(
-                command=redact_command(line) if line is not None else None,
-                reply=reply,
-                error=writable_text(error) if error is not None else None,
-                elapsed_ms=round((time.monotonic() - started) * 1000, 1),
-            )
-        )
+        session.log.append(_exchange(line, reply, started, error=error))
 
     # -- sessions ------------------------------------------------------------------------
 
     async def open_session(
         self, transport: Transport, sock: socket.socket | None = None
-    ) -> aiosmtplib.SMTP:
+    ) -> _Session:
         """Connect (or take the discovery socket), read the greeting, EHLO or HELO, STARTTLS."""
         s = self.settings
         if sock is None:
@@ -324,78 +374,80 @@ class _Run:
         with contextlib.suppress(OSError):
             self.vantage = sock.getsockname()[0]
         self.sessions += 1
-        smtp = aiosmtplib.SMTP(
-            hostname=self.address,
-            sock=sock,
-            use_tls=transport is Transport.IMPLICIT_TLS,
-            start_tls=False,
-            validate_certs=False,
-            timeout=s.command_timeout,
-            local_hostname=s.helo_name,
-        )
+        greeting_wait = max(s.greeting_timeout, s.command_timeout)
         started = time.monotonic()
+        log: list[Exchange] = []
         try:
-            # the greeting may come late (greet pauses, anti-spam delays); RFC 5321 4.5.3.2
-            # allows the server minutes, so it gets its own, longer deadline
-            response = await smtp.connect(timeout=max(s.greeting_timeout, s.command_timeout))
-        except aiosmtplib.SMTPConnectResponseError as exc:
-            smtp.close()
-            self._log(None, Reply(code=exc.code, text=exc.message), started)
-            if 200 <= exc.code <= 599:
-                self.banner_seen = True
-                raise NoSession(
-                    ProbeStatus.SESSION_REFUSED,
-                    f"greeting {exc.code} {exc.message}",
-                    PortState.OPEN,
-                ) from None
-            raise NoSession(
-                ProbeStatus.NOT_SMTP, f"greeting code {exc.code}", PortState.OPEN
-            ) from None
-        except aiosmtplib.SMTPResponseException as exc:
-            smtp.close()
-            self._log(None, None, started, error=_describe(exc))
-            raise NoSession(
-                ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.message[:120]}", PortState.OPEN
-            ) from None
-        except (aiosmtplib.SMTPTimeoutError, TimeoutError):
-            smtp.close()
-            self._log(None, None, started, error="no greeting")
-            raise NoSession(
-                ProbeStatus.NO_BANNER,
-                f"no greeting within {max(s.greeting_timeout, s.command_timeout):g}s",
-                PortState.OPEN,
-            ) from None
-        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-            smtp.close()
-            self._log(None, None, started, error=_describe(exc))
+            conn = await open_connection(
+                sock,
+                implicit_tls=transport is Transport.IMPLICIT_TLS,
+                server_hostname=self.address,
+                timeout=greeting_wait,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            sock.close()
+            self.transcript.append(_exchange(None, None, started, error=_describe(exc)))
             if transport is Transport.IMPLICIT_TLS:
                 self.tls = TlsFacts(error=_describe(exc))
                 raise NoSession(
                     ProbeStatus.NOT_SMTP, f"implicit TLS failed: {_describe(exc)}", PortState.OPEN
                 ) from None
             raise NoSession(
-                ProbeStatus.NO_BANNER,
-                f"hung up before the greeting: {_describe(exc)}",
-                PortState.OPEN,
+                ProbeStatus.NO_BANNER, f"connection failed: {_describe(exc)}", PortState.OPEN
             ) from None
-        self.banner_seen = True
-        banner = Reply(code=response.code, text=response.message)
-        self._log(None, banner, started)
+        session = _Session(conn=conn, log=log)
         try:
-            ehlo = await self._hello(smtp, banner)
+            banner = await self._greeting(session, started, greeting_wait)
+            ehlo_text = await self._hello(session)
             if transport is Transport.STARTTLS:
-                await self._starttls(smtp)
+                ehlo_text = await self._starttls(session)
             elif transport is Transport.IMPLICIT_TLS and self.tls is None:
-                self.tls = _tls_facts(smtp)
+                self.tls = _tls_facts(conn)
+            extensions, mechanisms = parse_ehlo(ehlo_text) if ehlo_text is not None else ({}, ())
+            session.pipelining = s.pipelining and "pipelining" in extensions
             if self.facts is None:
-                self.facts = self._facts(smtp, banner, ehlo)
+                self.facts = _facts(banner, ehlo_text, extensions, mechanisms)
         except BaseException:
-            smtp.close()
+            self.end_session(session)
             raise
-        return smtp
+        return session
 
-    async def _hello(self, smtp: aiosmtplib.SMTP, banner: Reply) -> bool:
-        """EHLO, else HELO; True when EHLO worked.
+    async def _greeting(self, session: _Session, started: float, wait: float) -> Reply:
+        # the greeting may come late (greet pauses, anti-spam delays); RFC 5321 4.5.3.2
+        # allows the server minutes, so it gets its own, longer deadline
+        try:
+            raw = await session.conn.reply(wait)
+        except ReplyTimeout:
+            self._log(session, None, None, started, error="no greeting")
+            raise NoSession(
+                ProbeStatus.NO_BANNER, f"no greeting within {wait:g}s", PortState.OPEN
+            ) from None
+        except Disconnected as exc:
+            self._log(session, None, None, started, error=exc.reason)
+            raise NoSession(
+                ProbeStatus.NO_BANNER, f"hung up before the greeting: {exc.reason}", PortState.OPEN
+            ) from None
+        except BadReply as exc:
+            self._log(session, None, None, started, error=exc.reason)
+            raise NoSession(
+                ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.reason[:160]}", PortState.OPEN
+            ) from None
+        banner = _reply(raw)
+        self._log(session, None, banner, started)
+        if raw.code != 220:
+            if 200 <= raw.code <= 599:
+                self.banner_seen = True
+                raise NoSession(
+                    ProbeStatus.SESSION_REFUSED,
+                    f"greeting {raw.code} {banner.text}",
+                    PortState.OPEN,
+                )
+            raise NoSession(ProbeStatus.NOT_SMTP, f"greeting code {raw.code}", PortState.OPEN)
+        self.banner_seen = True
+        return banner
+
+    async def _hello(self, session: _Session) -> str | None:
+        """EHLO, else HELO; the EHLO reply's text, or None when only HELO worked.
 
         Servers with anti-forgery HELO rules refuse a name they consider theirs (a campus HELO
         name from outside is exactly that): then the vantage's address literal is tried, the
@@ -408,94 +460,206 @@ class _Run:
                 names.append(literal)
         reply: Reply | None = None
         for name in names:
-            started = time.monotonic()
-            line = f"EHLO {name}"
-            try:
-                response = await smtp.ehlo(hostname=name)
-                self._log(line, Reply(code=response.code, text=response.message), started)
+            ehlo = await self.command(session, f"EHLO {name}")
+            if ehlo.code == 250:
                 self.helo = name
-                return True
-            except aiosmtplib.SMTPHeloError as exc:
-                self._log(line, Reply(code=exc.code, text=exc.message), started)
-            except aiosmtplib.SMTPServerDisconnected as exc:
-                self._log(line, None, started, error=_describe(exc))
-                raise _Broken("server hung up after EHLO") from None
-            except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
-                self._log(line, None, started, error=_describe(exc))
-                raise _Broken(f"EHLO failed: {_describe(exc)}", fatal=True) from None
-            if not smtp.is_connected:
+                return ehlo.text
+            if not session.conn.is_connected:
                 raise _Broken("server hung up after EHLO")
-            reply = await self.command(smtp, f"HELO {name}")
+            reply = await self.command(session, f"HELO {name}")
             if reply.code == 250:
                 self.helo = name
-                smtp.last_helo_response = aiosmtplib.SMTPResponse(reply.code, reply.text)
-                return False
-            if not smtp.is_connected or reply.code == 421:
+                return None
+            if not session.conn.is_connected or reply.code == 421:
                 break
         raise NoSession(ProbeStatus.SESSION_REFUSED, f"HELO refused: {reply}", PortState.OPEN)
 
-    async def _starttls(self, smtp: aiosmtplib.SMTP) -> None:
+    async def _starttls(self, session: _Session) -> str:
+        """STARTTLS, the handshake, and EHLO again; the new EHLO reply's text."""
+        reply = await self.command(session, "STARTTLS")
+        if reply.code != 220:
+            self.tls = TlsFacts(error=f"STARTTLS refused: {reply.code} {reply.text}")
+            raise _Broken("STARTTLS refused", fatal=True)
         started = time.monotonic()
         try:
-            response = await smtp.starttls(validate_certs=False)
-        except aiosmtplib.SMTPResponseException as exc:
-            self._log("STARTTLS", Reply(code=exc.code, text=exc.message), started)
-            self.tls = TlsFacts(error=f"STARTTLS refused: {exc.code} {exc.message}")
-            raise _Broken("STARTTLS refused", fatal=True) from None
-        except (aiosmtplib.SMTPException, TimeoutError, OSError, ssl.SSLError) as exc:
-            self._log("STARTTLS", None, started, error=_describe(exc))
+            async with asyncio.timeout(self.settings.command_timeout):
+                await session.conn.start_tls(self.settings.command_timeout)
+        except (WireError, TimeoutError, OSError, ssl.SSLError) as exc:
+            self._log(session, "<TLS handshake>", None, started, error=_describe(exc))
             self.tls = TlsFacts(error=f"handshake failed: {_describe(exc)}")
             raise _Broken("STARTTLS handshake failed", fatal=True) from None
-        self._log("STARTTLS", Reply(code=response.code, text=response.message), started)
-        self.tls = _tls_facts(smtp)
-        started = time.monotonic()
-        try:
-            response = await smtp.ehlo(hostname=self.helo)
-        except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
-            self._log(f"EHLO {self.helo}", None, started, error=_describe(exc))
-            raise _Broken("EHLO after STARTTLS failed", fatal=True) from None
-        self._log(
-            f"EHLO {self.helo}",
-            Reply(code=response.code, text=response.message),
-            started,
-        )
+        self.tls = _tls_facts(session.conn)
+        ehlo = await self.command(session, f"EHLO {self.helo}")
+        if ehlo.code != 250:
+            raise _Broken("EHLO after STARTTLS failed", fatal=True)
+        return ehlo.text
 
-    def _facts(self, smtp: aiosmtplib.SMTP, banner: Reply, ehlo: bool) -> SessionFacts:
-        ext = smtp.esmtp_extensions if ehlo else {}
-        size_text = ext.get("size", "")
-        hello_text = smtp.last_ehlo_response.message if ehlo and smtp.last_ehlo_response else ""
-        return SessionFacts(
-            banner=banner,
-            ehlo=ehlo,
-            hostname=_hostname_from(banner.text) or _hostname_from(hello_text),
-            capabilities=tuple(sorted(ext)),
-            auth_mechanisms=tuple(m.upper() for m in smtp.server_auth_methods) if ehlo else (),
-            starttls="starttls" in ext,
-            size=int(size_text) if size_text.isdigit() else None,
-            pipelining="pipelining" in ext,
-            eightbitmime="8bitmime" in ext,
-            software=_software(banner.text + " " + hello_text),
-        )
-
-    async def quit(self, smtp: aiosmtplib.SMTP) -> None:
+    async def quit(self, session: _Session) -> None:
         """Say goodbye politely, but never wait long for it (a silent QUIT is not an error)."""
         try:
-            if smtp.is_connected:
+            if session.conn.is_connected:
                 with contextlib.suppress(_Broken, TimeoutError):
                     async with asyncio.timeout(min(2.0, self.settings.command_timeout)):
-                        await self.command(smtp, "QUIT")
+                        await self.command(session, "QUIT")
         finally:
-            smtp.close()
+            self.end_session(session)
+
+    def end_session(self, session: _Session) -> None:
+        """Close the connection and file its exchanges in the transcript."""
+        session.conn.close()
+        if session.log:
+            self.transcript.extend(session.log)
+            session.log = []
 
     # -- the battery ---------------------------------------------------------------------
 
-    async def run_test(
-        self, smtp: aiosmtplib.SMTP, test: RelayTest, transport: Transport
-    ) -> TestResult:
-        mail = await self.command(smtp, f"MAIL FROM:<{test.mail_from}>")
+    async def battery(
+        self, tests: list[RelayTest], transport: Transport, first: _Session | None
+    ) -> None:
+        """Run every test, at most N per session, in up to `sessions_per_host` parallel sessions.
+
+        A session hung up on, or answering 421, hands its unfinished tests back for a fresh
+        connection. Results are kept in battery order, whichever session ran them.
+        """
+        s = self.settings
+        per_session = s.max_tests_per_session
+        wanted = -(-len(tests) // per_session)  # sessions the battery needs without failures
+        parallel = max(1, min(s.sessions_per_host, wanted))
+        state = _Battery(
+            queue=deque(tests),
+            transport=transport,
+            sessions_left=s.max_reconnects + wanted - (first is not None),
+        )
+        order = {t.id: i for i, t in enumerate(tests)}
+        mark = len(self.tests)
+        try:
+            if parallel == 1:
+                await self._worker(state, first)
+            else:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._worker(state, first))
+                    for _ in range(parallel - 1):
+                        group.create_task(self._worker(state, None))
+            if state.queue:
+                self._skip(state.queue, transport, state.stop or state.last_failure)
+        finally:
+            self.tests[mark:] = sorted(self.tests[mark:], key=lambda r: order.get(r.test.id, 0))
+
+    async def _worker(self, state: _Battery, session: _Session | None) -> None:
+        """One connection at a time: claim up to N tests, run them, hand back what is unfinished."""
+        try:
+            while state.queue and state.stop is None:
+                if session is None:
+                    if state.sessions_left <= 0:
+                        state.last_failure = "not run: too many reconnects"
+                        return
+                    state.sessions_left -= 1
+                    try:
+                        session = await self.open_session(state.transport)
+                    except (NoSession, _Broken) as exc:
+                        state.last_failure = f"not run: reconnect failed: {exc}"
+                        return
+                    if not state.queue or state.stop is not None:
+                        break
+                count = min(self.settings.max_tests_per_session, len(state.queue))
+                claimed = [state.queue.popleft() for _ in range(count)]
+                unfinished = await self._session_tests(session, claimed, state)
+                state.queue.extendleft(reversed(unfinished))
+                await self.quit(session)
+                session = None
+        finally:
+            if session is not None:
+                if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    self.end_session(session)
+                else:
+                    await self.quit(session)
+
+    async def _session_tests(
+        self, session: _Session, claimed: list[RelayTest], state: _Battery
+    ) -> list[RelayTest]:
+        """Run the claimed tests on one connection; the ones left unfinished are returned.
+
+        Each test is MAIL, then RCPT only after MAIL was accepted, then RSET. With PIPELINING
+        the RCPT, the RSET and the next test's MAIL go out together (RFC 2920 allows all three
+        anywhere in a group): the RCPT still waits for its own MAIL's reply, so a server never
+        sees a command whose precondition failed, and its error count is what serial use gives.
+        """
+        transport = state.transport
+        pending: Reply | None = None  # the MAIL reply of claimed[i], read with the group before
+        i = 0
+        while i < len(claimed):
+            test = claimed[i]
+            state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
+            nxt = claimed[i + 1] if i + 1 < len(claimed) else None
+            try:
+                if pending is None:
+                    mail = await self.command(session, f"MAIL FROM:<{test.mail_from}>")
+                else:
+                    mail, pending = pending, None
+                result, group_sent = await self._one_test(session, test, transport, mail, nxt)
+            except _Broken as exc:
+                if exc.fatal or attempts >= 2:
+                    self.tests.append(
+                        TestResult(
+                            test=test,
+                            transport=transport,
+                            outcome=TestOutcome.ERROR,
+                            error=exc.reason,
+                        )
+                    )
+                    i += 1
+                self._ended(state, exc)
+                return claimed[i:]
+            closing = 421 in (result.mail and result.mail.code, result.rcpt and result.rcpt.code)
+            if closing and attempts < 2:
+                # 421 closes the session ("too many errors", connection limits); it is no
+                # answer about relaying: ask again on a fresh connection
+                return claimed[i:]
+            self.tests.append(result)
+            i += 1
+            if closing or not session.conn.is_connected or nxt is None:
+                return claimed[i:]
+            try:
+                if group_sent is not None:
+                    await self.read(session, "RSET", group_sent)
+                    if session.conn.is_connected:
+                        pending = await self.read(
+                            session, f"MAIL FROM:<{nxt.mail_from}>", group_sent
+                        )
+                elif result.rcpt is not None:
+                    # RSET ends the transaction MAIL opened; after a refused MAIL none is open
+                    await self.command(session, "RSET")
+            except _Broken as exc:
+                self._ended(state, exc)
+                return claimed[i:]
+            if not session.conn.is_connected:
+                return claimed[i:]
+        return []
+
+    @staticmethod
+    def _ended(state: _Battery, exc: _Broken) -> None:
+        state.last_failure = f"not run: {exc.reason}"
+        if exc.fatal:
+            state.stop = state.last_failure
+
+    async def _one_test(
+        self,
+        session: _Session,
+        test: RelayTest,
+        transport: Transport,
+        mail: Reply,
+        nxt: RelayTest | None,
+    ) -> tuple[TestResult, float | None]:
+        """The test's result from its MAIL reply and, after an accepted MAIL, its RCPT.
+
+        With PIPELINING and a next test, RSET and the next MAIL go out with the RCPT; the time
+        that group was sent is returned, and the caller reads their replies after recording
+        this result (so a deadline in between never loses it).
+        """
         mail_class = classify_reply(mail)
         if mail_class is not ReplyClass.OK:
-            return TestResult.model_construct(
+            # no transaction is open after a refused MAIL: nothing to RSET
+            result = TestResult.model_construct(
                 test=test,
                 transport=transport,
                 mail=mail,
@@ -503,85 +667,14 @@ class _Run:
                 outcome=_outcome(mail_class, sender=True),
                 error=None,
             )
-        rcpt = await self.command(smtp, f"RCPT TO:<{test.rcpt_to}>")
-        rcpt_class = classify_reply(rcpt)
-        outcome = (
-            TestOutcome.ACCEPTED
-            if rcpt_class is ReplyClass.OK
-            else _outcome(rcpt_class, sender=False)
-        )
-        return TestResult.model_construct(
-            test=test, transport=transport, mail=mail, rcpt=rcpt, outcome=outcome, error=None
-        )
-
-    async def battery(
-        self, tests: list[RelayTest], transport: Transport, first: aiosmtplib.SMTP | None
-    ) -> None:
-        """Run every test, at most N per session, reconnecting after hang-ups and 421s."""
-        queue = deque(tests)
-        attempts: dict[str, int] = {}
-        reconnects = 0
-        smtp = first
-        while queue:
-            if smtp is None:
-                if reconnects >= self.settings.max_reconnects:
-                    self._skip(queue, transport, "not run: too many reconnects")
-                    return
-                reconnects += 1
-                try:
-                    smtp = await self.open_session(transport)
-                except (NoSession, _Broken) as exc:
-                    self._skip(queue, transport, f"not run: reconnect failed: {exc}")
-                    return
-            done_here = 0
-            try:
-                while queue and done_here < self.settings.max_tests_per_session:
-                    test = queue[0]
-                    attempts[test.id] = attempts.get(test.id, 0) + 1
-                    try:
-                        result = await self.run_test(smtp, test, transport)
-                    except _Broken as exc:
-                        if exc.fatal or attempts[test.id] >= 2:
-                            queue.popleft()
-                            self.tests.append(
-                                TestResult(
-                                    test=test,
-                                    transport=transport,
-                                    outcome=TestOutcome.ERROR,
-                                    error=exc.reason,
-                                )
-                            )
-                        if exc.fatal:
-                            self._skip(queue, transport, f"not run: {exc.reason}")
-                            return
-                        break
-                    closing = 421 in (
-                        result.mail and result.mail.code,
-                        result.rcpt and result.rcpt.code,
-                    )
-                    if closing and attempts[test.id] < 2:
-                        # 421 closes the session ("too many errors", connection limits); it is no
-                        # answer about relaying: ask again on a fresh connection
-                        break
-                    queue.popleft()
-                    self.tests.append(result)
-                    done_here += 1
-                    if not smtp.is_connected or closing:
-                        break
-                    # RSET ends the transaction MAIL opened; after a refused MAIL none is open
-                    if (
-                        queue
-                        and done_here < self.settings.max_tests_per_session
-                        and result.rcpt is not None
-                    ):
-                        await self.command(smtp, "RSET")
-            except _Broken as exc:
-                if exc.fatal:
-                    self._skip(queue, transport, f"not run: {exc.reason}")
-                    return
-            finally:
-                await self.quit(smtp)
-                smtp = None
+            return result, None
+        rcpt_line = f"RCPT TO:<{test.rcpt_to}>"
+        if session.pipelining and nxt is not None:
+            sent = self._send(session, rcpt_line, "RSET", f"MAIL FROM:<{nxt.mail_from}>")
+            rcpt = await self.read(session, rcpt_line, sent)
+            return _rcpt_result(test, transport, mail, rcpt), sent
+        rcpt = await self.command(session, rcpt_line)
+        return _rcpt_result(test, transport, mail, rcpt), None
 
     def _skip(self, queue: deque[RelayTest], transport: Transport, reason: str) -> None:
         while queue:
@@ -615,13 +708,13 @@ class _Run:
         )
         self.confirmation = conf
         try:
-            smtp = await self.open_session(best.transport)
+            session = await self.open_session(best.transport)
         except (NoSession, _Broken) as exc:
             self.confirmation = conf.model_copy(update={"error": f"could not reconnect: {exc}"})
             return
         try:
-            mail = await self.command(smtp, f"MAIL FROM:<{best.test.mail_from}>")
-            rcpt_reply = await self.command(smtp, f"RCPT TO:<{rcpt}>")
+            mail = await self.command(session, f"MAIL FROM:<{best.test.mail_from}>")
+            rcpt_reply = await self.command(session, f"RCPT TO:<{rcpt}>")
             if (
                 classify_reply(mail) is not ReplyClass.OK
                 or classify_reply(rcpt_reply) is not ReplyClass.OK
@@ -630,37 +723,68 @@ class _Run:
                     update={"error": f"canary refused: {mail} / {rcpt_reply}"}
                 )
                 return
-            body = _canary_message(token, self, canary, rcpt)
+            go_ahead = await self.command(session, "DATA")
+            if go_ahead.code != 354:
+                self.confirmation = conf.model_copy(
+                    update={"error": f"message refused: {go_ahead.code} {go_ahead.text}"}
+                )
+                return
+            line = f"<message carrying token {token}>"
             started = time.monotonic()
-            line = f"DATA <message carrying token {token}>"
             try:
-                protocol = smtp.protocol
-                if protocol is None:
-                    raise _Broken("connection lost before DATA")
-                response = await protocol.execute_data_command(
-                    body, timeout=self.settings.command_timeout
-                )
-            except aiosmtplib.SMTPResponseException as exc:
-                self._log(line, Reply(code=exc.code, text=exc.message), started)
-                self.confirmation = conf.model_copy(
-                    update={"error": f"message refused: {exc.code} {exc.message}"}
-                )
-                return
-            except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
-                self._log(line, None, started, error=_describe(exc))
-                self.confirmation = conf.model_copy(
-                    update={"error": f"message not accepted: {_describe(exc)}"}
-                )
-                return
-            reply = Reply(code=response.code, text=response.message)
-            self._log(line, reply, started)
-            self.confirmation = conf.model_copy(
-                update={"data_reply": reply, "sent": reply.code == 250}
-            )
+                session.conn.write(dot_stuffed(_canary_message(token, self, canary, rcpt)))
+            except WireError as exc:
+                self._log(session, line, None, started, error=exc.reason)
+                raise _Broken(f"message not sent: {exc.reason}") from None
+            reply = await self.read(session, line, started)
+            update: dict[str, object] = {"data_reply": reply, "sent": reply.code == 250}
+            if reply.code != 250:
+                update["error"] = f"message refused: {reply.code} {reply.text}"
+            self.confirmation = conf.model_copy(update=update)
         except _Broken as exc:
             self.confirmation = conf.model_copy(update={"error": exc.reason})
         finally:
-            await self.quit(smtp)
+            await self.quit(session)
+
+
+def _rcpt_result(test: RelayTest, transport: Transport, mail: Reply, rcpt: Reply) -> TestResult:
+    rcpt_class = classify_reply(rcpt)
+    outcome = (
+        TestOutcome.ACCEPTED if rcpt_class is ReplyClass.OK else _outcome(rcpt_class, sender=False)
+    )
+    return TestResult.model_construct(
+        test=test, transport=transport, mail=mail, rcpt=rcpt, outcome=outcome, error=None
+    )
+
+
+def _exchange(
+    line: str | None, reply: Reply | None, started: float, *, error: str | None = None
+) -> Exchange:
+    return Exchange.model_construct(
+        command=redact_command(line) if line is not None else None,
+        reply=reply,
+        error=writable_text(error) if error is not None else None,
+        elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+    )
+
+
+def _facts(
+    banner: Reply, ehlo_text: str | None, ext: dict[str, str], mechanisms: tuple[str, ...]
+) -> SessionFacts:
+    hello_text = ehlo_text or ""
+    size_text = ext.get("size", "")
+    return SessionFacts(
+        banner=banner,
+        ehlo=ehlo_text is not None,
+        hostname=_hostname_from(banner.text) or _hostname_from(hello_text),
+        capabilities=tuple(sorted(ext)),
+        auth_mechanisms=mechanisms,
+        starttls="starttls" in ext,
+        size=int(size_text) if size_text.isdigit() else None,
+        pipelining="pipelining" in ext,
+        eightbitmime="8bitmime" in ext,
+        software=_software(banner.text + " " + hello_text),
+    )
 
 
 def _outcome(kind: ReplyClass, *, sender: bool) -> TestOutcome:
@@ -771,13 +895,13 @@ async def _probe(run: _Run, sock: socket.socket | None) -> None:
     first_transport = Transport.IMPLICIT_TLS if run.implicit_tls else Transport.PLAIN
     try:
         try:
-            smtp = await run.open_session(first_transport, sock)
+            session = await run.open_session(first_transport, sock)
         except _Broken as exc:
             if sock is None or exc.fatal:
                 raise
             # the discovery connection may have idled while other ports were probed, and the
             # server dropped it: one fresh connection before giving up
-            smtp = await run.open_session(first_transport)
+            session = await run.open_session(first_transport)
     except NoSession as exc:
         run.status, run.error, run.port_state = exc.status, exc.reason, exc.port_state
         return
@@ -796,7 +920,7 @@ async def _probe(run: _Run, sock: socket.socket | None) -> None:
         sender_local_part=s.sender_local_part,
     )
     tests = build_battery(inputs)
-    await run.battery(tests, first_transport, smtp)
+    await run.battery(tests, first_transport, session)
 
     if facts.starttls and first_transport is Transport.PLAIN:
         relayed = any(
