@@ -198,7 +198,6 @@ class RelayConfig(_Model):
     sender_local_part: LocalPart = "relayaudit"
     max_tests_per_session: int = Field(default=8, ge=1, le=50)
     sessions_per_host: int = Field(default=3, ge=1, le=8)
-    pipelining: StrictBool = True
     retest_after_starttls: StrictBool = True
 
     @model_validator(mode="after")

@@ -286,6 +286,7 @@ class _Session(asyncio.Protocol):
     """One SMTP connection: a line-driven state machine; delays use loop timers, not tasks."""
 
     __slots__ = (
+        "_batch",
         "_buf",
         "_data_midline",
         "_data_parts",
@@ -311,6 +312,7 @@ class _Session(asyncio.Protocol):
         self._listener = listener
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
+        self._batch: list[bytes] | None = None  # replies to pipelined input, written together
         self._paused = False  # a delayed reply is pending; input waits behind it
         self._upgrading = False  # STARTTLS handshake in progress
         self._done = False  # NOT_SMTP has answered, or the session is closing
@@ -403,6 +405,10 @@ class _Session(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
+        if self._batch is not None and not close and then is None:
+            self._batch.append(data)  # one write for the replies to one read
+            return
+        self._flush()
         transport.write(data)
         if close:
             self._done = True
@@ -416,7 +422,22 @@ class _Session(asyncio.Protocol):
 
     # -- input -----------------------------------------------------------------------------
 
+    def _flush(self) -> None:
+        batch, transport = self._batch, self._transport
+        if batch:
+            self._batch = []
+            if transport is not None and not transport.is_closing():
+                transport.write(b"".join(batch))
+
     def _drain(self) -> None:
+        self._batch = []
+        try:
+            self._drain_lines()
+        finally:
+            self._flush()
+            self._batch = None
+
+    def _drain_lines(self) -> None:
         buf = self._buf
         while not (self._paused or self._upgrading or self._done) and self._transport is not None:
             idx = buf.find(b"\n")

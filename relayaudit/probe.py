@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
+import aiosmtplib
+
 from relayaudit.battery import BatteryInputs, address_literal, build_battery, canary_recipient
 from relayaudit.evidence import (
     Confirmation,
@@ -37,17 +39,6 @@ from relayaudit.evidence import (
     classify_reply,
     redact_command,
     writable_text,
-)
-from relayaudit.smtpwire import (
-    BadReply,
-    Disconnected,
-    RawReply,
-    ReplyTimeout,
-    SmtpConnection,
-    WireError,
-    dot_stuffed,
-    open_connection,
-    parse_ehlo,
 )
 
 __all__ = [
@@ -89,7 +80,6 @@ class ProbeSettings:
     canary: CanaryTarget | None = None  # set: confirmation mode
     max_reconnects: int = 6
     sessions_per_host: int = 3  # parallel sessions of one probe's battery
-    pipelining: bool = True  # RFC 2920 groups where the server advertises PIPELINING
 
 
 class _Broken(Exception):
@@ -198,8 +188,8 @@ def _software(text: str) -> str | None:
     return next((name for name, rx in _SOFTWARE if rx.search(text)), None)
 
 
-def _tls_facts(conn: SmtpConnection) -> TlsFacts:
-    obj = conn.info("ssl_object")
+def _tls_facts(smtp: aiosmtplib.SMTP) -> TlsFacts:
+    obj = smtp.get_transport_info("ssl_object")
     if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
         return TlsFacts(error="no TLS object on the transport")
     cipher = obj.cipher()
@@ -225,25 +215,18 @@ def _tls_facts(conn: SmtpConnection) -> TlsFacts:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, WireError):
-        return exc.reason
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{type(exc).__name__}: {exc.code} {exc.message}"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
-
-
-def _reply(raw: RawReply) -> Reply:
-    # records on the per-command path are built without validation: the code is an int from the
-    # parser and only the server's text needs what validation would do (invalid UTF-8, controls)
-    return Reply.model_construct(code=raw.code, text=writable_text(raw.text))
 
 
 @dataclass(slots=True)
 class _Session:
     """One SMTP connection of a probe; its exchanges join the transcript as one block."""
 
-    conn: SmtpConnection
-    log: list[Exchange]
-    pipelining: bool = False
+    smtp: aiosmtplib.SMTP
+    log: list[Exchange] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -304,46 +287,34 @@ class _Run:
             sessions=self.sessions,
         )
 
-    # -- SMTP commands -------------------------------------------------------------------
+    # -- one SMTP command ----------------------------------------------------------------
 
     async def command(self, session: _Session, line: str) -> Reply:
-        return await self.read(session, line, self._send(session, line))
-
-    def _send(self, session: _Session, *lines: str) -> float:
-        """Write one command, or a pipelined group; the time it went out."""
+        """Send one command and wait for its reply (never pipelined)."""
         started = time.monotonic()
+        verb, _, arg = line.partition(" ")
+        args = (verb.encode(), arg.encode("utf-8", "surrogateescape")) if arg else (verb.encode(),)
         try:
-            session.conn.send(*lines)
-        except Disconnected as exc:
-            self._log(session, lines[0], None, started, error=f"disconnected: {exc.reason}")
-            raise _Broken(f"server hung up before {lines[0].partition(' ')[0]}") from None
-        except (WireError, ValueError) as exc:
-            self._log(session, lines[0], None, started, error=_describe(exc))
-            raise _Broken(
-                f"{lines[0].partition(' ')[0]} failed: {_describe(exc)}", fatal=True
-            ) from None
-        return started
-
-    async def read(self, session: _Session, line: str, started: float) -> Reply:
-        """The reply to `line`, sent at `started` (alone, or as part of a pipelined group)."""
-        verb = line.partition(" ")[0]
-        try:
-            raw = await session.conn.reply(self.settings.command_timeout)
-        except ReplyTimeout:
-            self._log(session, line, None, started, error="timeout: no reply")
+            response = await session.smtp.execute_command(*args)
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
+            self._log(session, line, None, started, error=f"timeout: {exc}")
             raise _Broken(
                 f"no reply to {verb} within {self.settings.command_timeout:g}s", fatal=True
             ) from None
-        except Disconnected as exc:
-            self._log(session, line, None, started, error=f"disconnected: {exc.reason}")
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            self._log(session, line, None, started, error=f"disconnected: {exc}")
             raise _Broken(f"server hung up after {verb}") from None
-        except BadReply as exc:
-            self._log(session, line, None, started, error=exc.reason)
-            raise _Broken(f"unreadable reply to {verb}: {exc.reason}", fatal=True) from None
-        reply = _reply(raw)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._log(session, line, None, started, error=_describe(exc))
+            raise _Broken(f"unreadable reply to {verb}: {exc.message}", fatal=True) from None
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            self._log(session, line, None, started, error=_describe(exc))
+            raise _Broken(f"{verb} failed: {_describe(exc)}", fatal=True) from None
+        # records on the per-command path are built without validation: their values come
+        # typed from aiosmtplib and from us, and validation was a third of a relay test's cost;
+        # only the server's text needs what validation would do (invalid UTF-8, control bytes)
+        reply = Reply.model_construct(code=response.code, text=writable_text(response.message))
         self._log(session, line, reply, started)
-        if raw.code == 421:
-            session.conn.close()  # 421: the server is closing the channel (RFC 5321 3.8)
         return reply
 
     def _log(
@@ -355,7 +326,14 @@ class _Run:
         *,
         error: str | None = None,
     ) -> None:
-        session.log.append(_exchange(line, reply, started, error=error))
+        session.log.append(
+            Exchange.model_construct(
+                command=redact_command(line) if line is not None else None,
+                reply=reply,
+                error=writable_text(error) if error is not None else None,
+                elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        )
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -374,85 +352,87 @@ class _Run:
         with contextlib.suppress(OSError):
             self.vantage = sock.getsockname()[0]
         self.sessions += 1
-        greeting_wait = max(s.greeting_timeout, s.command_timeout)
-        started = time.monotonic()
-        log: list[Exchange] = []
-        try:
-            conn = await open_connection(
-                sock,
-                implicit_tls=transport is Transport.IMPLICIT_TLS,
-                server_hostname=self.address,
-                timeout=greeting_wait,
+        session = _Session(
+            smtp=aiosmtplib.SMTP(
+                hostname=self.address,
+                sock=sock,
+                use_tls=transport is Transport.IMPLICIT_TLS,
+                start_tls=False,
+                validate_certs=False,
+                timeout=s.command_timeout,
+                local_hostname=s.helo_name,
             )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            sock.close()
-            self.transcript.append(_exchange(None, None, started, error=_describe(exc)))
+        )
+        try:
+            banner = await self._greeting(session, transport)
+            ehlo = await self._hello(session)
+            if transport is Transport.STARTTLS:
+                await self._starttls(session)
+            elif transport is Transport.IMPLICIT_TLS and self.tls is None:
+                self.tls = _tls_facts(session.smtp)
+            if self.facts is None:
+                self.facts = _facts(session.smtp, banner, ehlo)
+        except BaseException:
+            self.end_session(session)
+            raise
+        return session
+
+    async def _greeting(self, session: _Session, transport: Transport) -> Reply:
+        s = self.settings
+        smtp = session.smtp
+        # the greeting may come late (greet pauses, anti-spam delays); RFC 5321 4.5.3.2
+        # allows the server minutes, so it gets its own, longer deadline
+        wait = max(s.greeting_timeout, s.command_timeout)
+        started = time.monotonic()
+        try:
+            response = await smtp.connect(timeout=wait)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            self._log(session, None, Reply(code=exc.code, text=exc.message), started)
+            if 200 <= exc.code <= 599:
+                self.banner_seen = True
+                raise NoSession(
+                    ProbeStatus.SESSION_REFUSED,
+                    f"greeting {exc.code} {exc.message}",
+                    PortState.OPEN,
+                ) from None
+            raise NoSession(
+                ProbeStatus.NOT_SMTP, f"greeting code {exc.code}", PortState.OPEN
+            ) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            self._log(session, None, None, started, error=_describe(exc))
+            raise NoSession(
+                ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.message[:120]}", PortState.OPEN
+            ) from None
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError):
+            self._log(session, None, None, started, error="no greeting")
+            raise NoSession(
+                ProbeStatus.NO_BANNER, f"no greeting within {wait:g}s", PortState.OPEN
+            ) from None
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            self._log(session, None, None, started, error=_describe(exc))
             if transport is Transport.IMPLICIT_TLS:
                 self.tls = TlsFacts(error=_describe(exc))
                 raise NoSession(
                     ProbeStatus.NOT_SMTP, f"implicit TLS failed: {_describe(exc)}", PortState.OPEN
                 ) from None
             raise NoSession(
-                ProbeStatus.NO_BANNER, f"connection failed: {_describe(exc)}", PortState.OPEN
+                ProbeStatus.NO_BANNER,
+                f"hung up before the greeting: {_describe(exc)}",
+                PortState.OPEN,
             ) from None
-        session = _Session(conn=conn, log=log)
-        try:
-            banner = await self._greeting(session, started, greeting_wait)
-            ehlo_text = await self._hello(session)
-            if transport is Transport.STARTTLS:
-                ehlo_text = await self._starttls(session)
-            elif transport is Transport.IMPLICIT_TLS and self.tls is None:
-                self.tls = _tls_facts(conn)
-            extensions, mechanisms = parse_ehlo(ehlo_text) if ehlo_text is not None else ({}, ())
-            session.pipelining = s.pipelining and "pipelining" in extensions
-            if self.facts is None:
-                self.facts = _facts(banner, ehlo_text, extensions, mechanisms)
-        except BaseException:
-            self.end_session(session)
-            raise
-        return session
-
-    async def _greeting(self, session: _Session, started: float, wait: float) -> Reply:
-        # the greeting may come late (greet pauses, anti-spam delays); RFC 5321 4.5.3.2
-        # allows the server minutes, so it gets its own, longer deadline
-        try:
-            raw = await session.conn.reply(wait)
-        except ReplyTimeout:
-            self._log(session, None, None, started, error="no greeting")
-            raise NoSession(
-                ProbeStatus.NO_BANNER, f"no greeting within {wait:g}s", PortState.OPEN
-            ) from None
-        except Disconnected as exc:
-            self._log(session, None, None, started, error=exc.reason)
-            raise NoSession(
-                ProbeStatus.NO_BANNER, f"hung up before the greeting: {exc.reason}", PortState.OPEN
-            ) from None
-        except BadReply as exc:
-            self._log(session, None, None, started, error=exc.reason)
-            raise NoSession(
-                ProbeStatus.NOT_SMTP, f"not an SMTP greeting: {exc.reason[:160]}", PortState.OPEN
-            ) from None
-        banner = _reply(raw)
-        self._log(session, None, banner, started)
-        if raw.code != 220:
-            if 200 <= raw.code <= 599:
-                self.banner_seen = True
-                raise NoSession(
-                    ProbeStatus.SESSION_REFUSED,
-                    f"greeting {raw.code} {banner.text}",
-                    PortState.OPEN,
-                )
-            raise NoSession(ProbeStatus.NOT_SMTP, f"greeting code {raw.code}", PortState.OPEN)
         self.banner_seen = True
+        banner = Reply(code=response.code, text=response.message)
+        self._log(session, None, banner, started)
         return banner
 
-    async def _hello(self, session: _Session) -> str | None:
-        """EHLO, else HELO; the EHLO reply's text, or None when only HELO worked.
+    async def _hello(self, session: _Session) -> bool:
+        """EHLO, else HELO; True when EHLO worked.
 
         Servers with anti-forgery HELO rules refuse a name they consider theirs (a campus HELO
         name from outside is exactly that): then the vantage's address literal is tried, the
         RFC 5321 form for a client without a name. A server refusing both refuses the session.
         """
+        smtp = session.smtp
         names = [self.helo]
         if self.vantage:
             literal = address_literal(self.vantage)
@@ -460,44 +440,64 @@ class _Run:
                 names.append(literal)
         reply: Reply | None = None
         for name in names:
-            ehlo = await self.command(session, f"EHLO {name}")
-            if ehlo.code == 250:
+            started = time.monotonic()
+            line = f"EHLO {name}"
+            try:
+                response = await smtp.ehlo(hostname=name)
+                self._log(session, line, Reply(code=response.code, text=response.message), started)
                 self.helo = name
-                return ehlo.text
-            if not session.conn.is_connected:
+                return True
+            except aiosmtplib.SMTPHeloError as exc:
+                self._log(session, line, Reply(code=exc.code, text=exc.message), started)
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                self._log(session, line, None, started, error=_describe(exc))
+                raise _Broken("server hung up after EHLO") from None
+            except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
+                self._log(session, line, None, started, error=_describe(exc))
+                raise _Broken(f"EHLO failed: {_describe(exc)}", fatal=True) from None
+            if not smtp.is_connected:
                 raise _Broken("server hung up after EHLO")
             reply = await self.command(session, f"HELO {name}")
             if reply.code == 250:
                 self.helo = name
-                return None
-            if not session.conn.is_connected or reply.code == 421:
+                smtp.last_helo_response = aiosmtplib.SMTPResponse(reply.code, reply.text)
+                return False
+            if not smtp.is_connected or reply.code == 421:
                 break
         raise NoSession(ProbeStatus.SESSION_REFUSED, f"HELO refused: {reply}", PortState.OPEN)
 
-    async def _starttls(self, session: _Session) -> str:
-        """STARTTLS, the handshake, and EHLO again; the new EHLO reply's text."""
-        reply = await self.command(session, "STARTTLS")
-        if reply.code != 220:
-            self.tls = TlsFacts(error=f"STARTTLS refused: {reply.code} {reply.text}")
-            raise _Broken("STARTTLS refused", fatal=True)
+    async def _starttls(self, session: _Session) -> None:
+        smtp = session.smtp
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.settings.command_timeout):
-                await session.conn.start_tls(self.settings.command_timeout)
-        except (WireError, TimeoutError, OSError, ssl.SSLError) as exc:
-            self._log(session, "<TLS handshake>", None, started, error=_describe(exc))
+            response = await smtp.starttls(validate_certs=False)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._log(session, "STARTTLS", Reply(code=exc.code, text=exc.message), started)
+            self.tls = TlsFacts(error=f"STARTTLS refused: {exc.code} {exc.message}")
+            raise _Broken("STARTTLS refused", fatal=True) from None
+        except (aiosmtplib.SMTPException, TimeoutError, OSError, ssl.SSLError) as exc:
+            self._log(session, "STARTTLS", None, started, error=_describe(exc))
             self.tls = TlsFacts(error=f"handshake failed: {_describe(exc)}")
             raise _Broken("STARTTLS handshake failed", fatal=True) from None
-        self.tls = _tls_facts(session.conn)
-        ehlo = await self.command(session, f"EHLO {self.helo}")
-        if ehlo.code != 250:
-            raise _Broken("EHLO after STARTTLS failed", fatal=True)
-        return ehlo.text
+        self._log(session, "STARTTLS", Reply(code=response.code, text=response.message), started)
+        self.tls = _tls_facts(smtp)
+        started = time.monotonic()
+        try:
+            response = await smtp.ehlo(hostname=self.helo)
+        except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
+            self._log(session, f"EHLO {self.helo}", None, started, error=_describe(exc))
+            raise _Broken("EHLO after STARTTLS failed", fatal=True) from None
+        self._log(
+            session,
+            f"EHLO {self.helo}",
+            Reply(code=response.code, text=response.message),
+            started,
+        )
 
     async def quit(self, session: _Session) -> None:
         """Say goodbye politely, but never wait long for it (a silent QUIT is not an error)."""
         try:
-            if session.conn.is_connected:
+            if session.smtp.is_connected:
                 with contextlib.suppress(_Broken, TimeoutError):
                     async with asyncio.timeout(min(2.0, self.settings.command_timeout)):
                         await self.command(session, "QUIT")
@@ -506,7 +506,7 @@ class _Run:
 
     def end_session(self, session: _Session) -> None:
         """Close the connection and file its exchanges in the transcript."""
-        session.conn.close()
+        session.smtp.close()
         if session.log:
             self.transcript.extend(session.log)
             session.log = []
@@ -569,8 +569,9 @@ class _Run:
                 session = None
         finally:
             if session is not None:
-                if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    self.end_session(session)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    self.end_session(session)  # the deadline passed: no waiting for a goodbye
                 else:
                     await self.quit(session)
 
@@ -579,24 +580,15 @@ class _Run:
     ) -> list[RelayTest]:
         """Run the claimed tests on one connection; the ones left unfinished are returned.
 
-        Each test is MAIL, then RCPT only after MAIL was accepted, then RSET. With PIPELINING
-        the RCPT, the RSET and the next test's MAIL go out together (RFC 2920 allows all three
-        anywhere in a group): the RCPT still waits for its own MAIL's reply, so a server never
-        sees a command whose precondition failed, and its error count is what serial use gives.
+        Each test is MAIL, then RCPT only after MAIL was accepted, then RSET before the next
+        test; every command waits for its reply.
         """
         transport = state.transport
-        pending: Reply | None = None  # the MAIL reply of claimed[i], read with the group before
-        i = 0
-        while i < len(claimed):
-            test = claimed[i]
+        smtp = session.smtp
+        for i, test in enumerate(claimed):
             state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
-            nxt = claimed[i + 1] if i + 1 < len(claimed) else None
             try:
-                if pending is None:
-                    mail = await self.command(session, f"MAIL FROM:<{test.mail_from}>")
-                else:
-                    mail, pending = pending, None
-                result, group_sent = await self._one_test(session, test, transport, mail, nxt)
+                result = await self._one_test(session, test, transport)
             except _Broken as exc:
                 if exc.fatal or attempts >= 2:
                     self.tests.append(
@@ -607,7 +599,8 @@ class _Run:
                             error=exc.reason,
                         )
                     )
-                    i += 1
+                    self._ended(state, exc)
+                    return claimed[i + 1 :]
                 self._ended(state, exc)
                 return claimed[i:]
             closing = 421 in (result.mail and result.mail.code, result.rcpt and result.rcpt.code)
@@ -616,24 +609,15 @@ class _Run:
                 # answer about relaying: ask again on a fresh connection
                 return claimed[i:]
             self.tests.append(result)
-            i += 1
-            if closing or not session.conn.is_connected or nxt is None:
-                return claimed[i:]
-            try:
-                if group_sent is not None:
-                    await self.read(session, "RSET", group_sent)
-                    if session.conn.is_connected:
-                        pending = await self.read(
-                            session, f"MAIL FROM:<{nxt.mail_from}>", group_sent
-                        )
-                elif result.rcpt is not None:
-                    # RSET ends the transaction MAIL opened; after a refused MAIL none is open
+            if closing or not smtp.is_connected:
+                return claimed[i + 1 :]
+            # RSET ends the transaction MAIL opened; after a refused MAIL none is open
+            if i + 1 < len(claimed) and result.rcpt is not None:
+                try:
                     await self.command(session, "RSET")
-            except _Broken as exc:
-                self._ended(state, exc)
-                return claimed[i:]
-            if not session.conn.is_connected:
-                return claimed[i:]
+                except _Broken as exc:
+                    self._ended(state, exc)
+                    return claimed[i + 1 :]
         return []
 
     @staticmethod
@@ -643,23 +627,12 @@ class _Run:
             state.stop = state.last_failure
 
     async def _one_test(
-        self,
-        session: _Session,
-        test: RelayTest,
-        transport: Transport,
-        mail: Reply,
-        nxt: RelayTest | None,
-    ) -> tuple[TestResult, float | None]:
-        """The test's result from its MAIL reply and, after an accepted MAIL, its RCPT.
-
-        With PIPELINING and a next test, RSET and the next MAIL go out with the RCPT; the time
-        that group was sent is returned, and the caller reads their replies after recording
-        this result (so a deadline in between never loses it).
-        """
+        self, session: _Session, test: RelayTest, transport: Transport
+    ) -> TestResult:
+        mail = await self.command(session, f"MAIL FROM:<{test.mail_from}>")
         mail_class = classify_reply(mail)
         if mail_class is not ReplyClass.OK:
-            # no transaction is open after a refused MAIL: nothing to RSET
-            result = TestResult.model_construct(
+            return TestResult.model_construct(
                 test=test,
                 transport=transport,
                 mail=mail,
@@ -667,14 +640,16 @@ class _Run:
                 outcome=_outcome(mail_class, sender=True),
                 error=None,
             )
-            return result, None
-        rcpt_line = f"RCPT TO:<{test.rcpt_to}>"
-        if session.pipelining and nxt is not None:
-            sent = self._send(session, rcpt_line, "RSET", f"MAIL FROM:<{nxt.mail_from}>")
-            rcpt = await self.read(session, rcpt_line, sent)
-            return _rcpt_result(test, transport, mail, rcpt), sent
-        rcpt = await self.command(session, rcpt_line)
-        return _rcpt_result(test, transport, mail, rcpt), None
+        rcpt = await self.command(session, f"RCPT TO:<{test.rcpt_to}>")
+        rcpt_class = classify_reply(rcpt)
+        outcome = (
+            TestOutcome.ACCEPTED
+            if rcpt_class is ReplyClass.OK
+            else _outcome(rcpt_class, sender=False)
+        )
+        return TestResult.model_construct(
+            test=test, transport=transport, mail=mail, rcpt=rcpt, outcome=outcome, error=None
+        )
 
     def _skip(self, queue: deque[RelayTest], transport: Transport, reason: str) -> None:
         while queue:
@@ -723,62 +698,49 @@ class _Run:
                     update={"error": f"canary refused: {mail} / {rcpt_reply}"}
                 )
                 return
-            go_ahead = await self.command(session, "DATA")
-            if go_ahead.code != 354:
+            body = _canary_message(token, self, canary, rcpt)
+            started = time.monotonic()
+            line = f"DATA <message carrying token {token}>"
+            try:
+                protocol = session.smtp.protocol
+                if protocol is None:
+                    raise _Broken("connection lost before DATA")
+                response = await protocol.execute_data_command(
+                    body, timeout=self.settings.command_timeout
+                )
+            except aiosmtplib.SMTPResponseException as exc:
+                self._log(session, line, Reply(code=exc.code, text=exc.message), started)
                 self.confirmation = conf.model_copy(
-                    update={"error": f"message refused: {go_ahead.code} {go_ahead.text}"}
+                    update={"error": f"message refused: {exc.code} {exc.message}"}
                 )
                 return
-            line = f"<message carrying token {token}>"
-            started = time.monotonic()
-            try:
-                session.conn.write(dot_stuffed(_canary_message(token, self, canary, rcpt)))
-            except WireError as exc:
-                self._log(session, line, None, started, error=exc.reason)
-                raise _Broken(f"message not sent: {exc.reason}") from None
-            reply = await self.read(session, line, started)
-            update: dict[str, object] = {"data_reply": reply, "sent": reply.code == 250}
-            if reply.code != 250:
-                update["error"] = f"message refused: {reply.code} {reply.text}"
-            self.confirmation = conf.model_copy(update=update)
+            except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
+                self._log(session, line, None, started, error=_describe(exc))
+                self.confirmation = conf.model_copy(
+                    update={"error": f"message not accepted: {_describe(exc)}"}
+                )
+                return
+            reply = Reply(code=response.code, text=response.message)
+            self._log(session, line, reply, started)
+            self.confirmation = conf.model_copy(
+                update={"data_reply": reply, "sent": reply.code == 250}
+            )
         except _Broken as exc:
             self.confirmation = conf.model_copy(update={"error": exc.reason})
         finally:
             await self.quit(session)
 
 
-def _rcpt_result(test: RelayTest, transport: Transport, mail: Reply, rcpt: Reply) -> TestResult:
-    rcpt_class = classify_reply(rcpt)
-    outcome = (
-        TestOutcome.ACCEPTED if rcpt_class is ReplyClass.OK else _outcome(rcpt_class, sender=False)
-    )
-    return TestResult.model_construct(
-        test=test, transport=transport, mail=mail, rcpt=rcpt, outcome=outcome, error=None
-    )
-
-
-def _exchange(
-    line: str | None, reply: Reply | None, started: float, *, error: str | None = None
-) -> Exchange:
-    return Exchange.model_construct(
-        command=redact_command(line) if line is not None else None,
-        reply=reply,
-        error=writable_text(error) if error is not None else None,
-        elapsed_ms=round((time.monotonic() - started) * 1000, 1),
-    )
-
-
-def _facts(
-    banner: Reply, ehlo_text: str | None, ext: dict[str, str], mechanisms: tuple[str, ...]
-) -> SessionFacts:
-    hello_text = ehlo_text or ""
+def _facts(smtp: aiosmtplib.SMTP, banner: Reply, ehlo: bool) -> SessionFacts:
+    ext = smtp.esmtp_extensions if ehlo else {}
     size_text = ext.get("size", "")
+    hello_text = smtp.last_ehlo_response.message if ehlo and smtp.last_ehlo_response else ""
     return SessionFacts(
         banner=banner,
-        ehlo=ehlo_text is not None,
+        ehlo=ehlo,
         hostname=_hostname_from(banner.text) or _hostname_from(hello_text),
         capabilities=tuple(sorted(ext)),
-        auth_mechanisms=mechanisms,
+        auth_mechanisms=tuple(m.upper() for m in smtp.server_auth_methods) if ehlo else (),
         starttls="starttls" in ext,
         size=int(size_text) if size_text.isdigit() else None,
         pipelining="pipelining" in ext,

@@ -10,10 +10,10 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiosmtplib.protocol
 import pytest
 from hostile import BEASTS, Beast, BlindRelay, HostileServer, Zoo
 
-from relayaudit import smtpwire
 from relayaudit.config import Config, parse_config
 from relayaudit.engine import sweep
 from relayaudit.evidence import ProbeResult
@@ -70,11 +70,15 @@ def _bounded() -> Iterator[None]:
     assert time.monotonic() - started < 60
 
 
-def test_the_probe_bounds_one_reply() -> None:
-    """The memory bound below rests on this: the probe's reply parser refuses a reply over 32 KiB
-    (tests/test_smtpwire.py shows it for one endless line and for an endless 250- stream)."""
-    assert smtpwire.MAX_REPLY <= 64 * 1024
-    assert smtpwire.MAX_QUEUED * smtpwire.MAX_REPLY <= PROBE_MEMORY
+def test_aiosmtplib_bounds_one_reply() -> None:
+    """The memory bound below rests on this: aiosmtplib >= 5.1.2 drops a reply over 32 KiB.
+
+    Older versions buffer a reply without limit (a 10 MB line is 10 MB, an endless 250- stream
+    grows until the session deadline); pyproject.toml requires aiosmtplib>=5.1.2 for this.
+    """
+    limit = getattr(aiosmtplib.protocol, "MAX_RESPONSE_LENGTH", None)
+    assert limit is not None, "aiosmtplib without MAX_RESPONSE_LENGTH buffers replies without bound"
+    assert limit <= 64 * 1024
 
 
 @pytest.mark.parametrize("beast", BEASTS, ids=lambda b: b.name)

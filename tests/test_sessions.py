@@ -1,4 +1,4 @@
-"""The probe's SMTP wire layer: reply parsing, EHLO parsing, and pipelining against real servers."""
+"""Sessions of one probe: one command at a time, parallel sessions, battery order, transcript blocks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from hostile import HostileServer
 
 from relayaudit.evidence import TestOutcome
 from relayaudit.probe import ProbeSettings, probe
-from relayaudit.smtpwire import MAX_REPLY, BadReply, RawReply, ReplyParser, dot_stuffed, parse_ehlo
 from relayaudit.verdict import VerdictStatus, judge
 
 SETTINGS = ProbeSettings(
@@ -27,81 +26,18 @@ def _settings(**changes: object) -> ProbeSettings:
     return ProbeSettings(**{**{f: getattr(SETTINGS, f) for f in SETTINGS.__slots__}, **changes})
 
 
-# -- the parser (pure) -----------------------------------------------------------------------------
-
-
-def test_replies_split_across_reads_and_several_in_one_read() -> None:
-    parser = ReplyParser()
-    assert parser.feed(b"250-mx.example\r\n250-PIPE") == []
-    assert parser.feed(b"LINING\r\n250 8BITMIME\r\n250 2.1.0 Ok\r\n554 5.7.1 no\n") == [
-        RawReply(250, "mx.example\nPIPELINING\n8BITMIME"),
-        RawReply(250, "2.1.0 Ok"),
-        RawReply(554, "5.7.1 no"),  # a bare LF ends a line too
-    ]
-    assert parser.feed(b"221\r\n") == [RawReply(221, "")]
-
-
-def test_undecodable_bytes_are_kept_as_escapes() -> None:
-    (reply,) = ReplyParser().feed(b"250 caf\xe9\r\n")
-    assert reply.text == "caf\udce9"
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (b"HTTP/1.1 400 Bad Request\r\n", "not an SMTP reply: 'HTTP/1.1 400 Bad Request'"),
-        (b"SSH-2.0-OpenSSH_9.2", "not an SMTP reply: 'SSH-2.0-OpenSSH_9.2'"),  # no line end needed
-        (b"\r\n", "not an SMTP reply: ''"),
-        (b"25x ok\r\n", "not an SMTP reply: '25x ok'"),
-    ],
-)
-def test_what_is_not_a_reply_is_named(data: bytes, message: str) -> None:
-    with pytest.raises(BadReply) as err:
-        ReplyParser().feed(data)
-    assert err.value.reason == message
-
-
-def test_a_reply_is_bounded_with_or_without_line_ends() -> None:
-    with pytest.raises(BadReply, match="reply longer than 32 KiB"):
-        ReplyParser().feed(b"220 " + b"x" * MAX_REPLY)  # one line that never ends
-    parser = ReplyParser()
-    with pytest.raises(BadReply, match="reply longer than 32 KiB"):
-        for _ in range(MAX_REPLY // 8 + 1):
-            parser.feed(b"250-xxx\r\n")  # an endless multi-line reply
-    # just inside the bound is fine
-    (reply,) = ReplyParser().feed(b"250 " + b"y" * (MAX_REPLY - 8) + b"\r\n")
-    assert reply.code == 250
-
-
-def test_ehlo_extensions_and_auth_forms() -> None:
-    ext, mechanisms = parse_ehlo(
-        "mx.example greets you\nPIPELINING\nSIZE 10240000\nAUTH PLAIN login\nAUTH=LOGIN CRAM-MD5\n"
-        "starttls"
-    )
-    assert ext == {"pipelining": "", "size": "10240000", "auth": "PLAIN login", "starttls": ""}
-    assert mechanisms == ("PLAIN", "LOGIN", "CRAM-MD5")
-    assert parse_ehlo("just a greeting") == ({}, ())
-
-
-def test_dot_stuffing_and_the_end_of_data() -> None:
-    assert dot_stuffed(b"Subject: x\n\n.hidden\nline\n") == (
-        b"Subject: x\r\n\r\n..hidden\r\nline\r\n.\r\n"
-    )
-    assert dot_stuffed(b"a\r\n.\r\n") == b"a\r\n..\r\n.\r\n"
-
-
-# -- pipelining against a recording server -------------------------------------------------------
+# -- a recording server ----------------------------------------------------------------------------
 
 Recorder = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def recording_server(
     *,
-    pipelining: bool,
+    pipelining: bool = True,
     refuse_mail_from: tuple[bytes, ...] = (),
     strict_sync: bool = False,
     max_connections: int | None = None,
-) -> tuple[Recorder, list[list[bytes]], list[str]]:
+) -> tuple[Recorder, list[list[bytes]], list[str], list[int]]:
     """A relay-refusing server that records each connection's reads (what came in one segment).
 
     strict_sync: like Exim without PIPELINING advertised, input that arrives before the reply to
@@ -111,6 +47,7 @@ def recording_server(
     reads: list[list[bytes]] = []
     problems: list[str] = []
     live = [0]
+    peak = [0]  # the most connections open at once
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if max_connections is not None and live[0] >= max_connections:
@@ -118,6 +55,7 @@ def recording_server(
             await writer.drain()
             return
         live[0] += 1
+        peak[0] = max(peak[0], live[0])
         mine: list[bytes] = []
         reads.append(mine)
         try:
@@ -164,49 +102,27 @@ def recording_server(
         finally:
             live[0] -= 1
 
-    return handler, reads, problems
+    return handler, reads, problems, peak
 
 
-async def test_pipelined_groups_go_out_together_and_rcpt_waits_for_its_mail() -> None:
-    handler, reads, problems = recording_server(
-        pipelining=True, refuse_mail_from=(b"<>", b"<relayaudit>")
+@pytest.mark.parametrize("advertised", [False, True])
+async def test_every_command_waits_for_its_reply(advertised: bool) -> None:
+    """Issue 2: no pipelining, even where PIPELINING is advertised; RCPT only after MAIL's 250."""
+    handler, reads, problems, _peak = recording_server(
+        pipelining=advertised, strict_sync=True, refuse_mail_from=(b"<>",)
     )
-    async with HostileServer(handler) as server:
-        result = await probe("127.0.0.1", server.port, _settings(sessions_per_host=1))
-    assert problems == []
-    assert judge(result).status is VerdictStatus.RELAY_REFUSED
-    assert all(t.outcome is not TestOutcome.ERROR for t in result.tests), result.tests
-    groups = [chunk for conn in reads for chunk in conn if chunk.count(b"\r\n") == 3]
-    assert groups, "no RCPT + RSET + MAIL group arrived in one segment"
-    for chunk in groups:
-        verbs = [line.split(b" ")[0] for line in chunk.split(b"\r\n")[:3]]
-        assert verbs == [b"RCPT", b"RSET", b"MAIL"]
-    # every test's RCPT is in the transcript once, in battery order
-    refused_mail = sum(t.rcpt is None for t in result.tests)
-    assert refused_mail == 2
-    assert len(result.tests) == 22
-
-
-async def test_no_pipelining_when_the_server_does_not_advertise_it() -> None:
-    handler, _reads, problems = recording_server(pipelining=False, strict_sync=True)
     async with HostileServer(handler) as server:
         result = await probe("127.0.0.1", server.port, SETTINGS)
     assert problems == []
+    assert all(chunk.count(b"\r\n") == 1 for conn in reads for chunk in conn)
+    assert sum(t.rcpt is None for t in result.tests) == 1  # the refused null sender: no RCPT
     assert judge(result).status is VerdictStatus.RELAY_REFUSED
     assert len(result.tests) == 22
-    assert all(t.outcome is TestOutcome.REFUSED for t in result.tests)
-
-
-async def test_pipelining_can_be_switched_off() -> None:
-    handler, _reads, problems = recording_server(pipelining=True, strict_sync=True)
-    async with HostileServer(handler) as server:
-        result = await probe("127.0.0.1", server.port, _settings(pipelining=False))
-    assert problems == []
-    assert len(result.tests) == 22
+    assert sum(t.outcome is TestOutcome.REFUSED for t in result.tests) == 21
 
 
 async def test_parallel_sessions_and_a_server_allowing_only_one_connection() -> None:
-    handler, _reads, problems = recording_server(pipelining=True, max_connections=1)
+    handler, _reads, problems, _peak = recording_server(pipelining=True, max_connections=1)
     async with HostileServer(handler) as server:
         result = await probe("127.0.0.1", server.port, SETTINGS)
     assert problems == []
@@ -217,12 +133,14 @@ async def test_parallel_sessions_and_a_server_allowing_only_one_connection() -> 
 
 
 async def test_three_sessions_run_side_by_side_and_results_keep_battery_order() -> None:
-    handler, _reads, problems = recording_server(pipelining=True)
+    handler, _reads, problems, peak = recording_server(pipelining=True)
     async with HostileServer(handler) as server:
         result = await probe("127.0.0.1", server.port, SETTINGS)
         one = await probe("127.0.0.1", server.port, _settings(sessions_per_host=1))
+    assert one.sessions == 3  # 22 tests, 8 per session, one after the other
     assert problems == []
     assert result.sessions == 3
+    assert peak == [3]  # side by side, not one after the other
     assert [t.test.id for t in result.tests] == [t.test.id for t in one.tests]
     assert [t.outcome for t in result.tests] == [t.outcome for t in one.tests]
     # each session's exchanges stay together in the transcript: a greeting starts each block
