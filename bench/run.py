@@ -69,7 +69,8 @@ NMAP_DISCOVERY_FLAGS = ["-sT", "-Pn", "-n", "--open", "-T5"]
 # hosts: 275 s instead of 30 s); 1024 matches relayaudit's concurrency below.
 NMAP_RELAY_FLAGS = ["-sT", "-Pn", "-n", "-T5", "--max-parallelism", "1024"]
 UNLIMITED_RATE = 1_000_000.0  # relayaudit's pacer off for throughput runs (nmap has no cap either)
-TIMEOUTS = {"connect": 3.0, "command": 10.0, "session": 120.0}  # command = nmap script's 10 s
+# command and greeting = the 10 s nmap's smtp-open-relay gives every read, its banner included
+TIMEOUTS = {"connect": 3.0, "command": 10.0, "greeting": 10.0, "session": 120.0}
 STANDARD_SMTP_PORTS = (25, 465, 587)
 
 
@@ -111,7 +112,7 @@ class Bench:
         self.filtered: FilteredRange | None = None
         self.lab: LabProcess | None = None
         # --quick: shorter command timeout so the tarpit does not hold the smoke run for 10 s
-        self.timeouts = {**TIMEOUTS, "command": 2.0} if args.quick else dict(TIMEOUTS)
+        self.timeouts = {**TIMEOUTS, "command": 2.0, "greeting": 2.0} if args.quick else dict(TIMEOUTS)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -148,6 +149,7 @@ class Bench:
                 "[timeouts]",
                 f"connect = {t['connect']}",
                 f"command = {t['command']}",
+                f"greeting = {t.get('greeting', t['command'])}",
                 f"session = {t['session']}",
                 "[limits]",
                 f"concurrency = {concurrency}",

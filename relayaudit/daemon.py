@@ -47,9 +47,13 @@ def raise_open_file_limit() -> int:
 
 
 def worker_count(config: Config, open_files: int) -> int:
-    """Workers the file limit allows: each holds one socket per port during discovery."""
+    """Workers the file limit allows.
+
+    A worker holds one discovery socket per port, and while one port's battery runs, up to
+    `relay.sessions_per_host` connections in place of that port's socket.
+    """
     reserve = 128  # the state database, logs, metrics, canary, alert deliveries
-    per_worker = len(config.ports) + 1
+    per_worker = len(config.ports) + config.relay.sessions_per_host
     return max(1, min(config.limits.concurrency, (open_files - reserve) // per_worker))
 
 
