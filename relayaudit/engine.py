@@ -19,9 +19,11 @@ from relayaudit.errors import RelayAuditError
 from relayaudit.evidence import ProbeResult, ProbeStatus
 from relayaudit.probe import (
     CanaryTarget,
+    InProgress,
     NoSession,
     ProbeSettings,
-    open_socket,
+    connect_now,
+    finish_connect,
     probe,
     unreachable,
 )
@@ -38,6 +40,9 @@ _UNREACHABLE_STATUS = {
 }
 
 __all__ = ["Pacer", "Sink", "SweepStats", "Watermark", "judge_result", "probe_settings", "sweep"]
+
+Connect = socket.socket | NoSession | InProgress  # what connect_now settled
+_YIELD_EVERY = 64  # addresses a worker settles without awaiting before it lets others run
 
 
 class Sink(Protocol):
@@ -182,6 +187,20 @@ class Pacer:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    def try_now(self, address: str) -> bool:
+        """Take a slot for `address` if one is free this instant (nobody waiting, both windows
+        and the subnet's reservation open); False means await the pacer instead."""
+        if self._waiters or self._delay() > 0:
+            return False
+        if self._subnet_binds:
+            subnet = _subnet_key(address)
+            now = time.monotonic()
+            if self._next_slot.get(subnet, 0.0) > now:
+                return False
+            self._book(subnet, now)
+        self._take()
+        return True
+
     async def __call__(self, address: str) -> None:
         if self._subnet_binds:
             await self._subnet_slot(address)
@@ -194,17 +213,25 @@ class Pacer:
         await waiter
 
     async def _subnet_slot(self, address: str) -> None:
-        if ":" in address:
-            subnet = str(ipaddress.ip_network(f"{address}/64", strict=False))
-        else:
-            subnet = address.rpartition(".")[0]
         now = time.monotonic()
+        slot = self._book(_subnet_key(address), now)
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+    def _book(self, subnet: str, now: float) -> float:
+        """Reserve the subnet's next free slot; the time it starts."""
         slot = max(now, self._next_slot.get(subnet, 0.0))
         self._next_slot[subnet] = slot + self._subnet_gap
         if len(self._next_slot) > 65536:
             self._next_slot = {k: v for k, v in self._next_slot.items() if v > now}
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        return slot
+
+
+def _subnet_key(address: str) -> str:
+    """The /24 (IPv4) or /64 (IPv6) a per-subnet rate applies to."""
+    if ":" in address:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return address.rpartition(".")[0]
 
 
 @dataclass
@@ -322,24 +349,38 @@ async def sweep(
         for sink in to:
             await sink.emit(result, verdict)
 
-    async def host(address: str, position: int) -> None:
-        # discovery of all ports at once; SMTP sessions one after another (one per host at a time)
-        async def connect(port: int) -> tuple[int, socket.socket | NoSession]:
-            await pacer(address)
-            outcome = await open_socket(
-                address, port, source=settings.source_address, timeout=settings.connect_timeout
-            )
+    async def host(address: str, position: int, pre: list[Connect | None]) -> None:
+        # discovery of all ports at once (what connect_now settled in the worker, the rest here);
+        # then each open port's probe, one port after another
+        async def connect(
+            port: int, outcome: Connect | None
+        ) -> tuple[int, socket.socket | NoSession]:
+            if outcome is None:
+                await pacer(address)
+                outcome = connect_now(address, port, source=settings.source_address)
+            if isinstance(outcome, InProgress):
+                outcome = await finish_connect(
+                    outcome, address, port, timeout=settings.connect_timeout
+                )
             return port, outcome
 
-        found: Sequence[tuple[int, socket.socket | NoSession]]
-        if len(config.ports) == 1:
-            found = [await connect(config.ports[0])]  # no task per connect when there is one port
-        else:
-            found = await asyncio.gather(*(connect(p) for p in config.ports))
-        vantage = settings.source_address or "default"
         # discovery sockets not yet handed to probe(), which owns each one from then on
-        unclaimed = [o for _, o in found if isinstance(o, socket.socket)]
+        unclaimed: list[socket.socket] = [
+            o.sock if isinstance(o, InProgress) else o
+            for o in pre
+            if isinstance(o, socket.socket | InProgress)
+        ]
         try:
+            found: Sequence[tuple[int, socket.socket | NoSession]]
+            if len(config.ports) == 1:
+                # no task per connect when there is one port
+                found = [await connect(config.ports[0], pre[0])]
+            else:
+                found = await asyncio.gather(
+                    *(connect(p, o) for p, o in zip(config.ports, pre, strict=True))
+                )
+            unclaimed = [o for _, o in found if isinstance(o, socket.socket)]
+            vantage = settings.source_address or "default"
             for port, outcome in found:
                 if isinstance(outcome, NoSession):
                     if not unreachable_sinks:
@@ -369,13 +410,44 @@ async def sweep(
             for sock in unclaimed:
                 sock.close()
 
+    def settled_closed(pre: list[Connect | None]) -> bool:
+        """Every port refused or unreachable at once, and no sink wants those: only counted."""
+        if unreachable_sinks or not all(isinstance(o, NoSession) for o in pre):
+            return False
+        for outcome in pre:
+            assert isinstance(outcome, NoSession)
+            stats.probes += 1
+            stats.statuses[_UNREACHABLE_STATUS[outcome.status]] += 1
+        return True
+
     async def worker() -> None:
         nonlocal done_hosts
         confirming = settings.canary is not None
+        source = settings.source_address
+        in_a_row = 0
         for position, address in work:
+            addr = str(address)
+            # the fast path of a sweep, where most addresses refuse: a free pacer slot and a
+            # connect the kernel answers at once settle an address without a single await
+            pre: list[Connect | None] = [
+                connect_now(addr, port, source=source) if pacer.try_now(addr) else None
+                for port in config.ports
+            ]
+            if settled_closed(pre):
+                stats.hosts += 1
+                done_hosts += 1
+                mark.done(position)
+                if progress is not None:
+                    progress(done_hosts, total)
+                in_a_row += 1
+                if in_a_row >= _YIELD_EVERY:
+                    in_a_row = 0
+                    await asyncio.sleep(0)  # let the other workers, timers and signals run
+                continue
+            in_a_row = 0
             if confirming:
                 refs[position] = 1
-            await host(str(address), position)
+            await host(addr, position, pre)
             stats.hosts += 1
             done_hosts += 1
             if confirming:

@@ -44,9 +44,12 @@ from relayaudit.evidence import (
 __all__ = [
     "CanaryTarget",
     "Gate",
+    "InProgress",
     "NoSession",
     "ProbeSettings",
+    "connect_now",
     "connect_socket",
+    "finish_connect",
     "open_socket",
     "probe",
     "unreachable",
@@ -113,20 +116,34 @@ def _connect_failure(err: int) -> NoSession:
     return NoSession(ProbeStatus.ERROR, f"connect failed: {text}", PortState.ERROR)
 
 
-async def open_socket(
-    address: str, port: int, *, source: str | None, timeout: float
-) -> socket.socket | NoSession:
-    """A connected non-blocking TCP socket, or the NoSession saying closed / filtered / error.
+# Linux creates the socket non-blocking in the same call (one syscall instead of three)
+_STREAM_NONBLOCK_FLAG = getattr(socket, "SOCK_NONBLOCK", 0)
+_STREAM_NONBLOCK = socket.SOCK_STREAM | _STREAM_NONBLOCK_FLAG
 
-    The hot path of discovery, so outcomes are returned, not raised. The connect is issued
-    directly and, when the answer is already there (a RST or a finished handshake, as on near
-    hosts), settled without touching the event loop; only a handshake still in flight waits
-    for writability under the deadline.
+
+class InProgress:
+    """A connect the kernel has not answered yet (a handshake in flight): finish_connect waits."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+def connect_now(
+    address: str, port: int, *, source: str | None
+) -> socket.socket | NoSession | InProgress:
+    """Issue a non-blocking connect and settle it at once if the answer is already there.
+
+    The hot path of discovery, so outcomes are returned, not raised, and nothing touches the
+    event loop: on near hosts (a RST, or a handshake done within the call, as on loopback and
+    fast LANs) the result is final here; otherwise an InProgress for finish_connect.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, _STREAM_NONBLOCK)
     try:
-        sock.setblocking(False)
+        if not _STREAM_NONBLOCK_FLAG:
+            sock.setblocking(False)
         if source:
             sock.bind((source, 0))
         err = sock.connect_ex((address, port))
@@ -143,6 +160,21 @@ async def open_socket(
         if err != errno.EINPROGRESS:
             sock.close()
             return _connect_failure(err)
+    except OSError as exc:
+        sock.close()
+        return _connect_failure(exc.errno or errno.EIO)
+    except BaseException:
+        sock.close()
+        raise
+    return InProgress(sock)
+
+
+async def finish_connect(
+    pending: InProgress, address: str, port: int, *, timeout: float
+) -> socket.socket | NoSession:
+    """Wait, under the connect deadline, for a handshake connect_now left in flight."""
+    sock = pending.sock
+    try:
         async with asyncio.timeout(timeout):
             await asyncio.get_running_loop().sock_connect(sock, (address, port))
     except TimeoutError:
@@ -155,6 +187,16 @@ async def open_socket(
         sock.close()
         raise
     return sock
+
+
+async def open_socket(
+    address: str, port: int, *, source: str | None, timeout: float
+) -> socket.socket | NoSession:
+    """A connected non-blocking TCP socket, or the NoSession saying closed / filtered / error."""
+    outcome = connect_now(address, port, source=source)
+    if isinstance(outcome, InProgress):
+        return await finish_connect(outcome, address, port, timeout=timeout)
+    return outcome
 
 
 async def connect_socket(
@@ -226,7 +268,37 @@ class _Session:
     """One SMTP connection of a probe; its exchanges join the transcript as one block."""
 
     smtp: aiosmtplib.SMTP
+    timeout: float  # the command timeout
     log: list[Exchange] = field(default_factory=list)
+    waiting_since: float | None = None  # the command in flight was sent then
+    expired: bool = False  # the watchdog closed the connection: that command timed out
+    _watchdog: asyncio.TimerHandle | None = None
+
+    # One timer per session instead of one per command (aiosmtplib's per-command wait_for was
+    # a tenth of a relay test's CPU): it fires at most once per timeout period, and closes the
+    # connection only if the command then in flight has waited the whole timeout.
+    def sent(self) -> None:
+        self.waiting_since = time.monotonic()
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self.timeout, self._check)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if self.waiting_since is None:
+            return
+        waited = time.monotonic() - self.waiting_since
+        if waited >= self.timeout:
+            self.expired = True
+            self.smtp.close()  # the read in flight ends with SMTPServerDisconnected
+        else:
+            self._watchdog = asyncio.get_running_loop().call_later(
+                self.timeout - waited, self._check
+            )
+
+    def stop_watch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
 
 @dataclass(slots=True)
@@ -294,14 +366,20 @@ class _Run:
         started = time.monotonic()
         verb, _, arg = line.partition(" ")
         args = (verb.encode(), arg.encode("utf-8", "surrogateescape")) if arg else (verb.encode(),)
+        session.sent()
         try:
-            response = await session.smtp.execute_command(*args)
+            response = await session.smtp.execute_command(*args, timeout=None)
         except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
             self._log(session, line, None, started, error=f"timeout: {exc}")
             raise _Broken(
                 f"no reply to {verb} within {self.settings.command_timeout:g}s", fatal=True
             ) from None
         except aiosmtplib.SMTPServerDisconnected as exc:
+            if session.expired:
+                self._log(session, line, None, started, error="timeout: no reply")
+                raise _Broken(
+                    f"no reply to {verb} within {self.settings.command_timeout:g}s", fatal=True
+                ) from None
             self._log(session, line, None, started, error=f"disconnected: {exc}")
             raise _Broken(f"server hung up after {verb}") from None
         except aiosmtplib.SMTPResponseException as exc:
@@ -310,6 +388,8 @@ class _Run:
         except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
             self._log(session, line, None, started, error=_describe(exc))
             raise _Broken(f"{verb} failed: {_describe(exc)}", fatal=True) from None
+        finally:
+            session.waiting_since = None
         # records on the per-command path are built without validation: their values come
         # typed from aiosmtplib and from us, and validation was a third of a relay test's cost;
         # only the server's text needs what validation would do (invalid UTF-8, control bytes)
@@ -353,6 +433,7 @@ class _Run:
             self.vantage = sock.getsockname()[0]
         self.sessions += 1
         session = _Session(
+            timeout=s.command_timeout,
             smtp=aiosmtplib.SMTP(
                 hostname=self.address,
                 sock=sock,
@@ -361,7 +442,7 @@ class _Run:
                 validate_certs=False,
                 timeout=s.command_timeout,
                 local_hostname=s.helo_name,
-            )
+            ),
         )
         try:
             banner = await self._greeting(session, transport)
@@ -506,6 +587,7 @@ class _Run:
 
     def end_session(self, session: _Session) -> None:
         """Close the connection and file its exchanges in the transcript."""
+        session.stop_watch()
         session.smtp.close()
         if session.log:
             self.transcript.extend(session.log)
