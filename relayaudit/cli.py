@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from relayaudit import __version__
+from relayaudit import __version__, eventloop
 from relayaudit.config import Config, load_config, parse_config
 from relayaudit.engine import (
     SweepStats,
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     try:
         if args.command == "check":
-            return asyncio.run(_check(args))
+            return eventloop.run(_check(args))
         if args.command == "sweep":
             return _sweep_main(args)
         if args.command == "config":
@@ -134,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from relayaudit.daemon import Daemon
 
             shard = Shard.parse(args.shard) if args.shard else None
-            return asyncio.run(Daemon(args.config, shard=shard).run())
+            return eventloop.run(
+                Daemon(args.config, shard=shard).run(), _event_loop_of(args.config)
+            )
         if args.command == "findings":
             return _findings(args)
         if args.command == "history":
@@ -142,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from relayaudit.demo import run_demo
 
-            return asyncio.run(run_demo(args.output))
+            return eventloop.run(run_demo(args.output))
     except RelayAuditError as exc:
         print(f"relayaudit: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -354,6 +356,14 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _event_loop_of(path: Path) -> eventloop.EventLoopChoice:
+    """The daemon's loop is chosen before it starts; its own config load reports any error."""
+    try:
+        return load_config(path).limits.event_loop
+    except RelayAuditError:
+        return "auto"
+
+
 def _sweep_main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     shard = Shard.parse(args.shard) if args.shard else None
@@ -361,7 +371,9 @@ def _sweep_main(args: argparse.Namespace) -> int:
     if processes < 1:
         raise ConfigError(f"--processes: {processes} must be at least 1")
     if processes == 1:
-        stats, written = asyncio.run(_sweep(config, shard, progress=_Progress()))
+        stats, written = eventloop.run(
+            _sweep(config, shard, progress=_Progress()), config.limits.event_loop
+        )
         print(render_summary(stats))
         print(f"\n{written} findings written to {config.output.findings}")
         return EXIT_RELAY if stats.relays else EXIT_OK
@@ -422,7 +434,9 @@ def _sweep_processes(config: Config, shard: Shard | None, processes: int) -> int
             try:
                 os.close(read_end)
                 sub = Shard(outer.index * processes + p, outer.count * processes)
-                stats, written = asyncio.run(_sweep(child_config, sub, progress=None))
+                stats, written = eventloop.run(
+                    _sweep(child_config, sub, progress=None), config.limits.event_loop
+                )
                 os.write(write_end, json.dumps({**stats.to_json(), "written": written}).encode())
                 code = EXIT_OK
             except RelayAuditError as exc:

@@ -11,7 +11,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -275,6 +275,7 @@ class Limits(_Model):
     processes: int = Field(
         default=1, ge=1, le=64, description="`sweep` processes sharing the work (and the rates)"
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"  # relayaudit/eventloop.py
 
 
 class ApprovedService(_Model):

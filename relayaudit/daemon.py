@@ -19,6 +19,7 @@ from relayaudit.canary import CanaryReceiver, start_canary
 from relayaudit.config import Config, config_fingerprint, load_config
 from relayaudit.engine import SweepStats, Watermark, sweep
 from relayaudit.errors import ConfigError, RelayAuditError, StateError, os_reason
+from relayaudit.eventloop import loop_name
 from relayaudit.evidence import ProbeResult
 from relayaudit.logs import LogHandle, configure_logging
 from relayaudit.metrics import Metrics, MetricsServer
@@ -127,6 +128,7 @@ class Daemon:
             fingerprint=config_fingerprint(self.config),
             open_files=open_files,
             workers=worker_count(self.config, open_files),
+            event_loop=loop_name(loop),
         )
         try:
             await self._loop(open_files)

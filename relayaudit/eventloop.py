@@ -1,0 +1,49 @@
+"""Which event loop runs relayaudit: uvloop when it is installed and allowed, else asyncio's own.
+
+uvloop is an optional speed-up (`pip install 'relayaudit[speed]'`): its transports and timers are
+C, and the relay battery, one aiosmtplib command at a time, is bound by exactly that per-command
+event-loop work (bench/run.py: about a quarter less CPU per relay-tested host). Discovery gains
+nothing from it (its hot path makes no event-loop calls). `limits.event_loop` picks: "auto" (the
+default) uses uvloop if importable, "asyncio" never does, "uvloop" requires it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
+
+from relayaudit.errors import ConfigError
+
+__all__ = ["EventLoopChoice", "loop_factory", "loop_name", "run"]
+
+EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
+T = TypeVar("T")
+
+
+def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop constructor, or None for asyncio's default loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 - optional: only where installed
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                "limits.event_loop: 'uvloop' is not installed (pip install 'relayaudit[speed]', "
+                'or set event_loop = "auto")'
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """ "uvloop" or "asyncio", for logs and summaries."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice = "auto") -> T:
+    """asyncio.run, on the chosen loop."""
+    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+        return runner.run(main)

@@ -1,0 +1,113 @@
+"""The optional uvloop event loop: chosen by limits.event_loop, and sweeps judge the same on both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relayaudit import eventloop
+from relayaudit.config import parse_config
+from relayaudit.errors import ConfigError
+from relayaudit.lab import Behaviour, Lab, ServerSpec
+
+uvloop = pytest.importorskip("uvloop")  # the test extra installs it; CI runs both loops
+
+PORT = 2627
+LAB = {
+    1: Behaviour.OPEN_RELAY,
+    2: Behaviour.CLOSED,
+    3: Behaviour.CAMPUS_SENDER,
+    4: Behaviour.ACCEPT_ALL_DISCARD,
+    5: Behaviour.AUTH_REQUIRED,
+    6: Behaviour.TARPIT,
+}
+
+
+async def _name() -> str:
+    return eventloop.loop_name(asyncio.get_running_loop())
+
+
+def test_the_choice_picks_the_loop() -> None:
+    assert eventloop.run(_name(), "asyncio") == "asyncio"
+    assert eventloop.run(_name(), "uvloop") == "uvloop"
+    assert eventloop.run(_name(), "auto") == "uvloop"  # installed: auto takes it
+
+
+def test_uvloop_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an install without it looks like
+    assert eventloop.run(_name(), "auto") == "asyncio"
+    with pytest.raises(ConfigError) as err:
+        eventloop.loop_factory("uvloop")
+    assert str(err.value).startswith("limits.event_loop: 'uvloop' is not installed")
+
+
+def test_a_bad_choice_names_the_key() -> None:
+    base = {"scope": ["127.0.23.0/24"], "targets": ["127.0.23.0/29"]}
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, "limits": {"event_loop": "fast"}}, source="x.toml")
+    assert "limits.event_loop" in str(err.value) and "'fast'" in str(err.value)
+    assert parse_config(base, source="x.toml").limits.event_loop == "auto"
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    specs = [ServerSpec(host=f"127.0.23.{i}", port=PORT, behaviour=b) for i, b in LAB.items()]
+    async with Lab(specs) as running:
+        yield running
+
+
+async def _sweep(tmp_path: Path, loop: str, processes: int) -> dict[str, set[str]]:
+    out = tmp_path / f"{loop}-{processes}.jsonl"
+    cfg = tmp_path / f"{loop}-{processes}.toml"
+    cfg.write_text(
+        f"""
+scope = ["127.0.23.0/24"]
+targets = ["127.0.23.0/29"]
+ports = [{PORT}]
+[relay]
+campus_domains = ["campus.test"]
+external_domains = ["relay-test.example", "sender.example"]
+[timeouts]
+connect = "1s"
+command = "2s"
+greeting = "2s"
+[limits]
+subnet_rate = 500
+event_loop = "{loop}"
+[output]
+findings = "{out}"
+"""
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relayaudit",
+        "sweep",
+        "--config",
+        str(cfg),
+        "--processes",
+        str(processes),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1, err.decode()  # relays found
+    kinds: dict[str, set[str]] = {}
+    for line in out.read_text().splitlines():
+        finding = json.loads(line)
+        kinds.setdefault(finding["address"], set()).add(finding["kind"])
+    return kinds
+
+
+async def test_both_loops_find_the_same(tmp_path: Path, lab: Lab) -> None:
+    plain = await _sweep(tmp_path, "asyncio", 1)
+    fast = await _sweep(tmp_path, "uvloop", 2)
+    assert fast == plain
+    assert "open-relay" in plain["127.0.23.1"]
+    assert "relay-campus-sender" in plain["127.0.23.3"]
+    assert "127.0.23.6" not in plain  # the tarpit never greets: no-banner, no finding
