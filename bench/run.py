@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -112,7 +113,16 @@ class Bench:
         self.filtered: FilteredRange | None = None
         self.lab: LabProcess | None = None
         # --quick: shorter command timeout so the tarpit does not hold the smoke run for 10 s
-        self.timeouts = {**TIMEOUTS, "command": 2.0, "greeting": 2.0} if args.quick else dict(TIMEOUTS)
+        self.timeouts = (
+            {**TIMEOUTS, "command": 2.0, "greeting": 2.0} if args.quick else dict(TIMEOUTS)
+        )
+        self.event_loop: str = args.ra_event_loop
+        has_uvloop = importlib.util.find_spec("uvloop") is not None
+        self.event_loop_in_use = (
+            "uvloop"
+            if self.event_loop == "uvloop" or (self.event_loop == "auto" and has_uvloop)
+            else "asyncio"
+        )
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -155,6 +165,7 @@ class Bench:
                 f"concurrency = {concurrency}",
                 f"rate = {rate}",
                 f"subnet_rate = {subnet_rate}",
+                f'event_loop = "{self.event_loop}"',
                 "[output]",
                 f"findings = {json.dumps(str(findings))}",
                 "",
@@ -786,6 +797,8 @@ class Bench:
             "repeat_realistic": args.repeat_realistic,
             "relayaudit": {
                 "processes": args.ra_processes or 1,
+                "event_loop": self.event_loop,
+                "event_loop_in_use": self.event_loop_in_use,
                 "concurrency": args.concurrency,
                 "rate": UNLIMITED_RATE,
                 "subnet_rate": UNLIMITED_RATE,
@@ -910,6 +923,13 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
+def _ceiling(r: dict[str, Any], tool: str) -> float | None:
+    rate, share = _get(r, tool, "hosts_per_s"), _get(r, tool, "lab_cpu_share_pct")
+    if not isinstance(rate, int | float) or not isinstance(share, int | float) or share <= 0:
+        return None
+    return round(rate * 100 / share, 1)
+
+
 def _rss(run: Any) -> Any:
     """Peak RSS of a run: the summed process group's when sampled (--ra-processes), else wait4's."""
     if not isinstance(run, dict):
@@ -1003,6 +1023,15 @@ def build_table(doc: dict[str, Any]) -> list[dict[str, Any]]:
             "lab CPU % of a core while running",
             _get(r, "relayaudit", "lab_cpu_share_pct"),
             _get(r, "nmap", "lab_cpu_share_pct"),
+            "info",
+        )
+        # the most hosts/s the one-process lab could serve each tool's battery at (its core at
+        # 100 %): above it, the lab and not the tool would be measured
+        row(
+            sec,
+            "lab ceiling hosts/s (lab core at 100 %)",
+            _ceiling(r, "relayaudit"),
+            _ceiling(r, "nmap"),
             "info",
         )
         c = p.get("campus") or {}
@@ -1212,6 +1241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=os.cpu_count() or 1,
         help="pass --processes N to every relayaudit sweep (default: one per core)",
+    )
+    p.add_argument(
+        "--ra-event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="relayaudit's limits.event_loop (default auto: uvloop when installed)",
     )
     p.add_argument(
         "--rate", type=float, default=2000.0, help="limits.rate for the rate check (default 2000/s)"
