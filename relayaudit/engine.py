@@ -27,7 +27,7 @@ from relayaudit.probe import (
     probe,
     unreachable,
 )
-from relayaudit.targets import Address, Shard, TargetSpace
+from relayaudit.targets import Shard, TargetSpace
 from relayaudit.verdict import Verdict, VerdictStatus, judge
 
 if TYPE_CHECKING:  # the receiver (aiosmtpd) is imported only where confirmation mode runs
@@ -315,7 +315,7 @@ async def sweep(
     pacer = Pacer(config.limits.rate, config.limits.subnet_rate)
     stats = SweepStats()
     mark = watermark or Watermark(low=start)
-    work: Iterator[tuple[int, Address]] = space.iter_shard(shard, start=start)
+    work: Iterator[tuple[int, str]] = space.iter_shard_text(shard, start=start)
     # A position counts as done (for the resume watermark) only once its results reached the
     # sinks, including those whose canary is still awaited: each holds a reference.
     refs: dict[int, int] = {}
@@ -425,8 +425,7 @@ async def sweep(
         confirming = settings.canary is not None
         source = settings.source_address
         in_a_row = 0
-        for position, address in work:
-            addr = str(address)
+        for position, addr in work:
             # the fast path of a sweep, where most addresses refuse: a free pacer slot and a
             # connect the kernel answers at once settle an address without a single await
             pre: list[Connect | None] = [

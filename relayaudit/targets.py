@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import socket
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from relayaudit.errors import ConfigError
+
+T = TypeVar("T")
 
 __all__ = ["MAX_ADDRESSES", "Address", "Network", "Shard", "TargetSpace"]
 
@@ -276,6 +280,18 @@ class TargetSpace:
         ``position`` counts 0, 1, 2, ... within the shard; ``start=W`` resumes at position W in
         O(1), because each address is computed from its position alone.
         """
+        return self._walk(shard, start, self._kinds)
+
+    def iter_shard_text(
+        self, shard: Shard | None = None, *, start: int = 0
+    ) -> Iterator[tuple[int, str]]:
+        """iter_shard, with each address as text: the sweep's hot path, without address objects."""
+        texts = [_v4_text if kind is ipaddress.IPv4Address else _v6_text for kind in self._kinds]
+        return self._walk(shard, start, texts)
+
+    def _walk(
+        self, shard: Shard | None, start: int, convert: Sequence[Callable[[int], T]]
+    ) -> Iterator[tuple[int, T]]:
         if start < 0:
             raise ValueError(f"start must not be negative, got {start}")
         index, count = (0, 1) if shard is None else (shard.index, shard.count)
@@ -283,12 +299,19 @@ class TargetSpace:
         permute = self._permute
         starts = self._starts
         bases = self._bases
-        kinds = self._kinds
         position = start
         p = start * count + index
         while p < size:
             flat = permute(p)
             i = bisect_right(starts, flat) - 1
-            yield position, kinds[i](bases[i] + flat - starts[i])
+            yield position, convert[i](bases[i] + flat - starts[i])
             position += 1
             p += count
+
+
+def _v4_text(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "big"))  # what str(IPv4Address) gives, 4x faster
+
+
+def _v6_text(value: int) -> str:
+    return str(ipaddress.IPv6Address(value))
