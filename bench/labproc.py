@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+from relayaudit import eventloop
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 
 
@@ -78,8 +79,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("specs", type=Path)
     parser.add_argument("--max-seconds", type=float, default=1800.0)
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="the lab's loop (default auto: uvloop when installed, serving both tools alike)",
+    )
     args = parser.parse_args()
-    return asyncio.run(serve(load_specs(args.specs), args.max_seconds))
+    return eventloop.run(serve(load_specs(args.specs), args.max_seconds), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -830,6 +830,7 @@ class Bench:
         self.doc["notes"] = self.notes
         self.doc["table"] = build_table(self.doc)
         self.doc["targets"] = targets_check(self.doc)
+        self.doc["bounds"] = bounds(self.doc)
         path = self.results_dir / f"{self.ts}.json"
         path.write_text(json.dumps(self.doc, indent=2, default=str) + "\n", encoding="utf-8")
         print(render(self.doc))
@@ -1165,9 +1166,57 @@ def render(doc: dict[str, Any]) -> str:
     t = doc.get("targets") or {}
     if t:
         lines += ["", "issue targets: " + ", ".join(f"{k}: {v}" for k, v in t.items())]
+    for b in (doc.get("bounds") or {}).values():
+        lines.append(f"bound: {b['text']}")
     if doc.get("notes"):
         lines += ["", "notes:"] + [f"  - {n}" for n in doc["notes"]]
     return "\n".join(lines)
+
+
+def bounds(doc: dict[str, Any]) -> dict[str, Any]:
+    """What this machine and campus allow at best, whatever relayaudit does.
+
+    instant: the one-process lab serves relayaudit's battery at most at its ceiling (hosts/s
+    divided by the lab's core share); a 3x target above that cannot be shown here. realistic:
+    with tarpits, the run lasts at least the greeting timeout (both tools wait 10 s for a banner),
+    so hosts/s is at most hosts / that timeout.
+    """
+    out: dict[str, Any] = {}
+    profiles = doc.get("profiles") or {}
+    instant = (profiles.get("instant") or {}).get("relay") or {}
+    nmap_rate = _get(instant, "nmap", "hosts_per_s")
+    ceiling = _ceiling(instant, "relayaudit")
+    if isinstance(nmap_rate, int | float) and nmap_rate > 0 and ceiling is not None:
+        out["instant_lab_ceiling"] = {
+            "needed_hosts_per_s": round(3 * nmap_rate, 1),
+            "lab_ceiling_hosts_per_s": ceiling,
+            "best_ratio": round(ceiling / nmap_rate, 2),
+            "text": (
+                f"instant: 3x nmap needs {3 * nmap_rate:,.0f} relay-tested hosts/s; the lab can "
+                f"serve relayaudit's 22-test battery at most {ceiling:,.0f}/s (its core at 100 %), "
+                f"so {ceiling / nmap_rate:.2f}x is the most any client could show here"
+            ),
+        }
+    realistic = profiles.get("realistic") or {}
+    relay = realistic.get("relay") or {}
+    tarpits = (realistic.get("mix") or {}).get("tarpit", 0)
+    greeting = ((doc.get("settings") or {}).get("relayaudit") or {}).get("timeouts", {})
+    wait = greeting.get("greeting") or greeting.get("command")
+    nmap_rate = _get(relay, "nmap", "hosts_per_s")
+    hosts = relay.get("hosts")
+    if tarpits and wait and hosts and isinstance(nmap_rate, int | float) and nmap_rate > 0:
+        best = hosts / wait
+        out["realistic_tarpit_floor"] = {
+            "greeting_timeout_s": wait,
+            "best_hosts_per_s": round(best, 1),
+            "best_ratio": round(best / nmap_rate, 2),
+            "text": (
+                f"realistic: {tarpits} tarpits hold any run for the {wait:g} s greeting timeout "
+                f"(nmap's script waits as long), so {hosts} hosts take at least {wait:g} s: at "
+                f"most {best:,.0f} hosts/s, {best / nmap_rate:.2f}x nmap"
+            ),
+        }
+    return out
 
 
 def targets_check(doc: dict[str, Any]) -> dict[str, Any]:
