@@ -1,4 +1,4 @@
-"""Runs a sweep: one pacer, a bounded worker pool, per-host serial sessions, canary waits."""
+"""Runs a sweep: one pacer, a bounded worker pool, discovery then each open port's probe, canary waits."""
 
 from __future__ import annotations
 

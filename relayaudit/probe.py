@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
+from typing import cast
 
 import aiosmtplib
 
@@ -140,7 +141,10 @@ def connect_now(
     fast LANs) the result is final here; otherwise an InProgress for finish_connect.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, _STREAM_NONBLOCK)
+    try:
+        sock = socket.socket(family, _STREAM_NONBLOCK)
+    except OSError as exc:  # out of file descriptors, say: this address gets an error status
+        return _connect_failure(exc.errno or errno.EIO)
     try:
         if not _STREAM_NONBLOCK_FLAG:
             sock.setblocking(False)
@@ -275,7 +279,7 @@ class _Session:
     _watchdog: asyncio.TimerHandle | None = None
 
     # One timer per session instead of one per command (aiosmtplib's per-command wait_for was
-    # a tenth of a relay test's CPU): it fires at most once per timeout period, and closes the
+    # a tenth of a relay test's CPU): it fires at most once per timeout period, and ends the
     # connection only if the command then in flight has waited the whole timeout.
     def sent(self) -> None:
         self.waiting_since = time.monotonic()
@@ -287,13 +291,26 @@ class _Session:
         if self.waiting_since is None:
             return
         waited = time.monotonic() - self.waiting_since
+        loop = asyncio.get_running_loop()
         if waited >= self.timeout:
-            self.expired = True
-            self.smtp.close()  # the read in flight ends with SMTPServerDisconnected
+            # decided one loop turn later: a reply read in this same turn resumes the command
+            # first (and clears waiting_since) instead of losing the connection
+            loop.call_soon(self._expire)
         else:
-            self._watchdog = asyncio.get_running_loop().call_later(
-                self.timeout - waited, self._check
-            )
+            self._watchdog = loop.call_later(self.timeout - waited, self._check)
+
+    def _expire(self) -> None:
+        if self.waiting_since is None or time.monotonic() - self.waiting_since < self.timeout:
+            return
+        self.expired = True
+        self.abort()  # the read in flight ends with SMTPServerDisconnected
+
+    def abort(self) -> None:
+        """Drop the connection now: no TLS close_notify exchange a stalled server never answers."""
+        transport = self.smtp.transport
+        if transport is not None and hasattr(transport, "abort"):
+            cast(asyncio.Transport, transport).abort()  # asyncio's and uvloop's alike
+        self.smtp.close()
 
     def stop_watch(self) -> None:
         if self._watchdog is not None:
@@ -365,10 +382,16 @@ class _Run:
         """Send one command and wait for its reply (never pipelined)."""
         started = time.monotonic()
         verb, _, arg = line.partition(" ")
+        if not session.smtp.is_connected:
+            # the server closed after its last reply (421, a hang-up after RSET): nothing is sent
+            raise _Broken(f"server hung up before {verb}")
         args = (verb.encode(), arg.encode("utf-8", "surrogateescape")) if arg else (verb.encode(),)
         session.sent()
         try:
             response = await session.smtp.execute_command(*args, timeout=None)
+        except asyncio.CancelledError:
+            self._log(session, line, None, started, error="cancelled (session deadline or stop)")
+            raise
         except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
             self._log(session, line, None, started, error=f"timeout: {exc}")
             raise _Broken(
@@ -390,6 +413,9 @@ class _Run:
             raise _Broken(f"{verb} failed: {_describe(exc)}", fatal=True) from None
         finally:
             session.waiting_since = None
+        # the reply made it, even if the watchdog ended the connection in the same instant: the
+        # next command then finds a hang-up, not a timeout
+        session.expired = False
         # records on the per-command path are built without validation: their values come
         # typed from aiosmtplib and from us, and validation was a third of a relay test's cost;
         # only the server's text needs what validation would do (invalid UTF-8, control bytes)
@@ -455,6 +481,8 @@ class _Run:
                 self.facts = _facts(session.smtp, banner, ehlo)
         except BaseException:
             self.end_session(session)
+            if session.smtp.transport is None:
+                sock.close()  # cancelled before aiosmtplib's transport took the socket over
             raise
         return session
 
@@ -492,7 +520,8 @@ class _Run:
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             self._log(session, None, None, started, error=_describe(exc))
             if transport is Transport.IMPLICIT_TLS:
-                self.tls = TlsFacts(error=_describe(exc))
+                if self.tls is None:  # a parallel session's failure keeps earlier good facts
+                    self.tls = TlsFacts(error=_describe(exc))
                 raise NoSession(
                     ProbeStatus.NOT_SMTP, f"implicit TLS failed: {_describe(exc)}", PortState.OPEN
                 ) from None
@@ -554,11 +583,13 @@ class _Run:
             response = await smtp.starttls(validate_certs=False)
         except aiosmtplib.SMTPResponseException as exc:
             self._log(session, "STARTTLS", Reply(code=exc.code, text=exc.message), started)
-            self.tls = TlsFacts(error=f"STARTTLS refused: {exc.code} {exc.message}")
+            if self.tls is None:
+                self.tls = TlsFacts(error=f"STARTTLS refused: {exc.code} {exc.message}")
             raise _Broken("STARTTLS refused", fatal=True) from None
         except (aiosmtplib.SMTPException, TimeoutError, OSError, ssl.SSLError) as exc:
             self._log(session, "STARTTLS", None, started, error=_describe(exc))
-            self.tls = TlsFacts(error=f"handshake failed: {_describe(exc)}")
+            if self.tls is None:
+                self.tls = TlsFacts(error=f"handshake failed: {_describe(exc)}")
             raise _Broken("STARTTLS handshake failed", fatal=True) from None
         self._log(session, "STARTTLS", Reply(code=response.code, text=response.message), started)
         self.tls = _tls_facts(smtp)
@@ -576,19 +607,32 @@ class _Run:
         )
 
     async def quit(self, session: _Session) -> None:
-        """Say goodbye politely, but never wait long for it (a silent QUIT is not an error)."""
+        """Say goodbye politely, but never wait long for it (a silent QUIT is not an error).
+
+        Past the session deadline (the task is being cancelled) there is no goodbye at all.
+        """
+        answered = False
         try:
-            if session.smtp.is_connected:
+            task = asyncio.current_task()
+            if session.smtp.is_connected and not (task is not None and task.cancelling()):
                 with contextlib.suppress(_Broken, TimeoutError):
                     async with asyncio.timeout(min(2.0, self.settings.command_timeout)):
                         await self.command(session, "QUIT")
+                        answered = True
         finally:
-            self.end_session(session)
+            self.end_session(session, abort=not answered)
 
-    def end_session(self, session: _Session) -> None:
-        """Close the connection and file its exchanges in the transcript."""
+    def end_session(self, session: _Session, *, abort: bool = True) -> None:
+        """Close the connection and file its exchanges in the transcript.
+
+        abort: drop it at once (the default for every end but an answered QUIT): a TLS
+        connection's graceful close would wait up to 30 s for a silent server's close_notify.
+        """
         session.stop_watch()
-        session.smtp.close()
+        if abort:
+            session.abort()
+        else:
+            session.smtp.close()
         if session.log:
             self.transcript.extend(session.log)
             session.log = []
@@ -610,7 +654,8 @@ class _Run:
         state = _Battery(
             queue=deque(tests),
             transport=transport,
-            sessions_left=s.max_reconnects + wanted - (first is not None),
+            # as many connections as before parallel sessions: the first plus max_reconnects
+            sessions_left=s.max_reconnects + (first is None),
         )
         order = {t.id: i for i, t in enumerate(tests)}
         mark = len(self.tests)
@@ -638,7 +683,7 @@ class _Run:
                     state.sessions_left -= 1
                     try:
                         session = await self.open_session(state.transport)
-                    except (NoSession, _Broken) as exc:
+                    except (NoSession, _Broken, OSError) as exc:
                         state.last_failure = f"not run: reconnect failed: {exc}"
                         return
                     if not state.queue or state.stop is not None:
@@ -651,11 +696,7 @@ class _Run:
                 session = None
         finally:
             if session is not None:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    self.end_session(session)  # the deadline passed: no waiting for a goodbye
-                else:
-                    await self.quit(session)
+                await self.quit(session)  # at the deadline: closed at once, no goodbye
 
     async def _session_tests(
         self, session: _Session, claimed: list[RelayTest], state: _Battery

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import ssl
+import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 from hostile import HostileServer
 
 from relayaudit.evidence import TestOutcome
+from relayaudit.lab import server_tls_context
 from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import VerdictStatus, judge
 
@@ -149,3 +155,65 @@ async def test_three_sessions_run_side_by_side_and_results_keep_battery_order() 
     for start, end in zip(greetings, [*greetings[1:], len(result.transcript)], strict=True):
         block = [e.command for e in result.transcript[start:end]]
         assert str(block[1]).startswith("EHLO") and block[-1] == "QUIT", block
+
+
+def _stalling_tls_server(stall_at: bytes) -> tuple[socket.socket, list[ssl.SSLSocket]]:
+    """An implicit-TLS server (threads, blocking sockets) that stops answering at `stall_at`."""
+    ctx = server_tls_context("mx.tls.test")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[ssl.SSLSocket] = []
+
+    def conn(raw: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            tls = ctx.wrap_socket(raw, server_side=True)
+            held.append(tls)
+            tls.sendall(b"220 mx.tls.test ESMTP\r\n")
+            reader = tls.makefile("rb")
+            for _ in range(200):
+                verb = reader.readline()[:4].upper()
+                if not verb or verb == stall_at:
+                    return  # holds the connection open and silent (closed by the test)
+                tls.sendall(
+                    {
+                        b"EHLO": b"250-mx.tls.test\r\n250 8BITMIME\r\n",
+                        b"MAIL": b"250 ok\r\n",
+                        b"RCPT": b"554 5.7.1 relay denied\r\n",
+                        b"RSET": b"250 ok\r\n",
+                        b"QUIT": b"221 bye\r\n",
+                    }.get(bytes(verb), b"502 no\r\n")
+                )
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(20):
+                raw, _ = listener.accept()
+                threading.Thread(target=conn, args=(raw,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, held
+
+
+async def test_a_silent_tls_server_costs_one_command_timeout() -> None:
+    """A stalled command over TLS ends at the command timeout, not at TLS's 30 s close wait."""
+    listener, held = _stalling_tls_server(b"MAIL")
+    try:
+        started = time.monotonic()
+        result = await probe(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            _settings(command_timeout=1.0),
+            implicit_tls=True,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+        for tls in held:
+            with contextlib.suppress(OSError):
+                tls.close()
+    assert elapsed < 5.0, elapsed
+    assert result.facts is not None and result.facts.tls is not None
+    assert result.facts.tls.protocol is not None  # a good handshake, kept despite the stall
+    assert result.tests[0].error == "no reply to MAIL within 1s"
+    assert len(result.tests) == 22  # every test reported: the first failed, the rest not run
