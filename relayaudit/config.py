@@ -302,6 +302,9 @@ class StateConfig(_Model):
     resolve_after: int = Field(
         default=2, ge=1, le=100, description="completed sweeps absent before resolved"
     )
+    keep_days: int = Field(
+        default=365, ge=1, le=36500, description="history and sent-alert rows kept this long"
+    )
 
 
 class ScheduleConfig(_Model):

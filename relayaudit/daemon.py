@@ -9,7 +9,7 @@ import resource
 import signal
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
@@ -339,6 +339,13 @@ class Daemon:
             return
         await asyncio.to_thread(store.complete_sweep, sweep_id, stats)
         self._last_completed = datetime.now(UTC)
+        # old history and sent-alert rows go, so the state file stops growing once it holds
+        # `state.keep_days` of sweeps; findings, ticket keys and dead letters stay
+        pruned = await asyncio.to_thread(
+            store.prune, self._last_completed - timedelta(days=config.state.keep_days)
+        )
+        if any(pruned.values()):
+            log.info("state.pruned", **pruned)
         elapsed = time.monotonic() - started
         self._metrics.sweep_completed(duration=elapsed, finished_at=time.time())
         await self._refresh_gauges()

@@ -732,6 +732,22 @@ class StateStore:
                 ),
             )
 
+    def prune(self, before: datetime) -> dict[str, int]:
+        """Delete history rows observed, and deliveries sent, before `before`; the counts.
+
+        Findings, alerts (the ticket keys that keep alerts idempotent), pending deliveries and
+        dead letters are never pruned: only what is both old and settled.
+        """
+        cutoff = _ts(before)
+        with self._write("prune") as db:
+            observations = db.execute(
+                "DELETE FROM observations WHERE observed < ?", (cutoff,)
+            ).rowcount
+            deliveries = db.execute(
+                "DELETE FROM deliveries WHERE state = 'sent' AND updated < ?", (cutoff,)
+            ).rowcount
+        return {"observations": observations, "deliveries": deliveries}
+
     def finding_counts(self) -> dict[tuple[str, str], int]:
         """{(kind, status): count}: what the metrics need, without parsing any finding."""
         with self._read("count findings") as db:

@@ -458,3 +458,22 @@ async def test_a_relay_fixed_between_sweeps_gives_one_resolved_alert(tmp_path: P
         ]
     finally:
         store.close()
+
+
+def test_prune_drops_old_history_and_sent_deliveries_only(store: StateStore) -> None:
+    store.set_channels(["command:0"])
+    for day in range(6):
+        one_sweep(store, observe(make_finding(when=at(day)), when=at(day)))
+    assert len(store.history(ADDR)) == 6
+    item, *_ = store.due("command:0", datetime.now(UTC) + timedelta(days=1))  # the NEW alert
+    store.delivered(item)
+    assert store.outbox_counts() == {"pending": 0, "sent": 1, "dead": 0}
+
+    assert store.prune(at(3)) == {"observations": 3, "deliveries": 0}  # sent just now: kept
+    assert [h.observed for h in store.history(ADDR)] == [at(3), at(4), at(5)]
+    assert store.prune(datetime.now(UTC) + timedelta(days=1))["deliveries"] == 1
+    assert store.outbox_counts() == {"pending": 0, "sent": 0, "dead": 0}
+    # the finding and its ticket key stay: the same alert is never enqueued twice
+    (row,) = store.findings()
+    assert row.status is FindingStatus.ONGOING
+    assert [a.key for a in store.alerts()] == [f"{row.id}/new/1"]
