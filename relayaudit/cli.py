@@ -113,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--state", type=Path, action="append")
     h.add_argument("--json", action="store_true")
 
+    o = sub.add_parser(
+        "outbox",
+        help="alert deliveries: counts and dead letters; --replay sends dead letters again",
+    )
+    o.add_argument("--config", type=Path, help="read the state file named in this config")
+    o.add_argument("--state", type=Path, action="append", help="state file (repeatable)")
+    o.add_argument(
+        "--replay",
+        type=int,
+        nargs="*",
+        metavar="ID",
+        help="requeue dead letters (these delivery ids, or all): the daemon sends them again",
+    )
+    o.add_argument("--json", action="store_true")
+
     d = sub.add_parser("demo", help="start a loopback lab of SMTP servers and sweep it")
     d.add_argument("--output", type=Path, help="findings file (default: a temporary directory)")
     return p
@@ -142,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _findings(args)
         if args.command == "history":
             return _history(args)
+        if args.command == "outbox":
+            return _outbox(args)
         if args.command == "demo":
             from relayaudit.demo import run_demo
 
@@ -210,6 +227,56 @@ def _findings(args: argparse.Namespace) -> int:
             f"{endpoint(r.address, r.port):22} {r.first_seen:%Y-%m-%d %H:%M} {r.last_seen:%Y-%m-%d %H:%M}"
         )
     print(f"{len(rows)} finding(s)")
+    return EXIT_OK
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from relayaudit.state import StateStore
+
+    report: list[dict[str, object]] = []
+    for path in _state_paths(args):
+        store = StateStore(path)
+        store.open(readonly=args.replay is None)
+        try:
+            replayed = store.replay_dead(args.replay) if args.replay is not None else None
+            report.append(
+                {
+                    "state": str(path),
+                    "counts": store.outbox_counts(),
+                    "replayed": replayed,
+                    "dead": [
+                        {
+                            "id": item.id,
+                            "channel": item.channel,
+                            "alert": item.alert.key,
+                            "attempts": item.attempts,
+                            "last_error": item.last_error,
+                        }
+                        for item in store.dead_letters()
+                    ],
+                }
+            )
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    for part in report:
+        counts = part["counts"]
+        assert isinstance(counts, dict)
+        print(
+            f"{part['state']}: {counts['pending']} pending, {counts['sent']} sent, "
+            f"{counts['dead']} dead"
+        )
+        if part["replayed"] is not None:
+            print(f"  {part['replayed']} dead letter(s) requeued")
+        dead = part["dead"]
+        assert isinstance(dead, list)
+        for item in dead:
+            print(
+                f"  dead #{item['id']} {item['channel']} {item['alert']} after "
+                f"{item['attempts']} attempt(s): {item['last_error']}"
+            )
     return EXIT_OK
 
 

@@ -115,6 +115,15 @@ CREATE INDEX deliveries_due ON deliveries (channel, state, next_attempt);
 CREATE INDEX deliveries_by_finding ON deliveries (channel, finding_id, state, id);
 """
 
+_REPLAY_ALL = (
+    "UPDATE deliveries SET state = 'pending', attempts = 0, last_error = NULL, next_attempt = ?, "
+    "updated = ? WHERE state = 'dead'"
+)
+_REPLAY_ONE = (
+    "UPDATE deliveries SET state = 'pending', attempts = 0, last_error = NULL, next_attempt = ?, "
+    "updated = ? WHERE state = 'dead' AND id = ?"
+)
+
 # A port that answers nothing and never had a finding is the bulk of every sweep and says nothing;
 # writing it would cost one fsync per probe and bury `history` in noise.
 _QUIET = frozenset({VerdictStatus.CLOSED, VerdictStatus.FILTERED})
@@ -731,6 +740,15 @@ class StateStore:
                     item.id,
                 ),
             )
+
+    def replay_dead(self, ids: Sequence[int] = ()) -> int:
+        """Dead letters (all, or those with these delivery ids) back to pending, due now, with a
+        fresh attempt count: a running daemon's dispatcher sends them within a second."""
+        now = _ts(self._clock())
+        with self._write("replay dead letters") as db:
+            if not ids:
+                return db.execute(_REPLAY_ALL, (now, now)).rowcount
+            return sum(db.execute(_REPLAY_ONE, (now, now, i)).rowcount for i in ids)
 
     def prune(self, before: datetime) -> dict[str, int]:
         """Delete history rows observed, and deliveries sent, before `before`; the counts.

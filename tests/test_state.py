@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from relayaudit.cli import main
 from relayaudit.engine import SweepStats
 from relayaudit.errors import StateError
 from relayaudit.evidence import Exchange, PortState, ProbeResult, ProbeStatus, Reply
@@ -477,3 +478,30 @@ def test_prune_drops_old_history_and_sent_deliveries_only(store: StateStore) -> 
     (row,) = store.findings()
     assert row.status is FindingStatus.ONGOING
     assert [a.key for a in store.alerts()] == [f"{row.id}/new/1"]
+
+
+def test_dead_letters_can_be_replayed(store: StateStore, capsys: pytest.CaptureFixture[str]) -> None:
+    store.set_channels(["webhook:0"])
+    for day, address in enumerate(("127.0.9.1", "127.0.9.2")):
+        one_sweep(store, observe(make_finding(address=address, when=at(day)), address=address))
+    later = datetime.now(UTC) + timedelta(days=1)
+    first, second = store.due("webhook:0", later)
+    store.failed(first, "HTTP 500", next_attempt=later, dead=True)
+    store.failed(second, "HTTP 500", next_attempt=later, dead=True)
+    assert store.due("webhook:0", later) == []
+
+    assert store.replay_dead([second.id]) == 1
+    (again,) = store.due("webhook:0", datetime.now(UTC) + timedelta(seconds=1))
+    assert (again.id, again.attempts, again.last_error) == (second.id, 0, None)
+    assert store.outbox_counts() == {"pending": 1, "sent": 0, "dead": 1}
+
+    # the command line, against the same file (WAL: a running daemon may hold it open)
+    assert main(["outbox", "--state", str(store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 pending, 0 sent, 1 dead" in out
+    assert f"dead #{first.id} webhook:0 {first.alert.key} after 1 attempt(s): HTTP 500" in out
+    assert main(["outbox", "--state", str(store.path), "--replay"]) == 0
+    assert "1 dead letter(s) requeued" in capsys.readouterr().out
+    assert store.outbox_counts() == {"pending": 2, "sent": 0, "dead": 0}
+    assert main(["outbox", "--state", str(store.path / "nope")]) == 2
+    assert "--state: " in capsys.readouterr().err
