@@ -479,9 +479,19 @@ def _status_summary(status: VerdictStatus, group: list[TestResult], result: Prob
     if first is not None:
         reply = first.rcpt or first.mail
         sample = f" (e.g. {reply})" if reply is not None else ""
+    syntax = sum(1 for r in group if _syntax_refusal(r))
+    how = f" ({syntax} of them as bad address syntax, 501 / x.1.3)" if syntax else ""
     return {
-        VerdictStatus.RELAY_REFUSED: f"All {len(group)} relay tests refused{sample}.",
+        VerdictStatus.RELAY_REFUSED: f"All {len(group)} relay tests refused{sample}{how}.",
         VerdictStatus.AUTH_REQUIRED: f"Relaying needs authentication{sample}.",
         VerdictStatus.TLS_REQUIRED: f"The server requires STARTTLS before mail{sample}.",
         VerdictStatus.INCONCLUSIVE: f"Temporary refusals (greylisting or rate limits): retry later{sample}.",
     }.get(status, result.error or status.value)
+
+
+def _syntax_refusal(result: TestResult) -> bool:
+    """Refused for how the address is written (the odd forms), not as a relay attempt."""
+    reply = result.rcpt or result.mail
+    if reply is None or result.outcome not in (TestOutcome.REFUSED, TestOutcome.SENDER_REFUSED):
+        return False
+    return reply.code == 501 or (reply.enhanced or "")[1:] in (".1.3", ".5.2", ".5.4")

@@ -43,6 +43,7 @@ def recording_server(
     refuse_mail_from: tuple[bytes, ...] = (),
     strict_sync: bool = False,
     max_connections: int | None = None,
+    bad_syntax: tuple[bytes, ...] = (),
 ) -> tuple[Recorder, list[list[bytes]], list[str], list[int]]:
     """A relay-refusing server that records each connection's reads (what came in one segment).
 
@@ -93,6 +94,8 @@ def recording_server(
                         if not open_mail:
                             problems.append(f"RCPT without an accepted MAIL: {line!r}")
                             writer.write(b"503 5.5.1 need MAIL\r\n")
+                        elif any(mark in line for mark in bad_syntax):
+                            writer.write(b"501 5.1.3 Bad recipient address syntax\r\n")
                         else:
                             writer.write(b"554 5.7.1 Relay access denied\r\n")
                     elif verb == b"RSET":
@@ -217,3 +220,16 @@ async def test_a_silent_tls_server_costs_one_command_timeout() -> None:
     assert result.facts.tls.protocol is not None  # a good handshake, kept despite the stall
     assert result.tests[0].error == "no reply to MAIL within 1s"
     assert len(result.tests) == 22  # every test reported: the first failed, the rest not run
+
+
+async def test_the_summary_tells_syntax_refusals_apart() -> None:
+    handler, _reads, problems, _peak = recording_server(bad_syntax=(b"!", b'"'))
+    async with HostileServer(handler) as server:
+        result = await probe("127.0.0.1", server.port, SETTINGS)
+    assert problems == []
+    verdict = judge(result)
+    assert verdict.status is VerdictStatus.RELAY_REFUSED
+    syntax = sum(1 for t in result.tests if t.rcpt is not None and t.rcpt.code == 501)
+    assert syntax >= 5  # the quoted and bang-path forms
+    assert verdict.summary.startswith("All 22 relay tests refused (e.g. 554 ")
+    assert verdict.summary.endswith(f" ({syntax} of them as bad address syntax, 501 / x.1.3).")
