@@ -60,7 +60,9 @@ def demo_config(findings: Path) -> Config:
                 "listen": f"{CANARY[0]}:{CANARY[1]}",
                 "wait": "3s",
             },
-            "timeouts": {"connect": "1s", "command": "3s", "session": "30s"},
+            # short waits: the tarpit and the silent service would otherwise hold the demo for
+            # the default 30 s greeting wait
+            "timeouts": {"connect": "1s", "command": "3s", "greeting": "3s", "session": "30s"},
             "limits": {"concurrency": 32, "rate": 500, "subnet_rate": 200},
             "approved": [
                 {"address": "127.0.10.2", "port": DEMO_PORT, "note": "ISO-0001 campus mail hub"}
