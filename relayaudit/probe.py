@@ -709,6 +709,8 @@ class _Run:
         transport = state.transport
         smtp = session.smtp
         for i, test in enumerate(claimed):
+            if not smtp.is_connected:
+                return claimed[i:]  # closed after the last reply (421 to RSET): not this test's try
             state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
             try:
                 result = await self._one_test(session, test, transport)
