@@ -360,7 +360,12 @@ def test_matches_brute_force_model(
 def test_text_walk_is_the_same_walk(shard: Shard | None) -> None:
     """The sweep walks addresses as text; same order, same positions, same spelling."""
     space = TargetSpace(
-        [net("198.51.100.0/25"), net("2001:db8::ff00/120"), net("192.0.2.0/30"), net("203.0.113.0/30")],
+        [
+            net("198.51.100.0/25"),
+            net("2001:db8::ff00/120"),
+            net("192.0.2.0/30"),
+            net("203.0.113.0/30"),
+        ],
         [net("198.51.100.7/32")],
         seed=9,
     )
