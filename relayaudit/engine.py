@@ -24,6 +24,7 @@ from relayaudit.probe import (
     ProbeSettings,
     connect_now,
     finish_connect,
+    open_socket,
     probe,
     unreachable,
 )
@@ -355,9 +356,10 @@ async def sweep(
         async def connect(
             port: int, outcome: Connect | None
         ) -> tuple[int, socket.socket | NoSession]:
-            if outcome is None:
+            if outcome is None:  # no free pacer slot in the worker: wait for one here
                 await pacer(address)
-                outcome = connect_now(address, port, source=settings.source_address)
+                source, timeout = settings.source_address, settings.connect_timeout
+                return port, await open_socket(address, port, source=source, timeout=timeout)
             if isinstance(outcome, InProgress):
                 outcome = await finish_connect(
                     outcome, address, port, timeout=settings.connect_timeout
