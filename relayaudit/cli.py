@@ -233,49 +233,44 @@ def _findings(args: argparse.Namespace) -> int:
 def _outbox(args: argparse.Namespace) -> int:
     from relayaudit.state import StateStore
 
-    report: list[dict[str, object]] = []
+    parts = []
     for path in _state_paths(args):
         store = StateStore(path)
         store.open(readonly=args.replay is None)
         try:
             replayed = store.replay_dead(args.replay) if args.replay is not None else None
-            report.append(
-                {
-                    "state": str(path),
-                    "counts": store.outbox_counts(),
-                    "replayed": replayed,
-                    "dead": [
-                        {
-                            "id": item.id,
-                            "channel": item.channel,
-                            "alert": item.alert.key,
-                            "attempts": item.attempts,
-                            "last_error": item.last_error,
-                        }
-                        for item in store.dead_letters()
-                    ],
-                }
-            )
+            parts.append((path, store.outbox_counts(), replayed, store.dead_letters()))
         finally:
             store.close()
     if args.json:
-        print(json.dumps(report, indent=2))
+        doc = [
+            {
+                "state": str(path),
+                "counts": counts,
+                "replayed": replayed,
+                "dead": [
+                    {
+                        "id": item.id,
+                        "channel": item.channel,
+                        "alert": item.alert.key,
+                        "attempts": item.attempts,
+                        "last_error": item.last_error,
+                    }
+                    for item in dead
+                ],
+            }
+            for path, counts, replayed, dead in parts
+        ]
+        print(json.dumps(doc, indent=2))
         return EXIT_OK
-    for part in report:
-        counts = part["counts"]
-        assert isinstance(counts, dict)
-        print(
-            f"{part['state']}: {counts['pending']} pending, {counts['sent']} sent, "
-            f"{counts['dead']} dead"
-        )
-        if part["replayed"] is not None:
-            print(f"  {part['replayed']} dead letter(s) requeued")
-        dead = part["dead"]
-        assert isinstance(dead, list)
+    for path, counts, replayed, dead in parts:
+        print(f"{path}: {counts['pending']} pending, {counts['sent']} sent, {counts['dead']} dead")
+        if replayed is not None:
+            print(f"  {replayed} dead letter(s) requeued")
         for item in dead:
             print(
-                f"  dead #{item['id']} {item['channel']} {item['alert']} after "
-                f"{item['attempts']} attempt(s): {item['last_error']}"
+                f"  dead #{item.id} {item.channel} {item.alert.key} after {item.attempts} "
+                f"attempt(s): {item.last_error}"
             )
     return EXIT_OK
 
