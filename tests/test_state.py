@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -500,6 +501,18 @@ def test_dead_letters_can_be_replayed(store: StateStore, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "1 pending, 0 sent, 1 dead" in out
     assert f"dead #{first.id} webhook:0 {first.alert.key} after 1 attempt(s): HTTP 500" in out
+    assert main(["outbox", "--state", str(store.path), "--json"]) == 0
+    (doc,) = json.loads(capsys.readouterr().out)
+    assert doc["counts"] == {"pending": 1, "sent": 0, "dead": 1} and doc["replayed"] is None
+    assert doc["dead"] == [
+        {
+            "id": first.id,
+            "channel": "webhook:0",
+            "alert": first.alert.key,
+            "attempts": 1,
+            "last_error": "HTTP 500",
+        }
+    ]
     assert main(["outbox", "--state", str(store.path), "--replay"]) == 0
     assert "1 dead letter(s) requeued" in capsys.readouterr().out
     assert store.outbox_counts() == {"pending": 2, "sent": 0, "dead": 0}
