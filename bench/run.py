@@ -156,6 +156,7 @@ class Bench:
                 "[relay]",
                 f"campus_domains = {json.dumps([CAMPUS_DOMAIN])}",
                 f"external_domains = {json.dumps(list(EXTERNAL_DOMAINS))}",
+                f"sessions_per_host = {self.args.ra_sessions_per_host}",
                 "[timeouts]",
                 f"connect = {t['connect']}",
                 f"command = {t['command']}",
@@ -797,6 +798,7 @@ class Bench:
             "repeat_realistic": args.repeat_realistic,
             "relayaudit": {
                 "processes": args.ra_processes or 1,
+                "sessions_per_host": args.ra_sessions_per_host,
                 "event_loop": self.event_loop,
                 "event_loop_in_use": self.event_loop_in_use,
                 "concurrency": args.concurrency,
@@ -1290,6 +1292,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=os.cpu_count() or 1,
         help="pass --processes N to every relayaudit sweep (default: one per core)",
+    )
+    p.add_argument(
+        "--ra-sessions-per-host",
+        type=int,
+        choices=(1, 2, 3),
+        default=1,
+        help="relayaudit's relay.sessions_per_host (default 1, its default and the ISO's policy; "
+        "2-3 measure the opt-in)",
     )
     p.add_argument(
         "--ra-event-loop",

@@ -83,7 +83,7 @@ class ProbeSettings:
     sender_local_part: str = "relayaudit"
     canary: CanaryTarget | None = None  # set: confirmation mode
     max_reconnects: int = 6
-    sessions_per_host: int = 3  # parallel sessions of one probe's battery
+    sessions_per_host: int = 1  # sessions of one probe's battery at a time (opt-in: up to 3)
 
 
 class _Broken(Exception):

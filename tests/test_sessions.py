@@ -133,7 +133,7 @@ async def test_every_command_waits_for_its_reply(advertised: bool) -> None:
 async def test_parallel_sessions_and_a_server_allowing_only_one_connection() -> None:
     handler, _reads, problems, _peak = recording_server(pipelining=True, max_connections=1)
     async with HostileServer(handler) as server:
-        result = await probe("127.0.0.1", server.port, SETTINGS)
+        result = await probe("127.0.0.1", server.port, _settings(sessions_per_host=3))
     assert problems == []
     # the extra sessions were refused with 421: the one allowed connection ran all 22 tests
     assert judge(result).status is VerdictStatus.RELAY_REFUSED
@@ -144,8 +144,8 @@ async def test_parallel_sessions_and_a_server_allowing_only_one_connection() -> 
 async def test_three_sessions_run_side_by_side_and_results_keep_battery_order() -> None:
     handler, _reads, problems, peak = recording_server(pipelining=True)
     async with HostileServer(handler) as server:
-        result = await probe("127.0.0.1", server.port, SETTINGS)
-        one = await probe("127.0.0.1", server.port, _settings(sessions_per_host=1))
+        result = await probe("127.0.0.1", server.port, _settings(sessions_per_host=3))
+        one = await probe("127.0.0.1", server.port, SETTINGS)  # the default: one at a time
     assert one.sessions == 3  # 22 tests, 8 per session, one after the other
     assert problems == []
     assert result.sessions == 3
@@ -233,3 +233,13 @@ async def test_the_summary_tells_syntax_refusals_apart() -> None:
     assert syntax >= 5  # the quoted and bang-path forms
     assert verdict.summary.startswith("All 22 relay tests refused (e.g. 554 ")
     assert verdict.summary.endswith(f" ({syntax} of them as bad address syntax, 501 / x.1.3).")
+
+
+async def test_by_default_one_session_at_a_time_per_host() -> None:
+    """Issue 3's politeness: at most one SMTP session per host at a time, unless opted in."""
+    handler, _reads, problems, peak = recording_server()
+    async with HostileServer(handler) as server:
+        result = await probe("127.0.0.1", server.port, SETTINGS)
+    assert problems == []
+    assert result.sessions == 3 and peak == [1]
+    assert len(result.tests) == 22
