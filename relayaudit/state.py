@@ -115,13 +115,10 @@ CREATE INDEX deliveries_due ON deliveries (channel, state, next_attempt);
 CREATE INDEX deliveries_by_finding ON deliveries (channel, finding_id, state, id);
 """
 
-_REPLAY_ALL = (
-    "UPDATE deliveries SET state = 'pending', attempts = 0, last_error = NULL, next_attempt = ?, "
-    "updated = ? WHERE state = 'dead'"
-)
-_REPLAY_ONE = (
-    "UPDATE deliveries SET state = 'pending', attempts = 0, last_error = NULL, next_attempt = ?, "
-    "updated = ? WHERE state = 'dead' AND id = ?"
+# every dead letter when :id is NULL, else only that delivery
+_REPLAY = (
+    "UPDATE deliveries SET state = 'pending', attempts = 0, last_error = NULL, next_attempt = :now, "
+    "updated = :now WHERE state = 'dead' AND (:id IS NULL OR id = :id)"
 )
 
 # A port that answers nothing and never had a finding is the bulk of every sweep and says nothing;
@@ -746,9 +743,8 @@ class StateStore:
         fresh attempt count: a running daemon's dispatcher sends them within a second."""
         now = _ts(self._clock())
         with self._write("replay dead letters") as db:
-            if not ids:
-                return db.execute(_REPLAY_ALL, (now, now)).rowcount
-            return sum(db.execute(_REPLAY_ONE, (now, now, i)).rowcount for i in ids)
+            targets: Sequence[int | None] = ids or [None]
+            return sum(int(db.execute(_REPLAY, {"now": now, "id": i}).rowcount) for i in targets)
 
     def prune(self, before: datetime) -> dict[str, int]:
         """Delete history rows observed, and deliveries sent, before `before`; the counts.
