@@ -172,7 +172,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+    # schemas are built on first use, not at import: validating the Config builds its sections'
+    # inside its own, once, instead of a validator per section class as well (start-up time)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, defer_build=True)
 
 
 class Identity(_Model):

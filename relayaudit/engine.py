@@ -15,19 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from asyncio_throttle.throttler import Throttler
 
 from relayaudit.config import Config
+from relayaudit.connect import Dialer, InProgress, NoSession, finish_connect, open_socket
 from relayaudit.errors import RelayAuditError
 from relayaudit.evidence import ProbeResult, ProbeStatus
-from relayaudit.probe import (
-    CanaryTarget,
-    InProgress,
-    NoSession,
-    ProbeSettings,
-    connect_now,
-    finish_connect,
-    open_socket,
-    probe,
-    unreachable,
-)
+from relayaudit.probe import CanaryTarget, ProbeSettings, probe, unreachable
 from relayaudit.targets import Shard, TargetSpace
 from relayaudit.verdict import Verdict, VerdictStatus, judge
 
@@ -42,7 +33,7 @@ _UNREACHABLE_STATUS = {
 
 __all__ = ["Pacer", "Sink", "SweepStats", "Watermark", "judge_result", "probe_settings", "sweep"]
 
-Connect = socket.socket | NoSession | InProgress  # what connect_now settled
+Connect = socket.socket | NoSession | InProgress  # what Dialer.connect_now settled
 _YIELD_EVERY = 64  # addresses a worker settles without awaiting before it lets others run
 
 
@@ -425,13 +416,12 @@ async def sweep(
     async def worker() -> None:
         nonlocal done_hosts
         confirming = settings.canary is not None
-        source = settings.source_address
         in_a_row = 0
         for position, addr in work:
             # the fast path of a sweep, where most addresses refuse: a free pacer slot and a
             # connect the kernel answers at once settle an address without a single await
             pre: list[Connect | None] = [
-                connect_now(addr, port, source=source) if pacer.try_now(addr) else None
+                dialer.connect_now(addr, port) if pacer.try_now(addr) else None
                 for port in config.ports
             ]
             if settled_closed(pre):
@@ -458,6 +448,8 @@ async def sweep(
             if progress is not None:
                 progress(done_hosts, total)
 
+    # one for the whole sweep: its connect_now never awaits, so workers never share a socket
+    dialer = Dialer(source=settings.source_address)
     pacer.start()
     try:
         async with group:
@@ -471,6 +463,7 @@ async def sweep(
             raise
         raise ours from None
     finally:
+        dialer.close()
         await pacer.stop()
     stats.finished = datetime.now(UTC)
     return stats

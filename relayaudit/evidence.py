@@ -32,7 +32,9 @@ __all__ = [
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # schemas are built on first use, not at import: start-up counts in every sweep, and a
+    # sweep where every port refuses never builds a result at all
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 # C0 controls but tab and newline (multi-line replies are joined by newlines), DEL, C1 controls

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import os
 import re
 import secrets
 import socket
@@ -22,6 +20,7 @@ from typing import cast
 import aiosmtplib
 
 from relayaudit.battery import BatteryInputs, address_literal, build_battery, canary_recipient
+from relayaudit.connect import NoSession, connect_socket
 from relayaudit.evidence import (
     Confirmation,
     Exchange,
@@ -42,19 +41,7 @@ from relayaudit.evidence import (
     writable_text,
 )
 
-__all__ = [
-    "CanaryTarget",
-    "Gate",
-    "InProgress",
-    "NoSession",
-    "ProbeSettings",
-    "connect_now",
-    "connect_socket",
-    "finish_connect",
-    "open_socket",
-    "probe",
-    "unreachable",
-]
+__all__ = ["CanaryTarget", "Gate", "ProbeSettings", "probe", "unreachable"]
 
 Gate = Callable[[str], Awaitable[None]]
 """Awaited before every new connection to an address (the engine's pacer); the probe knows no rate."""
@@ -93,124 +80,6 @@ class _Broken(Exception):
         super().__init__(reason)
         self.reason = reason
         self.fatal = fatal
-
-
-class NoSession(Exception):
-    """No SMTP session could be set up: the status says why."""
-
-    def __init__(self, status: ProbeStatus, reason: str, port_state: PortState) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.port_state = port_state
-
-
-_UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES}
-
-
-def _connect_failure(err: int) -> NoSession:
-    if err == errno.ECONNREFUSED:
-        return NoSession(ProbeStatus.CLOSED, "connection refused", PortState.CLOSED)
-    text = os.strerror(err)
-    if err in _UNREACHABLE:
-        return NoSession(ProbeStatus.FILTERED, f"unreachable: {text}", PortState.FILTERED)
-    return NoSession(ProbeStatus.ERROR, f"connect failed: {text}", PortState.ERROR)
-
-
-# Linux creates the socket non-blocking in the same call (one syscall instead of three)
-_STREAM_NONBLOCK_FLAG = getattr(socket, "SOCK_NONBLOCK", 0)
-_STREAM_NONBLOCK = socket.SOCK_STREAM | _STREAM_NONBLOCK_FLAG
-
-
-class InProgress:
-    """A connect the kernel has not answered yet (a handshake in flight): finish_connect waits."""
-
-    __slots__ = ("sock",)
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-
-def connect_now(
-    address: str, port: int, *, source: str | None
-) -> socket.socket | NoSession | InProgress:
-    """Issue a non-blocking connect and settle it at once if the answer is already there.
-
-    The hot path of discovery, so outcomes are returned, not raised, and nothing touches the
-    event loop: on near hosts (a RST, or a handshake done within the call, as on loopback and
-    fast LANs) the result is final here; otherwise an InProgress for finish_connect.
-    """
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        sock = socket.socket(family, _STREAM_NONBLOCK)
-    except OSError as exc:  # out of file descriptors, say: this address gets an error status
-        return _connect_failure(exc.errno or errno.EIO)
-    try:
-        if not _STREAM_NONBLOCK_FLAG:
-            sock.setblocking(False)
-        if source:
-            sock.bind((source, 0))
-        err = sock.connect_ex((address, port))
-        if err == errno.EINPROGRESS:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err == 0:
-                try:
-                    sock.getpeername()
-                    return sock  # already connected
-                except OSError:
-                    err = errno.EINPROGRESS
-        if err == 0:
-            return sock
-        if err != errno.EINPROGRESS:
-            sock.close()
-            return _connect_failure(err)
-    except OSError as exc:
-        sock.close()
-        return _connect_failure(exc.errno or errno.EIO)
-    except BaseException:
-        sock.close()
-        raise
-    return InProgress(sock)
-
-
-async def finish_connect(
-    pending: InProgress, address: str, port: int, *, timeout: float
-) -> socket.socket | NoSession:
-    """Wait, under the connect deadline, for a handshake connect_now left in flight."""
-    sock = pending.sock
-    try:
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, (address, port))
-    except TimeoutError:
-        sock.close()
-        return NoSession(ProbeStatus.FILTERED, "connect timed out", PortState.FILTERED)
-    except OSError as exc:
-        sock.close()
-        return _connect_failure(exc.errno or errno.EIO)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def open_socket(
-    address: str, port: int, *, source: str | None, timeout: float
-) -> socket.socket | NoSession:
-    """A connected non-blocking TCP socket, or the NoSession saying closed / filtered / error."""
-    outcome = connect_now(address, port, source=source)
-    if isinstance(outcome, InProgress):
-        return await finish_connect(outcome, address, port, timeout=timeout)
-    return outcome
-
-
-async def connect_socket(
-    address: str, port: int, *, source: str | None, timeout: float
-) -> socket.socket:
-    """Like open_socket, but a failure is raised as NoSession."""
-    outcome = await open_socket(address, port, source=source, timeout=timeout)
-    if isinstance(outcome, NoSession):
-        raise outcome
-    return outcome
 
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")

@@ -90,7 +90,9 @@ _RELAY_STATUSES = {
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # schemas are built on first use, not at import: start-up counts in every sweep, and a
+    # sweep where every port refuses never builds a result at all
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class Fingerprint(_Frozen):
