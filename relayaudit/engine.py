@@ -131,6 +131,9 @@ class Pacer:
         self._subnet_binds = subnet_rate < rate
         self._next_slot: dict[str, float] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # slots known free in both windows: a lower bound (windows only empty out as time
+        # passes, and every grant goes through _take), so try_now flushes only when it runs out
+        self._budget = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.issued = 0
@@ -152,7 +155,16 @@ class Pacer:
         now = time.monotonic()
         for window in self._windows:
             window._task_logs.append(now)
+        self._budget -= 1
         self.issued += 1
+
+    def _free(self) -> int:
+        """Slots free in both windows this instant."""
+        free = []
+        for window in self._windows:
+            window.flush()  # type: ignore[no-untyped-call]
+            free.append(window.rate_limit - len(window._task_logs))
+        return min(free)
 
     async def _produce(self) -> None:
         while True:
@@ -182,8 +194,12 @@ class Pacer:
     def try_now(self, address: str) -> bool:
         """Take a slot for `address` if one is free this instant (nobody waiting, both windows
         and the subnet's reservation open); False means await the pacer instead."""
-        if self._waiters or self._delay() > 0:
+        if self._waiters:
             return False
+        if self._budget <= 0:
+            self._budget = self._free()
+            if self._budget <= 0:
+                return False
         if self._subnet_binds:
             subnet = _subnet_key(address)
             now = time.monotonic()
