@@ -421,25 +421,31 @@ async def sweep(
 
     def settled_closed(pre: list[Connect | None]) -> bool:
         """Every port refused or unreachable at once, and no sink wants those: only counted."""
-        if unreachable_sinks or not all(isinstance(o, NoSession) for o in pre):
+        if unreachable_sinks:
             return False
         for outcome in pre:
-            assert isinstance(outcome, NoSession)
-            stats.probes += 1
-            stats.statuses[_UNREACHABLE_STATUS[outcome.status]] += 1
+            if not isinstance(outcome, NoSession):
+                return False
+        statuses = stats.statuses
+        for outcome in pre:
+            statuses[_UNREACHABLE_STATUS[outcome.status]] += 1  # type: ignore[union-attr]
+        stats.probes += len(pre)
         return True
 
     async def worker() -> None:
         nonlocal done_hosts
         confirming = settings.canary is not None
         in_a_row = 0
+        ports = config.ports
+        only_port = ports[0] if len(ports) == 1 else None
         for position, addr in work:
             # the fast path of a sweep, where most addresses refuse: a free pacer slot and a
             # connect the kernel answers at once settle an address without a single await
-            pre: list[Connect | None] = [
-                dialer.connect_now(addr, port) if pacer.try_now(addr) else None
-                for port in config.ports
-            ]
+            pre: list[Connect | None]
+            if only_port is not None:  # (no comprehension frame per address)
+                pre = [dialer.connect_now(addr, only_port) if pacer.try_now(addr) else None]
+            else:
+                pre = [dialer.connect_now(addr, p) if pacer.try_now(addr) else None for p in ports]
             if settled_closed(pre):
                 stats.hosts += 1
                 done_hosts += 1
