@@ -363,7 +363,10 @@ class _Run:
         wait = max(s.greeting_timeout, s.command_timeout)
         started = time.monotonic()
         try:
-            response = await smtp.connect(timeout=wait)
+            # one deadline for the TLS handshake (implicit TLS) and the greeting together;
+            # asyncio.timeout costs no task per connect, as aiosmtplib's two wait_for calls did
+            async with asyncio.timeout(wait):
+                response = await smtp.connect(timeout=None)
         except aiosmtplib.SMTPConnectResponseError as exc:
             self._log(session, None, Reply(code=exc.code, text=exc.message), started)
             if 200 <= exc.code <= 599:
