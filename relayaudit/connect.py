@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import socket
+import sys
 
 from relayaudit.evidence import PortState, ProbeStatus
 
@@ -50,6 +51,8 @@ _STREAM_NONBLOCK = socket.SOCK_STREAM | _STREAM_NONBLOCK_FLAG
 # A second connect() on a socket reports how the first ended; these mean "not yet" / "done".
 _PENDING = {errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK}
 _CONNECTED = {0, errno.EISCONN}
+# Linux resets a refused socket for another connect(); BSDs and macOS answer EINVAL instead
+_REUSE_REFUSED = sys.platform.startswith("linux")
 
 
 class Dialer:
@@ -98,7 +101,7 @@ class Dialer:
             return sock
         if err in _PENDING:
             return InProgress(sock)
-        if err == errno.ECONNREFUSED:
+        if err == errno.ECONNREFUSED and _REUSE_REFUSED:
             self._spare[family] = sock
         else:
             sock.close()
