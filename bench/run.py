@@ -587,6 +587,7 @@ class Bench:
         out["relayaudit"]["relays_found"] = sum(
             1 for v in read_findings(findings).values() if v.relay
         )
+        out["relayaudit"]["slowest_host_exchanges_s"] = _slowest_transcript_s(findings)
         if not self.nmap:
             out["nmap"] = None
             return out, None
@@ -1198,6 +1199,26 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _slowest_transcript_s(findings: Path) -> float | None:
+    """The longest time one host's exchanges took end to end (the sum of their waits), seconds.
+
+    With one session per host at a time every exchange of a host waits for the one before, so
+    no run over these hosts can end sooner than this.
+    """
+    longest: dict[tuple[str, int], float] = {}
+    if not findings.exists():
+        return None
+    for line in findings.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        total = sum(e.get("elapsed_ms") or 0.0 for e in row.get("transcript") or ()) / 1000
+        key = (row.get("address"), row.get("port"))
+        longest[key] = max(longest.get(key, 0.0), total)
+    return round(max(longest.values()), 3) if longest else None
+
+
 def bounds(doc: dict[str, Any]) -> dict[str, Any]:
     """What this machine and campus allow at best, whatever relayaudit does.
 
@@ -1239,6 +1260,25 @@ def bounds(doc: dict[str, Any]) -> dict[str, Any]:
                 f"realistic: {tarpits} tarpits hold any run for the {wait:g} s greeting timeout "
                 f"(nmap's script waits as long), so {hosts} hosts take at least {wait:g} s: at "
                 f"most {best:,.0f} hosts/s, {best / nmap_rate:.2f}x nmap"
+            ),
+        }
+    rest = relay.get("without_tarpits") or {}
+    slowest = _get(rest, "relayaudit", "slowest_host_exchanges_s")
+    nmap_rate = _get(rest, "nmap", "hosts_per_s")
+    hosts = rest.get("hosts")
+    sessions = ((doc.get("settings") or {}).get("relayaudit") or {}).get("sessions_per_host", 1)
+    if slowest and hosts and isinstance(nmap_rate, int | float) and nmap_rate > 0:
+        best = hosts / slowest
+        out["realistic_serial_floor"] = {
+            "sessions_per_host": sessions,
+            "slowest_host_exchanges_s": slowest,
+            "best_hosts_per_s": round(best, 1),
+            "best_ratio": round(best / nmap_rate, 2),
+            "text": (
+                f"realistic without tarpits: with {sessions} session(s) per host at a time each "
+                f"host's exchanges wait for one another; the slowest host's took {slowest:.2f} s, "
+                f"so {hosts} hosts take at least that: at most {best:,.0f} hosts/s, "
+                f"{best / nmap_rate:.2f}x nmap"
             ),
         }
     return out

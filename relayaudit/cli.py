@@ -30,7 +30,6 @@ from relayaudit.engine import (
 )
 from relayaudit.errors import ConfigError, RelayAuditError
 from relayaudit.evidence import ProbeResult, endpoint
-from relayaudit.probe import probe
 from relayaudit.report import render_check, render_summary
 from relayaudit.sinks import FindingsFile
 from relayaudit.targets import Shard, TargetSpace
@@ -352,6 +351,8 @@ async def _check(args: argparse.Namespace) -> int:
             f"--confirm: canary.domain {config.canary.domain!r} cannot receive mail; give a "
             "--config whose [canary] domain has its MX at canary.listen"
         )
+    from relayaudit.probe import probe
+
     settings = probe_settings(config, confirm=args.confirm)
     canary: CanaryReceiver | None = None
     if args.confirm:

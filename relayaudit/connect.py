@@ -7,10 +7,19 @@ import errno
 import os
 import socket
 import sys
+from datetime import UTC, datetime
 
-from relayaudit.evidence import PortState, ProbeStatus
+from relayaudit.evidence import PortState, ProbeResult, ProbeStatus
 
-__all__ = ["Dialer", "InProgress", "NoSession", "connect_socket", "finish_connect", "open_socket"]
+__all__ = [
+    "Dialer",
+    "InProgress",
+    "NoSession",
+    "connect_socket",
+    "finish_connect",
+    "open_socket",
+    "unreachable",
+]
 
 
 class NoSession(Exception):
@@ -170,3 +179,25 @@ async def connect_socket(
         # a fresh exception to raise: the refused outcome is one shared instance
         raise NoSession(outcome.status, outcome.reason, outcome.port_state)
     return outcome
+
+
+def unreachable(address: str, port: int, failure: NoSession, *, vantage: str) -> ProbeResult:
+    """The result for a port that discovery found closed, filtered or in error."""
+    now = datetime.now(UTC)
+    # model_construct skips validation: this runs once per closed port, the sweep's hot path,
+    # and every value here is already of its declared type
+    return ProbeResult.model_construct(
+        address=address,
+        port=port,
+        vantage=vantage,
+        started=now,
+        finished=now,
+        port_state=failure.port_state,
+        status=failure.status,
+        error=failure.reason,
+        facts=None,
+        tests=(),
+        transcript=(),
+        confirmation=None,
+        sessions=0,
+    )

@@ -15,10 +15,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 from asyncio_throttle.throttler import Throttler
 
 from relayaudit.config import Config
-from relayaudit.connect import Dialer, InProgress, NoSession, finish_connect, open_socket
+from relayaudit.connect import (
+    Dialer,
+    InProgress,
+    NoSession,
+    finish_connect,
+    open_socket,
+    unreachable,
+)
 from relayaudit.errors import RelayAuditError
 from relayaudit.evidence import ProbeResult, ProbeStatus
-from relayaudit.probe import CanaryTarget, ProbeSettings, probe, unreachable
+from relayaudit.settings import CanaryTarget, ProbeSettings
 from relayaudit.targets import Shard, TargetSpace
 from relayaudit.verdict import Verdict, VerdictStatus, judge
 
@@ -400,6 +407,10 @@ async def sweep(
                     await deliver(result, unreachable_verdict(result), unreachable_sinks)
                     continue
                 unclaimed.remove(outcome)
+                # the SMTP client (aiosmtplib, email) loads at the first open port: a sweep
+                # that finds none never pays its import in start-up time
+                from relayaudit.probe import probe  # noqa: PLC0415
+
                 result = await probe(
                     address,
                     port,

@@ -40,37 +40,13 @@ from relayaudit.evidence import (
     redact_command,
     writable_text,
 )
+from relayaudit.settings import CanaryTarget, ProbeSettings
 
-__all__ = ["CanaryTarget", "Gate", "ProbeSettings", "probe", "unreachable"]
+# ProbeSettings and CanaryTarget live in relayaudit.settings (importable without the SMTP client)
+__all__ = ["CanaryTarget", "Gate", "ProbeSettings", "probe"]
 
 Gate = Callable[[str], Awaitable[None]]
 """Awaited before every new connection to an address (the engine's pacer); the probe knows no rate."""
-
-
-@dataclass(frozen=True, slots=True)
-class CanaryTarget:
-    local_part: str
-    domain: str
-    contact: str
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeSettings:
-    helo_name: str
-    source_address: str | None = None
-    connect_timeout: float = 3.0
-    command_timeout: float = 15.0
-    greeting_timeout: float = 0.0  # the wait for the 220; never less than command_timeout
-    session_timeout: float = 120.0
-    max_tests_per_session: int = 8
-    retest_after_starttls: bool = True
-    campus_domains: tuple[str, ...] = ()
-    external_domains: tuple[str, ...] = ("relayaudit-test.example",)
-    external_local_part: str = "relaytest"
-    sender_local_part: str = "relayaudit"
-    canary: CanaryTarget | None = None  # set: confirmation mode
-    max_reconnects: int = 6
-    sessions_per_host: int = 1  # sessions of one probe's battery at a time (opt-in: up to 3)
 
 
 class _Broken(Exception):
@@ -825,28 +801,6 @@ async def probe(
         if sock is not None and run.sessions == 0:
             sock.close()
     return run.result()
-
-
-def unreachable(address: str, port: int, failure: NoSession, *, vantage: str) -> ProbeResult:
-    """The result for a port that discovery found closed, filtered or in error."""
-    now = datetime.now(UTC)
-    # model_construct skips validation: this runs once per closed port, the sweep's hot path,
-    # and every value here is already of its declared type
-    return ProbeResult.model_construct(
-        address=address,
-        port=port,
-        vantage=vantage,
-        started=now,
-        finished=now,
-        port_state=failure.port_state,
-        status=failure.status,
-        error=failure.reason,
-        facts=None,
-        tests=(),
-        transcript=(),
-        confirmation=None,
-        sessions=0,
-    )
 
 
 async def _probe(run: _Run, sock: socket.socket | None) -> None:
