@@ -21,6 +21,7 @@ from urllib.parse import SplitResult, urlsplit
 import aiosmtplib
 import structlog
 
+from relayaudit import child_environment
 from relayaudit.config import AlertsConfig, CommandHook, EmailHook, WebhookHook
 from relayaudit.errors import RelayAuditError, StateError
 from relayaudit.evidence import endpoint
@@ -123,6 +124,7 @@ async def deliver_command(hook: CommandHook, payload: bytes) -> None:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, so a timeout kills its children too
+            env=child_environment(),
         )
     except OSError as exc:
         raise DeliveryError(f"command {name!r}: cannot start: {exc.strerror}") from None

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from relayaudit import __version__, eventloop, restore_environment
+from relayaudit import __version__, eventloop
 from relayaudit.config import Config, load_config, parse_config
 from relayaudit.engine import (
     SweepStats,
@@ -133,7 +133,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    restore_environment()  # the models of every module imported above are built by now
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # usage errors, --help, --version: return the code, not raise it

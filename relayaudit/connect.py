@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import socket
 import sys
@@ -64,6 +65,11 @@ _CONNECTED = {0, errno.EISCONN}
 _REUSE_REFUSED = sys.platform.startswith("linux")
 
 
+def _v4_mapped(family: int, address: str) -> bool:
+    """An IPv4-mapped IPv6 address: its socket stays on the IPv4 path, unfit for a native one."""
+    return family == socket.AF_INET6 and ipaddress.IPv6Address(address).ipv4_mapped is not None
+
+
 class Dialer:
     """Non-blocking connects that settle at once when the kernel already has the answer.
 
@@ -110,7 +116,7 @@ class Dialer:
             return sock
         if err in _PENDING:
             return InProgress(sock)
-        if err == errno.ECONNREFUSED and _REUSE_REFUSED:
+        if err == errno.ECONNREFUSED and _REUSE_REFUSED and not _v4_mapped(family, address):
             self._spare[family] = sock
         else:
             sock.close()

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import structlog
 
+# the sweep imports the SMTP client at its first open port (start-up time of a one-off sweep);
+# the daemon loads it now, so a package upgraded on disk later is never half-loaded
+import relayaudit.probe  # noqa: F401
 from relayaudit.alerts import Dispatcher
 from relayaudit.canary import CanaryReceiver, start_canary
 from relayaudit.config import Config, config_fingerprint, load_config

@@ -340,9 +340,12 @@ class _Run:
         started = time.monotonic()
         try:
             # one deadline for the TLS handshake (implicit TLS) and the greeting together;
-            # asyncio.timeout costs no task per connect, as aiosmtplib's two wait_for calls did
+            # asyncio.timeout costs no task per connect, as aiosmtplib's two wait_for calls did.
+            # Implicit TLS keeps aiosmtplib's timeout too: it is also the handshake's limit,
+            # which would otherwise be asyncio's own 60 s, shorter than a long greeting wait
+            tls_limit = wait if transport is Transport.IMPLICIT_TLS else None
             async with asyncio.timeout(wait):
-                response = await smtp.connect(timeout=None)
+                response = await smtp.connect(timeout=tls_limit)
         except aiosmtplib.SMTPConnectResponseError as exc:
             self._log(session, None, Reply(code=exc.code, text=exc.message), started)
             if 200 <= exc.code <= 599:

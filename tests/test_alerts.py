@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import socket
 import sys
 import threading
@@ -25,6 +26,7 @@ from aiosmtpd.controller import Controller
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
+import relayaudit
 from relayaudit.alerts import (
     DeliveryError,
     Dispatcher,
@@ -501,6 +503,21 @@ async def test_a_hanging_command_is_killed_at_its_timeout(tmp_path: Path) -> Non
     assert time.monotonic() - started < 5
     with pytest.raises(DeliveryError, match="cannot start"):
         await deliver_command(CommandHook(argv=(str(tmp_path / "no-such-program"),)), b"{}")
+
+
+async def test_a_command_hook_sees_the_callers_environment_not_relayaudits_own_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # relayaudit turns pydantic's plugin scan off in its own process; a hook must not inherit that
+    monkeypatch.setenv("RELAYAUDIT_TEST_MARK", "kept")
+    out = tmp_path / "env.json"
+    dump = "import json, os, sys; open(sys.argv[1], 'w').write(json.dumps(dict(os.environ)))"
+    await deliver_command(CommandHook(argv=(sys.executable, "-c", dump, str(out)), timeout=10), b"{}")
+    env = json.loads(out.read_text())
+    assert env["RELAYAUDIT_TEST_MARK"] == "kept"
+    if relayaudit._SET_PLUGINS_OFF:
+        assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__"  # still on in relayaudit
+        assert "PYDANTIC_DISABLE_PLUGINS" not in env
 
 
 # -- email -------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def _accepted(socks: list[socket.socket]) -> list[tuple[str, int]]:
     return peers
 
 
-@pytest.mark.parametrize("source", [None, "127.0.0.1"])
+# 127.0.0.200 is not what the kernel would pick for 127.0.0.x by itself: a lost bind shows
+@pytest.mark.parametrize("source", [None, "127.0.0.200"])
 def test_refused_sockets_are_reused_and_every_outcome_stays_right(
     listeners: tuple[int, list[socket.socket]], source: str | None
 ) -> None:
@@ -96,38 +97,92 @@ def test_a_closed_dialer_opens_fresh_sockets(listeners: tuple[int, list[socket.s
     assert dialer.opened == 2
 
 
-async def test_a_handshake_in_flight_is_handed_over_and_times_out_as_filtered() -> None:
-    # a listener that never accepts, with its backlog full, drops new SYNs on Linux: the
-    # connect stays in flight (what a firewall's DROP looks like), so the Dialer must hand
-    # the socket over as InProgress rather than keep or close it
+def _syn_dropping_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that never accepts, its backlog full: Linux then drops new SYNs silently
+    (what a firewall's DROP looks like), so a connect to it stays in flight."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
-    port = listener.getsockname()[1]
     fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(listener.getsockname())
+        fillers.append(s)
+    return listener, fillers
+
+
+def _still_in_flight(address: tuple[str, int]) -> bool:
+    """Whether a plain non-blocking connect to `address` is still unanswered a moment later."""
+    with socket.socket() as probe_sock:
+        probe_sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            probe_sock.connect(address)
+        try:
+            probe_sock.getpeername()
+        except OSError:
+            return probe_sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        return False
+
+
+async def test_a_handshake_in_flight_is_handed_over_and_times_out_as_filtered() -> None:
+    # the Dialer must hand such a socket over as InProgress, neither keep it nor close it
+    listener, fillers = _syn_dropping_listener()
+    port = listener.getsockname()[1]
     dialer = Dialer(source=None)
     try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect(("127.0.0.1", port))
-            fillers.append(s)
         await asyncio.sleep(0.2)
+        if not _still_in_flight(("127.0.0.1", port)):
+            pytest.skip("this kernel answers a full backlog instead of dropping the SYN")
         outcome = dialer.connect_now("127.0.0.1", port)
-        if not isinstance(outcome, InProgress):
-            if isinstance(outcome, socket.socket):
-                outcome.close()
-            pytest.skip(f"this kernel did not drop the SYN (got {outcome!r})")
+        assert isinstance(outcome, InProgress), outcome
         result = await finish_connect(outcome, "127.0.0.1", port, timeout=0.3)
         assert isinstance(result, NoSession)
         assert result.status is ProbeStatus.FILTERED
         assert outcome.sock.fileno() == -1  # closed, not kept as a spare
+        assert dialer.opened == 1
     finally:
         dialer.close()
         for s in fillers:
             s.close()
         listener.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_socket_refused_for_a_v4_mapped_address_is_not_reused_for_native_ipv6() -> None:
+    # after a mapped connect the socket stays on the IPv4 path: reusing it for ::1 would leave
+    # the connect hanging, an open port reported filtered
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        with socket.socket() as free:  # a v4 port nobody listens on, for the refusal
+            free.bind(("127.0.0.1", 0))
+            refused_port = free.getsockname()[1]
+        dialer = Dialer(source=None)
+        try:
+            refused = dialer.connect_now("::ffff:7f00:1", refused_port)
+            assert isinstance(refused, NoSession) and refused.status is ProbeStatus.CLOSED
+            native_refused = dialer.connect_now("::1", refused_port)
+            assert isinstance(native_refused, NoSession)
+            outcome = dialer.connect_now("::1", port)
+            assert isinstance(outcome, socket.socket), outcome
+            assert outcome.getpeername()[:2] == ("::1", port)
+            outcome.close()
+            # the native refusal's socket was kept and reused for ::1; the mapped one was not
+            assert dialer.opened == 2
+        finally:
+            dialer.close()
 
 
 async def test_open_socket_keeps_nothing_and_raises_nothing_for_refusals(
