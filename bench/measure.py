@@ -133,6 +133,7 @@ def run_measured(
                 _killpg(proc.pid, signal.SIGTERM)
             elif now >= deadline and termed_at is None:
                 result.timed_out = True
+                result.extra["at_timeout"] = group_states(proc.pid)  # what it was stuck in
                 termed_at = now
                 _killpg(proc.pid, signal.SIGTERM)
             elif termed_at is not None and now >= termed_at + 10:
@@ -173,6 +174,24 @@ def group_rss_mb(pgid: int) -> float:
             continue
         total += proc_rss_mb(int(entry.name))[0]
     return total
+
+
+def group_states(pgid: int) -> list[str]:
+    """'pid state wchan command' for each live process of group `pgid` (a stuck run's picture)."""
+    rows = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rpartition(")")[2].split()
+            if int(fields[2]) != pgid:
+                continue
+            wchan = Path(entry.path, "wchan").read_text().strip() or "-"
+            cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+        except (OSError, ValueError, IndexError):
+            continue
+        rows.append(f"{entry.name} {fields[0]} {wchan} {cmd.strip()}")
+    return rows
 
 
 def proc_rss_mb(pid: int) -> tuple[float, float]:

@@ -184,13 +184,14 @@ class Bench:
 
     def run(self, name: str, argv: list[str], **kw: Any) -> Measured:
         log(f"{name}: {' '.join(argv)}")
+        bound = kw.pop("timeout", self.args.run_timeout)
         lab = self.lab
         lab_before = lab.cpu_seconds() if lab is not None else 0.0
         m = run_measured(
             argv,
             name=name,
             out_dir=self.work,
-            timeout=kw.pop("timeout", self.args.run_timeout),
+            timeout=bound,
             cwd=REPO,
             env=self.env,
             **kw,
@@ -205,7 +206,8 @@ class Bench:
             + (f", lab CPU {m.extra['lab_cpu_share_pct']}% of a core" if lab is not None else "")
         )
         if m.timed_out:
-            self.note(f"{name} hit its {self.args.run_timeout:g}s bound and was stopped")
+            stuck = "; ".join(m.extra.get("at_timeout") or []) or "no process left"
+            self.note(f"{name} hit its {bound:g}s bound and was stopped (processes then: {stuck})")
         return m
 
     def ra_sweep(
@@ -634,8 +636,13 @@ class Bench:
         if self.args.ra_processes and self.args.ra_processes > 1:
             base.append("--subprocesses")
         ra = ["--", *self.ra_argv(config)]
+        # the profiled sweep takes seconds; a py-spy run once hung at exit for the whole
+        # 300 s bound (not reproduced in 15 tries), so these get a shorter one
+        bound = min(120.0, self.args.run_timeout)
         m1 = self.run(
-            f"{profile}-pyspy-svg", [*base, "--format", "flamegraph", "-o", str(svg), *ra]
+            f"{profile}-pyspy-svg",
+            [*base, "--format", "flamegraph", "-o", str(svg), *ra],
+            timeout=bound,
         )
         self.ra_config(
             f"{profile}-pyspy",
@@ -646,7 +653,9 @@ class Bench:
             subnet_rate=UNLIMITED_RATE,
         )  # fresh findings file
         m2 = self.run(
-            f"{profile}-pyspy-raw", [*base, "--format", "raw", "--nolineno", "-o", str(raw), *ra]
+            f"{profile}-pyspy-raw",
+            [*base, "--format", "raw", "--nolineno", "-o", str(raw), *ra],
+            timeout=bound,
         )
         out: dict[str, Any] = {
             "flamegraph_svg": str(svg) if svg.exists() else None,
