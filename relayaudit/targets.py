@@ -155,9 +155,12 @@ class _Feistel:
             )
 
     def __call__(self, x: int) -> int:
-        if self._tables is not None:
-            return self._by_table(x)
-        return self._computed(x)
+        return self.apply(x)
+
+    @property
+    def apply(self) -> Callable[[int], int]:
+        """The permutation as one function (the walk calls it per address: no dispatch)."""
+        return self._by_table if self._tables is not None else self._computed
 
     def _by_table(self, x: int) -> int:
         n = self._n
@@ -343,7 +346,7 @@ class TargetSpace:
             raise ValueError(f"start must not be negative, got {start}")
         index, count = (0, 1) if shard is None else (shard.index, shard.count)
         size = self._size
-        permute = self._permute
+        permute = self._permute.apply
         starts = self._starts
         bases = self._bases
         position = start
