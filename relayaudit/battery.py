@@ -6,7 +6,7 @@ import ipaddress
 import secrets
 from dataclasses import dataclass
 
-from relayaudit.evidence import RelayTest, TestCategory
+from relayaudit.evidence import RelayTest, TestCategory, TestRole
 
 __all__ = ["BatteryInputs", "address_literal", "build_battery", "canary_recipient"]
 
@@ -27,10 +27,12 @@ def address_literal(address: str) -> str:
     return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"
 
 
-# Recipient forms from ../shared/relay-tests.md: id -> template over u (local part),
-# d (external domain), T (target host name) and IP (address literal).
+# Recipient forms (docs/findings.md lists them): id -> template over u (local part),
+# d (external domain), T (target host name) and IP (address literal). The first is the plain
+# third-party form; the rest are odd forms.
+_PLAIN_FORM = "rcpt-plain"
 _RECIPIENT_FORMS: tuple[tuple[str, str], ...] = (
-    ("rcpt-plain", "{u}@{d}"),
+    (_PLAIN_FORM, "{u}@{d}"),
     ("rcpt-percent-ip", "{u}%{d}@{IP}"),
     ("rcpt-percent-host", "{u}%{d}@{T}"),
     ("rcpt-quoted", '"{u}@{d}"'),
@@ -78,20 +80,23 @@ def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) ->
 
     tests: list[RelayTest] = []
     for test_id, template in _RECIPIENT_FORMS:
+        plain_form = test_id == _PLAIN_FORM
         tests.append(
             RelayTest(
                 id=test_id,
                 category=TestCategory.RECIPIENT,
+                role=TestRole.PLAIN if plain_form else TestRole.ODD_FORM,
                 mail_from=external_sender,
                 rcpt_to=_recipient(template, u=u, d=d, host=host, literal=literal),
             )
         )
-        if test_id == "rcpt-plain":
+        if plain_form:
             token = control_token or secrets.token_hex(6)
             tests.append(
                 RelayTest(
                     id="control-invalid",
                     category=TestCategory.CONTROL,
+                    role=TestRole.CONTROL,
                     mail_from=external_sender,
                     rcpt_to=f"nx-{token}@nx-{token}.invalid",
                 )
@@ -112,6 +117,7 @@ def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) ->
             RelayTest(
                 id=test_id,
                 category=TestCategory.SENDER,
+                role=TestRole.LOCAL_SENDER if local else TestRole.NULL_SENDER,
                 mail_from=sender,
                 rcpt_to=plain,
                 claims_local_sender=local,

@@ -8,9 +8,9 @@ import ipaddress
 import os
 import socket
 import sys
-from datetime import UTC, datetime
 
-from relayaudit.evidence import PortState, ProbeResult, ProbeStatus
+from relayaudit.evidence import PortState, ProbeStatus
+from relayaudit.failures import NoSession
 
 __all__ = [
     "Dialer",
@@ -19,18 +19,7 @@ __all__ = [
     "connect_socket",
     "finish_connect",
     "open_socket",
-    "unreachable",
 ]
-
-
-class NoSession(Exception):
-    """No SMTP session could be set up: the status says why."""
-
-    def __init__(self, status: ProbeStatus, reason: str, port_state: PortState) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.port_state = port_state
 
 
 class InProgress:
@@ -185,25 +174,3 @@ async def connect_socket(
         # a fresh exception to raise: the refused outcome is one shared instance
         raise NoSession(outcome.status, outcome.reason, outcome.port_state)
     return outcome
-
-
-def unreachable(address: str, port: int, failure: NoSession, *, vantage: str) -> ProbeResult:
-    """The result for a port that discovery found closed, filtered or in error."""
-    now = datetime.now(UTC)
-    # model_construct skips validation: this runs once per closed port, the sweep's hot path,
-    # and every value here is already of its declared type
-    return ProbeResult.model_construct(
-        address=address,
-        port=port,
-        vantage=vantage,
-        started=now,
-        finished=now,
-        port_state=failure.port_state,
-        status=failure.status,
-        error=failure.reason,
-        facts=None,
-        tests=(),
-        transcript=(),
-        confirmation=None,
-        sessions=0,
-    )

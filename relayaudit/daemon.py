@@ -20,7 +20,7 @@ import relayaudit.probe  # noqa: F401
 from relayaudit.alerts import Dispatcher
 from relayaudit.canary import CanaryReceiver, start_canary
 from relayaudit.config import Config, config_fingerprint, load_config
-from relayaudit.engine import SweepStats, Watermark, sweep
+from relayaudit.engine import Sweep, SweepStats, Watermark
 from relayaudit.errors import ConfigError, RelayAuditError, StateError, os_reason
 from relayaudit.eventloop import loop_name
 from relayaudit.evidence import ProbeResult
@@ -29,7 +29,7 @@ from relayaudit.metrics import Metrics, MetricsServer
 from relayaudit.schedule import Schedule, local_zone
 from relayaudit.sinks import FindingsFile
 from relayaudit.state import Alert, StateSink, StateStore
-from relayaudit.targets import Shard, TargetSpace
+from relayaudit.targets import Shard
 from relayaudit.verdict import Verdict
 
 __all__ = ["Daemon", "raise_open_file_limit", "worker_count"]
@@ -254,23 +254,21 @@ class Daemon:
                 if not await self._wait_until(when):
                     break
                 fingerprint = config_fingerprint(self.config)  # reloaded while waiting?
-            space = TargetSpace(self.config.targets, self.config.exclude, seed=self.config.seed)
+            plan = Sweep(self.config, shard=self.shard)  # the target space, built once
             record = store.begin_sweep(
-                shard=shard, config_fingerprint=fingerprint, total=space.shard_size(self.shard)
+                shard=shard, config_fingerprint=fingerprint, total=plan.total
             )
             last_started = datetime.now(UTC)
-            await self._sweep_once(
-                record.id, record.watermark, record.total, record.resumed, open_files
-            )
+            await self._sweep_once(plan, record.id, record.watermark, record.resumed, open_files)
 
     async def _sweep_once(
-        self, sweep_id: str, start: int, total: int, resumed: bool, open_files: int
+        self, plan: Sweep, sweep_id: str, start: int, resumed: bool, open_files: int
     ) -> None:
         store = self._store
         assert store is not None and self._logs is not None
         config = self.config
         self._logs.bind(sweep_id=sweep_id)
-        log.info("sweep.start", resumed=resumed, start=start, total=total)
+        log.info("sweep.start", resumed=resumed, start=start, total=plan.total)
         mark = Watermark(low=start)
 
         def on_alerts(alerts: list[Alert]) -> None:
@@ -308,10 +306,8 @@ class Daemon:
 
         started = time.monotonic()
         work = asyncio.create_task(
-            sweep(
-                config,
+            plan.run(
                 sinks=[state_sink, findings, _LogSink(), metrics_sink],
-                shard=self.shard,
                 start=start,
                 canary=canary,
                 progress=progress,

@@ -1,47 +1,42 @@
-"""Runs a sweep: one pacer, a bounded worker pool, discovery then each open port's probe, canary waits."""
+"""Runs a sweep: plan the targets, discover open ports, probe each, await canaries, record the verdicts."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import socket
-import time
-from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
-
-from asyncio_throttle.throttler import Throttler
+from typing import TYPE_CHECKING, Protocol
 
 from relayaudit.config import Config
-from relayaudit.connect import (
-    Dialer,
-    InProgress,
-    NoSession,
-    finish_connect,
-    open_socket,
-    unreachable,
-)
+from relayaudit.connect import Dialer, InProgress, finish_connect, open_socket
 from relayaudit.errors import RelayAuditError
 from relayaudit.evidence import ProbeResult, ProbeStatus
+from relayaudit.failures import NoSession
+from relayaudit.pacer import Pacer
+from relayaudit.progress import SweepStats, Watermark
 from relayaudit.settings import CanaryTarget, ProbeSettings
 from relayaudit.targets import Shard, TargetSpace
-from relayaudit.verdict import Verdict, VerdictStatus, judge
+from relayaudit.verdict import Verdict, judge, status_of
 
 if TYPE_CHECKING:  # the receiver (aiosmtpd) is imported only where confirmation mode runs
     from relayaudit.canary import CanaryReceiver
 
-_UNREACHABLE_STATUS = {
-    ProbeStatus.CLOSED: VerdictStatus.CLOSED,
-    ProbeStatus.FILTERED: VerdictStatus.FILTERED,
-    ProbeStatus.ERROR: VerdictStatus.ERROR,
-}
-
-__all__ = ["Pacer", "Sink", "SweepStats", "Watermark", "judge_result", "probe_settings", "sweep"]
+__all__ = [
+    "Pacer",
+    "Sink",
+    "Sweep",
+    "SweepStats",
+    "Watermark",
+    "judge_result",
+    "probe_settings",
+    "sweep",
+]
 
 Connect = socket.socket | NoSession | InProgress  # what Dialer.connect_now settled
 _YIELD_EVERY = 64  # addresses a worker settles without awaiting before it lets others run
+_NEEDS_APPROVAL = {ProbeStatus.SMTP, ProbeStatus.SESSION_REFUSED}
 
 
 class Sink(Protocol):
@@ -82,19 +77,10 @@ def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSetti
     )
 
 
-def unreachable_verdict(result: ProbeResult) -> Verdict:
-    """The verdict of a closed, filtered or failed connect, built without validation (hot path)."""
-    status = _UNREACHABLE_STATUS[result.status]
-    return Verdict.model_construct(
-        address=result.address,
-        port=result.port,
-        status=status,
-        summary=result.error or status.value,
-        findings=(),
-    )
-
-
 def judge_result(config: Config, result: ProbeResult) -> Verdict:
+    """judge() with the approval that applies to the result's address:port."""
+    if result.status not in _NEEDS_APPROVAL:  # closed, filtered, ...: no finding either way
+        return judge(result)
     approved = config.is_approved(ipaddress.ip_address(result.address), result.port)
     return judge(
         result,
@@ -116,197 +102,229 @@ async def await_confirmation(
     )
 
 
-class Pacer:
-    """The one place connection rates are enforced.
+class Sweep:
+    """One pass over a shard's targets; its steps are the methods below, in the order they run.
 
-    A single task takes slots from two asyncio-throttle windows -- at most `rate` in any second,
-    and at most `rate/20` in any 50 ms, so the second's worth never leaves in one burst -- and
-    grants them to waiting workers in arrival order: thousands of workers sleep on a future
-    instead of each polling the throttle. The task itself sleeps exactly until the oldest slot expires
-    rather than polling at the throttle's retry interval. The per-/24 cap is a reservation: each
-    connection books the next free slot of its subnet and sleeps exactly until then.
+    plan (the constructor: the target space, built once, and the probe settings) -> discover
+    (`_worker`: a connect per port, settled at once where the kernel knows the answer) ->
+    probe (`_host`, `_probe`) -> confirm (`_confirm`: a canary's arrival, awaited off the
+    worker) -> record (`_record`: judge, count, hand to every sink). A Sweep runs once.
     """
 
-    def __init__(self, rate: float, subnet_rate: float) -> None:
-        burst = max(1, round(rate / 20))
-        self._windows = (
-            Throttler(rate_limit=max(1, int(rate)), period=max(1.0, 1 / rate)),
-            Throttler(rate_limit=burst, period=burst / rate),
-        )
-        self._subnet_gap = 1.0 / subnet_rate
-        # a subnet can never get more than the global rate: then its cap cannot bind
-        self._subnet_binds = subnet_rate < rate
-        self._next_slot: dict[str, float] = {}
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        # slots known free in both windows: a lower bound (windows only empty out as time
-        # passes, and every grant goes through _take), so try_now flushes only when it runs out
-        self._budget = 0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.issued = 0
+    def __init__(self, config: Config, *, shard: Shard | None = None, confirm: bool | None = None):
+        self.config = config
+        self.shard = shard
+        self.space = TargetSpace(config.targets, config.exclude, seed=config.seed)
+        self.total = self.space.shard_size(shard)
+        self.settings = probe_settings(config, confirm=confirm)
+        self.stats = SweepStats()
+        self._pacer = Pacer(config.limits.rate, config.limits.subnet_rate)
+        self._dialer = Dialer(source=self.settings.source_address)
+        self._group = asyncio.TaskGroup()
+        self._sinks: Sequence[Sink] = ()
+        self._unreachable_sinks: list[Sink] = []
+        self._canary: CanaryReceiver | None = None
+        self._progress: Callable[[int, int], None] | None = None
+        self._mark = Watermark()
+        self._done_hosts = 0
+        # A position counts as done (for the resume watermark) only once its results reached
+        # the sinks, including those whose canary is still awaited: each holds a reference.
+        self._refs: dict[int, int] = {}
 
-    # asyncio-throttle keeps each window as a log of grant times; reading it lets the pacer
-    # sleep exactly until the oldest grant expires and grant a whole batch in one wake-up,
-    # where Throttler.acquire() would poll every retry_interval, once per caller.
-    def _delay(self) -> float:
-        delay = 0.0
-        now = time.monotonic()
-        for window in self._windows:
-            window.flush()  # type: ignore[no-untyped-call]
-            log: deque[float] = window._task_logs
-            if len(log) >= window.rate_limit:
-                delay = max(delay, log[0] + window.period - now)
-        return delay
+    async def run(
+        self,
+        *,
+        sinks: Sequence[Sink],
+        start: int = 0,
+        canary: CanaryReceiver | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        watermark: Watermark | None = None,
+        workers: int | None = None,
+    ) -> SweepStats:
+        """Probe every (address, port) of the shard once; each judged result goes to every sink."""
+        if self.settings.canary is not None and canary is None:
+            raise ValueError("confirmation mode needs a running canary receiver")
+        self._sinks = sinks
+        self._unreachable_sinks = [s for s in sinks if getattr(s, "wants_unreachable", True)]
+        self._canary = canary
+        self._progress = progress
+        self._mark = watermark or Watermark(low=start)
+        self._done_hosts = start
+        work = self.space.iter_shard_text(self.shard, start=start)
+        self._pacer.start()
+        try:
+            async with self._group:
+                count = max(1, min(workers or self.config.limits.concurrency, self.total))
+                for _ in range(count):
+                    self._group.create_task(self._worker(work))
+        except BaseExceptionGroup as failed:
+            # a sink that cannot write (state store locked or full, findings file) ends the
+            # sweep; the caller gets that error, with its clear message, not a group around it
+            ours = next((e for e in failed.exceptions if isinstance(e, RelayAuditError)), None)
+            if ours is None:
+                raise
+            raise ours from None
+        finally:
+            self._dialer.close()
+            await self._pacer.stop()
+        self.stats.finished = datetime.now(UTC)
+        return self.stats
 
-    def _take(self) -> None:
-        now = time.monotonic()
-        for window in self._windows:
-            window._task_logs.append(now)
-        self._budget -= 1
-        self.issued += 1
+    # -- discover ------------------------------------------------------------------------
 
-    def _free(self) -> int:
-        """Slots free in both windows this instant."""
-        free = []
-        for window in self._windows:
-            window.flush()  # type: ignore[no-untyped-call]
-            free.append(window.rate_limit - len(window._task_logs))
-        return min(free)
-
-    async def _produce(self) -> None:
-        while True:
-            while not self._waiters:
-                self._wake.clear()
-                await self._wake.wait()
-            delay = self._delay()
-            if delay > 0:
-                await asyncio.sleep(delay)
+    async def _worker(self, work: Iterator[tuple[int, str]]) -> None:
+        confirming = self.settings.canary is not None
+        pacer, dialer, ports = self._pacer, self._dialer, self.config.ports
+        only_port = ports[0] if len(ports) == 1 else None
+        in_a_row = 0
+        for position, addr in work:
+            # the fast path of a sweep, where most addresses refuse: a free pacer slot and a
+            # connect the kernel answers at once settle an address without a single await
+            pre: list[Connect | None]
+            if only_port is not None:  # (no comprehension frame per address)
+                pre = [dialer.connect_now(addr, only_port) if pacer.try_now(addr) else None]
+            else:
+                pre = [dialer.connect_now(addr, p) if pacer.try_now(addr) else None for p in ports]
+            if self._settled_closed(pre):
+                self._host_done(position)
+                in_a_row += 1
+                if in_a_row >= _YIELD_EVERY:
+                    in_a_row = 0
+                    await asyncio.sleep(0)  # let the other workers, timers and signals run
                 continue
-            while self._waiters and self._delay() <= 0:
-                waiter = self._waiters.popleft()
-                if not waiter.done():  # a cancelled waiter takes no slot
-                    self._take()
-                    waiter.set_result(None)
+            in_a_row = 0
+            if confirming:
+                self._refs[position] = 1
+                await self._host(addr, position, pre)
+                self._release(position)
+                self._host_done(position, mark=False)
+            else:
+                await self._host(addr, position, pre)
+                self._host_done(position)
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._produce(), name="pacer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    def try_now(self, address: str) -> bool:
-        """Take a slot for `address` if one is free this instant (nobody waiting, both windows
-        and the subnet's reservation open); False means await the pacer instead."""
-        if self._waiters:
+    def _settled_closed(self, pre: list[Connect | None]) -> bool:
+        """Every port refused or unreachable at once, and no sink wants those: only counted."""
+        if self._unreachable_sinks:
             return False
-        if self._budget <= 0:
-            self._budget = self._free()
-            if self._budget <= 0:
+        for outcome in pre:
+            if not isinstance(outcome, NoSession):
                 return False
-        if self._subnet_binds:
-            subnet = _subnet_key(address)
-            now = time.monotonic()
-            if self._next_slot.get(subnet, 0.0) > now:
-                return False
-            self._book(subnet, now)
-        self._take()
+        statuses = self.stats.statuses
+        for outcome in pre:
+            statuses[status_of(outcome.status)] += 1  # type: ignore[union-attr]
+        self.stats.probes += len(pre)
         return True
 
-    async def __call__(self, address: str) -> None:
-        if self._subnet_binds:
-            await self._subnet_slot(address)
-        if not self._waiters and self._delay() <= 0:
-            self._take()  # a free slot and nobody ahead: no future, no task switch
+    def _host_done(self, position: int, *, mark: bool = True) -> None:
+        self.stats.hosts += 1
+        self._done_hosts += 1
+        if mark:
+            self._mark.done(position)
+        if self._progress is not None:
+            self._progress(self._done_hosts, self.total)
+
+    async def _connect(
+        self, address: str, port: int, pre: Connect | None
+    ) -> socket.socket | NoSession:
+        """Finish discovery of one port: wait for a pacer slot, or for a handshake in flight."""
+        s = self.settings
+        if pre is None:  # no free pacer slot in the worker: wait for one here
+            await self._pacer(address)
+            return await open_socket(
+                address, port, source=s.source_address, timeout=s.connect_timeout
+            )
+        if isinstance(pre, InProgress):
+            return await finish_connect(pre, address, port, timeout=s.connect_timeout)
+        return pre
+
+    # -- probe ---------------------------------------------------------------------------
+
+    async def _host(self, address: str, position: int, pre: list[Connect | None]) -> None:
+        """Discovery of all the host's ports at once, then each open port's probe in turn."""
+        ports = self.config.ports
+        # discovery sockets not yet handed to probe(), which owns each one from then on
+        unclaimed: list[socket.socket] = [
+            o.sock if isinstance(o, InProgress) else o
+            for o in pre
+            if isinstance(o, socket.socket | InProgress)
+        ]
+        try:
+            found: Sequence[socket.socket | NoSession]
+            if len(ports) == 1:  # no task per connect when there is one port
+                found = [await self._connect(address, ports[0], pre[0])]
+            else:
+                found = await asyncio.gather(
+                    *(self._connect(address, p, o) for p, o in zip(ports, pre, strict=True))
+                )
+            unclaimed = [o for o in found if isinstance(o, socket.socket)]
+            for port, outcome in zip(ports, found, strict=True):
+                if isinstance(outcome, NoSession):
+                    await self._unreachable(address, port, outcome)
+                    continue
+                unclaimed.remove(outcome)
+                await self._probe(address, port, outcome, position)
+        finally:
+            # a cancelled or failed host leaves no discovery connection open
+            for sock in unclaimed:
+                sock.close()
+
+    async def _unreachable(self, address: str, port: int, outcome: NoSession) -> None:
+        if not self._unreachable_sinks:
+            self.stats.probes += 1
+            self.stats.statuses[status_of(outcome.status)] += 1
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._wake.set()
-        await waiter
+        from relayaudit.probe import settled  # noqa: PLC0415 - see _probe
 
-    async def _subnet_slot(self, address: str) -> None:
-        now = time.monotonic()
-        slot = self._book(_subnet_key(address), now)
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        vantage = self.settings.source_address or "default"
+        result = settled(address, port, outcome, vantage=vantage)
+        await self._record(result, self._unreachable_sinks)
 
-    def _book(self, subnet: str, now: float) -> float:
-        """Reserve the subnet's next free slot; the time it starts."""
-        slot = max(now, self._next_slot.get(subnet, 0.0))
-        self._next_slot[subnet] = slot + self._subnet_gap
-        if len(self._next_slot) > 65536:
-            self._next_slot = {k: v for k, v in self._next_slot.items() if v > now}
-        return slot
+    async def _probe(self, address: str, port: int, sock: socket.socket, position: int) -> None:
+        # the SMTP client (aiosmtplib, email) loads at the first open port: a sweep that finds
+        # none never pays its import in start-up time
+        from relayaudit.probe import probe  # noqa: PLC0415
 
-
-def _subnet_key(address: str) -> str:
-    """The /24 (IPv4) or /64 (IPv6) a per-subnet rate applies to."""
-    if ":" in address:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return address.rpartition(".")[0]
-
-
-@dataclass
-class Watermark:
-    """Tracks out-of-order completions; `low` = every position below it is done (resume point)."""
-
-    low: int = 0
-    _done: set[int] = field(default_factory=set)
-
-    def done(self, position: int) -> None:
-        self._done.add(position)
-        while self.low in self._done:
-            self._done.discard(self.low)
-            self.low += 1
-
-
-@dataclass
-class SweepStats:
-    started: datetime = field(default_factory=lambda: datetime.now(UTC))
-    finished: datetime | None = None
-    hosts: int = 0
-    probes: int = 0
-    statuses: Counter[VerdictStatus] = field(default_factory=Counter)
-    findings: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def relays(self) -> int:
-        return sum(n for s, n in self.statuses.items() if s.is_relay)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "started": self.started.isoformat(),
-            "finished": (self.finished or self.started).isoformat(),
-            "hosts": self.hosts,
-            "probes": self.probes,
-            "statuses": {k.value: v for k, v in self.statuses.items()},
-            "findings": dict(self.findings),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SweepStats:
-        return cls(
-            started=datetime.fromisoformat(data["started"]),
-            finished=datetime.fromisoformat(data["finished"]),
-            hosts=int(data["hosts"]),
-            probes=int(data["probes"]),
-            statuses=Counter({VerdictStatus(k): int(v) for k, v in data["statuses"].items()}),
-            findings=Counter({str(k): int(v) for k, v in data["findings"].items()}),
+        result = await probe(
+            address,
+            port,
+            self.settings,
+            implicit_tls=port in self.config.implicit_tls_ports,
+            gate=self._pacer,
+            sock=sock,
         )
+        if result.confirmation is not None and result.confirmation.sent:
+            # waiting for the canary must not hold a worker; the task group still owns it
+            self._refs[position] += 1
+            self._group.create_task(self._confirm_later(result, position))
+        else:
+            await self._record(result, self._sinks)
 
-    @classmethod
-    def merge(cls, parts: Sequence[SweepStats]) -> SweepStats:
-        merged = cls(started=min(p.started for p in parts))
-        merged.finished = max((p.finished or p.started) for p in parts)
-        for p in parts:
-            merged.hosts += p.hosts
-            merged.probes += p.probes
-            merged.statuses.update(p.statuses)
-            merged.findings.update(p.findings)
-        return merged
+    # -- confirm -------------------------------------------------------------------------
+
+    async def _confirm_later(self, result: ProbeResult, position: int) -> None:
+        try:
+            result = await await_confirmation(result, self._canary, self.config.canary.wait)
+            await self._record(result, self._sinks)
+        finally:
+            self._release(position)
+
+    def _release(self, position: int) -> None:
+        self._refs[position] -= 1
+        if not self._refs[position]:
+            del self._refs[position]
+            self._mark.done(position)
+
+    # -- record --------------------------------------------------------------------------
+
+    async def _record(self, result: ProbeResult, sinks: Sequence[Sink]) -> None:
+        verdict = judge_result(self.config, result)
+        stats = self.stats
+        stats.probes += 1
+        stats.statuses[verdict.status] += 1
+        for f in verdict.findings:
+            stats.findings[f.kind.value] += 1
+        for sink in sinks:
+            await sink.emit(result, verdict)
 
 
 async def sweep(
@@ -321,182 +339,12 @@ async def sweep(
     watermark: Watermark | None = None,
     workers: int | None = None,
 ) -> SweepStats:
-    """Probe every (address, port) of the shard once; each judged result goes to every sink."""
-    space = TargetSpace(config.targets, config.exclude, seed=config.seed)
-    total = space.shard_size(shard)
-    settings = probe_settings(config, confirm=confirm)
-    if settings.canary is not None and canary is None:
-        raise ValueError("confirmation mode needs a running canary receiver")
-    pacer = Pacer(config.limits.rate, config.limits.subnet_rate)
-    stats = SweepStats()
-    mark = watermark or Watermark(low=start)
-    work: Iterator[tuple[int, str]] = space.iter_shard_text(shard, start=start)
-    # A position counts as done (for the resume watermark) only once its results reached the
-    # sinks, including those whose canary is still awaited: each holds a reference.
-    refs: dict[int, int] = {}
-    group = asyncio.TaskGroup()
-
-    def release(position: int) -> None:
-        refs[position] -= 1
-        if not refs[position]:
-            del refs[position]
-            mark.done(position)
-
-    async def finish_later(result: ProbeResult, position: int) -> None:
-        try:
-            await finish(result)
-        finally:
-            release(position)
-
-    done_hosts = start
-    unreachable_sinks = [s for s in sinks if getattr(s, "wants_unreachable", True)]
-
-    async def finish(result: ProbeResult) -> None:
-        result = await await_confirmation(result, canary, config.canary.wait)
-        verdict = judge_result(config, result)
-        await deliver(result, verdict, sinks)
-
-    async def deliver(result: ProbeResult, verdict: Verdict, to: Sequence[Sink]) -> None:
-        stats.probes += 1
-        stats.statuses[verdict.status] += 1
-        for f in verdict.findings:
-            stats.findings[f.kind.value] += 1
-        for sink in to:
-            await sink.emit(result, verdict)
-
-    async def host(address: str, position: int, pre: list[Connect | None]) -> None:
-        # discovery of all ports at once (what connect_now settled in the worker, the rest here);
-        # then each open port's probe, one port after another
-        async def connect(
-            port: int, outcome: Connect | None
-        ) -> tuple[int, socket.socket | NoSession]:
-            if outcome is None:  # no free pacer slot in the worker: wait for one here
-                await pacer(address)
-                source, timeout = settings.source_address, settings.connect_timeout
-                return port, await open_socket(address, port, source=source, timeout=timeout)
-            if isinstance(outcome, InProgress):
-                outcome = await finish_connect(
-                    outcome, address, port, timeout=settings.connect_timeout
-                )
-            return port, outcome
-
-        # discovery sockets not yet handed to probe(), which owns each one from then on
-        unclaimed: list[socket.socket] = [
-            o.sock if isinstance(o, InProgress) else o
-            for o in pre
-            if isinstance(o, socket.socket | InProgress)
-        ]
-        try:
-            found: Sequence[tuple[int, socket.socket | NoSession]]
-            if len(config.ports) == 1:
-                # no task per connect when there is one port
-                found = [await connect(config.ports[0], pre[0])]
-            else:
-                found = await asyncio.gather(
-                    *(connect(p, o) for p, o in zip(config.ports, pre, strict=True))
-                )
-            unclaimed = [o for _, o in found if isinstance(o, socket.socket)]
-            vantage = settings.source_address or "default"
-            for port, outcome in found:
-                if isinstance(outcome, NoSession):
-                    if not unreachable_sinks:
-                        stats.probes += 1
-                        stats.statuses[_UNREACHABLE_STATUS[outcome.status]] += 1
-                        continue
-                    result = unreachable(address, port, outcome, vantage=vantage)
-                    await deliver(result, unreachable_verdict(result), unreachable_sinks)
-                    continue
-                unclaimed.remove(outcome)
-                # the SMTP client (aiosmtplib, email) loads at the first open port: a sweep
-                # that finds none never pays its import in start-up time
-                from relayaudit.probe import probe  # noqa: PLC0415
-
-                result = await probe(
-                    address,
-                    port,
-                    settings,
-                    implicit_tls=port in config.implicit_tls_ports,
-                    gate=pacer,
-                    sock=outcome,
-                )
-                if result.confirmation is not None and result.confirmation.sent:
-                    # waiting for the canary must not hold a worker; the task group still owns it
-                    refs[position] += 1
-                    group.create_task(finish_later(result, position))
-                else:
-                    await finish(result)
-        finally:
-            # a cancelled or failed host leaves no discovery connection open
-            for sock in unclaimed:
-                sock.close()
-
-    def settled_closed(pre: list[Connect | None]) -> bool:
-        """Every port refused or unreachable at once, and no sink wants those: only counted."""
-        if unreachable_sinks:
-            return False
-        for outcome in pre:
-            if not isinstance(outcome, NoSession):
-                return False
-        statuses = stats.statuses
-        for outcome in pre:
-            statuses[_UNREACHABLE_STATUS[outcome.status]] += 1  # type: ignore[union-attr]
-        stats.probes += len(pre)
-        return True
-
-    async def worker() -> None:
-        nonlocal done_hosts
-        confirming = settings.canary is not None
-        in_a_row = 0
-        ports = config.ports
-        only_port = ports[0] if len(ports) == 1 else None
-        for position, addr in work:
-            # the fast path of a sweep, where most addresses refuse: a free pacer slot and a
-            # connect the kernel answers at once settle an address without a single await
-            pre: list[Connect | None]
-            if only_port is not None:  # (no comprehension frame per address)
-                pre = [dialer.connect_now(addr, only_port) if pacer.try_now(addr) else None]
-            else:
-                pre = [dialer.connect_now(addr, p) if pacer.try_now(addr) else None for p in ports]
-            if settled_closed(pre):
-                stats.hosts += 1
-                done_hosts += 1
-                mark.done(position)
-                if progress is not None:
-                    progress(done_hosts, total)
-                in_a_row += 1
-                if in_a_row >= _YIELD_EVERY:
-                    in_a_row = 0
-                    await asyncio.sleep(0)  # let the other workers, timers and signals run
-                continue
-            in_a_row = 0
-            if confirming:
-                refs[position] = 1
-            await host(addr, position, pre)
-            stats.hosts += 1
-            done_hosts += 1
-            if confirming:
-                release(position)
-            else:
-                mark.done(position)
-            if progress is not None:
-                progress(done_hosts, total)
-
-    # one for the whole sweep: its connect_now never awaits, so workers never share a socket
-    dialer = Dialer(source=settings.source_address)
-    pacer.start()
-    try:
-        async with group:
-            for _ in range(max(1, min(workers or config.limits.concurrency, total))):
-                group.create_task(worker())
-    except BaseExceptionGroup as failed:
-        # a sink that cannot write (state store locked or full, findings file) ends the sweep;
-        # the caller gets that error, with its clear message, not a group around it
-        ours = next((e for e in failed.exceptions if isinstance(e, RelayAuditError)), None)
-        if ours is None:
-            raise
-        raise ours from None
-    finally:
-        dialer.close()
-        await pacer.stop()
-    stats.finished = datetime.now(UTC)
-    return stats
+    """Plan and run one sweep (see Sweep)."""
+    return await Sweep(config, shard=shard, confirm=confirm).run(
+        sinks=sinks,
+        start=start,
+        canary=canary,
+        progress=progress,
+        watermark=watermark,
+        workers=workers,
+    )

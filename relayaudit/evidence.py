@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
 __all__ = [
     "Confirmation",
@@ -22,6 +22,7 @@ __all__ = [
     "TestCategory",
     "TestOutcome",
     "TestResult",
+    "TestRole",
     "TlsFacts",
     "Transport",
     "classify_reply",
@@ -78,7 +79,8 @@ class ProbeStatus(StrEnum):
     NOT_SMTP = "not-smtp"  # the greeting is not an SMTP reply (HTTP, SSH, garbage)
     SESSION_REFUSED = "session-refused"  # an SMTP greeting that is not 220 (554 no service)
     SMTP = "smtp"  # an SMTP conversation took place; the relay tests say the rest
-    ERROR = "error"
+    ERROR = "error"  # a known failure with no better status (an unusable source address, ...)
+    INTERNAL_ERROR = "internal-error"  # a failure no known case explains: a bug, logged once
 
 
 class Transport(StrEnum):
@@ -118,15 +120,53 @@ class TestCategory(StrEnum):
     CONTROL = "control"  # a recipient that cannot exist: does the server accept everything?
 
 
+class TestRole(StrEnum):
+    """What a test's acceptance means; the verdict reads this, never a test's id."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    PLAIN = "plain"  # external sender, plain third-party recipient u@d
+    NULL_SENDER = "null-sender"  # the null sender <>, plain third-party recipient
+    LOCAL_SENDER = "local-sender"  # a sender claiming campus or the server itself, plain recipient
+    ODD_FORM = "odd-form"  # an unusual recipient form (%, !, quotes, routes): may be read as local
+    CONTROL = "control"  # a recipient that cannot exist: does the server accept everything?
+
+    @property
+    def plain_recipient(self) -> bool:
+        """The recipient is a plain u@d: acceptance is strong evidence of relaying."""
+        return self in _PLAIN_RECIPIENT
+
+
+_PLAIN_RECIPIENT = {TestRole.PLAIN, TestRole.NULL_SENDER, TestRole.LOCAL_SENDER}
+
+
 class RelayTest(_Frozen):
     """One MAIL FROM / RCPT TO pair of the battery."""
 
     id: str  # stable name, e.g. "rcpt-percent-ip" or "sender-campus"
     category: TestCategory
+    role: TestRole
     mail_from: str  # the path between the angle brackets ("" for the null sender)
     rcpt_to: str
     external_recipient: bool = True  # the recipient, if relayed, would leave campus
     claims_local_sender: bool = False  # the sender pretends to be campus / the server itself
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_of_stored_record(cls, data: object) -> object:
+        """Findings stored before tests carried a role (release 0.1.0) get the one they had."""
+        if isinstance(data, dict) and "role" not in data:
+            category = data.get("category")
+            if category == TestCategory.CONTROL:
+                role = TestRole.CONTROL
+            elif data.get("claims_local_sender"):
+                role = TestRole.LOCAL_SENDER
+            elif category == TestCategory.SENDER:
+                role = TestRole.NULL_SENDER
+            else:
+                role = TestRole.PLAIN if data.get("id") == "rcpt-plain" else TestRole.ODD_FORM
+            data = {**data, "role": role}
+        return data
 
 
 class ReplyClass(StrEnum):

@@ -13,9 +13,9 @@ from relayaudit.evidence import (
     Exchange,
     ProbeResult,
     ProbeStatus,
-    TestCategory,
     TestOutcome,
     TestResult,
+    TestRole,
     TlsFacts,
     Transport,
     endpoint,
@@ -31,6 +31,7 @@ __all__ = [
     "VerdictStatus",
     "finding_id",
     "judge",
+    "status_of",
 ]
 
 
@@ -76,6 +77,7 @@ class VerdictStatus(StrEnum):
     CLOSED = "closed"
     FILTERED = "filtered"
     ERROR = "error"
+    INTERNAL_ERROR = "internal-error"  # a bug of relayaudit's: the probe logged its traceback
 
     @property
     def is_relay(self) -> bool:
@@ -149,7 +151,14 @@ _NON_SMTP = {
     ProbeStatus.NOT_SMTP: VerdictStatus.NOT_SMTP,
     ProbeStatus.SESSION_REFUSED: VerdictStatus.SESSION_REFUSED,
     ProbeStatus.ERROR: VerdictStatus.ERROR,
+    ProbeStatus.INTERNAL_ERROR: VerdictStatus.INTERNAL_ERROR,
 }
+
+
+def status_of(status: ProbeStatus) -> VerdictStatus:
+    """The verdict status of a probe that held no SMTP conversation (closed, filtered, ...)."""
+    return _NON_SMTP[status]
+
 
 _SEVERITY = {
     Confidence.CONFIRMED: Severity.CRITICAL,
@@ -163,12 +172,12 @@ def _accepted(results: Iterable[TestResult]) -> list[TestResult]:
     return [
         r
         for r in results
-        if r.outcome is TestOutcome.ACCEPTED and r.test.category is not TestCategory.CONTROL
+        if r.outcome is TestOutcome.ACCEPTED and r.test.role is not TestRole.CONTROL
     ]
 
 
 def _is_plain_recipient(result: TestResult) -> bool:
-    return result.test.id == "rcpt-plain" or result.test.category is TestCategory.SENDER
+    return result.test.role.plain_recipient
 
 
 def _describe(result: TestResult) -> str:
@@ -202,7 +211,7 @@ class _Context:
             # no session facts (e.g. HELO refused): the greeting is still in the transcript
             else Fingerprint(banner=_greeting(result))
         )
-        controls = [r for r in result.tests if r.test.category is TestCategory.CONTROL]
+        controls = [r for r in result.tests if r.test.role is TestRole.CONTROL]
         self.control = controls[0] if controls else None
         self.accepts_everything = any(r.outcome is TestOutcome.ACCEPTED for r in controls)
 
@@ -305,7 +314,7 @@ class _Context:
 
 def _refusal_status(results: list[TestResult]) -> VerdictStatus:
     outcomes = {r.outcome for r in results}
-    plain = next((r for r in results if r.test.id == "rcpt-plain"), None)
+    plain = next((r for r in results if r.test.role is TestRole.PLAIN), None)
     undecided = {TestOutcome.TEMPFAIL, TestOutcome.DOMAIN_UNKNOWN}
     if plain is not None and plain.outcome in undecided:
         return VerdictStatus.INCONCLUSIVE  # the decisive test has no answer
@@ -326,20 +335,20 @@ def judge(
     result: ProbeResult, *, approved_note: str | None = None, approved: bool = False
 ) -> Verdict:
     """The verdict for one probe. `approved`: the ISO approved an SMTP service here."""
-    ctx = _Context(result, approved_note)
-    findings: list[Finding] = []
-
     if result.status is not ProbeStatus.SMTP:
         session_status = _NON_SMTP[result.status]
-        if result.status is ProbeStatus.SESSION_REFUSED and not approved:
-            findings.append(_unapproved(ctx))
-        return Verdict(
+        unapproved = result.status is ProbeStatus.SESSION_REFUSED and not approved
+        # built without validation: closed ports pass here by the thousand, all values typed
+        return Verdict.model_construct(
             address=result.address,
             port=result.port,
             status=session_status,
             summary=result.error or session_status.value,
-            findings=tuple(findings),
+            findings=(_unapproved(_Context(result, approved_note)),) if unapproved else (),
         )
+
+    ctx = _Context(result, approved_note)
+    findings: list[Finding] = []
 
     if not approved:
         findings.append(_unapproved(ctx))
@@ -391,7 +400,7 @@ def judge(
             and any(a.transport is conf.transport for a in accepted)
         ):
             continue  # handled below: accepted, but the canary never arrived
-        outside = [a for a in accepted if not a.test.claims_local_sender]
+        outside = [a for a in accepted if a.test.role is not TestRole.LOCAL_SENDER]
         if after_tls:
             kind, what, status = (
                 FindingKind.RELAY_AFTER_STARTTLS,

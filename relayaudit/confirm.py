@@ -1,0 +1,116 @@
+"""Confirmation mode: one self-identifying canary message through the strongest accepted test form."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+
+from relayaudit.battery import BatteryInputs, canary_recipient
+from relayaudit.evidence import (
+    Confirmation,
+    ReplyClass,
+    TestOutcome,
+    TestResult,
+    TestRole,
+    classify_reply,
+)
+from relayaudit.failures import Broken, SessionFailure
+from relayaudit.runner import Opener
+from relayaudit.settings import CanaryTarget, ProbeSettings
+
+__all__ = ["choose", "send_canary"]
+
+
+def choose(
+    results: Sequence[TestResult], *, canary: CanaryTarget, inputs: BatteryInputs
+) -> tuple[TestResult, Confirmation] | None:
+    """The accepted test to repeat with the canary, and its token; None when none was accepted."""
+    candidates = [
+        t
+        for t in results
+        if t.outcome is TestOutcome.ACCEPTED and t.test.role is not TestRole.CONTROL
+    ]
+    if not candidates:
+        return None
+    best = min(candidates, key=_preference)
+    token = f"relayaudit-{secrets.token_hex(16)}"
+    rcpt = canary_recipient(
+        best.test, inputs, local_part=f"{canary.local_part}+{token}", domain=canary.domain
+    )
+    return best, Confirmation(
+        token=token, test_id=best.test.id, transport=best.transport, rcpt_to=rcpt
+    )
+
+
+async def send_canary(
+    best: TestResult,
+    conf: Confirmation,
+    *,
+    opener: Opener,
+    canary: CanaryTarget,
+    inputs: BatteryInputs,
+    settings: ProbeSettings,
+    port: int,
+) -> Confirmation:
+    """Repeat `best` with the canary recipient and send the message; what happened, in `conf`."""
+    try:
+        session = await opener(best.transport)
+    except SessionFailure as exc:
+        return conf.model_copy(update={"error": f"could not reconnect: {exc}"})
+    try:
+        mail = await session.command(f"MAIL FROM:<{best.test.mail_from}>")
+        rcpt_reply = await session.command(f"RCPT TO:<{conf.rcpt_to}>")
+        if (
+            classify_reply(mail) is not ReplyClass.OK
+            or classify_reply(rcpt_reply) is not ReplyClass.OK
+        ):
+            return conf.model_copy(update={"error": f"canary refused: {mail} / {rcpt_reply}"})
+        body = _message(
+            conf.token, inputs, settings=settings, canary=canary, rcpt=conf.rcpt_to, port=port
+        )
+        shown = f"DATA <message carrying token {conf.token}>"
+        reply = await session.data(body, shown_as=shown)
+        return conf.model_copy(update={"data_reply": reply, "sent": reply.code == 250})
+    except Broken as exc:
+        return conf.model_copy(update={"error": exc.reason})
+    finally:
+        await session.quit()
+
+
+def _preference(result: TestResult) -> tuple[int, int]:
+    """Plain third-party first, then the sender forms, then the shortest odd form."""
+    role = result.test.role
+    if role is TestRole.PLAIN:
+        return (0, 0)
+    if role.plain_recipient:
+        return (1, 0)
+    return (2, len(result.test.rcpt_to))
+
+
+def _message(
+    token: str,
+    inputs: BatteryInputs,
+    *,
+    settings: ProbeSettings,
+    canary: CanaryTarget,
+    rcpt: str,
+    port: int,
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"relayaudit <{settings.sender_local_part}@{settings.helo_name}>"
+    msg["To"] = f"<{canary.local_part}@{canary.domain}>"
+    msg["Subject"] = f"relayaudit relay confirmation {token}"
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = make_msgid(domain=settings.helo_name)
+    msg["X-Relayaudit-Token"] = token
+    msg.set_content(
+        "This message was sent by relayaudit, the campus security office's relay audit,\n"
+        f"through the SMTP server {inputs.address} port {port} to a mailbox the office owns.\n"
+        f"It proves the server relays mail for outside senders. Contact: {canary.contact or 'n/a'}\n"
+        f"Token: {token}\nRecipient form: {rcpt}\n",
+        cte="7bit",
+    )
+    return bytes(msg)

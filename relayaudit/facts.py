@@ -1,0 +1,78 @@
+"""Facts about a server from its first session: greeting, EHLO keywords, TLS and certificate, software guess."""
+
+from __future__ import annotations
+
+import re
+import ssl
+
+from relayaudit.evidence import Reply, SessionFacts, TlsFacts
+from relayaudit.wire import Ehlo
+
+__all__ = ["hostname_from", "session_facts", "software", "tls_facts"]
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_SOFTWARE = (
+    ("Postfix", re.compile(r"postfix", re.I)),
+    ("Exim", re.compile(r"\bexim\b", re.I)),
+    ("OpenSMTPD", re.compile(r"opensmtpd", re.I)),
+    ("Sendmail", re.compile(r"sendmail", re.I)),
+    ("Microsoft Exchange", re.compile(r"microsoft|exchange", re.I)),
+    ("qmail", re.compile(r"qmail", re.I)),
+    ("Haraka", re.compile(r"haraka", re.I)),
+)
+
+
+def hostname_from(text: str) -> str | None:
+    """The name a server gives itself: the first word of its greeting or EHLO reply."""
+    first = text.split(None, 1)[0] if text.split() else ""
+    return first.lower() if "." in first and _HOSTNAME.match(first) else None
+
+
+def software(text: str) -> str | None:
+    """A guess from the greeting and EHLO text: the first product pattern that matches."""
+    return next((name for name, rx in _SOFTWARE if rx.search(text)), None)
+
+
+def tls_facts(obj: ssl.SSLObject | ssl.SSLSocket | None) -> TlsFacts:
+    """Protocol, cipher and certificate of a TLS connection."""
+    if obj is None:
+        return TlsFacts(error="no TLS object on the transport")
+    cipher = obj.cipher()
+    der = obj.getpeercert(binary_form=True)
+    facts: dict[str, object] = {
+        "protocol": obj.version(),
+        "cipher": cipher[0] if cipher else None,
+    }
+    if der:
+        from cryptography import x509  # noqa: PLC0415 - only sessions with TLS pay for this import
+
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            facts |= {
+                "subject": cert.subject.rfc4514_string(),
+                "issuer": cert.issuer.rfc4514_string(),
+                "not_after": cert.not_valid_after_utc,
+                "self_signed": cert.issuer == cert.subject,
+            }
+        except ValueError as exc:
+            facts["error"] = f"certificate not parseable: {exc}"
+    return TlsFacts.model_validate(facts)
+
+
+def session_facts(banner: Reply, ehlo: Ehlo | None) -> SessionFacts:
+    """The facts of the first session; `ehlo` None: the server took HELO only."""
+    ext = ehlo.extensions if ehlo is not None else {}
+    ehlo_text = ehlo.text if ehlo is not None else ""
+    size_text = ext.get("size", "")
+    return SessionFacts(
+        banner=banner,
+        ehlo=ehlo is not None,
+        hostname=hostname_from(banner.text) or hostname_from(ehlo_text),
+        capabilities=tuple(sorted(ext)),
+        auth_mechanisms=tuple(m.upper() for m in ehlo.auth) if ehlo is not None else (),
+        starttls="starttls" in ext,
+        size=int(size_text) if size_text.isdigit() else None,
+        pipelining="pipelining" in ext,
+        eightbitmime="8bitmime" in ext,
+        software=software(banner.text + " " + ehlo_text),
+    )

@@ -1,0 +1,208 @@
+"""The one exception map of a probe: every failure of a connection or session, as a typed outcome.
+
+Third-party exceptions (aiosmtplib, ssl, OSError) are translated here and nowhere else
+(`kind_of`), and `OUTCOMES` says, for each stage of a session and each kind of failure, what
+it means: no session at all (a probe status) or a broken connection (fatal or not). Anything
+that is not a known kind is a bug of ours and surfaces as `internal-error` (probe.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+
+from relayaudit.errors import ProbeError
+from relayaudit.evidence import PortState, ProbeStatus
+
+__all__ = [
+    "OUTCOMES",
+    "Broken",
+    "FailureKind",
+    "NoSession",
+    "Rule",
+    "SessionFailure",
+    "Stage",
+    "describe",
+    "failure",
+    "kind_of",
+    "outcome",
+    "reply_code",
+    "reply_text",
+    "rule_for",
+]
+
+
+class SessionFailure(ProbeError):
+    """A connection or session ended in a known network outcome (a value, never a crash)."""
+
+
+class NoSession(SessionFailure):
+    """No SMTP session could be set up: the status says why."""
+
+    def __init__(self, status: ProbeStatus, reason: str, port_state: PortState) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.port_state = port_state
+
+
+class Broken(SessionFailure):
+    """The current SMTP connection is unusable; `fatal` means do not reconnect either."""
+
+    def __init__(self, reason: str, *, fatal: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fatal = fatal
+
+
+class Stage(StrEnum):
+    TLS_HANDSHAKE = "tls-handshake"  # implicit TLS (port 465): the handshake before the greeting
+    GREETING = "greeting"  # the TCP/TLS connection is up; waiting for the 220
+    HELLO = "hello"  # EHLO and HELO both refused
+    STARTTLS = "starttls"
+    COMMAND = "command"  # EHLO, HELO, MAIL, RCPT, RSET, QUIT
+    DATA = "data"  # the canary message (confirmation mode)
+
+
+class FailureKind(StrEnum):
+    TIMEOUT = "timeout"  # no (complete) reply within the wait
+    DISCONNECTED = "disconnected"  # the server closed the connection
+    REFUSED = "refused"  # a well-formed SMTP error reply (5xx greeting, HELO 5xx, STARTTLS 454)
+    MALFORMED = "malformed"  # bytes that are not an SMTP reply (bad code, too long, garbage)
+    TRANSPORT = "transport"  # a socket or TLS error, or a command we could not even send
+
+
+_Types = type[BaseException] | tuple[type[BaseException], ...]
+
+
+@functools.cache
+def _exceptions() -> tuple[tuple[_Types, FailureKind], ...]:
+    """The exception map; ordered, the first match wins (SMTPTimeoutError is an SMTPException).
+
+    Built at the first failure: discovery, which never meets one, never loads the SMTP client.
+    """
+    import aiosmtplib  # noqa: PLC0415
+
+    return (
+        ((aiosmtplib.SMTPTimeoutError, TimeoutError), FailureKind.TIMEOUT),
+        (aiosmtplib.SMTPServerDisconnected, FailureKind.DISCONNECTED),
+        (aiosmtplib.SMTPResponseException, FailureKind.REFUSED),  # MALFORMED by code, below
+        ((aiosmtplib.SMTPException, OSError, ssl.SSLError, ValueError), FailureKind.TRANSPORT),
+    )
+
+
+def kind_of(exc: BaseException) -> FailureKind | None:
+    """The kind of a network failure, or None when `exc` is no known one (a bug: internal-error)."""
+    for types, kind in _exceptions():
+        if isinstance(exc, types):
+            if kind is FailureKind.REFUSED and not 200 <= reply_code(exc) <= 599:
+                return FailureKind.MALFORMED
+            return kind
+    return None
+
+
+def _reply(exc: BaseException) -> tuple[int, str] | None:
+    code, message = getattr(exc, "code", None), getattr(exc, "message", None)
+    if isinstance(code, int) and isinstance(message, str):  # aiosmtplib.SMTPResponseException
+        return code, message
+    return None
+
+
+def reply_code(exc: BaseException) -> int:
+    reply = _reply(exc)
+    return reply[0] if reply is not None else -1
+
+
+def reply_text(exc: BaseException) -> str:
+    reply = _reply(exc)
+    return reply[1] if reply is not None else str(exc)
+
+
+def describe(exc: BaseException) -> str:
+    """`SMTPServerDisconnected: Connection lost`, as a transcript line shows a failure."""
+    reply = _reply(exc)
+    if reply is not None:
+        return f"{type(exc).__name__}: {reply[0]} {reply[1]}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What one kind of failure at one stage means.
+
+    `status` set: there is no session (the probe's status); else the connection is broken and
+    `fatal` says whether reconnecting may help. `reason` is formatted with `verb` (the command),
+    `wait` (seconds), `detail` (describe(exc)) and `text` (the server's reply text, cut short).
+    """
+
+    reason: str
+    status: ProbeStatus | None = None
+    fatal: bool = True
+
+
+_NO_GREETING = Rule("hung up before the greeting: {detail}", ProbeStatus.NO_BANNER)
+
+OUTCOMES: dict[tuple[Stage, FailureKind], Rule] = {
+    (Stage.TLS_HANDSHAKE, FailureKind.TIMEOUT): Rule(
+        "no greeting within {wait:g}s", ProbeStatus.NO_BANNER
+    ),
+    (Stage.GREETING, FailureKind.TIMEOUT): Rule(
+        "no greeting within {wait:g}s", ProbeStatus.NO_BANNER
+    ),
+    (Stage.GREETING, FailureKind.DISCONNECTED): _NO_GREETING,
+    (Stage.GREETING, FailureKind.TRANSPORT): _NO_GREETING,
+    (Stage.GREETING, FailureKind.REFUSED): Rule("greeting {text}", ProbeStatus.SESSION_REFUSED),
+    (Stage.GREETING, FailureKind.MALFORMED): Rule(
+        "not an SMTP greeting: {text}", ProbeStatus.NOT_SMTP
+    ),
+    (Stage.STARTTLS, FailureKind.REFUSED): Rule("STARTTLS refused"),
+    (Stage.COMMAND, FailureKind.TIMEOUT): Rule("no reply to {verb} within {wait:g}s"),
+    (Stage.COMMAND, FailureKind.DISCONNECTED): Rule("server hung up after {verb}", fatal=False),
+    (Stage.COMMAND, FailureKind.MALFORMED): Rule("unreadable reply to {verb}: {text}"),
+    (Stage.COMMAND, FailureKind.REFUSED): Rule("unreadable reply to {verb}: {text}"),
+    (Stage.COMMAND, FailureKind.TRANSPORT): Rule("{verb} failed: {detail}"),
+    (Stage.DATA, FailureKind.REFUSED): Rule("message refused: {text}"),
+}
+# every other kind at these stages: one rule for the stage
+_STAGE_DEFAULT = {
+    Stage.TLS_HANDSHAKE: Rule("implicit TLS failed: {detail}", ProbeStatus.NOT_SMTP),
+    Stage.HELLO: Rule("HELO refused: {text}", ProbeStatus.SESSION_REFUSED),
+    Stage.STARTTLS: Rule("STARTTLS handshake failed"),
+    Stage.DATA: Rule("message not accepted: {detail}"),
+}
+
+
+def rule_for(stage: Stage, kind: FailureKind) -> Rule:
+    rule = OUTCOMES.get((stage, kind)) or _STAGE_DEFAULT.get(stage)
+    assert rule is not None, f"no outcome rule for {stage} / {kind}"  # a test walks every pair
+    return rule
+
+
+def failure(
+    stage: Stage, kind: FailureKind, exc: BaseException, *, verb: str = "", wait: float = 0.0
+) -> NoSession | Broken:
+    """The outcome of `exc` (of `kind`) at `stage`, as the exception the session raises."""
+    text = reply_text(exc)
+    if kind is FailureKind.REFUSED:
+        text = f"{reply_code(exc)} {text}"
+    return outcome(stage, kind, verb=verb, wait=wait, detail=describe(exc), text=text)
+
+
+def outcome(
+    stage: Stage,
+    kind: FailureKind,
+    *,
+    verb: str = "",
+    wait: float = 0.0,
+    detail: str = "",
+    text: str = "",
+) -> NoSession | Broken:
+    """The outcome of a failure of `kind` at `stage` (a reply or an exception), as raised."""
+    rule = rule_for(stage, kind)
+    reason = rule.reason.format(verb=verb, wait=wait, detail=detail, text=text[:120])
+    if rule.status is not None:
+        return NoSession(rule.status, reason, PortState.OPEN)
+    return Broken(reason, fatal=rule.fatal)

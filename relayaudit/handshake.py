@@ -1,0 +1,198 @@
+"""Opens an SMTP session on one address:port: connect, greeting, EHLO or HELO, STARTTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+from relayaudit.battery import address_literal
+from relayaudit.connect import connect_socket
+from relayaudit.evidence import Exchange, PortState, Reply, TlsFacts, Transport
+from relayaudit.facts import session_facts, tls_facts
+from relayaudit.failures import (
+    Broken,
+    FailureKind,
+    Stage,
+    describe,
+    failure,
+    kind_of,
+    outcome,
+    reply_code,
+    reply_text,
+)
+from relayaudit.session import Observed, SmtpSession
+from relayaudit.settings import ProbeSettings
+from relayaudit.wire import Ehlo, Wire, parse_ehlo
+
+__all__ = ["Gate", "Handshake"]
+
+Gate = Callable[[str], Awaitable[None]]
+"""Awaited before every new connection to an address (the engine's pacer); the probe knows no rate."""
+
+_READY = 220
+
+
+class Handshake:
+    """Sets up each session of one probe; what it learns goes into the shared `Observed`."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        settings: ProbeSettings,
+        *,
+        gate: Gate | None,
+        observed: Observed,
+    ) -> None:
+        self.address = address
+        self.port = port
+        self.settings = settings
+        self.gate = gate
+        self.observed = observed
+
+    async def open(self, transport: Transport, sock: socket.socket | None = None) -> SmtpSession:
+        """Connect (or take the discovery socket), read the greeting, EHLO or HELO, STARTTLS."""
+        s = self.settings
+        seen = self.observed
+        if sock is None:
+            if self.gate is not None:
+                await self.gate(self.address)
+            sock = await connect_socket(
+                self.address, self.port, source=s.source_address, timeout=s.connect_timeout
+            )
+        seen.port_state = PortState.OPEN
+        with contextlib.suppress(OSError):
+            seen.vantage = sock.getsockname()[0]
+        seen.sessions += 1
+        session: SmtpSession | None = None
+        try:
+            session, banner = await self._greeting(sock, transport)
+            ehlo = await self._hello(session)
+            if transport is Transport.STARTTLS:
+                await self._starttls(session)
+            elif transport is Transport.IMPLICIT_TLS and seen.tls is None:
+                seen.tls = tls_facts(session.wire.tls_object())
+            if seen.facts is None:
+                seen.facts = session_facts(banner, ehlo)
+        except BaseException:
+            if session is not None:
+                session.end()
+            else:
+                sock.close()  # no transport took the socket over
+            raise
+        return session
+
+    async def _greeting(
+        self, sock: socket.socket, transport: Transport
+    ) -> tuple[SmtpSession, Reply]:
+        s = self.settings
+        seen = self.observed
+        implicit = transport is Transport.IMPLICIT_TLS
+        # the greeting may come late (greet pauses, anti-spam delays); RFC 5321 4.5.3.2
+        # allows the server minutes, so it gets its own, longer deadline, which also bounds
+        # an implicit-TLS handshake
+        wait = max(s.greeting_timeout, s.command_timeout)
+        started = time.monotonic()
+        session: SmtpSession | None = None
+        try:
+            async with asyncio.timeout(wait):
+                wire = await Wire.open(
+                    sock, tls=implicit, server_hostname=self.address, timeout=wait
+                )
+                session = SmtpSession(wire, timeout=s.command_timeout, observed=seen)
+                response = await wire.greeting()
+        except BaseException as exc:
+            kind = kind_of(exc) if not isinstance(exc, asyncio.CancelledError) else None
+            if kind is None:  # cancelled (the session deadline), or a bug of ours
+                if session is not None:
+                    session.end()  # the transport lets go of the socket before it is closed
+                raise
+            error = "no greeting" if kind is FailureKind.TIMEOUT else describe(exc)
+            if session is not None:
+                session.record(None, None, started, error=error)
+                session.end()
+            else:  # the TLS handshake failed: the caller closes the socket
+                elapsed = round((time.monotonic() - started) * 1000, 1)
+                seen.transcript.append(
+                    Exchange(command=None, reply=None, error=error, elapsed_ms=elapsed)
+                )
+            stage = Stage.GREETING
+            if implicit and kind in (FailureKind.DISCONNECTED, FailureKind.TRANSPORT):
+                stage = Stage.TLS_HANDSHAKE
+                if seen.tls is None:  # a parallel session's failure keeps earlier good facts
+                    seen.tls = TlsFacts(error=describe(exc))
+            raise failure(stage, kind, exc, wait=wait) from None
+        banner = Reply(code=response.code, text=response.message)
+        session.record(None, banner, started)
+        if response.code != _READY:
+            session.end()
+            if 200 <= response.code <= 599:
+                seen.banner_seen = True
+                kind = FailureKind.REFUSED
+            else:
+                kind = FailureKind.MALFORMED
+            raise outcome(Stage.GREETING, kind, text=str(banner)) from None
+        seen.banner_seen = True
+        return session, banner
+
+    async def _hello(self, session: SmtpSession) -> Ehlo | None:
+        """EHLO, else HELO; the EHLO reply's keywords, or None when HELO was used.
+
+        Servers with anti-forgery HELO rules refuse a name they consider theirs (a campus HELO
+        name from outside is exactly that): then the vantage's address literal is tried, the
+        RFC 5321 form for a client without a name. A server refusing both refuses the session.
+        """
+        seen = self.observed
+        names = [seen.helo]
+        if seen.vantage:
+            literal = address_literal(seen.vantage)
+            if literal != seen.helo:
+                names.append(literal)
+        reply: Reply | None = None
+        for name in names:
+            ehlo = await session.command(f"EHLO {name}")
+            if ehlo.code == 250:
+                seen.helo = name
+                return parse_ehlo(ehlo.text)
+            if not session.connected:
+                raise Broken("server hung up after EHLO")
+            reply = await session.command(f"HELO {name}")
+            if reply.code == 250:
+                seen.helo = name
+                return None
+            if not session.connected or reply.code == 421:
+                break
+        raise outcome(Stage.HELLO, FailureKind.REFUSED, text=str(reply))
+
+    async def _starttls(self, session: SmtpSession) -> None:
+        seen = self.observed
+        started = time.monotonic()
+        try:
+            response = await session.wire.starttls(timeout=self.settings.command_timeout)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            kind = kind_of(exc)
+            if kind is None:
+                raise
+            if kind is FailureKind.REFUSED:
+                code, text = reply_code(exc), reply_text(exc)
+                session.record("STARTTLS", Reply(code=code, text=text), started)
+                error = f"STARTTLS refused: {code} {text}"
+            else:
+                session.record("STARTTLS", None, started, error=describe(exc))
+                error = f"handshake failed: {describe(exc)}"
+            if seen.tls is None:
+                seen.tls = TlsFacts(error=error)
+            raise failure(Stage.STARTTLS, kind, exc) from None
+        session.record("STARTTLS", Reply(code=response.code, text=response.message), started)
+        seen.tls = tls_facts(session.wire.tls_object())
+        try:
+            again = await session.command(f"EHLO {seen.helo}")
+        except Broken:
+            again = None
+        if again is None or again.code != 250:
+            raise Broken("EHLO after STARTTLS failed", fatal=True)

@@ -1,0 +1,201 @@
+"""Runs the relay battery over sessions: MAIL, RCPT, RSET per test; reconnects, 421 and retry rules.
+
+Written against the small `Session` protocol (session.py), so tests replay recorded server
+bytes through it with no socket (tests/test_replay.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from relayaudit.evidence import (
+    RelayTest,
+    ReplyClass,
+    TestOutcome,
+    TestResult,
+    Transport,
+    classify_reply,
+)
+from relayaudit.failures import Broken, SessionFailure
+from relayaudit.session import Session
+
+__all__ = ["Limits", "Opener", "run_battery", "run_test"]
+
+Opener = Callable[[Transport], Awaitable[Session]]
+"""Opens a fresh session of the given transport (greeting, EHLO, STARTTLS done)."""
+
+_CLOSING = 421
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    tests_per_session: int
+    parallel_sessions: int  # sessions of one battery at a time
+    reconnects: int  # fresh connections beyond the first
+
+
+@dataclass(slots=True)
+class _Battery:
+    """The tests still to run for one transport, shared by the battery's parallel sessions."""
+
+    queue: deque[RelayTest]
+    transport: Transport
+    results: list[TestResult]
+    attempts: dict[str, int] = field(default_factory=dict)
+    sessions_left: int = 0
+    stop: str | None = None  # set: run nothing more, skip the rest with this reason
+    last_failure: str = ""
+
+    def ended(self, exc: Broken) -> None:
+        self.last_failure = f"not run: {exc.reason}"
+        if exc.fatal:
+            self.stop = self.last_failure
+
+    def error(self, test: RelayTest, reason: str) -> None:
+        self.results.append(
+            TestResult(test=test, transport=self.transport, outcome=TestOutcome.ERROR, error=reason)
+        )
+
+
+async def run_battery(
+    tests: list[RelayTest],
+    transport: Transport,
+    first: Session | None,
+    *,
+    opener: Opener,
+    limits: Limits,
+    results: list[TestResult],
+) -> None:
+    """Run every test, at most N per session, in up to `parallel_sessions` sessions at once.
+
+    A session hung up on, or answering 421, hands its unfinished tests back for a fresh
+    connection. Results are appended to `results` in battery order, whichever session ran them.
+    """
+    wanted = -(-len(tests) // limits.tests_per_session)  # sessions needed without failures
+    parallel = max(1, min(limits.parallel_sessions, wanted))
+    state = _Battery(
+        queue=deque(tests),
+        transport=transport,
+        results=results,
+        # as many connections as before parallel sessions: the first plus the reconnects
+        sessions_left=limits.reconnects + (first is None),
+    )
+    order = {t.id: i for i, t in enumerate(tests)}
+    mark = len(results)
+    try:
+        if parallel == 1:
+            await _worker(state, first, opener, limits.tests_per_session)
+        else:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_worker(state, first, opener, limits.tests_per_session))
+                for _ in range(parallel - 1):
+                    group.create_task(_worker(state, None, opener, limits.tests_per_session))
+        reason = state.stop or state.last_failure
+        while state.queue:
+            state.error(state.queue.popleft(), reason)
+    finally:
+        results[mark:] = sorted(results[mark:], key=lambda r: order.get(r.test.id, 0))
+
+
+async def _worker(state: _Battery, session: Session | None, opener: Opener, per: int) -> None:
+    """One connection at a time: claim up to `per` tests, run them, hand back what is unfinished."""
+    try:
+        while state.queue and state.stop is None:
+            if session is None:
+                if state.sessions_left <= 0:
+                    state.last_failure = "not run: too many reconnects"
+                    return
+                state.sessions_left -= 1
+                try:
+                    session = await opener(state.transport)
+                except (SessionFailure, OSError) as exc:
+                    state.last_failure = f"not run: reconnect failed: {exc}"
+                    return
+                if not state.queue or state.stop is not None:
+                    break
+            claimed = [state.queue.popleft() for _ in range(min(per, len(state.queue)))]
+            unfinished = await _session_tests(session, claimed, state)
+            state.queue.extendleft(reversed(unfinished))
+            await session.quit()
+            session = None
+    finally:
+        if session is not None:
+            await session.quit()  # at the deadline: closed at once, no goodbye
+
+
+async def _session_tests(
+    session: Session, claimed: list[RelayTest], state: _Battery
+) -> list[RelayTest]:
+    """Run the claimed tests on one connection; the ones left unfinished are returned.
+
+    Each test is MAIL, then RCPT only after MAIL was accepted, then RSET before the next
+    test; every command waits for its reply.
+    """
+    for i, test in enumerate(claimed):
+        if not session.connected:
+            return claimed[i:]  # closed after the last reply (421 to RSET): not this test's try
+        state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
+        try:
+            result = await run_test(session, test, state.transport)
+        except Broken as exc:
+            state.ended(exc)
+            if exc.fatal or attempts >= 2:
+                state.error(test, exc.reason)
+                return claimed[i + 1 :]
+            return claimed[i:]
+        closing = _CLOSING in (result.mail and result.mail.code, result.rcpt and result.rcpt.code)
+        if closing and attempts < 2:
+            # 421 closes the session ("too many errors", connection limits); it is no
+            # answer about relaying: ask again on a fresh connection
+            return claimed[i:]
+        state.results.append(result)
+        if closing or not session.connected:
+            return claimed[i + 1 :]
+        # RSET ends the transaction MAIL opened; after a refused MAIL none is open
+        if i + 1 < len(claimed) and result.rcpt is not None:
+            try:
+                await session.command("RSET")
+            except Broken as exc:
+                state.ended(exc)
+                return claimed[i + 1 :]
+    return []
+
+
+async def run_test(session: Session, test: RelayTest, transport: Transport) -> TestResult:
+    """One test: MAIL FROM, and RCPT TO only if the sender was accepted."""
+    mail = await session.command(f"MAIL FROM:<{test.mail_from}>")
+    mail_class = classify_reply(mail)
+    if mail_class is not ReplyClass.OK:
+        return TestResult.model_construct(
+            test=test,
+            transport=transport,
+            mail=mail,
+            rcpt=None,
+            outcome=_outcome(mail_class, sender=True),
+            error=None,
+        )
+    rcpt = await session.command(f"RCPT TO:<{test.rcpt_to}>")
+    rcpt_class = classify_reply(rcpt)
+    outcome = (
+        TestOutcome.ACCEPTED if rcpt_class is ReplyClass.OK else _outcome(rcpt_class, sender=False)
+    )
+    return TestResult.model_construct(
+        test=test, transport=transport, mail=mail, rcpt=rcpt, outcome=outcome, error=None
+    )
+
+
+_REFUSAL_OUTCOME = {
+    ReplyClass.TEMPFAIL: TestOutcome.TEMPFAIL,
+    ReplyClass.DISCONNECT: TestOutcome.TEMPFAIL,
+    ReplyClass.AUTH_REQUIRED: TestOutcome.AUTH_REQUIRED,
+    ReplyClass.TLS_REQUIRED: TestOutcome.TLS_REQUIRED,
+    ReplyClass.INVALID: TestOutcome.ERROR,
+    ReplyClass.DOMAIN_UNKNOWN: TestOutcome.DOMAIN_UNKNOWN,
+}
+
+
+def _outcome(kind: ReplyClass, *, sender: bool) -> TestOutcome:
+    return _REFUSAL_OUTCOME.get(kind, TestOutcome.SENDER_REFUSED if sender else TestOutcome.REFUSED)

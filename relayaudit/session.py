@@ -1,0 +1,222 @@
+"""One SMTP session: a command and its reply under a watchdog, every exchange in the transcript.
+
+`Session` is the small protocol the battery runner and the canary sender talk to;
+`SmtpSession` implements it over a Wire. Failures leave as the typed outcomes of failures.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relayaudit.evidence import (
+    Exchange,
+    PortState,
+    Reply,
+    SessionFacts,
+    TlsFacts,
+    redact_command,
+    writable_text,
+)
+from relayaudit.failures import (
+    Broken,
+    FailureKind,
+    Stage,
+    describe,
+    failure,
+    kind_of,
+    reply_code,
+    reply_text,
+)
+from relayaudit.wire import Wire
+
+__all__ = ["Observed", "Session", "SmtpSession"]
+
+
+class Session(Protocol):
+    """What the battery needs of a connection: one command at a time, and a goodbye."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def command(self, line: str) -> Reply:
+        """Send `line`, return the reply; raises Broken when the connection fails."""
+        ...
+
+    async def data(self, message: bytes, *, shown_as: str) -> Reply:
+        """DATA and a message; raises Broken when it is refused or the connection fails."""
+        ...
+
+    async def quit(self) -> None: ...
+
+
+@dataclass
+class Observed:
+    """What a probe's sessions have seen so far: a deadline still leaves all of it."""
+
+    helo: str  # the HELO name in use: the configured one, or the literal it fell back to
+    vantage: str = ""
+    port_state: PortState = PortState.ERROR
+    banner_seen: bool = False
+    sessions: int = 0
+    transcript: list[Exchange] = field(default_factory=list)
+    facts: SessionFacts | None = None
+    tls: TlsFacts | None = None
+
+
+class SmtpSession:
+    """One SMTP connection of a probe; its exchanges join the transcript as one block."""
+
+    __slots__ = ("_watchdog", "expired", "log", "observed", "timeout", "waiting_since", "wire")
+
+    def __init__(self, wire: Wire, *, timeout: float, observed: Observed) -> None:
+        self.wire = wire
+        self.timeout = timeout  # the command timeout
+        self.observed = observed
+        self.log: list[Exchange] = []
+        self.waiting_since: float | None = None  # the command in flight was sent then
+        self.expired = False  # the watchdog closed the connection: that command timed out
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.wire.connected
+
+    # One timer per session instead of one per command (a per-command wait_for was a tenth of
+    # a relay test's CPU): it fires at most once per timeout period, and ends the connection
+    # only if the command then in flight has waited the whole timeout.
+    def _sent(self) -> None:
+        self.waiting_since = time.monotonic()
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self.timeout, self._check)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if self.waiting_since is None:
+            return
+        waited = time.monotonic() - self.waiting_since
+        loop = asyncio.get_running_loop()
+        if waited >= self.timeout:
+            # decided one loop turn later: a reply read in this same turn resumes the command
+            # first (and clears waiting_since) instead of losing the connection
+            loop.call_soon(self._expire)
+        else:
+            self._watchdog = loop.call_later(self.timeout - waited, self._check)
+
+    def _expire(self) -> None:
+        if self.waiting_since is None or time.monotonic() - self.waiting_since < self.timeout:
+            return
+        self.expired = True
+        self.wire.abort()  # the read in flight ends with SMTPServerDisconnected
+
+    def record(
+        self,
+        line: str | None,
+        reply: Reply | None,
+        started: float,
+        *,
+        error: str | None = None,
+    ) -> None:
+        # built without validation: the values come typed from the framing and from us; only
+        # the server's text needs what validation would do (writable_text)
+        self.log.append(
+            Exchange.model_construct(
+                command=redact_command(line) if line is not None else None,
+                reply=reply,
+                error=writable_text(error) if error is not None else None,
+                elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        )
+
+    async def command(self, line: str) -> Reply:
+        """Send one command and wait for its reply."""
+        started = time.monotonic()
+        verb, _, arg = line.partition(" ")
+        if not self.wire.connected:
+            # the server closed after its last reply (421, a hang-up after RSET): nothing is sent
+            raise Broken(f"server hung up before {verb}")
+        args = (verb.encode(), arg.encode("utf-8", "surrogateescape")) if arg else (verb.encode(),)
+        self._sent()
+        try:
+            response = await self.wire.command(*args)
+        except asyncio.CancelledError:
+            self.record(line, None, started, error="cancelled (session deadline or stop)")
+            raise
+        except BaseException as exc:
+            kind = kind_of(exc)
+            if kind is None:
+                raise
+            if kind is FailureKind.DISCONNECTED and self.expired:
+                kind = FailureKind.TIMEOUT
+            self.record(line, None, started, error=_error_text(kind, exc))
+            raise failure(Stage.COMMAND, kind, exc, verb=verb, wait=self.timeout) from None
+        finally:
+            self.waiting_since = None
+        # the reply made it, even if the watchdog ended the connection in the same instant: the
+        # next command then finds a hang-up, not a timeout
+        self.expired = False
+        reply = Reply.model_construct(code=response.code, text=writable_text(response.message))
+        self.record(line, reply, started)
+        return reply
+
+    async def data(self, message: bytes, *, shown_as: str) -> Reply:
+        """DATA and a message (the canary); the transcript shows `shown_as`, not the body."""
+        started = time.monotonic()
+        try:
+            response = await self.wire.data(message, timeout=self.timeout)
+        except BaseException as exc:
+            kind = kind_of(exc)
+            if kind is None or isinstance(exc, asyncio.CancelledError):
+                raise
+            if kind is FailureKind.REFUSED:
+                code, text = reply_code(exc), reply_text(exc)
+                self.record(shown_as, Reply(code=code, text=text), started)
+            else:
+                self.record(shown_as, None, started, error=describe(exc))
+            raise failure(Stage.DATA, kind, exc) from None
+        reply = Reply(code=response.code, text=response.message)
+        self.record(shown_as, reply, started)
+        return reply
+
+    async def quit(self) -> None:
+        """Say goodbye politely, but never wait long for it (a silent QUIT is not an error).
+
+        Past the session deadline (the task is being cancelled) there is no goodbye at all.
+        """
+        answered = False
+        try:
+            task = asyncio.current_task()
+            if self.wire.connected and not (task is not None and task.cancelling()):
+                with contextlib.suppress(Broken, TimeoutError):
+                    async with asyncio.timeout(min(2.0, self.timeout)):
+                        await self.command("QUIT")
+                        answered = True
+        finally:
+            self.end(abort=not answered)
+
+    def end(self, *, abort: bool = True) -> None:
+        """Close the connection and file its exchanges in the transcript.
+
+        abort: drop it at once (the default for every end but an answered QUIT): a TLS
+        connection's graceful close would wait up to 30 s for a silent server's close_notify.
+        """
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if abort:
+            self.wire.abort()
+        self.wire.close()
+        if self.log:
+            self.observed.transcript.extend(self.log)
+            self.log = []
+
+
+def _error_text(kind: FailureKind, exc: BaseException) -> str:
+    if kind is FailureKind.TIMEOUT:
+        return "timeout: no reply"
+    if kind is FailureKind.DISCONNECTED:
+        return f"disconnected: {exc}"
+    return describe(exc)
