@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,12 +23,15 @@ from relayaudit.failures import (
 )
 from relayaudit.session import Observed, SmtpSession
 from relayaudit.settings import ProbeSettings
-from relayaudit.wire import Ehlo, Wire, parse_ehlo
+from relayaudit.wire import Connection, Ehlo, SocketConnection, parse_ehlo
 
-__all__ = ["Gate", "Handshake"]
+__all__ = ["Dial", "Gate", "Handshake"]
 
 Gate = Callable[[str], Awaitable[None]]
 """Awaited before every new connection to an address (the engine's pacer); the probe knows no rate."""
+
+Dial = Callable[[], Awaitable[Connection]]
+"""Opens a new connection to the probe's address:port (raises NoSession when it cannot)."""
 
 _READY = 220
 
@@ -46,30 +47,36 @@ class Handshake:
         *,
         gate: Gate | None,
         observed: Observed,
+        dial: Dial | None = None,
     ) -> None:
         self.address = address
         self.port = port
         self.settings = settings
         self.gate = gate
         self.observed = observed
+        self.dial: Dial = dial or self._tcp
 
-    async def open(self, transport: Transport, sock: socket.socket | None = None) -> SmtpSession:
-        """Connect (or take the discovery socket), read the greeting, EHLO or HELO, STARTTLS."""
+    async def _tcp(self) -> Connection:
+        """A new TCP connection, paced by the gate."""
         s = self.settings
+        if self.gate is not None:
+            await self.gate(self.address)
+        sock = await connect_socket(
+            self.address, self.port, source=s.source_address, timeout=s.connect_timeout
+        )
+        return SocketConnection(sock)
+
+    async def open(self, transport: Transport, conn: Connection | None = None) -> SmtpSession:
+        """Connect (or take the discovery connection), read the greeting, EHLO or HELO, STARTTLS."""
         seen = self.observed
-        if sock is None:
-            if self.gate is not None:
-                await self.gate(self.address)
-            sock = await connect_socket(
-                self.address, self.port, source=s.source_address, timeout=s.connect_timeout
-            )
+        if conn is None:
+            conn = await self.dial()
         seen.port_state = PortState.OPEN
-        with contextlib.suppress(OSError):
-            seen.vantage = sock.getsockname()[0]
+        seen.vantage = conn.local_address() or seen.vantage
         seen.sessions += 1
         session: SmtpSession | None = None
         try:
-            session, banner = await self._greeting(sock, transport)
+            session, banner = await self._greeting(conn, transport)
             ehlo = await self._hello(session)
             if transport is Transport.STARTTLS:
                 await self._starttls(session)
@@ -81,13 +88,11 @@ class Handshake:
             if session is not None:
                 session.end()
             else:
-                sock.close()  # no transport took the socket over
+                conn.close()  # no transport took the connection over
             raise
         return session
 
-    async def _greeting(
-        self, sock: socket.socket, transport: Transport
-    ) -> tuple[SmtpSession, Reply]:
+    async def _greeting(self, conn: Connection, transport: Transport) -> tuple[SmtpSession, Reply]:
         s = self.settings
         seen = self.observed
         implicit = transport is Transport.IMPLICIT_TLS
@@ -99,9 +104,7 @@ class Handshake:
         session: SmtpSession | None = None
         try:
             async with asyncio.timeout(wait):
-                wire = await Wire.open(
-                    sock, tls=implicit, server_hostname=self.address, timeout=wait
-                )
+                wire = await conn.wire(tls=implicit, server_hostname=self.address, timeout=wait)
                 session = SmtpSession(wire, timeout=s.command_timeout, observed=seen)
                 response = await wire.greeting()
         except BaseException as exc:

@@ -28,10 +28,11 @@ from relayaudit.evidence import (
     Transport,
 )
 from relayaudit.failures import Broken, NoSession, describe
-from relayaudit.handshake import Gate, Handshake
+from relayaudit.handshake import Dial, Gate, Handshake
 from relayaudit.runner import Limits, run_battery
 from relayaudit.session import Observed, Session
 from relayaudit.settings import CanaryTarget, ProbeSettings
+from relayaudit.wire import Connection, SocketConnection
 
 # ProbeSettings and CanaryTarget live in relayaudit.settings (importable without the SMTP client)
 __all__ = ["CanaryTarget", "Gate", "ProbeSettings", "probe", "settled"]
@@ -72,6 +73,7 @@ class _Probe:
         *,
         implicit_tls: bool,
         gate: Gate | None,
+        dial: Dial | None,
     ) -> None:
         self.address = address
         self.port = port
@@ -79,7 +81,9 @@ class _Probe:
         self.first_transport = Transport.IMPLICIT_TLS if implicit_tls else Transport.PLAIN
         self.started = datetime.now(UTC)
         self.seen = Observed(helo=settings.helo_name)
-        self.handshake = Handshake(address, port, settings, gate=gate, observed=self.seen)
+        self.handshake = Handshake(
+            address, port, settings, gate=gate, observed=self.seen, dial=dial
+        )
         self.status = ProbeStatus.ERROR
         self.error: str | None = None
         self.tests: list[TestResult] = []
@@ -114,13 +118,13 @@ class _Probe:
     async def open(self, transport: Transport) -> Session:
         return await self.handshake.open(transport)
 
-    async def first_session(self, sock: socket.socket | None) -> Session | None:
-        """The first session, on the discovery socket if there is one; None: no SMTP here."""
+    async def first_session(self, first: Connection | None) -> Session | None:
+        """The first session, on the discovery connection if there is one; None: no SMTP here."""
         try:
             try:
-                session = await self.handshake.open(self.first_transport, sock)
+                session = await self.handshake.open(self.first_transport, first)
             except Broken as exc:
-                if sock is None or exc.fatal:
+                if first is None or exc.fatal:
                     raise
                 # the discovery connection may have idled while other ports were probed, and
                 # the server dropped it: one fresh connection before giving up
@@ -134,8 +138,8 @@ class _Probe:
         self.status = ProbeStatus.SMTP
         return session
 
-    async def run(self, sock: socket.socket | None) -> None:
-        session = await self.first_session(sock)
+    async def run(self, first: Connection | None) -> None:
+        session = await self.first_session(first)
         if session is None:
             return
         s = self.settings
@@ -203,16 +207,18 @@ async def probe(
     implicit_tls: bool = False,
     gate: Gate | None = None,
     sock: socket.socket | None = None,
+    dial: Dial | None = None,
 ) -> ProbeResult:
     """Probe one address:port within the session deadline; never raises for network outcomes.
 
-    `sock`, when given, is an already connected socket (from discovery) used for the first session.
+    `sock`, when given, is an already connected socket (from discovery) used for the first
+    session. `dial` replaces TCP for new connections (the replay tests' recorded servers).
     """
-    run = _Probe(address, port, settings, implicit_tls=implicit_tls, gate=gate)
+    run = _Probe(address, port, settings, implicit_tls=implicit_tls, gate=gate, dial=dial)
     deadline = asyncio.timeout(settings.session_timeout)
     try:
         async with deadline:
-            await run.run(sock)
+            await run.run(SocketConnection(sock) if sock is not None else None)
     except TimeoutError as exc:
         if not deadline.expired():
             _internal_error(run, exc)  # an inner wait's timeout that escaped: a bug of ours

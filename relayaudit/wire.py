@@ -12,13 +12,13 @@ import asyncio
 import functools
 import socket
 import ssl
-from typing import cast
+from typing import Protocol, cast
 
 from aiosmtplib.esmtp import parse_esmtp_extensions
 from aiosmtplib.protocol import SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-__all__ = ["Ehlo", "Wire", "client_tls_context", "parse_ehlo"]
+__all__ = ["Connection", "Ehlo", "SocketConnection", "Wire", "client_tls_context", "parse_ehlo"]
 
 _CLOSING = 421  # "service not available, closing transmission channel"
 
@@ -128,3 +128,38 @@ class Wire:
         transport = self.protocol.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+
+
+class Connection(Protocol):
+    """A connection not yet speaking SMTP: a TCP socket, or a recorded server in the tests."""
+
+    def local_address(self) -> str | None: ...
+
+    async def wire(self, *, tls: bool, server_hostname: str, timeout: float) -> Wire:
+        """Start the framing on it; `tls`: handshake first (implicit TLS)."""
+        ...
+
+    def close(self) -> None:
+        """Give it up before a Wire took it over."""
+        ...
+
+
+class SocketConnection:
+    """A connected, non-blocking TCP socket."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def local_address(self) -> str | None:
+        try:
+            return str(self.sock.getsockname()[0])
+        except OSError:
+            return None
+
+    async def wire(self, *, tls: bool, server_hostname: str, timeout: float) -> Wire:
+        return await Wire.open(self.sock, tls=tls, server_hostname=server_hostname, timeout=timeout)
+
+    def close(self) -> None:
+        self.sock.close()

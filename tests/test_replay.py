@@ -1,0 +1,174 @@
+"""The whole probe (handshake, battery runner, exception map) replayed from recorded real servers, no sockets.
+
+The transcripts were recorded from the real Postfix, Exim and OpenSMTPD of the test suite
+(tests/record_transcripts.py); the real-server tests keep running beside these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import aiosmtplib
+import pytest
+from replay import Mismatch, ReplayConnection, ReplayDial, ReplayTransport, load, recordings
+
+from relayaudit.evidence import PortState, ProbeStatus, TestOutcome
+from relayaudit.failures import (
+    OUTCOMES,
+    Broken,
+    FailureKind,
+    NoSession,
+    Stage,
+    kind_of,
+    rule_for,
+)
+from relayaudit.probe import ProbeSettings, probe, settled
+from relayaudit.verdict import VerdictStatus, judge
+from relayaudit.wire import Wire
+
+
+@pytest.fixture
+def no_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection the replayed probe tried to make would fail the test."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a replayed probe tried to connect a socket")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+async def replay(name: str) -> tuple[dict[str, Any], Any, ReplayDial]:
+    data = load(name)
+    fields = data["settings"]
+    domains = {k: tuple(fields[k]) for k in ("campus_domains", "external_domains")}
+    settings = ProbeSettings(**{**fields, **domains})
+    dial = ReplayDial(data["connections"], (data["address"], data["port"]))
+    result = await probe(data["address"], data["port"], settings, dial=dial)
+    return data, result, dial
+
+
+@pytest.mark.parametrize("name", recordings())
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_recorded_server_replays_to_the_same_verdict(name: str) -> None:
+    data, result, dial = await replay(name)
+    expected = data["expected"]
+    assert result.status.value == expected["status"], result.error
+    assert judge(result).status.value == expected["verdict"]
+    assert [[t.test.id, t.transport.value, t.outcome.value] for t in result.tests] == expected[
+        "tests"
+    ]
+    assert result.sessions == expected["sessions"]
+    assert dial.unused == 0  # every recorded connection was used, in order
+
+
+def test_the_recordings_cover_the_three_real_servers() -> None:
+    names = recordings()
+    for server in ("postfix", "exim", "opensmtpd"):
+        assert any(n.startswith(server) for n in names), names
+    verdicts = {load(n)["expected"]["verdict"] for n in names}
+    assert VerdictStatus.RELAY_REFUSED.value in verdicts
+    assert VerdictStatus.OPEN_RELAY.value in verdicts
+
+
+def _server(*chunks: bytes, then: list[tuple[str, bytes]] | None = None) -> ReplayDial:
+    events = [("s", c) for c in chunks] + (then or [])
+    return ReplayDial([events], ("127.0.0.1", 25))
+
+
+SETTINGS = ProbeSettings(helo_name="relayaudit.campus.test", session_timeout=5, command_timeout=1)
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_greeting_split_mid_line_and_a_multiline_ehlo_frame_correctly() -> None:
+    dial = _server(
+        b"220 mx.ca",
+        b"mpus.test ESMTP Postfix\r\n",
+        then=[
+            ("c", b"EHLO relayaudit.campus.test\r\n"),
+            ("s", b"250-mx.campus.test\r\n250-PIPE"),
+            ("s", b"LINING\r\n250 SIZE 1000\r\n"),
+            ("c", b"MAIL FROM:<relayaudit@relayaudit-test.example>\r\n"),
+            ("s", b"421 4.7.0 go away\r\n"),
+        ],
+    )
+    result = await probe("127.0.0.1", 25, SETTINGS, dial=dial)
+    assert result.facts is not None
+    assert result.facts.banner.text == "mx.campus.test ESMTP Postfix"
+    assert result.facts.capabilities == ("pipelining", "size")
+    assert result.facts.size == 1000 and result.facts.software == "Postfix"
+    # 421 closes the session; the recording has no second connection, so the rest is not run
+    assert result.tests[0].outcome is TestOutcome.ERROR
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_garbage_greeting_is_not_smtp_and_a_5xx_greeting_refuses_the_session() -> None:
+    result = await probe("127.0.0.1", 25, SETTINGS, dial=_server(b"\x16\x03\x01 junk\r\n"))
+    assert result.status is ProbeStatus.NOT_SMTP
+    result = await probe("127.0.0.1", 25, SETTINGS, dial=_server(b"554 5.7.1 no service\r\n"))
+    assert result.status is ProbeStatus.SESSION_REFUSED
+    assert result.error == "greeting 554 5.7.1 no service"
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_server_that_closes_after_the_greeting_ends_the_session() -> None:
+    result = await probe("127.0.0.1", 25, SETTINGS, dial=_server(b"220 mx.campus.test\r\n"))
+    assert result.status is ProbeStatus.SMTP
+    assert result.error == "server hung up before EHLO"
+
+
+async def test_the_replay_fails_loudly_when_the_client_strays() -> None:
+    transport = ReplayTransport(
+        [("s", b"220 hi\r\n"), ("c", b"EHLO a\r\n")], local="127.0.0.1", peer=("127.0.0.1", 25)
+    )
+    wire = Wire.over(transport)
+    transport.serve()
+    assert (await wire.greeting()).code == 220
+    with pytest.raises(Mismatch):
+        transport.write(b"HELO b\r\n")
+    assert isinstance(ReplayConnection([], ("127.0.0.1", 25)).local_address(), str)
+
+
+def test_every_stage_and_kind_has_one_outcome_rule() -> None:
+    for stage in Stage:
+        for kind in FailureKind:
+            assert rule_for(stage, kind).reason
+    for (stage, _), rule in OUTCOMES.items():
+        # only the stages before a session exists end without one
+        assert (rule.status is not None) == (
+            stage in (Stage.TLS_HANDSHAKE, Stage.GREETING, Stage.HELLO)
+        )
+
+
+def test_the_exception_map_knows_network_failures_and_nothing_else() -> None:
+    assert kind_of(TimeoutError()) is FailureKind.TIMEOUT
+    assert kind_of(aiosmtplib.SMTPServerDisconnected("x")) is FailureKind.DISCONNECTED
+    assert kind_of(aiosmtplib.SMTPResponseException(554, "no")) is FailureKind.REFUSED
+    assert kind_of(aiosmtplib.SMTPResponseException(-1, "garbage")) is FailureKind.MALFORMED
+    assert kind_of(ConnectionResetError()) is FailureKind.TRANSPORT
+    assert kind_of(KeyError("bug")) is None
+    assert kind_of(asyncio.CancelledError()) is None
+    assert issubclass(NoSession, Exception) and issubclass(Broken, Exception)
+
+
+async def test_a_bug_in_the_probe_is_an_internal_error_not_a_crash() -> None:
+    async def broken_dial() -> ReplayConnection:
+        raise KeyError("a bug of ours")
+
+    result = await probe("127.0.0.1", 25, SETTINGS, dial=broken_dial)
+    assert result.status is ProbeStatus.INTERNAL_ERROR
+    assert result.error == "internal error: KeyError: 'a bug of ours'"
+    assert judge(result).status is VerdictStatus.INTERNAL_ERROR
+
+
+def test_every_status_without_a_session_reaches_the_verdict_of_the_same_name() -> None:
+    # one outcome contract: closed, filtered, silent and broken ports take the same path as SMTP
+    for status in ProbeStatus:
+        if status is ProbeStatus.SMTP:
+            continue
+        result = settled("127.0.0.1", 25, NoSession(status, "why", PortState.OPEN), vantage="x")
+        verdict = judge(result)
+        assert verdict.status.value == status.value
+        assert verdict.summary == "why"
