@@ -1,12 +1,17 @@
-"""Shared pytest fixtures; `postfix_lab` runs real Postfix instances (see tests/postfix_lab.py)."""
+"""Shared pytest fixtures: real Postfix, a loopback-only guard, an SMTP sink, daemon cleanup, time limits."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+from daemon_harness import DaemonProcess
 from postfix_lab import (
     PostfixInstance,
     make_lab_directory,
@@ -14,6 +19,7 @@ from postfix_lab import (
     start_lab,
     stop_lab,
 )
+from smtp_sink import MessageSink, serve_smtp
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +41,81 @@ def postfix_lab() -> Iterator[dict[str, PostfixInstance]]:
     finally:
         stop_lab(instances)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refuse any connect to, or name lookup of, anything but loopback (in this process).
+
+    The probe turns unexpected exceptions into an ERROR result, so refusals are also recorded
+    and fail the test at teardown.
+    """
+    refused: list[str] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
+
+    def check(address: Any) -> None:
+        if isinstance(address, tuple) and not ipaddress.ip_address(address[0]).is_loopback:
+            refused.append(f"connect to {address}")
+            raise AssertionError(f"test connects to {address}")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        check(address)
+        real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        check(address)
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".invalid"):
+            # RFC 6761: .invalid never resolves; answer as the resolver would, without asking it
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        try:
+            loopback = host is None or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            refused.append(f"lookup of {host!r}")
+            raise AssertionError(f"test resolves {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    assert refused == [], "the test tried to leave loopback"
+
+
+@pytest.fixture
+def fixed_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argparse wraps usage lines to the terminal width; make it the same everywhere."""
+    monkeypatch.setenv("COLUMNS", "80")
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[tuple[MessageSink, int]]:
+    """An SMTP receiver on 127.0.0.1 keeping every message, and its port."""
+    sink = MessageSink()
+    with serve_smtp(sink) as port:
+        yield sink, port
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[list[DaemonProcess]]:
+    """Append each started daemon; whichever still runs when the test ends is killed."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        await d.kill()
+
+
+@pytest.fixture(autouse=True)
+def _time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
+    """@pytest.mark.time_limit(seconds): a safety net on top of each test's own deadlines."""
+    marker = request.node.get_closest_marker("time_limit")
+    started = time.monotonic()
+    yield
+    if marker is not None:
+        limit = marker.args[0]
+        assert time.monotonic() - started < limit

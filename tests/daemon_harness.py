@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -14,6 +13,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from toml_writer import toml_document
 
 from relayaudit.errors import StateError
 from relayaudit.state import Alert, FindingRow, StateStore, Transition
@@ -41,27 +42,6 @@ fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 os.write(fd, (data.replace("\\n", " ") + "\\n").encode())
 os.close(fd)
 """
-
-
-def toml_value(value: Any) -> str:
-    """TOML for plain values; tables are written inline (valid anywhere, one line each)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else "inf")
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))  # a JSON string of printable text is a TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"no TOML for {type(value).__name__}")
-
-
-def toml_document(data: dict[str, Any]) -> str:
-    return "".join(f"{k} = {toml_value(v)}\n" for k, v in data.items())
 
 
 def base_config(tmp: Path, net: str, port: int, *, tickets: Path | None = None) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import ipaddress
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loopback import read_banner
 
 __all__ = [
     "EXIM_HOSTS",
@@ -300,23 +301,6 @@ def mta_available(kind: str) -> str | None:
     return None
 
 
-def _read_banner(host: str, port: int, timeout: float) -> str | None:
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as conn:
-            data = b""
-            while b"\n" not in data and len(data) < 1024:
-                chunk = conn.recv(1024)
-                if not chunk:
-                    break
-                data += chunk
-            with contextlib.suppress(OSError):
-                conn.sendall(b"QUIT\r\n")
-    except OSError:
-        return None
-    line = data.split(b"\n", 1)[0].decode("ascii", "replace").strip()
-    return line or None
-
-
 def make_lab_directory() -> Path:
     """A fresh directory for one session's instances, with the namespace's passwd and group."""
     base = Path(tempfile.mkdtemp(prefix="relayaudit-mta-"))
@@ -438,7 +422,7 @@ class MtaInstance:
     def start(self) -> None:
         if reason := mta_available(self.kind):
             raise RuntimeError(reason)
-        if _read_banner(self.host, self.port, timeout=1.0) is not None:
+        if read_banner(self.host, self.port, timeout=1.0) is not None:
             raise RuntimeError(f"something already listens on {self.host}:{self.port}")
         self._write_files()
         env = {
@@ -465,7 +449,7 @@ class MtaInstance:
                 raise RuntimeError(
                     f"{self.kind} {self.policy} exited with {self.process.returncode}:\n{self.log()}"
                 )
-            last = _read_banner(self.host, self.port, timeout=self.greeting_wait)
+            last = read_banner(self.host, self.port, timeout=self.greeting_wait)
             if last is not None and last.startswith("220 "):
                 if self.hostname not in last:
                     self.stop()

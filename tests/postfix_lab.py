@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from loopback import read_banner
+
 __all__ = [
     "LAB_HOSTS",
     "POLICIES",
@@ -197,24 +199,6 @@ def _require_loopback(what: str, address: str) -> None:
         raise ValueError(f"{what} must be an IPv4 loopback address, got {address!r}") from exc
     if parsed not in _LOOPBACK:
         raise ValueError(f"{what} must be inside 127.0.0.0/8, got {address}")
-
-
-def _read_banner(host: str, port: int, timeout: float) -> str | None:
-    """The first reply line of an SMTP server, or None if nothing usable answered."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as conn:
-            data = b""
-            while b"\n" not in data and len(data) < 1024:
-                chunk = conn.recv(1024)
-                if not chunk:
-                    break
-                data += chunk
-            with contextlib.suppress(OSError):
-                conn.sendall(b"QUIT\r\n")
-    except OSError:
-        return None
-    line = data.split(b"\n", 1)[0].decode("ascii", "replace").strip()
-    return line or None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -397,7 +381,7 @@ class PostfixInstance:
         """Write the configuration, start the master and wait until it greets with 220."""
         if reason := postfix_available():
             raise RuntimeError(reason)
-        if _read_banner(self.host, self.port, timeout=1.0) is not None:
+        if read_banner(self.host, self.port, timeout=1.0) is not None:
             raise RuntimeError(
                 f"something already listens on {self.host}:{self.port}: another test session's"
                 " lab? (`ss -ltnp` shows its pid; a lab stops with `postfix -c DIR/etc stop`)"
@@ -413,7 +397,7 @@ class PostfixInstance:
         deadline = time.monotonic() + START_TIMEOUT_S
         last: str | None = None
         while time.monotonic() < deadline:
-            last = _read_banner(self.host, self.port, timeout=1.0)
+            last = read_banner(self.host, self.port, timeout=1.0)
             if last is not None and last.startswith("220 "):
                 if self.myhostname not in last:
                     raise self._fail(f"a different server answered: {last!r}")

@@ -8,22 +8,23 @@ import hashlib
 import hmac
 import json
 import os
-import socket
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
+from factories import ADDR, T0, make_finding, observe
+from http_stub import listen, read_request
+from leaks import exception_texts
+from loopback import free_port
 from pydantic import SecretStr
+from smtp_sink import MessageSink
 from structlog.testing import capture_logs
 
 import relayaudit
@@ -39,67 +40,34 @@ from relayaudit.alerts import (
 )
 from relayaudit.config import AlertsConfig, CommandHook, EmailHook, WebhookHook
 from relayaudit.engine import SweepStats
-from relayaudit.evidence import Exchange, PortState, ProbeResult, ProbeStatus, Reply
+from relayaudit.evidence import Exchange, Reply
 from relayaudit.lab import server_tls_context
 from relayaudit.state import Alert, StateStore, Transition
-from relayaudit.verdict import (
-    Confidence,
-    Finding,
-    FindingKind,
-    Severity,
-    Verdict,
-    VerdictStatus,
-    finding_id,
-)
+from relayaudit.verdict import Finding, FindingKind, Severity, VerdictStatus, finding_id
 
 TOKEN = "tok-9f8e7d6c5b4a-SECRET"
 HMAC_KEY = "hmac-0a1b2c3d4e5f-SECRET"
 PASSWORD = "pw-77aa88bb99cc-SECRET"
 SECRETS = (TOKEN, HMAC_KEY, PASSWORD)
-T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
-ADDR = "127.0.9.7"  # data only
+
+pytestmark = pytest.mark.time_limit(30)  # a safety net on top of each test's own deadlines
 
 
 # -- alerts made by a real store ---------------------------------------------------------------
 
 
-def make_finding(port: int, severity: Severity, when: datetime) -> Finding:
-    return Finding(
-        id=finding_id(FindingKind.OPEN_RELAY, ADDR, port),
-        kind=FindingKind.OPEN_RELAY,
-        severity=severity,
-        confidence=Confidence.HIGH,
-        address=ADDR,
+def relay_finding(port: int, severity: Severity, when: datetime) -> Finding:
+    return make_finding(
         port=port,
-        vantage="127.0.0.1",
+        severity=severity,
+        when=when,
         title=f"Open relay on {ADDR}:{port}",
         summary="3 of the relay tests accepted.",
-        observed_at=when,
         transcript=(
             Exchange(command=None, reply=Reply(code=220, text="mx.campus.test ESMTP")),
             Exchange(command="RCPT TO:<relaytest@relay-test.example>", reply=Reply(code=250, text="Ok")),
         ),
     )
-
-
-def observe(port: int, finding: Finding | None, when: datetime) -> tuple[ProbeResult, Verdict]:
-    result = ProbeResult(
-        address=ADDR,
-        port=port,
-        vantage="127.0.0.1",
-        started=when,
-        finished=when,
-        port_state=PortState.OPEN,
-        status=ProbeStatus.SMTP,
-    )
-    verdict = Verdict(
-        address=ADDR,
-        port=port,
-        status=VerdictStatus.OPEN_RELAY if finding else VerdictStatus.RELAY_REFUSED,
-        summary="test",
-        findings=(finding,) if finding else (),
-    )
-    return result, verdict
 
 
 def raise_alerts(store: StateStore, ports: tuple[int, ...]) -> list[Alert]:
@@ -116,8 +84,11 @@ def raise_alerts(store: StateStore, ports: tuple[int, ...]) -> list[Alert]:
         when = T0 + timedelta(days=day)
         rec = store.begin_sweep(shard="0/1", config_fingerprint="fp", total=len(ports))
         for port in ports:
-            finding = make_finding(port, severity, when) if severity else None
-            alerts += store.record(rec.id, *observe(port, finding, when))
+            if severity:
+                seen = observe(relay_finding(port, severity, when), port=port, when=when)
+            else:  # the relay was fixed: an SMTP server that refuses
+                seen = observe(port=port, when=when, status=VerdictStatus.RELAY_REFUSED)
+            alerts += store.record(rec.id, *seen)
         store.complete_sweep(rec.id, SweepStats())
     assert len(alerts) == 4 * len(ports)
     return alerts
@@ -142,24 +113,6 @@ def assert_no_secret(*texts: str) -> None:
     for text in texts:
         for secret in SECRETS:
             assert secret not in text, f"a secret leaked into: {text!r}"
-
-
-def exception_texts(exc: BaseException) -> list[str]:
-    """str and repr of the exception and of everything chained to it."""
-    texts: list[str] = []
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            break
-        texts += [str(seen), repr(seen)]
-        seen = seen.__cause__ or seen.__context__
-    return texts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- a webhook receiver ------------------------------------------------------------------------
@@ -193,10 +146,7 @@ class Receiver:
     _went_down: bool = False
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, "127.0.0.1", self.port, reuse_address=True
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self._server, self.port = await listen(self._handle, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -229,15 +179,7 @@ class Receiver:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readline()  # request line
-        headers: dict[str, str] = {}
-        for _ in range(100):
-            line = await reader.readline()
-            if line in (b"\r\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        _, headers, body = await read_request(reader)
         if self.hang:
             await asyncio.sleep(10)
         key = headers.get("idempotency-key", "")
@@ -523,44 +465,10 @@ async def test_a_command_hook_sees_the_callers_environment_not_relayaudits_own_s
 # -- email -------------------------------------------------------------------------------------
 
 
-class _Gateway:
-    """aiosmtpd handler keeping every message; runs in the Controller's thread."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 2.0.0 queued"
-
-
-class _EphemeralController(Controller):
-    """Controller on port 0: learns the bound port before its self-test connection."""
-
-    def _trigger_server(self) -> None:
-        server = self.server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-        super()._trigger_server()  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-def gateway() -> Iterator[tuple[_Gateway, int]]:
-    handler = _Gateway()
-    controller = _EphemeralController(handler, hostname="127.0.0.1", port=0, ready_timeout=5.0)
-    controller.start()
-    try:
-        yield handler, int(controller.port)
-    finally:
-        controller.stop()
-
-
 async def test_email_hook_reaches_the_gateway_with_the_key_in_message_id(
-    tmp_path: Path, gateway: tuple[_Gateway, int]
+    tmp_path: Path, smtp_sink: tuple[MessageSink, int]
 ) -> None:
-    handler, port = gateway
+    handler, port = smtp_sink
     hook = EmailHook(
         host="127.0.0.1", port=port, mail_from="relayaudit@iso.campus.test", to=("rt@campus.test",), timeout=5
     )
@@ -588,8 +496,10 @@ async def test_email_hook_reaches_the_gateway_with_the_key_in_message_id(
     assert [s.split()[1] for s in subjects] == ["NEW", "SEVERITY-RAISED", "RESOLVED", "REOPENED"]
 
 
-async def test_email_failures_never_reveal_the_password(tmp_path: Path, gateway: tuple[_Gateway, int]) -> None:
-    _, port = gateway
+async def test_email_failures_never_reveal_the_password(
+    tmp_path: Path, smtp_sink: tuple[MessageSink, int]
+) -> None:
+    _, port = smtp_sink
     with StateStore(tmp_path / "s.sqlite") as store:
         alert = raise_alerts(store, ports=(25,))[0]
     texts: list[str] = []
@@ -608,11 +518,3 @@ async def test_email_failures_never_reveal_the_password(tmp_path: Path, gateway:
         assert f"127.0.0.1:{target}" in str(info.value)
         texts += exception_texts(info.value)
     assert_no_secret(*texts)
-
-
-@pytest.fixture(autouse=True)
-def _bounded() -> Iterator[None]:
-    # a safety net on top of each test's own deadlines
-    started = time.monotonic()
-    yield
-    assert time.monotonic() - started < 30

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -11,13 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_runner import run_cli_blocking, run_main
 
-from relayaudit.cli import main
 from relayaudit.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,39 +24,8 @@ BASE = 'scope = ["192.0.2.0/24"]\ntargets = ["192.0.2.0/24"]\n'
 LOOPBACK_BASE = 'scope = ["127.0.0.0/8"]\ntargets = ["127.0.79.0/30"]\nports = [2799]\n'
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No connect to anything but loopback from this process (the checks must fail before one)."""
-    real_connect = socket.socket.connect
-
-    def connect(self: socket.socket, address: Any) -> None:
-        if isinstance(address, tuple) and not ipaddress.ip_address(address[0]).is_loopback:
-            raise AssertionError(f"test connects to {address}")
-        real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps usage lines to the terminal width
-    yield
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_process(*argv: str, cwd: Path) -> tuple[int, str, str]:
-    """`python -m relayaudit ...` (the daemon configures process-wide logging: keep it out of pytest)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "relayaudit", *argv],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"},
-        timeout=60,
-        check=False,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
+# no connect to anything but loopback from this process (the checks must fail before one)
+pytestmark = pytest.mark.usefixtures("loopback_only", "fixed_width")
 
 
 # -- configs: `relayaudit config check FILE` -------------------------------------------------------
@@ -210,7 +178,11 @@ def test_bad_config(
 ) -> None:
     path = tmp_path / "site.toml"
     path.write_text(text if text.startswith("scope") else BASE + text, encoding="utf-8")
-    assert run(capsys, "config", "check", str(path)) == (2, "", f"relayaudit: {path}: {message}\n")
+    assert run_main(capsys, "config", "check", str(path)) == (
+        2,
+        "",
+        f"relayaudit: {path}: {message}\n",
+    )
 
 
 # -- command lines -----------------------------------------------------------------------------------
@@ -434,7 +406,7 @@ def test_cli(
             text = text.replace(key, str(value))
         return text
 
-    got = run(capsys, *(fill(a) for a in argv))
+    got = run_main(capsys, *(fill(a) for a in argv))
     # Python 3.12.8+ and 3.13.1+ stopped quoting argparse's choices
     unquoted = re.sub(r"\(choose from [^)]*\)", lambda m: m.group().replace("'", ""), fill(err))
     assert got in {(code, fill(out), fill(err)), (code, fill(out), unquoted)}
@@ -446,7 +418,7 @@ def test_a_valid_state_file_still_works_with_a_filter(
     # the control for the error cases above: an empty, valid store lists nothing
     with StateStore(tmp_path / "state.sqlite"):
         pass
-    code, out, err = run(
+    code, out, err = run_main(
         capsys, "findings", "--state", str(tmp_path / "state.sqlite"), "--status", "open"
     )
     assert (code, err) == (0, "")
@@ -496,7 +468,7 @@ def test_daemon_refuses_to_start(tmp_path: Path, case: DaemonCase) -> None:
     extra, message = case(tmp_path)
     cfg = tmp_path / "relayaudit.toml"
     cfg.write_text(LOOPBACK_BASE + "[metrics]\nenabled = false\n" + extra, encoding="utf-8")
-    code, out, err = run_process("run", "--config", str(cfg), cwd=tmp_path)
+    code, out, err = run_cli_blocking("run", "--config", str(cfg), cwd=tmp_path)
     assert (code, err) == (2, f"relayaudit: {message}\n"), out
 
 
@@ -509,7 +481,7 @@ def test_daemon_with_its_metrics_port_taken(tmp_path: Path) -> None:
             f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
             encoding="utf-8",
         )
-        code, _, err = run_process("run", "--config", str(cfg), cwd=tmp_path)
+        code, _, err = run_cli_blocking("run", "--config", str(cfg), cwd=tmp_path)
     assert (code, err) == (
         2,
         f"relayaudit: metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use\n",
@@ -528,7 +500,7 @@ def test_daemon_with_its_canary_port_taken_exits_cleanly_and_resumes(tmp_path: P
         encoding="utf-8",
     )
     with sock:
-        code, _, err = run_process("run", "--config", str(cfg), cwd=tmp_path)
+        code, _, err = run_cli_blocking("run", "--config", str(cfg), cwd=tmp_path)
     # before the fix: a traceback ending in "OSError: [Errno 98] error while attempting to bind"
     assert (code, err) == (
         2,

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from cli_runner import run_cli, run_cli_blocking, run_main
+from loopback import free_port
 
-from relayaudit.cli import _parser, main
+from relayaudit.cli import _parser
 from relayaudit.demo import CANARY, CANARY_DOMAIN, DEMO_LAB
 from relayaudit.lab import Lab, ServerSpec
 
@@ -26,60 +21,7 @@ LAB = ROOT / "config" / "lab.toml"
 DOC_CONFIG = 'scope = ["192.0.2.0/24"]\ntargets = ["192.0.2.0/24"]\n'
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse any connect to, or name lookup of, anything but loopback (in this process).
-
-    The probe turns unexpected exceptions into an ERROR result, so refusals are also recorded
-    and fail the test at teardown.
-    """
-    refused: list[str] = []
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-    real_getaddrinfo = socket.getaddrinfo
-
-    def check(address: Any) -> None:
-        if isinstance(address, tuple) and not ipaddress.ip_address(address[0]).is_loopback:
-            refused.append(f"connect to {address}")
-            raise AssertionError(f"test connects to {address}")
-
-    def connect(self: socket.socket, address: Any) -> None:
-        check(address)
-        real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> int:
-        check(address)
-        return real_connect_ex(self, address)
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(host, str) and host.endswith(".invalid"):
-            # RFC 6761: .invalid never resolves; answer as the resolver would, without asking it
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        try:
-            loopback = host is None or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            refused.append(f"lookup of {host!r}")
-            raise AssertionError(f"test resolves {host!r}")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield
-    assert refused == [], "the test tried to leave loopback"
-
-
-@pytest.fixture(autouse=True)
-def fixed_width(monkeypatch: pytest.MonkeyPatch) -> None:
-    """argparse wraps usage lines to the terminal width; make it the same everywhere."""
-    monkeypatch.setenv("COLUMNS", "80")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("loopback_only", "fixed_width")
 
 
 @pytest.fixture
@@ -87,15 +29,6 @@ def doc_config(tmp_path: Path) -> Path:
     path = tmp_path / "doc.toml"
     path.write_text(DOC_CONFIG, encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def free_port() -> int:
-    """A loopback port where nothing listens (bound, then closed, so the kernel just handed it out)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- usage errors ----------------------------------------------------------------------------
@@ -112,7 +45,7 @@ def _top_usage() -> tuple[str, list[str]]:
 def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     usage, commands = _top_usage()
     assert {"check", "sweep", "config", "demo"} <= set(commands)
-    code, out, err = run(capsys, "frobnicate")
+    code, out, err = run_main(capsys, "frobnicate")
     assert (code, out) == (2, "")
     error = "relayaudit: error: argument command: invalid choice: 'frobnicate' (choose from "
     # Python 3.12.8+ and 3.13.1+ stopped quoting the choices
@@ -124,7 +57,7 @@ def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_no_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     usage, _ = _top_usage()
-    assert run(capsys) == (
+    assert run_main(capsys) == (
         2,
         "",
         usage + "relayaudit: error: the following arguments are required: command\n",
@@ -132,7 +65,7 @@ def test_no_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_sweep_without_config(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "sweep") == (
+    assert run_main(capsys, "sweep") == (
         2,
         "",
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
@@ -142,13 +75,13 @@ def test_sweep_without_config(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_check_port_not_a_number(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "check", "--port", "smtp", "127.0.0.1")
+    code, out, err = run_main(capsys, "check", "--port", "smtp", "127.0.0.1")
     assert (code, out) == (2, "")
     assert err.endswith("relayaudit: error: argument --port: invalid int value: 'smtp'\n")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "--version") == (0, "relayaudit 0.1.0\n", "")
+    assert run_main(capsys, "--version") == (0, "relayaudit 0.1.0\n", "")
 
 
 # -- sweep -----------------------------------------------------------------------------------
@@ -166,7 +99,7 @@ def test_sweep_bad_shard(
     capsys: pytest.CaptureFixture[str], doc_config: Path, shard: str, message: str
 ) -> None:
     # the shard is parsed before anything is opened or connected
-    assert run(capsys, "sweep", "--config", str(doc_config), "--shard", shard) == (
+    assert run_main(capsys, "sweep", "--config", str(doc_config), "--shard", shard) == (
         2,
         "",
         f"relayaudit: {message}\n",
@@ -176,7 +109,7 @@ def test_sweep_bad_shard(
 def test_sweep_bad_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(DOC_CONFIG + "ports = [25, 25]\n", encoding="utf-8")
-    assert run(capsys, "sweep", "--config", str(path)) == (
+    assert run_main(capsys, "sweep", "--config", str(path)) == (
         2,
         "",
         f"relayaudit: {path}: ports: [25, 25] lists a port twice\n",
@@ -188,7 +121,7 @@ def test_sweep_bad_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
 
 def test_config_check_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "missing.toml"
-    assert run(capsys, "config", "check", str(path)) == (
+    assert run_main(capsys, "config", "check", str(path)) == (
         2,
         "",
         f"relayaudit: {path}: no such file\n",
@@ -203,7 +136,7 @@ def test_config_check_bad_file_lists_every_problem(
         'scope = ["192.0.2.0/24"]\ntargets = ["198.51.100.0/24"]\n[limits]\nrate = 0\n',
         encoding="utf-8",
     )
-    assert run(capsys, "config", "check", str(path)) == (
+    assert run_main(capsys, "config", "check", str(path)) == (
         2,
         "",
         f"relayaudit: {path}: limits.rate: Input should be greater than 0 (got 0)\n",
@@ -211,7 +144,7 @@ def test_config_check_bad_file_lists_every_problem(
 
 
 def test_config_check_example_counts(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "config", "check", str(EXAMPLE))
+    code, out, err = run_main(capsys, "config", "check", str(EXAMPLE))
     assert (code, err) == (0, "")
     assert out == (
         f"{EXAMPLE}: valid\n"
@@ -226,7 +159,7 @@ def test_config_check_example_counts(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_config_check_lab_counts(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "config", "check", str(LAB))
+    code, out, err = run_main(capsys, "config", "check", str(LAB))
     assert (code, err) == (0, "")
     assert out == (
         f"{LAB}: valid\n"
@@ -243,7 +176,7 @@ def test_config_check_lab_counts(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_check_host_outside_scope(capsys: pytest.CaptureFixture[str], doc_config: Path) -> None:
     # the scope check comes before any connection
-    assert run(capsys, "check", "--config", str(doc_config), "127.0.0.1") == (
+    assert run_main(capsys, "check", "--config", str(doc_config), "127.0.0.1") == (
         2,
         "",
         f"relayaudit: host '127.0.0.1': 127.0.0.1 is outside scope (192.0.2.0/24) of {doc_config}\n",
@@ -251,7 +184,7 @@ def test_check_host_outside_scope(capsys: pytest.CaptureFixture[str], doc_config
 
 
 def test_check_port_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "check", "--port", "70000", "127.0.0.1") == (
+    assert run_main(capsys, "check", "--port", "70000", "127.0.0.1") == (
         2,
         "",
         "relayaudit: --port: 70000 is outside 1-65535\n",
@@ -259,7 +192,7 @@ def test_check_port_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_check_source_not_an_address(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "check", "--source", "notanip", "127.0.0.1") == (
+    assert run_main(capsys, "check", "--source", "notanip", "127.0.0.1") == (
         2,
         "",
         "relayaudit: --source: 'notanip' is not an IP address\n",
@@ -267,7 +200,7 @@ def test_check_source_not_an_address(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_check_source_of_the_other_family(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "check", "--source", "::1", "127.0.0.1") == (
+    assert run_main(capsys, "check", "--source", "::1", "127.0.0.1") == (
         2,
         "",
         "relayaudit: --source: '::1' is IPv6 but host '127.0.0.1' has no IPv6 address\n",
@@ -275,27 +208,29 @@ def test_check_source_of_the_other_family(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_check_name_that_does_not_resolve(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "check", "nonexistent.invalid") == (
+    assert run_main(capsys, "check", "nonexistent.invalid") == (
         2,
         "",
         "relayaudit: host: 'nonexistent.invalid' does not resolve: Name or service not known\n",
     )
 
 
-def test_check_closed_port(capsys: pytest.CaptureFixture[str], free_port: int) -> None:
-    code, out, err = run(capsys, "check", "127.0.0.1", "--port", str(free_port))
+def test_check_closed_port(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    code, out, err = run_main(capsys, "check", "127.0.0.1", "--port", str(port))
     assert (code, err) == (0, "")
-    assert out == f"127.0.0.1:{free_port}  CLOSED  (seen from default)\n  connection refused\n"
+    assert out == f"127.0.0.1:{port}  CLOSED  (seen from default)\n  connection refused\n"
 
 
-def test_check_closed_port_json(capsys: pytest.CaptureFixture[str], free_port: int) -> None:
-    code, out, err = run(
-        capsys, "check", "--json", "--source", "127.0.0.1", "--port", str(free_port), "127.0.0.1"
+def test_check_closed_port_json(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    code, out, err = run_main(
+        capsys, "check", "--json", "--source", "127.0.0.1", "--port", str(port), "127.0.0.1"
     )
     assert (code, err) == (0, "")
     doc = json.loads(out)
     assert doc["result"]["address"] == "127.0.0.1"
-    assert doc["result"]["port"] == free_port
+    assert doc["result"]["port"] == port
     assert doc["result"]["vantage"] == "127.0.0.1"
     assert doc["result"]["status"] == "closed"
     assert doc["verdict"]["status"] == "closed"
@@ -305,29 +240,16 @@ def test_check_closed_port_json(capsys: pytest.CaptureFixture[str], free_port: i
 # -- python -m relayaudit --------------------------------------------------------------------
 
 
-def _python_m(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "relayaudit", *argv],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_python_m_config_check() -> None:
-    proc = _python_m("config", "check", "config/lab.toml")
-    assert (proc.returncode, proc.stderr) == (0, "")
-    assert proc.stdout.startswith("config/lab.toml: valid\n")
+    code, out, err = run_cli_blocking("config", "check", "config/lab.toml")
+    assert (code, err) == (0, "")
+    assert out.startswith("config/lab.toml: valid\n")
 
 
 def test_python_m_usage_error() -> None:
-    proc = _python_m("sweep")
-    assert (proc.returncode, proc.stdout) == (2, "")
-    assert proc.stderr == (
+    code, out, err = run_cli_blocking("sweep")
+    assert (code, out) == (2, "")
+    assert err == (
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
         "                        [--processes PROCESSES]\n"
         "relayaudit: error: the following arguments are required: --config\n"
@@ -360,21 +282,9 @@ async def demo_lab() -> AsyncIterator[Lab]:
 
 async def test_sweep_lab_config_against_the_demo_lab(demo_lab: Lab, tmp_path: Path) -> None:
     """What an operator does by hand: start the lab, `relayaudit sweep --config config/lab.toml`."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relayaudit",
-        "sweep",
-        "--config",
-        str(LAB),
-        cwd=tmp_path,  # lab.toml writes lab-findings.jsonl into the working directory
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
-    out = stdout.decode()
-    assert proc.returncode == 1, (out, stderr.decode())  # 1: open relays found
+    # lab.toml writes lab-findings.jsonl into the working directory
+    code, out, err = await run_cli("sweep", "--config", str(LAB), cwd=tmp_path, timeout=120)
+    assert code == 1, (out, err)  # 1: open relays found
     assert "sweep: 15 hosts, 30 address:port probes" in out
     lines = (tmp_path / "lab-findings.jsonl").read_text(encoding="utf-8").splitlines()
     assert f"{len(lines)} findings written to lab-findings.jsonl" in out

@@ -9,17 +9,17 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_runner import wait_until
+from loopback import free_port
 
 from relayaudit.config import MetricsConfig
 from relayaudit.daemon import STOP_GRACE
@@ -415,12 +415,6 @@ listen = "127.0.0.1:{metrics_port}"
 _NO_CAPS = ("--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _snapshot(root: Path, skip: list[Path]) -> set[str]:
     return {
         str(p.relative_to(root))
@@ -432,17 +426,6 @@ def _snapshot(root: Path, skip: list[Path]) -> set[str]:
 def _capabilities(pid: int) -> dict[str, str]:
     status = Path(f"/proc/{pid}/status").read_text()
     return dict(re.findall(r"^(Cap\w+):\s*(\w+)$", status, re.MULTILINE))
-
-
-async def _until(check: Callable[[], bool], timeout: float, what: str, proc: Any) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if proc.returncode is not None:
-            raise AssertionError(f"relayaudit exited {proc.returncode} waiting for {what}")
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _healthcheck(argv: list[str], env: dict[str, str], url: str) -> int:
@@ -470,7 +453,7 @@ async def test_image_steps_run_outside_docker(tmp_path: Path) -> None:
     assert built.users == {"groupadd --gid": 10001, "useradd --uid": 10001, "useradd --gid": 10001}
     assert built.owners == {"/var/lib/relayaudit": "10001:10001"}
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     cfg_path = image.one("CMD").exec_form()[2]
     runtime.path(cfg_path).write_text(runtime.text(_config(metrics_port)))
     volumes = [runtime.path(v) for v in image.one("VOLUME").exec_form()]
@@ -517,7 +500,7 @@ async def test_image_steps_run_outside_docker(tmp_path: Path) -> None:
                 stderr=asyncio.subprocess.STDOUT,
             )
         try:
-            await _until(
+            await wait_until(
                 lambda: _healthcheck(health_argv, built.env, url) == 0, 30, "HEALTHCHECK", proc
             )
             if dropped:
@@ -525,8 +508,8 @@ async def test_image_steps_run_outside_docker(tmp_path: Path) -> None:
                 assert {caps[k] for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb")} == {
                     "0000000000000000"
                 }, caps
-            await _until(relay_found, 60, "the open relay's finding", proc)
-            await _until(lambda: bool(events("sweep.summary")), 30, "sweep.summary", proc)
+            await wait_until(relay_found, 60, "the open relay's finding", proc)
+            await wait_until(lambda: bool(events("sweep.summary")), 30, "sweep.summary", proc)
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(proc.wait(), STOP_GRACE * 2)
         finally:

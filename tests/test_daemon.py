@@ -6,15 +6,13 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
+from daemon_harness import DaemonProcess, base_config, write_config
 
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.state import StateStore, Transition
@@ -22,110 +20,17 @@ from relayaudit.state import StateStore, Transition
 PORT = 2725
 
 
-def write_config(tmp: Path, net: str, **extra: str) -> Path:
-    cfg = tmp / "relayaudit.toml"
-    hook = tmp / "hook.py"
-    hook.write_text(
-        "import sys\n"
-        f"with open({str(tmp / 'tickets.jsonl')!r}, 'a') as f:\n"
-        "    f.write(sys.stdin.read().replace('\\n', ' ') + '\\n')\n"
-    )
-    cfg.write_text(
-        f"""
-scope = ["127.0.0.0/8"]
-targets = ["{net}"]
-ports = [{PORT}]
-[relay]
-campus_domains = ["campus.test"]
-[timeouts]
-connect = "1s"
-command = "2s"
-session = "20s"
-[limits]
-concurrency = {extra.get("concurrency", "16")}
-rate = {extra.get("rate", "500")}
-subnet_rate = {extra.get("rate", "500")}
-[schedule]
-interval = "{extra.get("interval", "1h")}"
-[state]
-path = "{tmp / "state.sqlite"}"
-resolve_after = 1
-[logging]
-file = "{tmp / "log.jsonl"}"
-stdout = false
-[metrics]
-enabled = false
-[output]
-findings = "{tmp / "findings.jsonl"}"
-[alerts]
-backoff_initial = "0.2s"
-[[alerts.command]]
-argv = ["{sys.executable}", "{hook}"]
-"""
-    )
-    return cfg
-
-
-class Daemon:
-    """A `relayaudit run` child process and its JSON log."""
-
-    def __init__(self, cfg: Path, log: Path) -> None:
-        self.cfg = cfg
-        self.log = log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "relayaudit",
-            "run",
-            "--config",
-            str(self.cfg),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        if not self.log.exists():
-            return []
-        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
-        return [r for r in rows if name is None or r["event"] == name]
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                err = await self.proc.stderr.read() if self.proc.stderr else b""
-                raise AssertionError(
-                    f"daemon exited {self.proc.returncode} waiting for {what}: {err.decode()}"
-                )
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-    async def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def exit_code(self, timeout: float) -> int:
-        assert self.proc is not None
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        await d.kill()
+def daemon_config(
+    tmp: Path, net: str, *, concurrency: int = 16, rate: int = 500, interval: str = "1h"
+) -> Path:
+    """A config sweeping `net`; its command hook appends each alert to tmp/tickets.jsonl."""
+    data = base_config(tmp, net, PORT)
+    del data["identity"]
+    data["limits"] = {"concurrency": concurrency, "rate": rate, "subnet_rate": rate}
+    data["schedule"] = {"interval": interval}
+    (hook,) = data["alerts"]["command"]
+    data["alerts"] = {"backoff_initial": "0.2s", "command": [{"argv": hook["argv"]}]}
+    return write_config(tmp / "relayaudit.toml", data)
 
 
 def tickets(tmp: Path) -> list[dict[str, Any]]:
@@ -134,7 +39,7 @@ def tickets(tmp: Path) -> list[dict[str, Any]]:
 
 
 async def test_sigkill_mid_sweep_resumes_and_loses_nothing(
-    tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
     # 64 addresses, every 4th an open relay answering slowly, 2 workers: a sweep of several seconds
     net = "127.0.51.0/26"
@@ -144,9 +49,9 @@ async def test_sigkill_mid_sweep_resumes_and_loses_nothing(
         )
         for i in range(0, 64, 4)
     ]
-    cfg = write_config(tmp_path, net, concurrency="2", rate="40")
+    cfg = daemon_config(tmp_path, net, concurrency=2, rate=40)
     async with Lab(specs):
-        first = Daemon(cfg, tmp_path / "log.jsonl")
+        first = DaemonProcess(cfg, tmp_path / "log.jsonl")
         daemons.append(first)
         await first.start()
         await first.wait_for(lambda: len(first.events("probe")) >= 12, 30, "a dozen probes")
@@ -155,7 +60,7 @@ async def test_sigkill_mid_sweep_resumes_and_loses_nothing(
         done_before = {(e["address"]) for e in first.events("probe")}
         assert len(done_before) < 64
 
-        second = Daemon(cfg, tmp_path / "log.jsonl")
+        second = DaemonProcess(cfg, tmp_path / "log.jsonl")
         daemons.append(second)
         await second.start()
         await second.wait_for(
@@ -192,13 +97,13 @@ CHECKPOINT_SLACK = 2.5  # the daemon checkpoints every 2 s
 
 
 async def test_fixed_relay_gives_one_resolved_alert_and_nothing_else(
-    tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    cfg = write_config(tmp_path, "127.0.52.0/30", interval="1s")
+    cfg = daemon_config(tmp_path, "127.0.52.0/30", interval="1s")
     relay = [ServerSpec(host="127.0.52.1", port=PORT, behaviour=Behaviour.OPEN_RELAY)]
     closed = [ServerSpec(host="127.0.52.1", port=PORT, behaviour=Behaviour.CLOSED)]
     other = [ServerSpec(host="127.0.52.2", port=PORT, behaviour=Behaviour.CLOSED)]
-    d = Daemon(cfg, tmp_path / "log.jsonl")
+    d = DaemonProcess(cfg, tmp_path / "log.jsonl")
     daemons.append(d)
     async with Lab(other):
         async with Lab(relay):
@@ -218,10 +123,10 @@ async def test_fixed_relay_gives_one_resolved_alert_and_nothing_else(
 
 
 async def test_sighup_with_a_broken_config_keeps_the_old_one(
-    tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    cfg = write_config(tmp_path, "127.0.53.0/30", interval="1s")
-    d = Daemon(cfg, tmp_path / "log.jsonl")
+    cfg = daemon_config(tmp_path, "127.0.53.0/30", interval="1s")
+    d = DaemonProcess(cfg, tmp_path / "log.jsonl")
     daemons.append(d)
     async with Lab([ServerSpec(host="127.0.53.1", port=PORT, behaviour=Behaviour.CLOSED)]):
         await d.start()
@@ -244,14 +149,14 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
 
 
 async def test_sigterm_mid_sweep_exits_within_the_bound(
-    tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
     # tarpits hold every worker in a long wait: the stop must not wait for them
     specs = [
         ServerSpec(host=f"127.0.54.{i}", port=PORT, behaviour=Behaviour.TARPIT) for i in range(1, 9)
     ]
-    cfg = write_config(tmp_path, "127.0.54.0/28", concurrency="8")
-    d = Daemon(cfg, tmp_path / "log.jsonl")
+    cfg = daemon_config(tmp_path, "127.0.54.0/28", concurrency=8)
+    d = DaemonProcess(cfg, tmp_path / "log.jsonl")
     daemons.append(d)
     async with Lab(specs):
         await d.start()
@@ -267,17 +172,17 @@ async def test_sigterm_mid_sweep_exits_within_the_bound(
 
 
 async def test_a_restart_keeps_the_schedule_instead_of_sweeping_at_once(
-    tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    cfg = write_config(tmp_path, "127.0.55.0/30", interval="1h")
+    cfg = daemon_config(tmp_path, "127.0.55.0/30", interval="1h")
     async with Lab([ServerSpec(host="127.0.55.1", port=PORT, behaviour=Behaviour.CLOSED)]):
-        first = Daemon(cfg, tmp_path / "log.jsonl")
+        first = DaemonProcess(cfg, tmp_path / "log.jsonl")
         daemons.append(first)
         await first.start()
         await first.wait_for(lambda: bool(first.events("sweep.summary")), 30, "the first sweep")
         await first.signal(signal.SIGTERM)
         assert await first.exit_code(15) == 0
-        second = Daemon(cfg, tmp_path / "log.jsonl")
+        second = DaemonProcess(cfg, tmp_path / "log.jsonl")
         daemons.append(second)
         await second.start()
         await second.wait_for(lambda: len(second.events("sweep.scheduled")) >= 2, 15, "a schedule")

@@ -10,14 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from cli_runner import wait_until
 
 from relayaudit.config import parse_config
 from relayaudit.daemon import STOP_GRACE
@@ -473,17 +473,6 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-async def _until(check: Callable[[], bool], timeout: float, what: str, proc: Any) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if proc.returncode is not None:
-            raise AssertionError(f"relayaudit exited {proc.returncode} waiting for {what}")
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.fixture
 def logrotate() -> Iterator[str]:
     exe = shutil.which("logrotate") or shutil.which("/usr/sbin/logrotate")
@@ -527,7 +516,7 @@ enabled = false
             stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            await _until(
+            await wait_until(
                 lambda: any(e["event"] == "sweep.summary" for e in _events(log_file)),
                 60,
                 "a first sweep",
@@ -555,19 +544,19 @@ enabled = false
                 check=False,
             )
             assert rotated.returncode == 0, rotated.stdout + rotated.stderr
-            await _until(
+            await wait_until(
                 lambda: any(e["event"] == "config.reloaded" for e in _events(log_file)),
                 20,
                 "the reopened log",
                 proc,
             )
-            await _until(
+            await wait_until(
                 lambda: any(e["event"] == "sweep.summary" for e in _events(log_file)),
                 60,
                 "a sweep into the new files",
                 proc,
             )
-            await _until(lambda: bool(_events(findings)), 30, "findings in the new file", proc)
+            await wait_until(lambda: bool(_events(findings)), 30, "findings in the new file", proc)
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), STOP_GRACE * 2) == 0
         finally:

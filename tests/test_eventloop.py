@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 from relayaudit import eventloop
 from relayaudit.config import parse_config
@@ -83,20 +84,8 @@ event_loop = "{loop}"
 findings = "{out}"
 """
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relayaudit",
-        "sweep",
-        "--config",
-        str(cfg),
-        "--processes",
-        str(processes),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1, err.decode()  # relays found
+    code, _, err = await run_cli("sweep", "--config", str(cfg), "--processes", str(processes))
+    assert code == 1, err  # relays found
     kinds: dict[str, set[str]] = {}
     for line in out.read_text().splitlines():
         finding = json.loads(line)

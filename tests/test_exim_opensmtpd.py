@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from factories import canary_target, probe_settings
 from mta_lab import (
     SCANNER_SOURCE,
     SINK_HOST,
@@ -27,7 +28,7 @@ from mta_lab import (
 from relayaudit.canary import CanaryReceiver
 from relayaudit.engine import await_confirmation
 from relayaudit.evidence import ProbeResult, ProbeStatus, TestOutcome
-from relayaudit.probe import CanaryTarget, ProbeSettings, probe
+from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import Confidence, FindingKind, Verdict, VerdictStatus, judge
 
 CANARY_DOMAIN = "canary.test"
@@ -74,18 +75,13 @@ async def canary() -> AsyncIterator[CanaryReceiver]:
 
 
 def settings(*, confirm: bool = False) -> ProbeSettings:
-    return ProbeSettings(
-        helo_name="relayaudit.campus.test",
+    return probe_settings(
         source_address=SCANNER_SOURCE,
         connect_timeout=3.0,
         command_timeout=10.0,
         greeting_timeout=30.0,  # the config's default (timeouts.greeting)
         session_timeout=60.0,
-        campus_domains=("campus.test",),
-        external_domains=("relay-test.example", "sender.example"),
-        canary=CanaryTarget(local_part="canary", domain=CANARY_DOMAIN, contact="iso@campus.test")
-        if confirm
-        else None,
+        canary=canary_target(CANARY_DOMAIN) if confirm else None,
     )
 
 

@@ -9,12 +9,11 @@ import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,38 +27,18 @@ from daemon_harness import (
     ticket_identities,
     write_config,
 )
+from factories import make_finding, observe
+from http_stub import listen, read_request
+from loopback import free_port
 
 from relayaudit.alerts import Dispatcher
 from relayaudit.config import AlertsConfig, WebhookHook
-from relayaudit.evidence import PortState, ProbeResult, ProbeStatus
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.state import Alert, StateStore
-from relayaudit.verdict import (
-    Confidence,
-    Finding,
-    FindingKind,
-    Severity,
-    Verdict,
-    VerdictStatus,
-    finding_id,
-)
 
 PORT = 2791  # every lab below listens on this port, each test on its own 127.0.7x.0/24
 
-
-@pytest.fixture(autouse=True)
-def _bounded() -> Iterator[None]:
-    started = time.monotonic()
-    yield
-    assert time.monotonic() - started < 100
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        await d.kill()
+pytestmark = pytest.mark.time_limit(100)
 
 
 def assert_nothing_lost(state: Path, tickets: list[dict[str, Any]]) -> StoreView:
@@ -104,9 +83,7 @@ class Webhook:
         if mode == "refuse":
             await self.stop()
         elif self._server is None:
-            self._server = await asyncio.start_server(
-                self._handle, "127.0.0.1", self.port, reuse_address=True
-            )
+            self._server, _ = await listen(self._handle, self.port)
         self.mode = mode
 
     async def stop(self) -> None:
@@ -126,16 +103,8 @@ class Webhook:
         self.attempts[mode] += 1
         try:
             async with asyncio.timeout(30):
-                await reader.readline()
-                length = 0
-                for _ in range(100):
-                    line = await reader.readline()
-                    if line in (b"\r\n", b""):
-                        break
-                    name, _, value = line.decode("latin-1").partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
-                payload = json.loads(await reader.readexactly(length))
+                _, _, body = await read_request(reader)
+                payload = json.loads(body)
                 if mode == "hang":
                     await asyncio.sleep(30)
                 if mode == "slow":
@@ -157,12 +126,6 @@ class Webhook:
         finally:
             writer.transport.abort()
             self._tasks.discard(task)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_alert_receiver_refusing_failing_hanging_and_slow_loses_and_doubles_nothing(
@@ -237,43 +200,22 @@ async def test_alert_receiver_refusing_failing_hanging_and_slow_loses_and_double
 # -- a locked state store ----------------------------------------------------------------------------
 
 
-def _finding(port: int) -> Finding:
-    return Finding(
-        id=finding_id(FindingKind.OPEN_RELAY, "127.0.73.1", port),
-        kind=FindingKind.OPEN_RELAY,
-        severity=Severity.HIGH,
-        confidence=Confidence.HIGH,
-        address="127.0.73.1",
-        port=port,
-        vantage="127.0.0.1",
-        title=f"Open relay on 127.0.73.1:{port}",
-        summary="test",
-        observed_at=datetime.now(UTC),
-    )
-
-
 def _record(store: StateStore, ports: range) -> list[Alert]:
     record = store.begin_sweep(shard="0/1", config_fingerprint="fp", total=len(ports))
     alerts: list[Alert] = []
     for port in ports:
         now = datetime.now(UTC)
-        result = ProbeResult(
+        finding = make_finding(
             address="127.0.73.1",
             port=port,
-            vantage="127.0.0.1",
-            started=now,
-            finished=now,
-            port_state=PortState.OPEN,
-            status=ProbeStatus.SMTP,
-        )
-        verdict = Verdict(
-            address="127.0.73.1",
-            port=port,
-            status=VerdictStatus.OPEN_RELAY,
+            when=now,
+            title=f"Open relay on 127.0.73.1:{port}",
             summary="test",
-            findings=(_finding(port),),
+            transcript=(),
         )
-        alerts += store.record(record.id, result, verdict)
+        alerts += store.record(
+            record.id, *observe(finding, address="127.0.73.1", port=port, when=now)
+        )
     return alerts
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import math
 import re
 import tomllib
-from datetime import UTC, date, datetime, time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from toml_writer import toml_document
 
 from relayaudit.battery import BatteryInputs, build_battery
 from relayaudit.config import Config, load_config, parse_config
@@ -228,47 +228,6 @@ KNOWN_KEYS = set(Config.model_fields)
 _KEY = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*")'
 _PART = re.compile(rf"\[\d+\]|\.?({_KEY})")
 KEY_PATH = re.compile(rf"{_KEY}(?:\.{_KEY}|\[\d+\])*")
-
-
-def toml_value(value: Any) -> str:
-    """A minimal TOML writer for the values tomllib gives back (tests need no tomli-w)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return toml_string(value)
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return (
-            "{" + ", ".join(f"{toml_string(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-        )
-    raise TypeError(type(value))
-
-
-def toml_string(text: str) -> str:
-    out = []
-    for c in text:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def toml_document(data: dict[str, Any]) -> str:
-    return "".join(f"{toml_string(k)} = {toml_value(v)}\n" for k, v in data.items())
 
 
 toml_scalars = st.one_of(

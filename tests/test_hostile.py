@@ -7,11 +7,11 @@ import json
 import os
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib.protocol
 import pytest
+from factories import probe_settings
 from hostile import BEASTS, Beast, BlindRelay, HostileServer, Zoo
 
 from relayaudit.config import Config, parse_config
@@ -30,14 +30,9 @@ PROBE_MEMORY = 4 * 1024 * 1024
 SWEEP_MEMORY = 20 * 1024 * 1024  # the whole zoo swept at once
 ZOO_NET = "127.0.70.0/27"  # beast i on 127.0.70.(i+1), the rest of the /27 closed
 
-SETTINGS = ProbeSettings(
-    helo_name="relayaudit.campus.test",
-    connect_timeout=CONNECT,
-    command_timeout=COMMAND,
-    session_timeout=SESSION,
-    campus_domains=("campus.test",),
-    external_domains=("relay-test.example", "sender.example"),
-)
+SETTINGS = probe_settings(connect_timeout=CONNECT, command_timeout=COMMAND, session_timeout=SESSION)
+
+pytestmark = pytest.mark.time_limit(60)
 
 
 def open_fds() -> int:
@@ -61,13 +56,6 @@ def assert_writable(result: ProbeResult) -> None:
         text.encode("utf-8")
     for finding in verdict.findings:
         json.loads(finding.model_dump_json())
-
-
-@pytest.fixture(autouse=True)
-def _bounded() -> Iterator[None]:
-    started = time.monotonic()
-    yield
-    assert time.monotonic() - started < 60
 
 
 def test_aiosmtplib_bounds_one_reply() -> None:

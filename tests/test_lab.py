@@ -8,7 +8,6 @@ import functools
 import smtplib
 import socket
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -16,9 +15,9 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
-from aiosmtpd.controller import Controller
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from smtp_sink import MessageSink
 
 from relayaudit.errors import ConfigError
 from relayaudit.lab import (
@@ -608,42 +607,11 @@ async def test_data_is_dot_unstuffed_and_capped() -> None:
 # -- delivery to a loopback mx -----------------------------------------------------------------
 
 
-class _Sink:
-    """aiosmtpd handler keeping (mail_from, rcpt_tos, content); runs in the Controller's thread."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 OK"
-
-
-class _EphemeralController(Controller):
-    """Controller on port 0: learns the bound port before its self-test connection."""
-
-    def _trigger_server(self) -> None:
-        server = self.server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-        super()._trigger_server()  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-def canary_mx() -> Any:
-    sink = _Sink()
-    controller = _EphemeralController(sink, hostname="127.0.0.1", port=0, ready_timeout=5.0)
-    controller.start()
-    try:
-        yield sink, ("127.0.0.1", int(controller.port))
-    finally:
-        controller.stop()
-
-
-async def test_open_relay_forwards_to_the_configured_loopback_mx(canary_mx: Any) -> None:
-    sink, mx_addr = canary_mx
+async def test_open_relay_forwards_to_the_configured_loopback_mx(
+    smtp_sink: tuple[MessageSink, int],
+) -> None:
+    sink, mx_port = smtp_sink
+    mx_addr = ("127.0.0.1", mx_port)
     token = uuid.uuid4().hex
     message = f"Subject: canary {token}\r\n\r\n.token {token}\r\n".encode()
     async with running(Behaviour.OPEN_RELAY, mx={"Canary.Test": mx_addr}) as (lab, addr):

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from factories import canary_target, probe_settings
 from postfix_lab import POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, SCANNER_SOURCE, PostfixInstance
 
 from relayaudit.canary import CanaryReceiver
 from relayaudit.engine import await_confirmation
 from relayaudit.evidence import ProbeResult, TestOutcome
-from relayaudit.probe import CanaryTarget, ProbeSettings, probe
+from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import Confidence, FindingKind, Verdict, VerdictStatus, judge
 
 pytestmark = pytest.mark.postfix
@@ -19,18 +20,14 @@ CANARY_DOMAIN = "canary.test"
 
 
 def settings(*, confirm: bool = False) -> ProbeSettings:
-    return ProbeSettings(
-        helo_name="relayaudit.campus.test",
+    return probe_settings(
         # the scanner's vantage is outside every instance's mynetworks (127.0.0.1/32)
         source_address=SCANNER_SOURCE,
         connect_timeout=3.0,
         command_timeout=10.0,
         session_timeout=60.0,
-        campus_domains=("campus.test",),
         external_domains=("outside-b.test", "outside-a.test"),
-        canary=CanaryTarget(local_part="canary", domain=CANARY_DOMAIN, contact="iso@campus.test")
-        if confirm
-        else None,
+        canary=canary_target(CANARY_DOMAIN) if confirm else None,
     )
 
 

@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from daemon_harness import DaemonProcess, StoreView, base_config, write_config
+from http_stub import listen, read_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from leaks import exception_texts
+from loopback import free_port
+from smtp_sink import serve_smtp
 
 from relayaudit.alerts import DeliveryError, deliver_email, deliver_webhook, render_payload
 from relayaudit.config import load_config, parse_config
@@ -32,12 +35,6 @@ PORT = 2793
 
 def unique(name: str) -> str:
     return f"{name}-{secrets.token_hex(12)}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- hostile receivers: they fail a few times, echoing the credentials they were sent ------------------
@@ -55,10 +52,7 @@ class EchoingWebhook:
 
     async def start(self) -> None:
         # the same port again after a stop: the hook's URL names it
-        self._server = await asyncio.start_server(
-            self._handle, "127.0.0.1", self.port, reuse_address=True
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self._server, self.port = await listen(self._handle, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -67,20 +61,10 @@ class EchoingWebhook:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(10):
-                head = [await reader.readline()]
-                length = 0
-                for _ in range(100):
-                    line = await reader.readline()
-                    head.append(line)
-                    if line in (b"\r\n", b""):
-                        break
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
+                head, _, _ = await read_request(reader)
                 self.requests += 1
                 if self.requests <= self.failures:
-                    body = b"denied; you sent: " + b"".join(head)
+                    body = b"denied; you sent: " + head
                     status = b"401 Unauthorized"
                 else:
                     self.accepted += 1
@@ -123,41 +107,11 @@ class EchoingGateway:
         return "250 2.0.0 queued"
 
 
-class _EphemeralController(Controller):
-    def _trigger_server(self) -> None:
-        server = self.server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-        super()._trigger_server()  # type: ignore[no-untyped-call]
-
-
 @pytest.fixture
 def gateway() -> Iterator[tuple[EchoingGateway, int]]:
     handler = EchoingGateway(failures=2)
-    controller = _EphemeralController(
-        handler,
-        hostname="127.0.0.1",
-        port=0,
-        ready_timeout=5.0,
-        authenticator=handler,
-        auth_require_tls=False,
-    )
-    controller.start()
-    try:
-        yield handler, int(controller.port)
-    finally:
-        controller.stop()
-
-
-def exception_texts(exc: BaseException) -> list[str]:
-    texts: list[str] = []
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            break
-        texts += [str(seen), repr(seen), *(str(a) for a in seen.args)]
-        seen = seen.__cause__ or seen.__context__
-    return texts
+    with serve_smtp(handler, authenticator=handler, auth_require_tls=False) as port:
+        yield handler, port
 
 
 def db_text(path: Path) -> str:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from factories import probe_settings
 from hostile import HostileServer
 
 from relayaudit.evidence import TestOutcome
@@ -18,14 +19,7 @@ from relayaudit.lab import server_tls_context
 from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import VerdictStatus, judge
 
-SETTINGS = ProbeSettings(
-    helo_name="relayaudit.campus.test",
-    connect_timeout=1.0,
-    command_timeout=2.0,
-    session_timeout=10.0,
-    campus_domains=("campus.test",),
-    external_domains=("relay-test.example", "sender.example"),
-)
+SETTINGS = probe_settings(connect_timeout=1.0, command_timeout=2.0, session_timeout=10.0)
 
 
 def _settings(**changes: object) -> ProbeSettings:

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from cli_runner import run_cli
+
 from relayaudit.daemon import STOP_GRACE
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.targets import Shard, TargetSpace
@@ -82,23 +84,9 @@ def findings_lines(directory: Path) -> list[dict[str, Any]]:
 
 
 async def relayaudit(*args: str, timeout: float = 60) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relayaudit",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    assert proc.returncode in (0, 1), err.decode()
-    return proc.returncode, out.decode()
+    code, out, err = await run_cli(*args, timeout=timeout)
+    assert code in (0, 1), err
+    return code, out
 
 
 async def findings_json(*states: Path) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import DaemonProcess, base_config, read_jsonl, write_config
+from loopback import free_port
 
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 
@@ -76,12 +76,6 @@ async def scrape(port: int) -> str:
             return (await reader.read()).decode()
     finally:
         writer.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_fifty_sweeps_stay_flat(tmp_path: Path) -> None:

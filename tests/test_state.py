@@ -10,13 +10,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from factories import ADDR, T0, make_finding, observe, probe_settings
 
 from relayaudit.cli import main
 from relayaudit.engine import SweepStats
 from relayaudit.errors import StateError
-from relayaudit.evidence import Exchange, PortState, ProbeResult, ProbeStatus, Reply
+from relayaudit.evidence import ProbeResult
 from relayaudit.lab import Behaviour, Lab, ServerSpec
-from relayaudit.probe import ProbeSettings, probe
+from relayaudit.probe import probe
 from relayaudit.state import (
     Alert,
     FindingStatus,
@@ -27,8 +28,6 @@ from relayaudit.state import (
     read_history,
 )
 from relayaudit.verdict import (
-    Confidence,
-    Finding,
     FindingKind,
     Severity,
     Verdict,
@@ -37,59 +36,7 @@ from relayaudit.verdict import (
     judge,
 )
 
-T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
-ADDR = "127.0.9.7"  # data only: nothing in this file connects anywhere but the loopback lab
 SHARD = "0/1"
-
-
-def make_finding(
-    kind: FindingKind = FindingKind.OPEN_RELAY,
-    *,
-    address: str = ADDR,
-    port: int = 25,
-    severity: Severity = Severity.HIGH,
-    when: datetime = T0,
-) -> Finding:
-    return Finding(
-        id=finding_id(kind, address, port),
-        kind=kind,
-        severity=severity,
-        confidence=Confidence.HIGH,
-        address=address,
-        port=port,
-        vantage="127.0.0.1",
-        title=f"{kind.value} on {address}:{port}",
-        summary=f"seen at {when.isoformat()}",
-        observed_at=when,
-        transcript=(Exchange(command=None, reply=Reply(code=220, text="lab ESMTP")),),
-    )
-
-
-def observe(
-    *findings: Finding,
-    address: str = ADDR,
-    port: int = 25,
-    when: datetime = T0,
-    status: VerdictStatus | None = None,
-) -> tuple[ProbeResult, Verdict]:
-    smtp = bool(findings) or status not in (None, VerdictStatus.CLOSED)
-    result = ProbeResult(
-        address=address,
-        port=port,
-        vantage="127.0.0.1",
-        started=when,
-        finished=when,
-        port_state=PortState.OPEN if smtp else PortState.CLOSED,
-        status=ProbeStatus.SMTP if smtp else ProbeStatus.CLOSED,
-    )
-    verdict = Verdict(
-        address=address,
-        port=port,
-        status=status or (VerdictStatus.OPEN_RELAY if findings else VerdictStatus.CLOSED),
-        summary="test",
-        findings=findings,
-    )
-    return result, verdict
 
 
 def one_sweep(
@@ -422,12 +369,10 @@ def test_files_that_are_not_ours_are_refused(tmp_path: Path) -> None:
 
 # -- as an engine sink, against the loopback lab -----------------------------------------------
 
-SETTINGS = ProbeSettings(
-    helo_name="relayaudit.campus.test",
+SETTINGS = probe_settings(
     connect_timeout=2.0,
     command_timeout=3.0,
     session_timeout=30.0,
-    campus_domains=("campus.test",),
     external_domains=("relay-test.example",),
 )
 

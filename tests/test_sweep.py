@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import json
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, parse_config
@@ -138,20 +137,6 @@ async def test_per_subnet_cap_is_a_reservation() -> None:
     assert time.monotonic() - started >= 0.19
 
 
-async def _run_cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relayaudit",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_cli_sweep_and_check(tmp_path: Path, lab: Lab) -> None:
     cfg = tmp_path / "lab.toml"
     cfg.write_text(
@@ -171,23 +156,23 @@ subnet_rate = 500
 findings = "{tmp_path / "out.jsonl"}"
 """
     )
-    code, out, err = await _run_cli("sweep", "--config", str(cfg))
+    code, out, err = await run_cli("sweep", "--config", str(cfg))
     assert code == 1, err  # relays were found
     assert "open-relay" in out and "relay-campus-sender" in out and "closed" in out
     assert (tmp_path / "out.jsonl").read_text().count("\n") >= 4
 
-    code, out, _ = await _run_cli("check", "127.0.20.1", "--port", str(PORT), "--config", str(cfg))
+    code, out, _ = await run_cli("check", "127.0.20.1", "--port", str(PORT), "--config", str(cfg))
     assert code == 1
     assert "OPEN-RELAY" in out and "rcpt-percent-ip" in out and "C: RCPT TO:<" in out
 
-    code, out, _ = await _run_cli("check", "127.0.20.2", "--port", str(PORT), "--json")
+    code, out, _ = await run_cli("check", "127.0.20.2", "--port", str(PORT), "--json")
     assert code == 0
     doc = json.loads(out)
     assert doc["verdict"]["status"] == "relay-refused"
     assert doc["result"]["facts"]["banner"]["code"] == 220
 
-    code, out, _ = await _run_cli("check", "127.0.20.9", "--config", str(cfg))
+    code, out, _ = await run_cli("check", "127.0.20.9", "--config", str(cfg))
     assert code == 0 and "127.0.20.9:2625  CLOSED" in out  # in scope (/24), nothing listening
-    code, _, err = await _run_cli("check", "127.0.21.1", "--config", str(cfg))
+    code, _, err = await run_cli("check", "127.0.21.1", "--config", str(cfg))
     assert code == 2 and "127.0.21.1 is outside scope (127.0.20.0/24)" in err
     assert FindingKind.OPEN_RELAY.value in (tmp_path / "out.jsonl").read_text()

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from factories import canary_target, probe_settings
+from loopback import free_port
 
 from relayaudit.canary import CanaryReceiver
 from relayaudit.engine import await_confirmation
 from relayaudit.evidence import PortState, ProbeResult, ProbeStatus, TestOutcome, Transport
 from relayaudit.lab import Behaviour, Lab, ServerSpec
-from relayaudit.probe import CanaryTarget, ProbeSettings, probe
+from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import Confidence, FindingKind, Severity, Verdict, VerdictStatus, judge
 
 CANARY_DOMAIN = "canary.campus.test"
 
-SETTINGS = ProbeSettings(
-    helo_name="relayaudit.campus.test",
-    connect_timeout=2.0,
-    command_timeout=3.0,
-    session_timeout=30.0,
-    campus_domains=("campus.test",),
-    external_domains=("relay-test.example", "sender.example"),
-)
+SETTINGS = probe_settings(connect_timeout=2.0, command_timeout=3.0, session_timeout=30.0)
 
 Probe = Callable[..., Awaitable[tuple[ProbeResult, Verdict]]]
 
@@ -59,14 +55,7 @@ def run_lab(canary: CanaryReceiver) -> Probe:
         )
         lab = Lab([server], mx={CANARY_DOMAIN: ("127.0.0.1", canary.port)})
         if confirm:
-            settings = ProbeSettings(
-                **{
-                    **{f: getattr(settings, f) for f in settings.__slots__},
-                    "canary": CanaryTarget(
-                        local_part="canary", domain=CANARY_DOMAIN, contact="iso@campus.test"
-                    ),
-                }
-            )
+            settings = dataclasses.replace(settings, canary=canary_target(CANARY_DOMAIN))
         async with lab:
             host, port = lab.address_of(0)
             result = await probe(host, port, settings, implicit_tls=implicit_tls)
@@ -285,14 +274,8 @@ async def test_session_refused_greeting_is_still_an_smtp_service() -> None:
     assert kinds(verdict) == {FindingKind.UNAPPROVED_SMTP}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_closed_port() -> None:
-    result = await probe("127.0.0.1", _free_port(), SETTINGS)
+    result = await probe("127.0.0.1", free_port(), SETTINGS)
     assert result.status is ProbeStatus.CLOSED
     assert judge(result).status is VerdictStatus.CLOSED
 

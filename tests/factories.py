@@ -1,0 +1,106 @@
+"""Test data built by hand: findings, a probe's result with its verdict, probe settings for the lab."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from relayaudit.evidence import Exchange, PortState, ProbeResult, ProbeStatus, Reply
+from relayaudit.settings import CanaryTarget, ProbeSettings
+from relayaudit.verdict import (
+    Confidence,
+    Finding,
+    FindingKind,
+    Severity,
+    Verdict,
+    VerdictStatus,
+    finding_id,
+)
+
+__all__ = [
+    "ADDR",
+    "T0",
+    "canary_target",
+    "make_finding",
+    "observe",
+    "probe_settings",
+]
+
+T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
+ADDR = "127.0.9.7"  # data only: nothing connects to it
+
+_BANNER = (Exchange(command=None, reply=Reply(code=220, text="lab ESMTP")),)
+
+
+def make_finding(
+    kind: FindingKind = FindingKind.OPEN_RELAY,
+    *,
+    address: str = ADDR,
+    port: int = 25,
+    severity: Severity = Severity.HIGH,
+    when: datetime = T0,
+    title: str | None = None,
+    summary: str | None = None,
+    transcript: tuple[Exchange, ...] = _BANNER,
+) -> Finding:
+    """A finding as the verdict would make it, seen from 127.0.0.1 with high confidence."""
+    return Finding(
+        id=finding_id(kind, address, port),
+        kind=kind,
+        severity=severity,
+        confidence=Confidence.HIGH,
+        address=address,
+        port=port,
+        vantage="127.0.0.1",
+        title=f"{kind.value} on {address}:{port}" if title is None else title,
+        summary=f"seen at {when.isoformat()}" if summary is None else summary,
+        observed_at=when,
+        transcript=transcript,
+    )
+
+
+def observe(
+    *findings: Finding,
+    address: str = ADDR,
+    port: int = 25,
+    when: datetime = T0,
+    status: VerdictStatus | None = None,
+) -> tuple[ProbeResult, Verdict]:
+    """One probe's result and verdict: an SMTP server with these findings, else a closed port.
+
+    With no findings the verdict is `status` (default CLOSED); any status but CLOSED means an
+    SMTP server answered.
+    """
+    smtp = bool(findings) or status not in (None, VerdictStatus.CLOSED)
+    result = ProbeResult(
+        address=address,
+        port=port,
+        vantage="127.0.0.1",
+        started=when,
+        finished=when,
+        port_state=PortState.OPEN if smtp else PortState.CLOSED,
+        status=ProbeStatus.SMTP if smtp else ProbeStatus.CLOSED,
+    )
+    verdict = Verdict(
+        address=address,
+        port=port,
+        status=status or (VerdictStatus.OPEN_RELAY if findings else VerdictStatus.CLOSED),
+        summary="test",
+        findings=findings,
+    )
+    return result, verdict
+
+
+def probe_settings(**changes: Any) -> ProbeSettings:
+    """Settings for probing a lab: campus.test is the campus; `changes` set any other field."""
+    fields: dict[str, Any] = {
+        "helo_name": "relayaudit.campus.test",
+        "campus_domains": ("campus.test",),
+        "external_domains": ("relay-test.example", "sender.example"),
+    }
+    return ProbeSettings(**{**fields, **changes})
+
+
+def canary_target(domain: str) -> CanaryTarget:
+    """Confirmation mode's canary address, canary@`domain`."""
+    return CanaryTarget(local_part="canary", domain=domain, contact="iso@campus.test")
