@@ -15,11 +15,12 @@ with the settings used and the verdict the live probe gave.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
-import re
 import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mta_lab
 import postfix_lab
 from factories import probe_settings
-from replay import TRANSCRIPTS, encode
+from replay import CONTROL_TOKEN, FIXED_TOKEN, TRANSCRIPTS, encode
 
 from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import judge
@@ -41,7 +42,6 @@ SERVERS = (
     ("exim-closed", "exim", "closed"),
     ("opensmtpd-default", "opensmtpd", "default"),
 )
-CONTROL = re.compile(rb"nx-[0-9a-f]{12}")
 
 
 class Recorder:
@@ -82,7 +82,7 @@ def merged(events: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
             out[-1] = (side, out[-1][1] + data)
         else:
             out.append((side, data))
-    return [(side, encode(CONTROL.sub(b"nx-000000000000", data))) for side, data in out]
+    return [(side, encode(CONTROL_TOKEN.sub(FIXED_TOKEN, data))) for side, data in out]
 
 
 async def record(name: str, host: str, port: int, settings: ProbeSettings) -> dict[str, Any]:
@@ -122,6 +122,9 @@ def main() -> None:
         retest_after_starttls=False,  # a TLS session cannot be replayed
     )
     for name, kind, policy in SERVERS:
+        if kind != "postfix":  # the MTA lab's addresses are fixed: wait for a test run using it
+            lock = (Path(tempfile.gettempdir()) / f"relayaudit-mta-{kind}.lock").open("a")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         base = (postfix_lab if kind == "postfix" else mta_lab).make_lab_directory()
         try:
             instances: Any

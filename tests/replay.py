@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from relayaudit.wire import Wire
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 
 Event = tuple[str, bytes]  # ("c", client bytes) or ("s", server bytes)
+# the control recipient's token is random in every run; recordings hold it as zeros
+CONTROL_TOKEN = re.compile(rb"nx-[0-9a-f]{12}")
+FIXED_TOKEN = b"nx-000000000000"
 
 
 def encode(data: bytes) -> str:
@@ -72,7 +76,7 @@ class ReplayTransport(asyncio.Transport):
         if self._closing:
             return
         self.sent.append(bytes(data))
-        self._pending += bytes(data)
+        self._pending += CONTROL_TOKEN.sub(FIXED_TOKEN, bytes(data))
         while self._events and self._events[0][0] == "c" and self._pending:
             want = self._events[0][1]
             if self._pending.startswith(want):
