@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -30,9 +32,18 @@ from relayaudit.engine import (
 )
 from relayaudit.errors import ConfigError, RelayAuditError
 from relayaudit.evidence import ProbeResult, endpoint
-from relayaudit.report import render_check, render_summary
+from relayaudit.report import (
+    FindingBrief,
+    FindingBriefs,
+    render_check,
+    render_summary,
+    render_table,
+    table,
+    terminal_width,
+)
 from relayaudit.sinks import FindingsFile
 from relayaudit.targets import Shard, TargetSpace
+from relayaudit.text import utc_time
 from relayaudit.verdict import Verdict, VerdictStatus
 
 if TYPE_CHECKING:
@@ -41,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 EXIT_OK, EXIT_RELAY, EXIT_ERROR = 0, 1, 2
+EXIT_PIPE = 128 + signal.SIGPIPE  # the reader of standard output left, as if SIGPIPE had ended us
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--processes", type=int, help="split the sweep over N processes (default: limits.processes)"
     )
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="list every finding at the end (unapproved services too), not only the relays",
+    )
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
@@ -114,7 +131,14 @@ def _parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser(
         "outbox",
-        help="alert deliveries: counts and dead letters; --replay sends dead letters again",
+        help="alert deliveries: counts and dead letters; `list` shows every delivery; "
+        "--replay sends dead letters again",
+    )
+    o.add_argument(
+        "action",
+        nargs="?",
+        choices=["list"],
+        help="list every delivery: finding, transition, hook, attempts, next try, last error",
     )
     o.add_argument("--config", type=Path, help="read the state file named in this config")
     o.add_argument("--state", type=Path, action="append", help="state file (repeatable)")
@@ -125,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="requeue dead letters (these delivery ids, or all): the daemon sends them again",
     )
+    o.add_argument(
+        "--status", choices=["pending", "sent", "dead"], help="with `list`: only these deliveries"
+    )
     o.add_argument("--json", action="store_true")
 
     d = sub.add_parser("demo", help="start a loopback lab of SMTP servers and sweep it")
@@ -133,6 +160,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader that left shows here, inside the handler
+    except BrokenPipeError:
+        # The reader of standard output went away (`| head`): stop quietly, as a command that
+        # SIGPIPE ended does. Standard output now goes to /dev/null, so the flush at exit cannot
+        # fail again (the note on SIGPIPE in Python's `signal` documentation).
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # usage errors, --help, --version: return the code, not raise it
@@ -217,12 +260,12 @@ def _findings(args: argparse.Namespace) -> int:
         print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
         return EXIT_OK
     print(
-        f"{'id':20} {'kind':24} {'severity':9} {'status':9} {'address:port':22} {'first seen':17} last seen"
+        f"{'id':20} {'kind':24} {'severity':9} {'status':9} {'address:port':22} {'first seen':23} last seen"
     )
     for r in rows:
         print(
             f"{r.id:20} {r.kind.value:24} {r.severity.value:9} {r.status.value:9} "
-            f"{endpoint(r.address, r.port):22} {r.first_seen:%Y-%m-%d %H:%M} {r.last_seen:%Y-%m-%d %H:%M}"
+            f"{endpoint(r.address, r.port):22} {utc_time(r.first_seen)} {utc_time(r.last_seen)}"
         )
     print(f"{len(rows)} finding(s)")
     return EXIT_OK
@@ -231,6 +274,12 @@ def _findings(args: argparse.Namespace) -> int:
 def _outbox(args: argparse.Namespace) -> int:
     from relayaudit.state import StateStore
 
+    if args.action == "list":
+        if args.replay is not None:
+            raise ConfigError("--replay: not with `outbox list`; replay first, then list")
+        return _outbox_list(args)
+    if args.status is not None:
+        raise ConfigError("--status: only with `outbox list`")
     parts = []
     for path in _state_paths(args):
         store = StateStore(path)
@@ -273,6 +322,49 @@ def _outbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _outbox_list(args: argparse.Namespace) -> int:
+    from relayaudit.state import DeliveryState, StateStore
+
+    listed = []
+    for path in _state_paths(args):
+        store = StateStore(path)
+        store.open(readonly=True)
+        try:
+            listed.append((path, store.deliveries(args.status)))
+        finally:
+            store.close()
+    if args.json:
+        doc = [
+            {"store": str(path), **d.model_dump(mode="json")}
+            for path, deliveries in listed
+            for d in deliveries
+        ]
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    width = terminal_width()
+    for path, deliveries in listed:
+        which = f"{args.status} " if args.status else ""
+        print(f"{path}: {len(deliveries)} {which}deliver{'y' if len(deliveries) == 1 else 'ies'}")
+        if not deliveries:
+            continue
+        header = ("id", "state", "finding id", "transition", "hook", "attempts", "next try")
+        rows = [
+            (
+                str(d.id),
+                d.state.value,
+                d.finding_id,
+                d.transition.value,
+                d.channel,
+                str(d.attempts),
+                utc_time(d.next_attempt) if d.state is DeliveryState.PENDING else "-",
+                d.last_error or "-",
+            )
+            for d in deliveries
+        ]
+        print("\n".join(table((*header, "last error"), rows, width=width)))
+    return EXIT_OK
+
+
 def _history(args: argparse.Namespace) -> int:
     from relayaudit.state import read_history
 
@@ -284,13 +376,25 @@ def _history(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
         return EXIT_OK
-    for r in rows:
-        kinds = ", ".join(k.value for k in r.kinds) or "-"
-        print(
-            f"{r.observed:%Y-%m-%d %H:%M:%S} sweep {r.sweep_id} port {r.port:<5} {r.status.value:26} {kinds}"
-        )
     if not rows:
         print(f"nothing recorded for {address}")
+        return EXIT_OK
+    lines = table(
+        ("observed", "sweep", "shard", "port", "status", "findings"),
+        [
+            (
+                utc_time(r.observed),
+                r.sweep_id,
+                r.shard or "-",
+                str(r.port),
+                r.status.value,
+                ", ".join(k.value for k in r.kinds) or "-",
+            )
+            for r in rows
+        ],
+        width=terminal_width(),
+    )
+    print("\n".join(lines))
     return EXIT_OK
 
 
@@ -382,14 +486,29 @@ async def _check(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(doc if len(doc) > 1 else doc[0], indent=2))
     else:
-        print(
-            "\n\n".join(render_check(r, v, transcript=not args.no_transcript) for r, v in outcomes)
+        width = terminal_width()
+        rendered = (
+            render_check(
+                r,
+                v,
+                transcript=not args.no_transcript,
+                approved_note=_approved_note(config, r),
+                width=width,
+            )
+            for r, v in outcomes
         )
+        print("\n\n".join(rendered))
     if any(v.relay for _, v in outcomes):
         return EXIT_RELAY
     if any(v.status is VerdictStatus.ERROR for _, v in outcomes):
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _approved_note(config: Config, result: ProbeResult) -> str | None:
+    """The note of the [[approved]] entry covering the result's address:port; None: not approved."""
+    entry = config.is_approved(ipaddress.ip_address(result.address), result.port)
+    return entry.note if entry is not None else None
 
 
 # -- sweep ---------------------------------------------------------------------------------
@@ -434,22 +553,34 @@ def _sweep_main(args: argparse.Namespace) -> int:
     if processes < 1:
         raise ConfigError(f"--processes: {processes} must be at least 1")
     if processes == 1:
+        listed = FindingBriefs(everything=args.all)
         stats, written = eventloop.run(
-            _sweep(config, shard, progress=_Progress()), config.limits.event_loop
+            _sweep(config, shard, progress=_Progress(), listed=listed), config.limits.event_loop
         )
         print(render_summary(stats))
         print(f"\n{written} findings written to {config.output.findings}")
+        _print_findings_table(listed.briefs, everything=args.all)
         return EXIT_RELAY if stats.relays else EXIT_OK
     if config.canary.enabled:
         raise ConfigError(
             f"--processes: {processes}: confirmation mode (canary.enabled) needs the canary "
             "receiver in the sweeping process; use one process"
         )
-    return _sweep_processes(config, shard, processes)
+    return _sweep_processes(config, shard, processes, everything=args.all)
+
+
+def _print_findings_table(briefs: Sequence[FindingBrief], *, everything: bool) -> None:
+    """The end of a sweep: the findings that name their hosts, most severe first."""
+    what = "findings" if everything else "relay findings"
+    if not briefs:
+        print(f"\nno {what}" + ("" if everything else " (--all lists every finding)"))
+        return
+    print(f"\n{len(briefs)} {what}, most severe first:")
+    print("\n".join(render_table(briefs, width=terminal_width())))
 
 
 async def _sweep(
-    config: Config, shard: Shard | None, *, progress: _Progress | None
+    config: Config, shard: Shard | None, *, progress: _Progress | None, listed: FindingBriefs
 ) -> tuple[SweepStats, int]:
     sink = FindingsFile(config.output.findings)
     try:
@@ -464,7 +595,9 @@ async def _sweep(
 
         canary = await start_canary(*config.canary.listen, domain=config.canary.domain)
     try:
-        stats = await sweep(config, sinks=[sink], shard=shard, canary=canary, progress=progress)
+        stats = await sweep(
+            config, sinks=[sink, listed], shard=shard, canary=canary, progress=progress
+        )
     finally:
         sink.close()
         if canary is not None:
@@ -472,12 +605,15 @@ async def _sweep(
     return stats, sink.written
 
 
-def _sweep_processes(config: Config, shard: Shard | None, processes: int) -> int:
+def _sweep_processes(
+    config: Config, shard: Shard | None, processes: int, *, everything: bool
+) -> int:
     """Fork `processes` children after the config is loaded (no second interpreter start-up).
 
     Shard i/n is split into sub-shards (i*P+p)/(n*P), whose union is exactly i/n; each child
     gets 1/P of the rate limits and of the concurrency, so together they keep the configured
-    politeness and connections in flight.
+    politeness and connections in flight. Each child reports its figures and the findings for
+    the table to the parent as JSON over a pipe.
     """
     outer = shard or Shard(0, 1)
     limits = config.limits.model_copy(
@@ -497,10 +633,19 @@ def _sweep_processes(config: Config, shard: Shard | None, processes: int) -> int
             try:
                 os.close(read_end)
                 sub = Shard(outer.index * processes + p, outer.count * processes)
+                listed = FindingBriefs(everything=everything)
                 stats, written = eventloop.run(
-                    _sweep(child_config, sub, progress=None), config.limits.event_loop
+                    _sweep(child_config, sub, progress=None, listed=listed),
+                    config.limits.event_loop,
                 )
-                os.write(write_end, json.dumps({**stats.to_json(), "written": written}).encode())
+                report = {
+                    **stats.to_json(),
+                    "written": written,
+                    "listed": [b.to_json() for b in listed.briefs],
+                }
+                out = memoryview(json.dumps(report).encode())
+                while out:  # the parent reads each child to the end in turn: this may block
+                    out = out[os.write(write_end, out) :]
                 code = EXIT_OK
             except RelayAuditError as exc:
                 print(f"relayaudit: {exc}", file=sys.stderr)
@@ -527,4 +672,6 @@ def _sweep_processes(config: Config, shard: Shard | None, processes: int) -> int
         f"\n{sum(part['written'] for part in parts)} findings written to "
         f"{config.output.findings} by {processes} processes"
     )
+    briefs = [FindingBrief.from_json(b) for part in parts for b in part["listed"]]
+    _print_findings_table(briefs, everything=everything)
     return EXIT_RELAY if stats.relays else EXIT_OK

@@ -353,6 +353,7 @@ class Daemon:
             hosts=stats.hosts,
             probes=stats.probes,
             relays=stats.relays,
+            relay_findings=sorted(stats.relay_findings),  # ids, as in the findings file and store
             statuses={k.value: v for k, v in stats.statuses.items()},
             findings=dict(stats.findings),
             transitions={k.value: v for k, v in state_sink.transitions.items()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import tempfile
 from pathlib import Path
@@ -11,8 +12,15 @@ from relayaudit.config import Config, parse_config
 from relayaudit.engine import sweep
 from relayaudit.evidence import endpoint
 from relayaudit.lab import Behaviour, Lab, ServerSpec
-from relayaudit.report import render_findings, render_summary
+from relayaudit.report import (
+    FindingBrief,
+    approval_text,
+    render_summary,
+    render_table,
+    terminal_width,
+)
 from relayaudit.sinks import Collector, FindingsFile
+from relayaudit.text import clip
 
 __all__ = ["DEMO_LAB", "demo_config", "run_demo"]
 
@@ -107,6 +115,9 @@ async def run_demo(output: Path | None) -> int:
             stats = await sweep(config, sinks=[collector, sink], canary=canary)
         finally:
             sink.close()
+    width = terminal_width()
+    lead = " " * 50  # the summary column: 22 + 1 + 26 + 1
+    room = None if width is None else max(24, width - len(lead))
     print(f"{'address:port':22} {'status':26} summary")
     for result, verdict in sorted(
         collector.results, key=lambda rv: (int(rv[0].address.rsplit(".", 1)[1]), rv[0].port)
@@ -114,10 +125,14 @@ async def run_demo(output: Path | None) -> int:
         if verdict.status.value in {"closed"}:
             continue
         print(
-            f"{endpoint(result.address, result.port):22} {verdict.status.value:26} {verdict.summary[:110]}"
+            f"{endpoint(result.address, result.port):22} {verdict.status.value:26} "
+            f"{clip(verdict.summary, room)}"
         )
-    print("\nfindings:")
-    print("\n".join(render_findings(collector.findings)))
+        approved = config.is_approved(ipaddress.ip_address(result.address), result.port)
+        if approved is not None:
+            print(lead + clip(approval_text(approved.note), room))
+    print("\nfindings, most severe first:")
+    print("\n".join(render_table(map(FindingBrief.of, collector.findings), width=width)))
     print()
     print(render_summary(stats))
     print(

@@ -35,6 +35,7 @@ class SweepStats:
     probes: int = 0
     statuses: Counter[VerdictStatus] = field(default_factory=Counter)
     findings: Counter[str] = field(default_factory=Counter)
+    relay_findings: list[str] = field(default_factory=list)  # ids, for the summary to name them
 
     @property
     def relays(self) -> int:
@@ -48,6 +49,7 @@ class SweepStats:
             "probes": self.probes,
             "statuses": {k.value: v for k, v in self.statuses.items()},
             "findings": dict(self.findings),
+            "relay_findings": list(self.relay_findings),
         }
 
     @classmethod
@@ -59,6 +61,7 @@ class SweepStats:
             probes=int(data["probes"]),
             statuses=Counter({VerdictStatus(k): int(v) for k, v in data["statuses"].items()}),
             findings=Counter({str(k): int(v) for k, v in data["findings"].items()}),
+            relay_findings=[str(i) for i in data["relay_findings"]],
         )
 
     @classmethod
@@ -70,4 +73,5 @@ class SweepStats:
             merged.probes += p.probes
             merged.statuses.update(p.statuses)
             merged.findings.update(p.findings)
+            merged.relay_findings.extend(p.relay_findings)
         return merged

@@ -1,14 +1,185 @@
-"""Human-readable renderings: one probe's verdict with tests and transcript, and sweep summaries."""
+"""Human-readable renderings: one probe's verdict with tests and transcript, findings tables,
+sweep summaries."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ipaddress
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from relayaudit.engine import SweepStats
-from relayaudit.evidence import ProbeResult, TestOutcome, TestResult, endpoint
-from relayaudit.verdict import Finding, Verdict, VerdictStatus
+from relayaudit.evidence import ProbeResult, ProbeStatus, TestOutcome, TestResult, endpoint
+from relayaudit.text import clip, wrap
+from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, Verdict, VerdictStatus
 
-__all__ = ["render_check", "render_findings", "render_summary"]
+__all__ = [
+    "FindingBrief",
+    "FindingBriefs",
+    "approval_text",
+    "render_check",
+    "render_findings",
+    "render_summary",
+    "render_table",
+    "table",
+    "terminal_width",
+]
+
+_MIN_TEXT = 24  # columns a table's last, free-text column keeps on the narrowest terminal
+_NEEDS_APPROVAL = {ProbeStatus.SMTP, ProbeStatus.SESSION_REFUSED}
+
+
+def terminal_width() -> int | None:
+    """Columns to fit text to when standard output is a terminal; None for a file or a pipe,
+    where every word is kept for grep, tickets and scripts (as systemctl does)."""
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
+
+
+def _address_order(address: str) -> tuple[int, int]:
+    """Numeric address order, IPv4 before IPv6 (as text, .10 would sort before .9)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return (9, 0)
+    return (ip.version, int(ip))
+
+
+@dataclass(frozen=True, slots=True)
+class FindingBrief:
+    """What a findings table shows of one finding: a sweep keeps these, not whole findings with
+    their transcripts, and `sweep --processes` children send them to the parent as JSON."""
+
+    id: str
+    kind: FindingKind
+    severity: Severity
+    confidence: Confidence
+    address: str
+    port: int
+    title: str
+    approved_note: str | None = None
+
+    @classmethod
+    def of(cls, finding: Finding) -> FindingBrief:
+        return cls(
+            id=finding.id,
+            kind=finding.kind,
+            severity=finding.severity,
+            confidence=finding.confidence,
+            address=finding.address,
+            port=finding.port,
+            title=finding.title,
+            approved_note=finding.approved_note,
+        )
+
+    def order(self) -> tuple[int, int, tuple[int, int], int, str, str]:
+        """Most severe first, then the strongest evidence, then by address and port."""
+        return (
+            self.severity.rank,
+            self.confidence.rank,
+            _address_order(self.address),
+            self.port,
+            self.kind.value,
+            self.id,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "severity": self.severity.value,
+            "confidence": self.confidence.value,
+            "address": self.address,
+            "port": self.port,
+            "title": self.title,
+            "approved_note": self.approved_note,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FindingBrief:
+        return cls(
+            id=str(data["id"]),
+            kind=FindingKind(data["kind"]),
+            severity=Severity(data["severity"]),
+            confidence=Confidence(data["confidence"]),
+            address=str(data["address"]),
+            port=int(data["port"]),
+            title=str(data["title"]),
+            approved_note=data.get("approved_note"),
+        )
+
+
+class FindingBriefs:
+    """Sink: the brief of every relay finding of a sweep, or of every finding (`everything`)."""
+
+    wants_unreachable = False  # closed ports have no findings
+
+    def __init__(self, *, everything: bool = False) -> None:
+        self.everything = everything
+        self.briefs: list[FindingBrief] = []
+
+    async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
+        for f in verdict.findings:
+            if self.everything or f.kind.is_relay:
+                self.briefs.append(FindingBrief.of(f))
+
+
+def approval_text(approved_note: str | None) -> str:
+    """The approval of an SMTP service: its note (None: not approved, "": approved, no note)."""
+    if approved_note is None:
+        return "not on the approved list"
+    return f"approved: {approved_note}" if approved_note else "approved (no note)"
+
+
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    width: int | None = None,
+    notes: Sequence[str | None] = (),
+) -> list[str]:
+    """A header and rows: each column as wide as its widest cell, two spaces apart. The last
+    column is free text, clipped at a word boundary to what `width` leaves (at least 24
+    columns); `notes[i]`, if given, is a line of its own under row i, in the last column."""
+    lead_cells = [r[:-1] for r in (header, *rows)]
+    widths = [max(len(r[i]) for r in lead_cells) for i in range(len(header) - 1)]
+    lead = sum(w + 2 for w in widths)
+    room = None if width is None else max(_MIN_TEXT, width - lead)
+    lines = []
+    for i, row in enumerate((header, *rows)):
+        pads = "".join(v.ljust(w + 2) for v, w in zip(row[:-1], widths, strict=True))
+        lines.append(pads + clip(row[-1], room))
+        note = notes[i - 1] if 0 < i <= len(notes) else None
+        if note is not None:
+            lines.append(" " * lead + clip(note, room))
+    return lines
+
+
+def render_table(briefs: Iterable[FindingBrief], *, width: int | None = None) -> list[str]:
+    """One line per finding, in `FindingBrief.order`; an approved service's note follows on a
+    line of its own."""
+    rows = sorted(briefs, key=FindingBrief.order)
+    return table(
+        ("severity", "confidence", "address:port", "kind", "finding id", "title"),
+        [
+            (
+                b.severity.value,
+                b.confidence.value,
+                endpoint(b.address, b.port),
+                b.kind.value,
+                b.id,
+                b.title,
+            )
+            for b in rows
+        ],
+        width=width,
+        notes=[
+            approval_text(b.approved_note) if b.approved_note is not None else None for b in rows
+        ],
+    )
 
 
 def _reply(result: TestResult) -> str:
@@ -19,28 +190,36 @@ def _reply(result: TestResult) -> str:
     return result.error or ""
 
 
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def render_findings(findings: Iterable[Finding]) -> list[str]:
+def render_findings(findings: Iterable[Finding], *, width: int | None = None) -> list[str]:
+    """Each finding whole, in the order of the findings tables, wrapped to `width`."""
+    indent = " " * 13
     lines = []
-    for f in findings:
+    for f in sorted(findings, key=lambda f: FindingBrief.of(f).order()):
         lines.append(
             f"  [{f.severity.value:8}] {f.kind.value:24} {f.id}  confidence {f.confidence.value}"
         )
-        lines.append(f"             {f.title}")
-        lines.append(f"             {f.summary}")
-        if f.approved_note:
-            lines.append(f"             approved: {f.approved_note}")
+        lines += wrap(f.title, width, indent=indent)
+        lines += wrap(f.summary, width, indent=indent)
+        if f.approved_note is not None:
+            lines += wrap(approval_text(f.approved_note), width, indent=indent)
     return lines
 
 
-def render_check(result: ProbeResult, verdict: Verdict, *, transcript: bool = True) -> str:
+def render_check(
+    result: ProbeResult,
+    verdict: Verdict,
+    *,
+    transcript: bool = True,
+    approved_note: str | None = None,
+    width: int | None = None,
+) -> str:
+    """One probe for `check`; `approved_note` as in `approval_text`."""
     lines = [
         f"{endpoint(result.address, result.port)}  {verdict.status.value.upper()}  (seen from {result.vantage})"
     ]
-    lines.append(f"  {verdict.summary}")
+    lines += wrap(verdict.summary, width, indent="  ")
+    if result.status in _NEEDS_APPROVAL:
+        lines.append(f"  {approval_text(approved_note)}")
     facts = result.facts
     if facts is not None:
         lines.append(f"  greeting: {facts.banner}")
@@ -62,15 +241,16 @@ def render_check(result: ProbeResult, verdict: Verdict, *, transcript: bool = Tr
                 )
     if verdict.findings:
         lines.append("findings:")
-        lines.extend(render_findings(verdict.findings))
+        lines.extend(render_findings(verdict.findings, width=width))
     if result.tests:
         lines.append("relay tests:")
         for t in result.tests:
             mark = "ACCEPTED" if t.outcome is TestOutcome.ACCEPTED else t.outcome.value
-            lines.append(
-                f"  {t.transport.value:12} {t.test.id:28} {mark:14} "
-                f"{_clip('<' + t.test.mail_from + '> -> <' + t.test.rcpt_to + '>', 70):70} {_clip(_reply(t), 60)}"
-            )
+            # the addresses are the evidence: whole; the reply takes what the line has left
+            pair = f"<{t.test.mail_from}> -> <{t.test.rcpt_to}>"
+            start = f"  {t.transport.value:12} {t.test.id:28} {mark:14} {pair:70} "
+            room = None if width is None else max(_MIN_TEXT, width - len(start))
+            lines.append(start + clip(_reply(t), room))
     conf = result.confirmation
     if conf is not None:
         state = {True: "ARRIVED", False: "did not arrive", None: "not known"}[conf.delivered]

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "SCHEMA_VERSION",
     "Alert",
+    "Delivery",
+    "DeliveryState",
     "FindingRow",
     "FindingStatus",
     "ObservationRow",
@@ -182,6 +184,29 @@ class OutboxItem(_Frozen):
     attempts: int
     next_attempt: datetime
     last_error: str | None = None
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"  # to be sent (again) at `next_attempt`
+    SENT = "sent"
+    DEAD = "dead"  # given up after `alerts.max_attempts`; `outbox --replay` requeues it
+
+
+class Delivery(_Frozen):
+    """One delivery of one alert to one channel, in whatever state (`relayaudit outbox list`)."""
+
+    id: int
+    state: DeliveryState
+    channel: str
+    alert_key: str
+    finding_id: str
+    transition: Transition
+    address: str | None  # of the finding (None only if its row is gone)
+    port: int | None
+    attempts: int
+    next_attempt: datetime
+    last_error: str | None
+    updated: datetime
 
 
 class FindingRow(_Frozen):
@@ -787,6 +812,36 @@ class StateStore:
                 (limit,),
             ).fetchall()
         return [_outbox_item(r) for r in rows]
+
+    def deliveries(self, state: DeliveryState | str | None = None) -> list[Delivery]:
+        """Every delivery (or those in one state), oldest first: the order they are sent in."""
+        wanted = DeliveryState(state).value if state is not None else None
+        with self._read("read outbox") as db:
+            rows = db.execute(
+                "SELECT d.id, d.state, d.channel, d.alert_key, d.finding_id, a.transition, "
+                "f.address, f.port, d.attempts, d.next_attempt, d.last_error, d.updated "
+                "FROM deliveries d JOIN alerts a ON a.key = d.alert_key "
+                "LEFT JOIN findings f ON f.id = d.finding_id "
+                "WHERE ? IS NULL OR d.state = ? ORDER BY d.id",
+                (wanted, wanted),
+            ).fetchall()
+        return [
+            Delivery(
+                id=r["id"],
+                state=r["state"],
+                channel=r["channel"],
+                alert_key=r["alert_key"],
+                finding_id=r["finding_id"],
+                transition=r["transition"],
+                address=r["address"],
+                port=r["port"],
+                attempts=r["attempts"],
+                next_attempt=_dt(r["next_attempt"]),
+                last_error=r["last_error"],
+                updated=_dt(r["updated"]),
+            )
+            for r in rows
+        ]
 
     def alerts(self) -> list[Alert]:
         """Every alert ever raised, oldest first (also those created with no channel configured)."""

@@ -43,6 +43,11 @@ class FindingKind(StrEnum):
     UNAPPROVED_SMTP = "unapproved-smtp"
     AUTH_WITHOUT_TLS = "auth-without-tls"
 
+    @property
+    def is_relay(self) -> bool:
+        """The finding of a relay verdict: one per relay status, so they count alike."""
+        return self in _RELAY_KINDS
+
 
 class Severity(StrEnum):
     CRITICAL = "critical"
@@ -60,6 +65,10 @@ class Confidence(StrEnum):
     HIGH = "high"  # plain third-party recipient accepted, control recipient refused
     MEDIUM = "medium"  # only odd recipient forms accepted (may be read as local addresses)
     LOW = "low"  # the server accepts even the impossible control recipient
+
+    @property
+    def rank(self) -> int:
+        return list(Confidence).index(self)  # 0 = strongest evidence
 
 
 class VerdictStatus(StrEnum):
@@ -88,6 +97,11 @@ _RELAY_STATUSES = {
     VerdictStatus.OPEN_RELAY,
     VerdictStatus.RELAY_CAMPUS_SENDER,
     VerdictStatus.RELAY_AFTER_STARTTLS,
+}
+_RELAY_KINDS = {
+    FindingKind.OPEN_RELAY,
+    FindingKind.RELAY_CAMPUS_SENDER,
+    FindingKind.RELAY_AFTER_STARTTLS,
 }
 
 
@@ -212,6 +226,7 @@ class _Context:
             else Fingerprint(banner=_greeting(result))
         )
         controls = [r for r in result.tests if r.test.role is TestRole.CONTROL]
+        self.controls = controls
         self.control = controls[0] if controls else None
         self.accepts_everything = any(r.outcome is TestOutcome.ACCEPTED for r in controls)
 
@@ -264,10 +279,16 @@ class _Context:
                 a.test.id == conf.test_id and a.transport is conf.transport for a in confirmable
             )
         )
+        # the control of the accepted tests' transport: a server may refuse it in plain text and
+        # accept it after STARTTLS, and the summary and evidence must show the one they are about
+        control, accepts_everything = self.control, self.accepts_everything
+        same = next((c for c in self.controls if c.transport is accepted[0].transport), None)
+        if same is not None:
+            control, accepts_everything = same, same.outcome is TestOutcome.ACCEPTED
         plain = [a for a in accepted if _is_plain_recipient(a)]
         if confirmed:
             confidence = Confidence.CONFIRMED
-        elif self.accepts_everything:
+        elif accepts_everything:
             confidence = Confidence.LOW
         elif plain:
             confidence = Confidence.HIGH
@@ -275,9 +296,9 @@ class _Context:
             confidence = Confidence.MEDIUM
         lead = (plain or accepted)[0]
         notes = [f"{len(accepted)} of the relay tests accepted, e.g. {_describe(lead)}."]
-        if self.accepts_everything and self.control is not None:
+        if accepts_everything and control is not None:
             notes.append(
-                f"It also accepted the impossible control recipient <{self.control.test.rcpt_to}>: "
+                f"It also accepted the impossible control recipient <{control.test.rcpt_to}>: "
                 "it accepts everything at RCPT, so acceptance alone is weak evidence."
             )
             if conf is None or not conf.sent:
@@ -285,8 +306,8 @@ class _Context:
                     "An open relay that does not verify recipients, or an accept-all trap: "
                     "confirmation mode (--confirm / canary.enabled) tells them apart."
                 )
-        elif self.control is not None and self.control.rcpt is not None:
-            notes.append(f"The control recipient was refused ({self.control.rcpt.code}).")
+        elif control is not None and control.rcpt is not None:
+            notes.append(f"The control recipient was refused ({control.rcpt.code}).")
         if confidence is Confidence.MEDIUM:
             notes.append(
                 "Only unusual address forms were accepted; some servers read them as local mailboxes."
@@ -301,7 +322,7 @@ class _Context:
                 "still be queued; the RCPT evidence above stands."
             )
         title = f"{what} on {endpoint(r.address, r.port)}"
-        evidence = [*accepted, *([self.control] if self.control is not None else [])]
+        evidence = [*accepted, *([control] if control is not None else [])]
         return self.finding(
             kind,
             severity=_SEVERITY[confidence],

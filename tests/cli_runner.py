@@ -15,7 +15,15 @@ import pytest
 
 from relayaudit.cli import main
 
-__all__ = ["ROOT", "run_cli", "run_cli_blocking", "run_main", "wait_until"]
+__all__ = [
+    "ROOT",
+    "run_cli",
+    "run_cli_blocking",
+    "run_cli_into_closed_pipe",
+    "run_cli_into_head",
+    "run_main",
+    "wait_until",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +77,56 @@ def run_cli_blocking(*args: str, cwd: Path = ROOT, timeout: float = 60) -> tuple
         check=False,
     )
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_cli_into_closed_pipe(*args: str, cwd: Path = ROOT, timeout: float = 60) -> tuple[int, str]:
+    """`python -m relayaudit ARGS` writing into a pipe whose reader has already gone, as `| head`
+    leaves it once it has its lines: (exit code, stderr)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "relayaudit", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=_child_env(),
+            timeout=timeout,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    return proc.returncode, proc.stderr
+
+
+def run_cli_into_head(
+    *args: str, lines: int = 1, cwd: Path = ROOT, timeout: float = 60
+) -> tuple[int, str, str]:
+    """`python -m relayaudit ARGS | head -n LINES`: (relayaudit's exit code, head's output,
+    relayaudit's stderr)."""
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "relayaudit", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=_child_env(),
+    )
+    assert cli.stdout is not None and cli.stderr is not None
+    try:
+        head = subprocess.Popen(
+            ["head", "-n", str(lines)], stdin=cli.stdout, stdout=subprocess.PIPE, text=True
+        )
+        cli.stdout.close()  # head holds the only read end: once it exits, writes fail
+        out, _ = head.communicate(timeout=timeout)
+        err = cli.stderr.read().decode()
+        code = cli.wait(timeout)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        cli.stderr.close()
+    return code, out, err
 
 
 async def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: Any) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from relayaudit.engine import SweepStats
 from relayaudit.evidence import Exchange, PortState, ProbeResult, ProbeStatus, Reply
 from relayaudit.settings import CanaryTarget, ProbeSettings
+from relayaudit.state import Alert, StateStore
 from relayaudit.verdict import (
     Confidence,
     Finding,
@@ -19,15 +21,18 @@ from relayaudit.verdict import (
 
 __all__ = [
     "ADDR",
+    "SHARD",
     "T0",
     "canary_target",
     "make_finding",
     "observe",
+    "one_sweep",
     "probe_settings",
 ]
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
 ADDR = "127.0.9.7"  # data only: nothing connects to it
+SHARD = "0/1"
 
 _BANNER = (Exchange(command=None, reply=Reply(code=220, text="lab ESMTP")),)
 
@@ -89,6 +94,18 @@ def observe(
         findings=findings,
     )
     return result, verdict
+
+
+def one_sweep(
+    store: StateStore, *observations: tuple[ProbeResult, Verdict], fingerprint: str = "fp"
+) -> list[Alert]:
+    """One completed sweep of shard 0/1 that recorded these probes; the alerts they raised."""
+    record = store.begin_sweep(shard=SHARD, config_fingerprint=fingerprint, total=len(observations))
+    alerts: list[Alert] = []
+    for result, verdict in observations:
+        alerts += store.record(record.id, result, verdict)
+    store.complete_sweep(record.id, SweepStats(finished=T0))
+    return alerts
 
 
 def probe_settings(**changes: Any) -> ProbeSettings:

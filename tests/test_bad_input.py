@@ -350,6 +350,28 @@ CLI: list[tuple[str, list[str], int, str, str]] = [
         "(choose from 'new', 'ongoing', 'resolved', 'reopened', 'open')\n",
     ),
     (
+        "outbox-status-without-list",
+        ["outbox", "--state", "{notdb}", "--status", "dead"],
+        2,
+        "",
+        "relayaudit: --status: only with `outbox list`\n",
+    ),
+    (
+        "outbox-list-with-replay",
+        ["outbox", "list", "--state", "{notdb}", "--replay", "3"],
+        2,
+        "",
+        "relayaudit: --replay: not with `outbox list`; replay first, then list\n",
+    ),
+    (
+        "outbox-list-state-not-a-database",
+        ["outbox", "list", "--state", "{notdb}"],
+        2,
+        "",
+        "relayaudit: state file {notdb}: open: not a relayaudit state file, or corrupt "
+        "(sqlite: file is not a database)\n",
+    ),
+    (
         "history-bad-address",
         ["history", "999.1.1.1", "--state", "{notdb}"],
         2,

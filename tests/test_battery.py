@@ -17,11 +17,12 @@ from relayaudit.evidence import (
     TestCategory,
     TestOutcome,
     TestResult,
+    TestRole,
     Transport,
     classify_reply,
     redact_command,
 )
-from relayaudit.verdict import VerdictStatus, judge
+from relayaudit.verdict import Confidence, FindingKind, VerdictStatus, judge
 
 
 def inputs(address: str = "192.0.2.7", hostname: str | None = "mx.campus.example") -> BatteryInputs:
@@ -151,12 +152,20 @@ def test_auth_commands_are_redacted() -> None:
     assert redact_command("MAIL FROM:<a@b>") == "MAIL FROM:<a@b>"
 
 
-def _result(outcomes: dict[str, tuple[int, str]]) -> ProbeResult:
-    """A probe whose relay tests got the given RCPT replies (MAIL always 250)."""
+def _result(
+    outcomes: dict[str, tuple[int, str]], *, starttls: dict[str, tuple[int, str]] | None = None
+) -> ProbeResult:
+    """A probe whose relay tests got the given RCPT replies (MAIL always 250); with `starttls`,
+    the battery ran again after STARTTLS and got those."""
     now = datetime.now(UTC)
     tests = []
-    for test in build_battery(inputs(), control_token="abc"):
-        code, text = outcomes.get(test.id, (554, "5.7.1 Relay access denied"))
+    runs = [(Transport.PLAIN, outcomes)]
+    if starttls is not None:
+        runs.append((Transport.STARTTLS, starttls))
+    for (transport, replies), test in (
+        (run, test) for run in runs for test in build_battery(inputs(), control_token="abc")
+    ):
+        code, text = replies.get(test.id, (554, "5.7.1 Relay access denied"))
         reply = Reply(code=code, text=text)
         kind = classify_reply(reply)
         outcome = {
@@ -167,7 +176,7 @@ def _result(outcomes: dict[str, tuple[int, str]]) -> ProbeResult:
         tests.append(
             TestResult(
                 test=test,
-                transport=Transport.PLAIN,
+                transport=transport,
                 mail=Reply(code=250, text="ok"),
                 rcpt=reply,
                 outcome=outcome,
@@ -200,3 +209,20 @@ def test_a_relay_refusal_of_the_plain_test_decides_even_with_odd_domain_errors()
     odd = (550, "5.1.2 bad destination system address")
     verdict = judge(_result({"rcpt-double-at-ip": odd, "rcpt-trailing-at": odd}))
     assert verdict.status is VerdictStatus.RELAY_REFUSED
+
+
+def test_a_relay_after_starttls_quotes_the_control_of_its_own_transport() -> None:
+    # plain text: everything refused, the control too; after STARTTLS: everything accepted
+    accepted = {t.id: (250, "2.1.5 Ok") for t in build_battery(inputs(), control_token="abc")}
+    verdict = judge(_result({}, starttls=accepted))
+    assert verdict.status is VerdictStatus.RELAY_AFTER_STARTTLS
+    (relay,) = [f for f in verdict.findings if f.kind is FindingKind.RELAY_AFTER_STARTTLS]
+    # the summary says the control was accepted: the evidence must show that control, not the
+    # plain-text one that was refused
+    assert "It also accepted the impossible control recipient" in relay.summary
+    *tests, control = relay.evidence
+    assert control.test.role is TestRole.CONTROL
+    assert (control.transport, control.outcome) == (Transport.STARTTLS, TestOutcome.ACCEPTED)
+    assert {t.transport for t in tests} == {Transport.STARTTLS}
+    assert relay.summary.startswith(f"{len(tests)} of the relay tests accepted")
+    assert relay.confidence is Confidence.LOW

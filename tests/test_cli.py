@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from cli_runner import run_cli, run_cli_blocking, run_main
+from cli_runner import (
+    run_cli,
+    run_cli_blocking,
+    run_cli_into_closed_pipe,
+    run_cli_into_head,
+    run_main,
+)
+from factories import ADDR, T0, make_finding, observe, one_sweep
 from loopback import free_port
 
 from relayaudit.cli import _parser
 from relayaudit.demo import CANARY, CANARY_DOMAIN, DEMO_LAB
-from relayaudit.lab import Lab, ServerSpec
+from relayaudit.evidence import Exchange, Reply
+from relayaudit.lab import Behaviour, Lab, ServerSpec
+from relayaudit.state import StateStore
+from relayaudit.verdict import Confidence, FindingKind, Severity
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "relayaudit.example.toml"
 LAB = ROOT / "config" / "lab.toml"
 DOC_CONFIG = 'scope = ["192.0.2.0/24"]\ntargets = ["192.0.2.0/24"]\n'
+RELAY_KINDS = {"open-relay", "relay-campus-sender", "relay-after-starttls"}  # what `sweep` lists
 
 
 pytestmark = pytest.mark.usefixtures("loopback_only", "fixed_width")
@@ -69,7 +82,7 @@ def test_sweep_without_config(capsys: pytest.CaptureFixture[str]) -> None:
         2,
         "",
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
-        "                        [--processes PROCESSES]\n"
+        "                        [--processes PROCESSES] [--all]\n"
         "relayaudit: error: the following arguments are required: --config\n",
     )
 
@@ -251,7 +264,7 @@ def test_python_m_usage_error() -> None:
     assert (code, out) == (2, "")
     assert err == (
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
-        "                        [--processes PROCESSES]\n"
+        "                        [--processes PROCESSES] [--all]\n"
         "relayaudit: error: the following arguments are required: --config\n"
     )
 
@@ -290,6 +303,260 @@ async def test_sweep_lab_config_against_the_demo_lab(demo_lab: Lab, tmp_path: Pa
     assert f"{len(lines)} findings written to lab-findings.jsonl" in out
     kinds = {json.loads(line)["kind"] for line in lines}
     assert "open-relay" in kinds
+    # it ends naming every relay: each relay finding of the file once, most severe first
+    rows = table_after(out, "relay findings, most severe first:")
+    assert_table_order(rows)
+    relays = {json.loads(line)["id"] for line in lines if json.loads(line)["kind"] in RELAY_KINDS}
+    assert sorted(r[4] for r in rows) == sorted(relays)
+    assert {r[2] for r in rows} >= {"127.0.10.1:2525", "127.0.10.3:2525", "127.0.10.8:2525"}
     # canary messages went through the lab's relays to the receiver the sweep started itself
     assert any(CANARY_DOMAIN in d.rcpt for d in demo_lab.delivered)
     assert demo_lab.forward_failures == []
+
+
+def table_after(out: str, title: str) -> list[list[str]]:
+    """The rows (split into cells) of the findings table printed after the line `title`."""
+    lines = out.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.endswith(title)), None)
+    assert start is not None, f"no table {title!r} in:\n{out}"
+    assert lines[start + 1].split()[:4] == ["severity", "confidence", "address:port", "kind"]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        if not line.startswith(" "):  # an approval note is indented under its finding
+            rows.append(line.split())
+    return rows
+
+
+def _address_order(cell: str) -> tuple[int, int, int]:
+    host, port = cell.rsplit(":", 1)
+    ip = ipaddress.ip_address(host.strip("[]"))
+    return ip.version, int(ip), int(port)
+
+
+def assert_table_order(rows: list[list[str]]) -> None:
+    """Severity, then confidence, then address (numeric, IPv4 before IPv6) and port."""
+    keys = [(Severity(r[0]).rank, Confidence(r[1]).rank, _address_order(r[2])) for r in rows]
+    assert keys == sorted(keys), rows
+
+
+async def test_sweep_processes_name_every_childs_findings(demo_lab: Lab, tmp_path: Path) -> None:
+    # confirmation mode needs one process: the same lab config without it
+    config = tmp_path / "lab.toml"
+    config.write_text(
+        LAB.read_text(encoding="utf-8").replace("enabled = true", "enabled = false"),
+        encoding="utf-8",
+    )
+    code, out, err = await run_cli(
+        "sweep", "--config", str(config), "--processes", "2", "--all", cwd=tmp_path, timeout=120
+    )
+    assert code == 1, (out, err)
+    lines = (tmp_path / "lab-findings.jsonl").read_text(encoding="utf-8").splitlines()
+    assert f"{len(lines)} findings written to lab-findings.jsonl by 2 processes" in out
+    rows = table_after(out, "findings, most severe first:")
+    assert_table_order(rows)
+    # both children's findings, each once: every line of the findings file is in the table
+    assert sorted(r[4] for r in rows) == sorted(json.loads(line)["id"] for line in lines)
+    assert "unapproved-smtp" in {r[3] for r in rows}
+
+
+async def test_check_lists_relays_first_and_shows_the_approval(tmp_path: Path) -> None:
+    relay_port, approved_port = free_port(), free_port()
+    config = tmp_path / "check.toml"
+    config.write_text(
+        'scope = ["127.0.88.0/24"]\ntargets = ["127.0.88.0/24"]\n'
+        '[identity]\nhelo_name = "relayaudit.campus.test"\n'
+        '[relay]\ncampus_domains = ["campus.test"]\n'
+        'external_domains = ["relay-test.example", "sender.example"]\n'
+        f'[[approved]]\naddress = "127.0.88.1"\nport = {approved_port}\n'
+        'note = "ISO-0042 department mail hub"\n',
+        encoding="utf-8",
+    )
+    specs = [
+        ServerSpec(host="127.0.88.1", port=relay_port, behaviour=Behaviour.CAMPUS_SENDER),
+        ServerSpec(host="127.0.88.1", port=approved_port, behaviour=Behaviour.CLOSED),
+    ]
+    async with Lab(specs, local_domains=("campus.test",), campus_domains=("campus.test",)):
+        code, out, err = await run_cli(
+            "check",
+            "127.0.88.1",
+            "--port",
+            str(relay_port),
+            "--port",
+            str(approved_port),
+            "--config",
+            str(config),
+            "--no-transcript",
+        )
+    assert (code, err) == (1, ""), out
+    relay, approved = out.split("\n\n")
+    assert relay.splitlines()[2] == "  not on the approved list"
+    # the relay (high) before the unapproved service (medium), as in the sweep's table
+    kinds = [line.split("]")[1].split()[0] for line in relay.splitlines() if line.startswith("  [")]
+    assert kinds == ["relay-campus-sender", "unapproved-smtp"]
+    assert approved.splitlines()[0].startswith(f"127.0.88.1:{approved_port}  RELAY-REFUSED  ")
+    assert approved.splitlines()[2] == "  approved: ISO-0042 department mail hub"
+
+
+def test_demo_names_each_relay_and_cuts_no_summary(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, err = run_main(capsys, "demo", "--output", str(tmp_path / "findings.jsonl"))
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "findings.jsonl").read_text().splitlines()]
+    # each relay's row carries its summary whole (the demo cut them at 110 characters, mid-word)
+    lines = out.splitlines()
+    for r in records:
+        if r["kind"] in RELAY_KINDS:
+            (row,) = [line for line in lines if line.startswith(f"{r['address']}:{r['port']} ")]
+            assert row.endswith(r["summary"])
+    hub = next(i for i, line in enumerate(lines) if line.startswith("127.0.10.2:2525 "))
+    assert lines[hub + 1].strip() == "approved: ISO-0001 campus mail hub"
+    rows = table_after(out, "findings, most severe first:")
+    assert_table_order(rows)
+    assert sorted(r[4] for r in rows) == sorted(r["id"] for r in records)
+
+
+# -- state queries: tables with a header, times with their zone --------------------------------
+
+
+@pytest.fixture
+def state_file(tmp_path: Path) -> Path:
+    """A store that saw two findings at ADDR and queued an alert for each to one command hook."""
+    path = tmp_path / "state.sqlite"
+    with StateStore(path) as store:
+        store.set_channels(["command:0"])
+        one_sweep(
+            store,
+            observe(make_finding(port=25), port=25),
+            observe(make_finding(FindingKind.UNAPPROVED_SMTP, port=587), port=587),
+        )
+    return path
+
+
+def test_history_has_a_header_and_times_with_their_zone(
+    capsys: pytest.CaptureFixture[str], state_file: Path
+) -> None:
+    code, out, err = run_main(capsys, "history", ADDR, "--state", str(state_file))
+    assert (code, err) == (0, "")
+    header, *rows = out.splitlines()
+    assert header.split() == ["observed", "sweep", "shard", "port", "status", "findings"]
+    assert [r.split()[:3] for r in rows] == [["2025-01-06", "12:00:00", "UTC"]] * 2
+    assert [r.split()[5:] for r in rows] == [
+        ["25", "open-relay", "open-relay"],
+        ["587", "open-relay", "unapproved-smtp"],
+    ]
+
+
+def test_findings_times_carry_their_zone(
+    capsys: pytest.CaptureFixture[str], state_file: Path
+) -> None:
+    code, out, err = run_main(capsys, "findings", "--state", str(state_file))
+    assert (code, err) == (0, "")
+    rows = out.splitlines()[1:-1]
+    assert len(rows) == 2
+    assert all(r.endswith("2025-01-06 12:00:00 UTC 2025-01-06 12:00:00 UTC") for r in rows)
+
+
+def test_outbox_list_shows_every_delivery_in_every_state(
+    capsys: pytest.CaptureFixture[str], state_file: Path
+) -> None:
+    with StateStore(state_file) as store:
+        store.set_channels(["command:0"])
+        sent, dead = store.due("command:0", T0 + timedelta(days=3650))
+        store.delivered(sent)
+        store.failed(dead, "exit status 3: ticket system down", next_attempt=T0, dead=True)
+        for day in (1, 2):  # the relay is gone from two sweeps: resolved
+            one_sweep(store, observe(port=25, when=T0 + timedelta(days=day)))
+    state = str(state_file)
+    code, out, err = run_main(capsys, "outbox", "list", "--state", state)
+    assert (code, err) == (0, "")
+    title, header, *rows = out.splitlines()
+    assert title == f"{state}: 3 deliveries"
+    assert header.split() == [
+        "id", "state", "finding", "id", "transition", "hook", "attempts", "next", "try", "last", "error",
+    ]  # fmt: skip
+    relay, unapproved = make_finding().id, make_finding(FindingKind.UNAPPROVED_SMTP, port=587).id
+    assert [r.split()[:6] for r in rows] == [
+        ["1", "sent", relay, "new", "command:0", "1"],
+        ["2", "dead", unapproved, "new", "command:0", "1"],
+        ["3", "pending", relay, "resolved", "command:0", "0"],
+    ]
+    assert rows[0].split()[6:] == ["-", "-"]
+    assert rows[1].split()[6:] == ["-", "exit", "status", "3:", "ticket", "system", "down"]
+    # due at once: queued now
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC -", " ".join(rows[2].split()[6:]))
+
+    code, out, err = run_main(
+        capsys, "outbox", "list", "--status", "dead", "--state", state, "--json"
+    )
+    assert (code, err) == (0, "")
+    (doc,) = json.loads(out)
+    assert {k: doc[k] for k in ("store", "id", "state", "finding_id", "transition", "channel")} == {
+        "store": state,
+        "id": 2,
+        "state": "dead",
+        "finding_id": unapproved,
+        "transition": "new",
+        "channel": "command:0",
+    }
+    assert (doc["attempts"], doc["last_error"]) == (1, "exit status 3: ticket system down")
+    assert (doc["address"], doc["port"]) == (ADDR, 587)
+
+    # the counts and the replay work as before
+    code, out, err = run_main(capsys, "outbox", "--state", state)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"{state}: 1 pending, 1 sent, 1 dead",
+        f"  dead #2 command:0 {unapproved}/new/1 after 1 attempt(s): exit status 3: ticket system down",
+    ]
+    assert run_main(capsys, "outbox", "--state", state, "--replay")[:2] == (
+        0,
+        f"{state}: 2 pending, 1 sent, 0 dead\n  1 dead letter(s) requeued\n",
+    )
+    code, out, err = run_main(capsys, "outbox", "list", "--status", "pending", "--state", state)
+    assert out.splitlines()[0] == f"{state}: 2 pending deliveries"
+
+
+# -- a reader that leaves early (`| head`) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["history", ADDR, "--json", "--state", "{state}"],
+        ["history", ADDR, "--state", "{state}"],
+        ["findings", "--state", "{state}"],
+        ["outbox", "list", "--state", "{state}"],
+        ["outbox", "--state", "{state}"],
+        ["config", "check", str(LAB)],
+    ],
+    ids=["history-json", "history", "findings", "outbox-list", "outbox", "config-check"],
+)
+def test_a_reader_that_left_ends_the_command_quietly(state_file: Path, command: list[str]) -> None:
+    args = [a.replace("{state}", str(state_file)) for a in command]
+    # as a command that SIGPIPE ended: 128 + 13, and no traceback
+    assert run_cli_into_closed_pipe(*args) == (141, "")
+
+
+def test_piped_into_head_exits_quietly(tmp_path: Path) -> None:
+    # more than a pipe holds (64 KiB): head leaves while relayaudit is still writing
+    path = tmp_path / "state.sqlite"
+    long_transcript = tuple(
+        Exchange(
+            command=f"RCPT TO:<relaytest{i}@relay-test.example>",
+            reply=Reply(code=250, text="Ok " * 40),
+        )
+        for i in range(60)
+    )
+    with StateStore(path) as store:
+        one_sweep(
+            store,
+            *(
+                observe(make_finding(port=p, transcript=long_transcript), port=p)
+                for p in range(1, 41)
+            ),
+        )
+    code, out, err = run_cli_into_head("findings", "--json", "--state", str(path))
+    assert (code, out, err) == (141, "[\n", "")

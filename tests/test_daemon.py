@@ -16,6 +16,7 @@ from daemon_harness import DaemonProcess, base_config, write_config
 
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.state import StateStore, Transition
+from relayaudit.verdict import FindingKind, finding_id
 
 PORT = 2725
 
@@ -118,6 +119,9 @@ async def test_fixed_relay_gives_one_resolved_alert_and_nothing_else(
     summaries = d.events("sweep.summary")
     assert summaries[0]["transitions"] == {"new": 3}  # open-relay + two unapproved-smtp
     assert summaries[1]["transitions"] == {"resolved": 1}
+    # the summary names the relay it counts
+    relay_id = finding_id(FindingKind.OPEN_RELAY, "127.0.52.1", PORT)
+    assert [(s["relays"], s["relay_findings"]) for s in summaries[:2]] == [(1, [relay_id]), (0, [])]
     resolved = [e for e in d.events("finding.transition") if e["transition"] == "resolved"]
     assert [(e["kind"], e["address"]) for e in resolved] == [("open-relay", "127.0.52.1")]
 

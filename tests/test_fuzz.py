@@ -32,6 +32,7 @@ from relayaudit.evidence import (
     TestCategory,
     TestOutcome,
     TestResult,
+    TestRole,
     TlsFacts,
     Transport,
     classify_reply,
@@ -209,6 +210,16 @@ def test_judge_is_total_over_arbitrary_evidence(
         assert f.id == finding_id(f.kind, f.address, f.port)
     if verdict.status in _RELAY_KIND:
         assert _RELAY_KIND[verdict.status] in kinds
+    for f in verdict.findings:
+        # "N of the relay tests accepted" counts exactly the accepted tests its evidence lists
+        count = re.match(r"(\d+) of the relay tests accepted", f.summary)
+        if count is not None:
+            listed = [
+                e
+                for e in f.evidence
+                if e.outcome is TestOutcome.ACCEPTED and e.test.role is not TestRole.CONTROL
+            ]
+            assert int(count[1]) == len(listed)
     if approved:
         assert FindingKind.UNAPPROVED_SMTP not in kinds
     elif result.status in (ProbeStatus.SMTP, ProbeStatus.SESSION_REFUSED):

@@ -14,7 +14,17 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     (
         "foundations",
         frozenset(
-            {"errors", "settings", "evidence", "wire", "pacer", "metrics", "eventloop", "targets"}
+            {
+                "errors",
+                "settings",
+                "evidence",
+                "wire",
+                "pacer",
+                "metrics",
+                "eventloop",
+                "targets",
+                "text",
+            }
         ),
     ),
     (

@@ -10,16 +10,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from factories import ADDR, T0, make_finding, observe, probe_settings
+from factories import ADDR, SHARD, T0, make_finding, observe, one_sweep, probe_settings
 
 from relayaudit.cli import main
 from relayaudit.engine import SweepStats
 from relayaudit.errors import StateError
-from relayaudit.evidence import ProbeResult
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.probe import probe
 from relayaudit.state import (
-    Alert,
     FindingStatus,
     StateSink,
     StateStore,
@@ -30,24 +28,10 @@ from relayaudit.state import (
 from relayaudit.verdict import (
     FindingKind,
     Severity,
-    Verdict,
     VerdictStatus,
     finding_id,
     judge,
 )
-
-SHARD = "0/1"
-
-
-def one_sweep(
-    store: StateStore, *observations: tuple[ProbeResult, Verdict], fingerprint: str = "fp"
-) -> list[Alert]:
-    record = store.begin_sweep(shard=SHARD, config_fingerprint=fingerprint, total=len(observations))
-    alerts: list[Alert] = []
-    for result, verdict in observations:
-        alerts += store.record(record.id, result, verdict)
-    store.complete_sweep(record.id, SweepStats(finished=T0))
-    return alerts
 
 
 def status_of(store: StateStore, fid: str) -> FindingStatus:
@@ -104,32 +88,46 @@ def test_lifecycle_new_ongoing_resolved_reopened(store: StateStore) -> None:
 
     assert one_sweep(store, observe(make_finding(when=at(6)), when=at(6))) == []
     assert status_of(store, fid) is FindingStatus.ONGOING
-    assert [a.key for a in store.alerts()] == [f"{fid}/new/1", f"{fid}/resolved/2", f"{fid}/reopened/3"]
+    assert [a.key for a in store.alerts()] == [
+        f"{fid}/new/1",
+        f"{fid}/resolved/2",
+        f"{fid}/reopened/3",
+    ]
 
 
 def test_resolution_needs_consecutive_absences(store: StateStore) -> None:
     one_sweep(store, observe(make_finding()))
     for day in range(1, 7):  # absent, present, absent, present...: never two misses in a row
         present = day % 2 == 0
-        obs = observe(make_finding(when=at(day)), when=at(day)) if present else observe(when=at(day))
+        obs = (
+            observe(make_finding(when=at(day)), when=at(day)) if present else observe(when=at(day))
+        )
         assert one_sweep(store, obs) == []
     assert store.findings()[0].status is FindingStatus.ONGOING
 
 
 def test_an_undecided_probe_is_not_a_miss(store: StateStore) -> None:
     one_sweep(store, observe(make_finding()))
-    for day, status in ((1, VerdictStatus.INCONCLUSIVE), (2, VerdictStatus.ERROR)):  # 451s, local error
+    for day, status in (
+        (1, VerdictStatus.INCONCLUSIVE),
+        (2, VerdictStatus.ERROR),
+    ):  # 451s, local error
         assert one_sweep(store, observe(when=at(day), status=status)) == []
     (row,) = store.findings()
     assert (row.status, row.missed) == (FindingStatus.NEW, 0)
-    assert [h.status for h in store.history(ADDR)][1:] == [VerdictStatus.INCONCLUSIVE, VerdictStatus.ERROR]
+    assert [h.status for h in store.history(ADDR)][1:] == [
+        VerdictStatus.INCONCLUSIVE,
+        VerdictStatus.ERROR,
+    ]
 
 
 def test_severity_raised_alerts_and_lowered_does_not(store: StateStore) -> None:
     fid = finding_id(FindingKind.OPEN_RELAY, ADDR, 25)
     one_sweep(store, observe(make_finding(severity=Severity.MEDIUM)))
     alerts = one_sweep(store, observe(make_finding(severity=Severity.HIGH, when=at(1))))
-    assert [(a.key, a.finding.severity) for a in alerts] == [(f"{fid}/severity-raised/2", Severity.HIGH)]
+    assert [(a.key, a.finding.severity) for a in alerts] == [
+        (f"{fid}/severity-raised/2", Severity.HIGH)
+    ]
     assert one_sweep(store, observe(make_finding(severity=Severity.LOW, when=at(2)))) == []
     assert store.findings()[0].severity is Severity.LOW  # lowered quietly, remembered
     alerts = one_sweep(store, observe(make_finding(severity=Severity.CRITICAL, when=at(3))))
@@ -144,7 +142,9 @@ def test_one_fixed_problem_of_two_at_an_endpoint_resolves_alone(store: StateStor
     fixed = observe(still, when=at(1), status=VerdictStatus.RELAY_REFUSED)
     assert one_sweep(store, fixed) == []
     alerts = one_sweep(store, fixed)
-    assert [(a.transition, a.finding.kind) for a in alerts] == [(Transition.RESOLVED, FindingKind.OPEN_RELAY)]
+    assert [(a.transition, a.finding.kind) for a in alerts] == [
+        (Transition.RESOLVED, FindingKind.OPEN_RELAY)
+    ]
     statuses = {r.kind: r.status for r in store.findings()}
     assert statuses == {
         FindingKind.OPEN_RELAY: FindingStatus.RESOLVED,
@@ -199,7 +199,12 @@ def test_resume_returns_the_unfinished_sweep_and_its_watermark(tmp_path: Path) -
         assert store.last_completed() is None
     with StateStore(path) as store:  # a restart
         resumed = store.begin_sweep(shard=SHARD, config_fingerprint="fp-a", total=100)
-        assert (resumed.id, resumed.watermark, resumed.total, resumed.resumed) == (first.id, 40, 100, True)
+        assert (resumed.id, resumed.watermark, resumed.total, resumed.resumed) == (
+            first.id,
+            40,
+            100,
+            True,
+        )
         assert resumed.started == first.started
         other = store.begin_sweep(shard=SHARD, config_fingerprint="fp-b", total=7)
         assert other.id != first.id and not other.resumed
@@ -233,15 +238,25 @@ def test_outbox_survives_a_restart_and_orders_per_finding(tmp_path: Path) -> Non
         # the resolution of port 25 waits behind its NEW; the other finding is not held up
         assert [i.alert.key for i in due] == [f"{relay}/new/1", f"{other}/new/1"]
         store.delivered(due[0])
-        assert [i.alert.key for i in store.due("webhook:0", now)] == [f"{other}/new/1", f"{relay}/resolved/2"]
+        assert [i.alert.key for i in store.due("webhook:0", now)] == [
+            f"{other}/new/1",
+            f"{relay}/resolved/2",
+        ]
         store.failed(due[1], "HTTP 500", next_attempt=now + timedelta(minutes=5), dead=False)
         assert [i.alert.key for i in store.due("webhook:0", now)] == [f"{relay}/resolved/2"]
         later = store.due("webhook:0", now + timedelta(minutes=6))
-        assert (later[0].alert.key, later[0].attempts, later[0].last_error) == (f"{other}/new/1", 1, "HTTP 500")
+        assert (later[0].alert.key, later[0].attempts, later[0].last_error) == (
+            f"{other}/new/1",
+            1,
+            "HTTP 500",
+        )
         # a dead earlier item does not block the later ones of its finding forever
         command = store.due("command:0", now)
         store.failed(command[0], "exit 3", next_attempt=now, dead=True)
-        assert [i.alert.key for i in store.due("command:0", now)] == [f"{other}/new/1", f"{relay}/resolved/2"]
+        assert [i.alert.key for i in store.due("command:0", now)] == [
+            f"{other}/new/1",
+            f"{relay}/resolved/2",
+        ]
         assert store.outbox_counts() == {"pending": 4, "sent": 1, "dead": 1}
         assert [d.alert.key for d in store.dead_letters()] == [f"{relay}/new/1"]
         assert store.due("email:0", now) == []
@@ -264,7 +279,9 @@ def test_history_skips_silent_ports_but_keeps_smtp_and_known_endpoints(store: St
         observe(make_finding(), when=at(0)),
     )
     one_sweep(store, observe(when=at(1)))  # closed now, but it had a finding: written
-    assert [(h.port, h.status) for h in store.history("127.0.9.8")] == [(587, VerdictStatus.RELAY_REFUSED)]
+    assert [(h.port, h.status) for h in store.history("127.0.9.8")] == [
+        (587, VerdictStatus.RELAY_REFUSED)
+    ]
     rows = store.history(ADDR)
     assert [(h.observed, h.status, h.kinds, h.shard) for h in rows] == [
         (at(0), VerdictStatus.OPEN_RELAY, (FindingKind.OPEN_RELAY,), SHARD),
@@ -279,7 +296,9 @@ def test_read_only_merge_over_shard_files(tmp_path: Path) -> None:
         one_sweep(store, observe(make_finding(port=465, severity=Severity.CRITICAL), port=465))
     with StateStore(b) as store:  # the same problem seen later from another shard's file
         one_sweep(store, observe(make_finding(when=at(3)), when=at(3)))
-        auth = make_finding(FindingKind.AUTH_WITHOUT_TLS, address="127.0.9.10", severity=Severity.LOW)
+        auth = make_finding(
+            FindingKind.AUTH_WITHOUT_TLS, address="127.0.9.10", severity=Severity.LOW
+        )
         one_sweep(store, observe(auth, address="127.0.9.10"))
         with pytest.raises(ValueError, match="not about"):
             one_sweep(store, observe(auth))
@@ -426,7 +445,9 @@ def test_prune_drops_old_history_and_sent_deliveries_only(store: StateStore) -> 
     assert [a.key for a in store.alerts()] == [f"{row.id}/new/1"]
 
 
-def test_dead_letters_can_be_replayed(store: StateStore, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dead_letters_can_be_replayed(
+    store: StateStore, capsys: pytest.CaptureFixture[str]
+) -> None:
     store.set_channels(["webhook:0"])
     for day, address in enumerate(("127.0.9.1", "127.0.9.2")):
         one_sweep(store, observe(make_finding(address=address, when=at(day)), address=address))
