@@ -41,7 +41,7 @@ from relayaudit.report import (
     table,
     terminal_width,
 )
-from relayaudit.sinks import FindingsFile
+from relayaudit.sinks import FindingsFile, new_sweep_id
 from relayaudit.targets import Shard, TargetSpace
 from relayaudit.text import utc_time
 from relayaudit.verdict import Verdict, VerdictStatus
@@ -580,9 +580,18 @@ def _print_findings_table(briefs: Sequence[FindingBrief], *, everything: bool) -
 
 
 async def _sweep(
-    config: Config, shard: Shard | None, *, progress: _Progress | None, listed: FindingBriefs
+    config: Config,
+    shard: Shard | None,
+    *,
+    progress: _Progress | None,
+    sweep_id: str | None = None,
+    label: Shard | None = None,
+    listed: FindingBriefs,
 ) -> tuple[SweepStats, int]:
-    sink = FindingsFile(config.output.findings)
+    """One process's sweep; `sweep_id` and `label` (the shard a user asked for) name its lines."""
+    sink = FindingsFile(
+        config.output.findings, sweep_id=sweep_id, shard=str(label or shard or Shard(0, 1))
+    )
     try:
         sink.open()
     except OSError as exc:
@@ -616,6 +625,7 @@ def _sweep_processes(
     the table to the parent as JSON over a pipe.
     """
     outer = shard or Shard(0, 1)
+    sweep_id = new_sweep_id()  # one sweep, however many processes write its lines
     limits = config.limits.model_copy(
         update={
             "rate": config.limits.rate / processes,
@@ -635,7 +645,14 @@ def _sweep_processes(
                 sub = Shard(outer.index * processes + p, outer.count * processes)
                 listed = FindingBriefs(everything=everything)
                 stats, written = eventloop.run(
-                    _sweep(child_config, sub, progress=None, listed=listed),
+                    _sweep(
+                        child_config,
+                        sub,
+                        progress=None,
+                        sweep_id=sweep_id,
+                        label=outer,
+                        listed=listed,
+                    ),
                     config.limits.event_loop,
                 )
                 report = {

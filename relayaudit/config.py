@@ -296,6 +296,9 @@ class Output(_Model):
     """Where findings go."""
 
     findings: FilePath = Path("findings.jsonl")
+    # "changes": a line for an ongoing or resolved finding is compact (no transcript, the first
+    # evidence lines); "always": every line whole, as before release 0.2
+    transcripts: Literal["changes", "always"] = "changes"
 
 
 class StateConfig(_Model):

@@ -284,8 +284,15 @@ class Daemon:
                     key=alert.key,
                 )
 
-        state_sink = StateSink(store, sweep_id, on_alerts=on_alerts)
-        findings = FindingsFile(config.output.findings)
+        findings = FindingsFile(
+            config.output.findings,
+            sweep_id=sweep_id,
+            shard=str(self.shard or Shard(0, 1)),
+            transcripts=config.output.transcripts,
+        )
+        # the findings file is written from the store's verdicts: each line carries the
+        # finding's lifecycle status (docs/findings.md)
+        state_sink = StateSink(store, sweep_id, on_alerts=on_alerts, on_lines=findings.write)
         self._findings_file = findings
         metrics_sink = _MetricsSink(self._metrics)
         canary: CanaryReceiver | None = None
@@ -307,7 +314,7 @@ class Daemon:
         started = time.monotonic()
         work = asyncio.create_task(
             plan.run(
-                sinks=[state_sink, findings, _LogSink(), metrics_sink],
+                sinks=[state_sink, _LogSink(), metrics_sink],
                 start=start,
                 canary=canary,
                 progress=progress,

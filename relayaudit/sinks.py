@@ -4,28 +4,53 @@ from __future__ import annotations
 
 import errno
 import os
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from relayaudit.errors import OutputError
 from relayaudit.evidence import ProbeResult
+from relayaudit.records import FindingRecord, Lifecycle, Transition, to_record
 from relayaudit.verdict import Finding, Verdict
 
-__all__ = ["Collector", "FindingsFile"]
+__all__ = ["Collector", "FindingsFile", "new_sweep_id"]
+
+Transcripts = Literal["changes", "always"]
+
+
+def new_sweep_id() -> str:
+    """A sweep's id where no state store gives one (`sweep`, `demo`): the store's format."""
+    return uuid.uuid4().hex[:12]
 
 
 class FindingsFile:
-    """Appends each finding as one JSON line, written with one O_APPEND write and fsynced.
+    """Appends one FindingRecord per finding per sweep as a JSON line: one O_APPEND write, fsynced.
 
     One write per line keeps lines whole when several sweep processes share the file; the
-    fsync means a crash loses nothing that was reported written.
+    fsync means a crash loses nothing that was reported written. Fed by the state store
+    (`write`, the daemon) each line carries the finding's lifecycle status, and a line with no
+    change (ongoing, resolved) is compact unless `transcripts = "always"`; as a plain sink
+    (`emit`: `sweep`, `demo`) every line is whole and its status null. See docs/findings.md.
     """
 
     wants_unreachable = False  # closed ports have no findings
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sweep_id: str | None = None,
+        shard: str = "0/1",
+        transcripts: Transcripts = "changes",
+    ) -> None:
         self.path = path
+        self.sweep_id = sweep_id or new_sweep_id()
+        self.shard = shard
+        self.transcripts = transcripts
         self._fd: int | None = None
         self.written = 0
+        self.bytes = 0
 
     def open(self) -> None:
         try:
@@ -48,18 +73,43 @@ class FindingsFile:
             self.open()
 
     async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
-        if not verdict.findings:
-            return
+        """A sweep with no state store: each finding whole, with no lifecycle status."""
+        if verdict.findings:
+            self._append(
+                to_record(f, sweep_id=self.sweep_id, shard=self.shard) for f in verdict.findings
+            )
+
+    def write(self, lines: Iterable[Lifecycle]) -> None:
+        """What the state store made of one probe's findings (StateSink's `on_lines`)."""
+        self._append(
+            to_record(
+                line.finding,
+                sweep_id=self.sweep_id,
+                shard=self.shard,
+                status=line.status,
+                transition=line.transition,
+                compact=self.transcripts != "always"
+                and line.transition in (None, Transition.RESOLVED),
+            )
+            for line in lines
+        )
+
+    def _append(self, records: Iterable[FindingRecord]) -> None:
         try:
             if self._fd is None:
                 self.open()
             assert self._fd is not None
-            for finding in verdict.findings:
-                line = memoryview((finding.model_dump_json() + "\n").encode())
+            wrote = False
+            for record in records:
+                data = (record.model_dump_json() + "\n").encode()
+                line = memoryview(data)
                 while line:  # a short write happens only as the disk fills: finish, or fail below
                     line = line[os.write(self._fd, line) :]
                 self.written += 1
-            os.fsync(self._fd)
+                self.bytes += len(data)
+                wrote = True
+            if wrote:
+                os.fsync(self._fd)
         except OSError as exc:  # a clear error (the daemon exits and resumes), not a traceback
             raise OutputError(
                 f"output.findings: cannot write {str(self.path)!r}: {exc.strerror or exc}"

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from relayaudit.errors import StateError
-from relayaudit.verdict import Finding, FindingKind, Severity, VerdictStatus
+from relayaudit.records import FindingStatus, Lifecycle, Transition
+from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, VerdictStatus
 
 if TYPE_CHECKING:
-    from relayaudit.engine import SweepStats
     from relayaudit.evidence import ProbeResult
+    from relayaudit.progress import SweepStats
     from relayaudit.verdict import Verdict
 
 __all__ = [
@@ -34,19 +35,22 @@ __all__ = [
     "DeliveryState",
     "FindingRow",
     "FindingStatus",
+    "Folded",
     "ObservationRow",
     "OutboxItem",
     "StateSink",
     "StateStore",
     "SweepRecord",
     "Transition",
+    "read_changes",
     "read_findings",
     "read_history",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# Every statement of version 1; a later version adds a migration step, never edits these.
+# Every statement of version 1; a later version adds a migration step (_MIGRATIONS), never edits
+# these.
 _SCHEMA = """
 CREATE TABLE sweeps (
     id          TEXT PRIMARY KEY,
@@ -117,6 +121,21 @@ CREATE INDEX deliveries_due ON deliveries (channel, state, next_attempt);
 CREATE INDEX deliveries_by_finding ON deliveries (channel, finding_id, state, id);
 """
 
+# Version N's steps turn a version N-1 file into version N, in one transaction with the new
+# user_version. A store of any earlier version opens, upgrades in place and keeps every row.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 2 (relayaudit 0.2): a finding's confidence, title and approval note as columns, so that
+    # reports list and sort findings without parsing each one's JSON
+    2: (
+        "ALTER TABLE findings ADD COLUMN confidence TEXT",
+        "ALTER TABLE findings ADD COLUMN title TEXT",
+        "ALTER TABLE findings ADD COLUMN approved_note TEXT",
+        "UPDATE findings SET confidence = json_extract(finding, '$.confidence'), "
+        "title = json_extract(finding, '$.title'), "
+        "approved_note = json_extract(finding, '$.approved_note')",
+    ),
+}
+
 # every dead letter when :id is NULL, else only that delivery
 _REPLAY = (
     "UPDATE deliveries SET state = 'pending', attempts = 0, last_error = NULL, next_attempt = :now, "
@@ -129,26 +148,6 @@ _QUIET = frozenset({VerdictStatus.CLOSED, VerdictStatus.FILTERED})
 # A probe that could not decide (greylisting, a local error) says nothing about whether a finding
 # is gone: counting it as a miss would resolve a relay just because it answered 451 once.
 _UNDECIDED = frozenset({VerdictStatus.INCONCLUSIVE, VerdictStatus.ERROR})
-
-
-class Transition(StrEnum):
-    """The changes of a finding that raise an alert; nothing else does."""
-
-    NEW = "new"
-    REOPENED = "reopened"
-    SEVERITY_RAISED = "severity-raised"
-    RESOLVED = "resolved"
-
-
-class FindingStatus(StrEnum):
-    NEW = "new"  # first seen in the sweep that last saw it
-    ONGOING = "ongoing"  # seen again in a later sweep
-    RESOLVED = "resolved"  # absent from `resolve_after` consecutive sweeps of its address:port
-    REOPENED = "reopened"  # seen again after it was resolved
-
-    @property
-    def open(self) -> bool:
-        return self is not FindingStatus.RESOLVED
 
 
 class _Frozen(BaseModel):
@@ -209,10 +208,24 @@ class Delivery(_Frozen):
     updated: datetime
 
 
+class Folded:
+    """What one probe did to the store: the alerts it raised, and one Lifecycle per finding
+    that the sweep saw or resolved there (the findings file's lines)."""
+
+    __slots__ = ("alerts", "lines")
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+        self.lines: list[Lifecycle] = []
+
+
 class FindingRow(_Frozen):
     id: str
     kind: FindingKind
     severity: Severity
+    confidence: Confidence
+    title: str
+    approved_note: str | None
     status: FindingStatus
     address: str
     port: int
@@ -220,7 +233,22 @@ class FindingRow(_Frozen):
     last_seen: datetime
     resolved_at: datetime | None
     missed: int
+    last_sweep: str  # the id of the last sweep that saw it
     finding: Finding
+
+
+class Change(_Frozen):
+    """One transition of one finding (the alert it raised): `show` and `report` list these."""
+
+    finding_id: str
+    transition: Transition
+    at: datetime
+    sweep_id: str
+    kind: FindingKind
+    severity: Severity
+    address: str
+    port: int
+    title: str
 
 
 class ObservationRow(_Frozen):
@@ -331,13 +359,15 @@ class StateStore:
                 raise self._error(exc, "open") from exc
             db.row_factory = sqlite3.Row
             try:
-                self._prepare(db, readonly=readonly)
+                db = self._prepare(db, readonly=readonly)
             except BaseException:
                 db.close()
                 raise
             self._db = db
 
-    def _prepare(self, db: sqlite3.Connection, *, readonly: bool) -> None:
+    def _prepare(self, db: sqlite3.Connection, *, readonly: bool) -> sqlite3.Connection:
+        """Check the file's schema version; create or upgrade it. Returns the connection to use:
+        a read-only open of an older file reads an upgraded copy in memory (the file is kept)."""
         try:
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
@@ -347,19 +377,27 @@ class StateStore:
                     f"relayaudit (this one knows {SCHEMA_VERSION})"
                 )
             if readonly:
-                if version != SCHEMA_VERSION:
+                if version == SCHEMA_VERSION:
+                    return db
+                if version == 0:
                     raise StateError(f"state file {self.path}: not a relayaudit state file")
-                return
+                copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                copy.row_factory = sqlite3.Row
+                db.backup(copy)
+                db.close()
+                self._upgrade(copy, version)
+                return copy
             # WAL: the CLI can read while the daemon writes. FULL: a commit is on disk before
             # record() returns, so an alert the outbox acknowledged survives a power cut, not
             # only a crash (NORMAL would only lose a suffix, but costs nothing to avoid here).
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
-            if version == 0:
+            if version < SCHEMA_VERSION:
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    # re-read under the write lock: another process may have created it meanwhile
-                    if int(db.execute("PRAGMA user_version").fetchone()[0]) == 0:
+                    # re-read under the write lock: another process may have done it meanwhile
+                    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                    if version == 0:
                         if db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
                             raise StateError(
                                 f"state file {self.path}: an SQLite file that relayaudit did not "
@@ -368,7 +406,8 @@ class StateStore:
                         for statement in _SCHEMA.split(";"):
                             if statement.strip():
                                 db.execute(statement)
-                        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                        version = 1
+                    self._upgrade(db, version, in_transaction=True)
                     db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:
@@ -376,6 +415,19 @@ class StateStore:
                     raise
         except sqlite3.Error as exc:
             raise self._error(exc, "open") from exc
+        return db
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection, version: int, *, in_transaction: bool = False) -> None:
+        """Apply the migrations after `version`, ending at SCHEMA_VERSION."""
+        if not in_transaction:
+            db.execute("BEGIN IMMEDIATE")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if not in_transaction:
+            db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -546,6 +598,10 @@ class StateStore:
     # -- findings ------------------------------------------------------------------------------
 
     def record(self, sweep_id: str, result: ProbeResult, verdict: Verdict) -> list[Alert]:
+        """Fold one judged probe into the findings; the alerts it raised (see `fold`)."""
+        return self.fold(sweep_id, result, verdict).alerts
+
+    def fold(self, sweep_id: str, result: ProbeResult, verdict: Verdict) -> Folded:
         """Fold one judged probe into the findings, in one transaction with its outbox rows.
 
         Safe to repeat for the same (sweep, address, port): a resumed sweep re-probes the
@@ -562,9 +618,10 @@ class StateStore:
                     "SELECT 1 FROM findings WHERE address = ? AND port = ? LIMIT 1", (address, port)
                 ).fetchone()
             if known is None:
-                return []
+                return Folded()
         now = self._clock()
-        alerts: list[Alert] = []
+        folded = Folded()
+        alerts = folded.alerts
         with self._write("record") as db:
             if db.execute("SELECT 1 FROM sweeps WHERE id = ?", (sweep_id,)).fetchone() is None:
                 raise StateError(f"state file {self.path}: record: no sweep {sweep_id!r}")
@@ -577,14 +634,16 @@ class StateStore:
             }
             present = {f.id: f for f in verdict.findings}
             for finding in present.values():
-                alert = self._seen(db, sweep_id, finding, stored.get(finding.id), now)
-                if alert is not None:
-                    alerts.append(alert)
+                line = self._seen(db, sweep_id, finding, stored.get(finding.id), now)
+                folded.lines.append(line)
+                if line.transition is not None:
+                    alerts.append(self._alert(line, sweep_id, now))
             for fid, row in stored.items():
                 if fid not in present and verdict.status not in _UNDECIDED:
-                    alert = self._absent(db, sweep_id, row, result.finished, now)
-                    if alert is not None:
-                        alerts.append(alert)
+                    gone = self._absent(db, sweep_id, row, result.finished)
+                    if gone is not None:
+                        folded.lines.append(gone)
+                        alerts.append(self._alert(gone, sweep_id, now))
             db.execute(
                 "INSERT OR REPLACE INTO observations "
                 "(sweep_id, address, port, status, summary, observed, kinds) "
@@ -599,8 +658,8 @@ class StateStore:
                     json.dumps([f.kind.value for f in verdict.findings]),
                 ),
             )
-            alerts = [a for a in alerts if self._enqueue(db, a)]
-        return alerts
+            folded.alerts = [a for a in alerts if self._enqueue(db, a)]
+        return folded
 
     def _seen(
         self,
@@ -609,27 +668,30 @@ class StateStore:
         finding: Finding,
         row: sqlite3.Row | None,
         now: datetime,
-    ) -> Alert | None:
+    ) -> Lifecycle:
         seen = _ts(finding.observed_at)
         body = finding.model_dump_json()
         if row is None:
             db.execute(
-                "INSERT INTO findings (id, kind, address, port, severity, status, first_seen, "
-                "last_seen, seen_sweep, missed, seq, finding) "
-                "VALUES (?, ?, ?, ?, ?, 'new', ?, ?, ?, 0, 1, ?)",
+                "INSERT INTO findings (id, kind, address, port, severity, confidence, title, "
+                "approved_note, status, first_seen, last_seen, seen_sweep, missed, seq, finding) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'new', ?, ?, ?, 0, 1, ?)",
                 (
                     finding.id,
                     finding.kind.value,
                     finding.address,
                     finding.port,
                     finding.severity.value,
+                    finding.confidence.value,
+                    finding.title,
+                    finding.approved_note,
                     seen,
                     seen,
                     sweep_id,
                     body,
                 ),
             )
-            return self._alert(finding, Transition.NEW, 1, sweep_id, now)
+            return Lifecycle(finding, FindingStatus.NEW, Transition.NEW, 1)
         status = FindingStatus(row["status"])
         transition: Transition | None = None
         if status is FindingStatus.RESOLVED:
@@ -642,10 +704,14 @@ class StateStore:
         seq = int(row["seq"]) + (transition is not None)
         db.execute(
             # MAX: a resumed sweep may re-probe out of order; last_seen never moves back
-            "UPDATE findings SET severity = ?, status = ?, last_seen = MAX(last_seen, ?), "
-            "resolved_at = NULL, seen_sweep = ?, missed = 0, seq = ?, finding = ? WHERE id = ?",
+            "UPDATE findings SET severity = ?, confidence = ?, title = ?, approved_note = ?, "
+            "status = ?, last_seen = MAX(last_seen, ?), resolved_at = NULL, seen_sweep = ?, "
+            "missed = 0, seq = ?, finding = ? WHERE id = ?",
             (
                 finding.severity.value,
+                finding.confidence.value,
+                finding.title,
+                finding.approved_note,
                 status.value,
                 seen,
                 sweep_id,
@@ -654,7 +720,7 @@ class StateStore:
                 finding.id,
             ),
         )
-        return self._alert(finding, transition, seq, sweep_id, now) if transition else None
+        return Lifecycle(finding, status, transition, seq)
 
     def _absent(
         self,
@@ -662,8 +728,8 @@ class StateStore:
         sweep_id: str,
         row: sqlite3.Row,
         observed: datetime,
-        now: datetime,
-    ) -> Alert | None:
+    ) -> Lifecycle | None:
+        """Count one sweep's miss of a finding; the Lifecycle when that resolves it."""
         if not FindingStatus(row["status"]).open:
             return None
         if sweep_id in (row["seen_sweep"], row["missed_sweep"]):
@@ -684,16 +750,16 @@ class StateStore:
             (missed, sweep_id, _ts(observed), seq, row["id"]),
         )
         last = Finding.model_validate_json(row["finding"])
-        return self._alert(last, Transition.RESOLVED, seq, sweep_id, now)
+        return Lifecycle(last, FindingStatus.RESOLVED, Transition.RESOLVED, seq)
 
     @staticmethod
-    def _alert(
-        finding: Finding, transition: Transition, seq: int, sweep_id: str, now: datetime
-    ) -> Alert:
+    def _alert(line: Lifecycle, sweep_id: str, now: datetime) -> Alert:
+        """The alert of a transition, keyed by the finding's transition count (its `seq`)."""
+        assert line.transition is not None
         return Alert(
-            key=f"{finding.id}/{transition.value}/{seq}",
-            transition=transition,
-            finding=finding,
+            key=f"{line.finding.id}/{line.transition.value}/{line.seq}",
+            transition=line.transition,
+            finding=line.finding,
             sweep_id=sweep_id,
             created=now,
         )
@@ -851,6 +917,38 @@ class StateStore:
 
     # -- queries for the CLI -------------------------------------------------------------------
 
+    def changes(
+        self, *, since: datetime | None = None, finding_id: str | None = None
+    ) -> list[Change]:
+        """The transitions raised at or after `since` (of one finding, if given), oldest first."""
+        with self._read("read changes") as db:
+            rows = db.execute(
+                "SELECT a.finding_id, a.transition, a.created, a.sweep_id, f.kind, f.severity, "
+                "f.address, f.port, f.title FROM alerts a JOIN findings f ON f.id = a.finding_id "
+                "WHERE (? IS NULL OR a.created >= ?) AND (? IS NULL OR a.finding_id = ?) "
+                "ORDER BY a.created, a.rowid",
+                (
+                    _ts(since) if since else None,
+                    _ts(since) if since else None,
+                    finding_id,
+                    finding_id,
+                ),
+            ).fetchall()
+        return [
+            Change(
+                finding_id=r["finding_id"],
+                transition=r["transition"],
+                at=_dt(r["created"]),
+                sweep_id=r["sweep_id"],
+                kind=r["kind"],
+                severity=r["severity"],
+                address=r["address"],
+                port=r["port"],
+                title=r["title"] or "",
+            )
+            for r in rows
+        ]
+
     def findings(self, status: FindingStatus | str | None = None) -> list[FindingRow]:
         wanted = FindingStatus(status) if status is not None else None
         with self._read("read findings") as db:
@@ -865,6 +963,9 @@ class StateStore:
                 id=r["id"],
                 kind=r["kind"],
                 severity=r["severity"],
+                confidence=r["confidence"],
+                title=r["title"],
+                approved_note=r["approved_note"],
                 status=r["status"],
                 address=r["address"],
                 port=r["port"],
@@ -872,6 +973,7 @@ class StateStore:
                 last_seen=_dt(r["last_seen"]),
                 resolved_at=_dt(r["resolved_at"]) if r["resolved_at"] else None,
                 missed=r["missed"],
+                last_sweep=r["seen_sweep"],
                 finding=Finding.model_validate_json(r["finding"]),
             )
             for r in rows
@@ -944,6 +1046,21 @@ def read_findings(
     return _sorted_findings(merged.values())
 
 
+def read_changes(
+    paths: Sequence[Path], *, since: datetime | None = None, finding_id: str | None = None
+) -> list[Change]:
+    """The transitions of several shard files, read-only, oldest first."""
+    changes: list[Change] = []
+    for path in paths:
+        store = StateStore(path)
+        store.open(readonly=True)
+        try:
+            changes.extend(store.changes(since=since, finding_id=finding_id))
+        finally:
+            store.close()
+    return sorted(changes, key=lambda c: c.at)
+
+
 def read_history(paths: Sequence[Path], address: str) -> list[ObservationRow]:
     """What was seen at `address`, over several shard files, read-only, oldest first."""
     rows: list[ObservationRow] = []
@@ -972,10 +1089,12 @@ class StateSink:
         sweep_id: str,
         *,
         on_alerts: Callable[[list[Alert]], None] | None = None,
+        on_lines: Callable[[list[Lifecycle]], None] | None = None,
     ) -> None:
         self.store = store
         self.sweep_id = sweep_id
         self.on_alerts = on_alerts
+        self.on_lines = on_lines  # the findings file: one line per finding the store folded
         self.recorded = 0
         self.transitions: Counter[Transition] = Counter()
 
@@ -984,8 +1103,11 @@ class StateSink:
         return sum(self.transitions.values())
 
     async def emit(self, result: ProbeResult, verdict: Verdict) -> None:
-        alerts = await asyncio.to_thread(self.store.record, self.sweep_id, result, verdict)
+        folded = await asyncio.to_thread(self.store.fold, self.sweep_id, result, verdict)
+        alerts = folded.alerts
         self.recorded += 1
+        if folded.lines and self.on_lines is not None:
+            self.on_lines(folded.lines)
         self.transitions.update(a.transition for a in alerts)
         if alerts and self.on_alerts is not None:
             self.on_alerts(alerts)

@@ -29,7 +29,9 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ),
     (
         "rules",
-        frozenset({"config", "schedule", "failures", "battery", "verdict", "connect", "facts"}),
+        frozenset(
+            {"config", "schedule", "failures", "battery", "verdict", "records", "connect", "facts"}
+        ),
     ),
     ("session", frozenset({"session"})),
     ("session steps", frozenset({"handshake", "runner"})),
@@ -37,6 +39,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("probe", frozenset({"probe"})),
     ("engine", frozenset({"engine", "progress"})),
     ("sinks", frozenset({"sinks", "state", "alerts", "logs", "report", "canary"})),
+    ("exports", frozenset({"export"})),
     ("commands", frozenset({"daemon", "demo", "cli", "__main__", "__init__", "lab"})),
 )
 RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}

@@ -1,0 +1,371 @@
+"""`relayaudit report`: the findings of the state store(s), or of one sweep, as CSV, Markdown or JSON.
+
+One `Report` model holds the data (header, findings, what changed); each format renders it.
+The JSON form is that model (`schemas/report.v1.schema.json`); docs/findings.md documents it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from relayaudit import __version__, records
+from relayaudit.evidence import endpoint
+from relayaudit.records import FindingStatus
+from relayaudit.state import Change, FindingRow, read_changes, read_findings
+from relayaudit.text import utc_time, wrap
+from relayaudit.verdict import Confidence, Finding, FindingKind, Severity
+
+__all__ = [
+    "REPORT_SCHEMA_VERSION",
+    "Format",
+    "Report",
+    "ReportFinding",
+    "Shown",
+    "find",
+    "from_stores",
+    "from_sweep",
+    "render",
+    "render_shown",
+    "schema_files",
+]
+
+REPORT_SCHEMA_VERSION = 1
+Format = Literal["csv", "md", "json"]
+CSV_COLUMNS = (
+    "id",
+    "kind",
+    "severity",
+    "confidence",
+    "status",
+    "address",
+    "port",
+    "first_seen",
+    "last_seen",
+    "resolved_at",
+    "title",
+    "approved_note",
+    "last_sweep_id",
+)
+# a spreadsheet runs a cell that starts with one of these as a formula (CSV injection)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+
+class ReportFinding(_Frozen):
+    """One finding as a report lists it (the CSV's row)."""
+
+    id: str
+    kind: FindingKind
+    severity: Severity
+    confidence: Confidence
+    status: FindingStatus | None  # null: a sweep with no state store
+    address: str
+    port: int
+    first_seen: datetime
+    last_seen: datetime
+    resolved_at: datetime | None
+    title: str
+    summary: str
+    approved_note: str | None
+    last_sweep_id: str | None
+
+
+class Report(_Frozen):
+    schema_version: Literal[1] = 1
+    tool: Literal["relayaudit"] = "relayaudit"
+    tool_version: str = __version__
+    generated_at: datetime
+    sources: tuple[str, ...]  # the state files read, or "sweep <id>"
+    since: datetime  # "what changed" covers transitions at or after this time
+    findings: tuple[ReportFinding, ...]  # open findings first, most severe first
+    changes: tuple[Change, ...]  # new, reopened, severity-raised and resolved, oldest first
+    changes_note: str | None = None  # why "what changed" is empty, when it cannot be known
+
+
+def _order(f: ReportFinding) -> tuple[int, int, int, tuple[int, int], int, str]:
+    closed = f.status is FindingStatus.RESOLVED
+    return (
+        closed,
+        f.severity.rank,
+        list(Confidence).index(f.confidence),
+        _address_key(f.address),
+        f.port,
+        f.kind.value,
+    )
+
+
+def _address_key(address: str) -> tuple[int, int]:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return (9, 0)
+    return (ip.version, int(ip))
+
+
+def _from_row(row: FindingRow) -> ReportFinding:
+    f = row.finding
+    return ReportFinding(
+        id=row.id,
+        kind=row.kind,
+        severity=row.severity,
+        confidence=row.confidence,
+        status=row.status,
+        address=row.address,
+        port=row.port,
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+        resolved_at=row.resolved_at,
+        title=row.title,
+        summary=f.summary,
+        approved_note=row.approved_note,
+        last_sweep_id=row.last_sweep,
+    )
+
+
+def from_stores(paths: Sequence[Path], *, since: timedelta, now: datetime | None = None) -> Report:
+    """The report of the state files (shards merged as `findings` merges them)."""
+    now = now or datetime.now(UTC)
+    start = now - since
+    rows = read_findings(paths)
+    return Report(
+        generated_at=now,
+        sources=tuple(str(p) for p in paths),
+        since=start,
+        findings=tuple(sorted((_from_row(r) for r in rows), key=_order)),
+        changes=tuple(read_changes(paths, since=start)),
+    )
+
+
+def from_sweep(
+    findings: Iterable[Finding], *, sweep_id: str, now: datetime | None = None
+) -> Report:
+    """The report of one `sweep` or `demo` run, which keeps no state store."""
+    now = now or datetime.now(UTC)
+    return Report(
+        generated_at=now,
+        sources=(f"sweep {sweep_id}",),
+        since=now,
+        findings=tuple(
+            sorted(
+                (
+                    ReportFinding(
+                        id=f.id,
+                        kind=f.kind,
+                        severity=f.severity,
+                        confidence=f.confidence,
+                        status=None,
+                        address=f.address,
+                        port=f.port,
+                        first_seen=f.observed_at,
+                        last_seen=f.observed_at,
+                        resolved_at=None,
+                        title=f.title,
+                        summary=f.summary,
+                        approved_note=f.approved_note,
+                        last_sweep_id=sweep_id,
+                    )
+                    for f in findings
+                ),
+                key=_order,
+            )
+        ),
+        changes=(),
+        changes_note=(
+            "A single sweep keeps no state store, so nothing can be compared with an earlier "
+            "sweep: run the daemon (relayaudit run) and `relayaudit report --config FILE`."
+        ),
+    )
+
+
+class Shown(_Frozen):
+    """`relayaudit show ID --json`: one finding whole, with its lifecycle and status changes."""
+
+    schema_version: Literal[1] = 1
+    status: FindingStatus
+    first_seen: datetime
+    last_seen: datetime
+    resolved_at: datetime | None
+    last_sweep_id: str
+    changes: tuple[Change, ...]
+    finding: Finding
+
+
+def find(paths: Sequence[Path], finding_id: str) -> Shown | None:
+    """The finding `finding_id` from the state files (its newest sighting), or None."""
+    row = next((r for r in read_findings(paths) if r.id == finding_id), None)
+    if row is None:
+        return None
+    return Shown(
+        status=row.status,
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+        resolved_at=row.resolved_at,
+        last_sweep_id=row.last_sweep,
+        changes=tuple(read_changes(paths, finding_id=finding_id)),
+        finding=row.finding,
+    )
+
+
+def render_shown(shown: Shown) -> str:
+    """A finding whole, for a person: what, why, every test and reply, the transcript."""
+    f = shown.finding
+    lines = [
+        f"{f.id}  {f.severity.value.upper()}  {f.kind.value}  confidence {f.confidence.value}",
+        f"  {f.title}",
+        *wrap(f.summary, 100, indent="  "),
+        "",
+        f"  status:      {shown.status.value}",
+        f"  first seen:  {utc_time(shown.first_seen)}",
+        f"  last seen:   {utc_time(shown.last_seen)} (sweep {shown.last_sweep_id})",
+    ]
+    if shown.resolved_at is not None:
+        lines.append(f"  resolved:    {utc_time(shown.resolved_at)}")
+    lines.append(f"  seen from:   {f.vantage}")
+    lines.append(f"  approval:    {f.approved_note or 'not on the approved list'}")
+    if f.fingerprint.banner:
+        lines.append(f"  greeting:    {f.fingerprint.banner}")
+    if shown.changes:
+        lines += ["", "status changes:"]
+        lines += [
+            f"  {utc_time(c.at)}  {c.transition.value:16} sweep {c.sweep_id}" for c in shown.changes
+        ]
+    if f.evidence:
+        lines += ["", "evidence (each test and the server's reply):"]
+        for t in f.evidence:
+            lines.append(
+                f"  {t.test.id} ({t.transport.value}, {t.test.role.value}): {t.outcome.value}"
+            )
+            lines.append(f"    MAIL FROM:<{t.test.mail_from}>  ->  {t.mail or t.error or ''}")
+            if t.rcpt is not None:
+                lines.append(f"    RCPT TO:<{t.test.rcpt_to}>  ->  {t.rcpt}")
+    if f.transcript:
+        lines += ["", "transcript:"]
+        for ex in f.transcript:
+            if ex.command is not None:
+                lines.append(f"  C: {ex.command}")
+            if ex.reply is not None:
+                replies = ex.reply.text.splitlines() or [""]
+                for i, text in enumerate(replies):
+                    lines.append(
+                        f"  S: {ex.reply.code}{'-' if i < len(replies) - 1 else ' '}{text}"
+                    )
+            if ex.error is not None:
+                lines.append(f"  !  {ex.error}")
+    return "\n".join(lines) + "\n"
+
+
+def render(report: Report, fmt: Format) -> str:
+    if fmt == "csv":
+        return _csv(report)
+    if fmt == "json":
+        return report.model_dump_json(indent=2) + "\n"
+    return _markdown(report)
+
+
+def _cell(value: object) -> str:
+    """A CSV cell a spreadsheet shows as text: formula-like starts are quoted with `'`."""
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="seconds")
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def _csv(report: Report) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for f in report.findings:
+        row = f.model_dump()
+        writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
+    return out.getvalue()
+
+
+def _md(text: object) -> str:
+    """A Markdown table cell: one line, no pipe that would split it."""
+    value = "" if text is None else str(text)
+    return " ".join(value.split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else ""
+
+
+def _markdown(report: Report) -> str:
+    open_ = [f for f in report.findings if f.status is not FindingStatus.RESOLVED]
+    resolved = [f for f in report.findings if f.status is FindingStatus.RESOLVED]
+    lines = [
+        "# relayaudit report",
+        "",
+        f"Generated {_when(report.generated_at)} by relayaudit {report.tool_version} from "
+        f"{', '.join(report.sources)}.",
+        "",
+        f"## Open findings ({len(open_)})",
+        "",
+    ]
+    if open_:
+        lines += [
+            "| severity | confidence | address:port | kind | title | status | first seen | last seen | approval |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {f.severity.value} | {f.confidence.value} | {endpoint(f.address, f.port)} | "
+            f"{f.kind.value} | {_md(f.title)} | {f.status.value if f.status else ''} | "
+            f"{_when(f.first_seen)} | {_when(f.last_seen)} | {_md(f.approved_note)} |"
+            for f in open_
+        ]
+    else:
+        lines.append("None.")
+    lines += ["", f"## What changed since {_when(report.since)}", ""]
+    if report.changes_note:
+        lines.append(report.changes_note)
+    elif report.changes:
+        lines += [
+            "| when | change | severity | address:port | kind | title |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {_when(c.at)} | {c.transition.value} | {c.severity.value} | "
+            f"{endpoint(c.address, c.port)} | {c.kind.value} | {_md(c.title)} |"
+            for c in report.changes
+        ]
+    else:
+        lines.append("No finding was new, reopened, raised in severity or resolved.")
+    if resolved:
+        lines += ["", f"## Resolved findings ({len(resolved)})", ""]
+        lines += ["| address:port | kind | title | resolved |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"| {endpoint(f.address, f.port)} | {f.kind.value} | {_md(f.title)} | {_when(f.resolved_at)} |"
+            for f in resolved
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def schema_files() -> dict[str, str]:
+    """Every committed JSON Schema (finding record, report), by the file name under schemas/."""
+    schema = Report.model_json_schema(mode="serialization")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    name = f"report.v{REPORT_SCHEMA_VERSION}.schema.json"
+    return records.schema_files() | {name: json.dumps(schema, indent=2, sort_keys=True) + "\n"}
+
+
+if __name__ == "__main__":  # python -m relayaudit.export schemas/
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "schemas")
+    out.mkdir(parents=True, exist_ok=True)
+    for file, text in schema_files().items():
+        (out / file).write_text(text, encoding="utf-8")
+        print(out / file)
