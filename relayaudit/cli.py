@@ -63,6 +63,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"relayaudit: error: {message}\n")
 
 
+_REPORT_HELP = "also write this run's report to PATH (format from its suffix: .md, .csv, .json)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="relayaudit", description="Find open mail relays and unapproved SMTP services."
@@ -105,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list every finding at the end (unapproved services too), not only the relays",
     )
+    s.add_argument("--report", type=Path, metavar="PATH", help=_REPORT_HELP)
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
@@ -154,8 +158,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--json", action="store_true")
 
+    sh = sub.add_parser("show", help="one finding whole: tests, replies, transcript, changes")
+    sh.add_argument("finding_id", metavar="FINDING_ID", help="a finding's id (ra-…)")
+    sh.add_argument("--config", type=Path, help="read the state file named in this config")
+    sh.add_argument("--state", type=Path, action="append", help="state file (repeatable)")
+    sh.add_argument("--json", action="store_true")
+
+    rp = sub.add_parser(
+        "report",
+        help="the findings of the state store(s) and what changed, as Markdown, CSV or JSON",
+    )
+    rp.add_argument("--config", type=Path, help="read the state file named in this config")
+    rp.add_argument("--state", type=Path, action="append", help="state file (repeatable)")
+    rp.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    rp.add_argument("--output", type=Path, metavar="PATH", help="write here (default: stdout)")
+    rp.add_argument(
+        "--since",
+        default="7d",
+        metavar="DURATION",
+        help="'what changed' covers this long back (default 7d; e.g. 12h, 30d)",
+    )
+
     d = sub.add_parser("demo", help="start a loopback lab of SMTP servers and sweep it")
     d.add_argument("--output", type=Path, help="findings file (default: a temporary directory)")
+    d.add_argument("--report", type=Path, metavar="PATH", help=_REPORT_HELP)
     return p
 
 
@@ -200,10 +226,15 @@ def _main(argv: Sequence[str] | None) -> int:
             return _history(args)
         if args.command == "outbox":
             return _outbox(args)
+        if args.command == "show":
+            return _show(args)
+        if args.command == "report":
+            return _report(args)
         if args.command == "demo":
             from relayaudit.demo import run_demo
 
-            return eventloop.run(run_demo(args.output))
+            report_format(args.report)  # a bad suffix is an error before the lab starts
+            return eventloop.run(run_demo(args.output, report=args.report))
     except RelayAuditError as exc:
         print(f"relayaudit: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -246,6 +277,66 @@ def _state_paths(args: argparse.Namespace) -> list[Path]:
             where = "--state" if args.state else f"{args.config}: state.path"
             raise ConfigError(f"{where}: {str(path)!r} does not exist")
     return paths
+
+
+def report_format(path: Path | None) -> None:
+    """Refuse a `--report PATH` whose suffix names no format, before any work starts."""
+    if path is not None:
+        from relayaudit.export import format_of
+
+        format_of(path)
+
+
+def _write_text(path: Path | None, text: str, *, what: str) -> None:
+    """To `path` (created 0640 or as the umask allows less), or to standard output."""
+    if path is None:
+        sys.stdout.write(text)
+        return
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot write {str(path)!r}: {exc.strerror}") from None
+    print(f"report written to {path}", file=sys.stderr)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from relayaudit.export import find, render_shown
+
+    shown = find(_state_paths(args), args.finding_id)
+    if shown is None:
+        raise ConfigError(f"show: no finding {args.finding_id!r} in the state store")
+    text = shown.model_dump_json(indent=2) + "\n" if args.json else render_shown(shown)
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from relayaudit.config import parse_duration
+    from relayaudit.export import from_stores, render
+
+    try:
+        since = timedelta(seconds=parse_duration(args.since))
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from None
+    report = from_stores(_state_paths(args), since=since)
+    _write_text(args.output, render(report, args.format), what="--output")
+    return EXIT_OK
+
+
+def sweep_report(path: Path, findings_file: Path, sweep_id: str) -> None:
+    """`sweep --report`: the report of this run, from the lines it wrote to the findings file."""
+    from relayaudit.export import format_of, from_sweep, render
+    from relayaudit.records import FindingRecord
+
+    records = []
+    with findings_file.open(encoding="utf-8") as lines:
+        for line in lines:
+            if f'"sweep_id":"{sweep_id}"' in line:
+                records.append(FindingRecord.model_validate_json(line))
+    text = render(from_sweep(records, sweep_id=sweep_id), format_of(path))
+    _write_text(path, text, what="--report")
 
 
 def _findings(args: argparse.Namespace) -> int:
@@ -552,21 +643,29 @@ def _sweep_main(args: argparse.Namespace) -> int:
     processes = args.processes if args.processes is not None else config.limits.processes
     if processes < 1:
         raise ConfigError(f"--processes: {processes} must be at least 1")
+    report_format(args.report)  # a bad suffix is an error before the sweep starts
+    sweep_id = new_sweep_id()  # one sweep, however many processes write its lines
     if processes == 1:
         listed = FindingBriefs(everything=args.all)
         stats, written = eventloop.run(
-            _sweep(config, shard, progress=_Progress(), listed=listed), config.limits.event_loop
+            _sweep(config, shard, progress=_Progress(), listed=listed, sweep_id=sweep_id),
+            config.limits.event_loop,
         )
         print(render_summary(stats))
         print(f"\n{written} findings written to {config.output.findings}")
         _print_findings_table(listed.briefs, everything=args.all)
+        if args.report is not None:
+            sweep_report(args.report, config.output.findings, sweep_id)
         return EXIT_RELAY if stats.relays else EXIT_OK
     if config.canary.enabled:
         raise ConfigError(
             f"--processes: {processes}: confirmation mode (canary.enabled) needs the canary "
             "receiver in the sweeping process; use one process"
         )
-    return _sweep_processes(config, shard, processes, everything=args.all)
+    code = _sweep_processes(config, shard, processes, everything=args.all, sweep_id=sweep_id)
+    if args.report is not None:
+        sweep_report(args.report, config.output.findings, sweep_id)
+    return code
 
 
 def _print_findings_table(briefs: Sequence[FindingBrief], *, everything: bool) -> None:
@@ -615,7 +714,7 @@ async def _sweep(
 
 
 def _sweep_processes(
-    config: Config, shard: Shard | None, processes: int, *, everything: bool
+    config: Config, shard: Shard | None, processes: int, *, everything: bool, sweep_id: str
 ) -> int:
     """Fork `processes` children after the config is loaded (no second interpreter start-up).
 
@@ -625,7 +724,6 @@ def _sweep_processes(
     the table to the parent as JSON over a pipe.
     """
     outer = shard or Shard(0, 1)
-    sweep_id = new_sweep_id()  # one sweep, however many processes write its lines
     limits = config.limits.model_copy(
         update={
             "rate": config.limits.rate / processes,

@@ -53,7 +53,8 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _DURATION = re.compile(
-    r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$"
+    r"^\s*(?:(\d+(?:\.\d+)?)d)?\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?"
+    r"\s*(?:(\d+(?:\.\d+)?)s)?\s*$"
 )
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
@@ -63,7 +64,7 @@ _LOCAL_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from `30`, `2.5`, `"30s"`, `"5m"`, `"1h"` or `"1h30m"`; rejects negatives and junk."""
+    """Seconds from `30`, `2.5`, `"30s"`, `"5m"`, `"1h"`, `"1h30m"` or `"7d"`; rejects junk."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration (use e.g. 30, '30s', '5m', '1h')")
     if isinstance(value, int | float):
@@ -72,8 +73,8 @@ def parse_duration(value: object) -> float:
         match = _DURATION.match(value)
         if not value.strip() or match is None or not any(match.groups()):
             raise ValueError(f"{value!r} is not a duration (use e.g. 30, '30s', '5m', '1h')")
-        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-        seconds = hours * 3600 + minutes * 60 + secs
+        days, hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = days * 86400 + hours * 3600 + minutes * 60 + secs
     else:
         raise ValueError(f"{value!r} is not a duration (use e.g. 30, '30s', '5m', '1h')")
     if not math.isfinite(seconds):  # TOML has nan and inf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import sys
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, parse_config
 from relayaudit.engine import sweep
+from relayaudit.errors import ConfigError
 from relayaudit.evidence import endpoint
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.report import (
@@ -81,7 +83,7 @@ def demo_config(findings: Path) -> Config:
     )
 
 
-async def run_demo(output: Path | None) -> int:
+async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
     findings_path = output or Path(tempfile.mkdtemp(prefix="relayaudit-demo-")) / "findings.jsonl"
     config = demo_config(findings_path)
     specs = [
@@ -140,5 +142,14 @@ async def run_demo(output: Path | None) -> int:
         f"{sum(1 for r, _ in collector.results if r.confirmation and r.confirmation.delivered)}"
     )
     print(f"findings as JSON lines: {findings_path}")
+    if report is not None:
+        from relayaudit.export import format_of, from_sweep, render  # noqa: PLC0415
+
+        text = render(from_sweep(collector.findings, sweep_id=sink.sweep_id), format_of(report))
+        try:
+            await asyncio.to_thread(report.write_text, text, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--report: cannot write {str(report)!r}: {exc.strerror}") from None
+        print(f"report: {report}")
     print("demo: lab stopped", file=sys.stderr)
     return 0

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from relayaudit import __version__, records
+from relayaudit.errors import ConfigError
 from relayaudit.evidence import endpoint
 from relayaudit.records import FindingStatus
 from relayaudit.state import Change, FindingRow, read_changes, read_findings
@@ -32,6 +33,7 @@ __all__ = [
     "ReportFinding",
     "Shown",
     "find",
+    "format_of",
     "from_stores",
     "from_sweep",
     "render",
@@ -265,6 +267,20 @@ def render_shown(shown: Shown) -> str:
             if ex.error is not None:
                 lines.append(f"  !  {ex.error}")
     return "\n".join(lines) + "\n"
+
+
+_SUFFIXES: dict[str, Format] = {".md": "md", ".markdown": "md", ".csv": "csv", ".json": "json"}
+
+
+def format_of(path: Path) -> Format:
+    """The format a `--report PATH` names by its suffix."""
+    fmt = _SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(
+            f"--report: cannot tell the format of {str(path)!r} from its suffix: "
+            "use .md, .csv or .json"
+        )
+    return fmt
 
 
 def render(report: Report, fmt: Format) -> str:

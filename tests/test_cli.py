@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import ipaddress
 import json
 import re
@@ -9,6 +11,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
+import jsonschema
 import pytest
 from cli_runner import (
     run_cli,
@@ -82,7 +85,7 @@ def test_sweep_without_config(capsys: pytest.CaptureFixture[str]) -> None:
         2,
         "",
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
-        "                        [--processes PROCESSES] [--all]\n"
+        "                        [--processes PROCESSES] [--all] [--report PATH]\n"
         "relayaudit: error: the following arguments are required: --config\n",
     )
 
@@ -264,7 +267,7 @@ def test_python_m_usage_error() -> None:
     assert (code, out) == (2, "")
     assert err == (
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
-        "                        [--processes PROCESSES] [--all]\n"
+        "                        [--processes PROCESSES] [--all] [--report PATH]\n"
         "relayaudit: error: the following arguments are required: --config\n"
     )
 
@@ -402,9 +405,22 @@ async def test_check_lists_relays_first_and_shows_the_approval(tmp_path: Path) -
 def test_demo_names_each_relay_and_cuts_no_summary(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, out, err = run_main(capsys, "demo", "--output", str(tmp_path / "findings.jsonl"))
+    report = tmp_path / "report.csv"
+    code, out, err = run_main(
+        capsys, "demo", "--output", str(tmp_path / "findings.jsonl"), "--report", str(report)
+    )
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "findings.jsonl").read_text().splitlines()]
+    # every line of the demo's findings file validates against the committed schema
+    schema = json.loads((ROOT / "schemas" / "finding-record.v1.schema.json").read_text())
+    check = jsonschema.validators.validator_for(schema)(schema)
+    for r in records:
+        check.validate(r)
+    # the CSV report names each relay's address:port
+    listed = {(r["address"], r["port"]) for r in csv.DictReader(io.StringIO(report.read_text()))}
+    relays = {(r["address"], str(r["port"])) for r in records if r["kind"] in RELAY_KINDS}
+    assert relays and relays <= listed
+    assert f"report: {report}" in out
     # each relay's row carries its summary whole (the demo cut them at 110 characters, mid-word)
     lines = out.splitlines()
     for r in records:
