@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -100,3 +101,14 @@ async def test_report_needs_a_store_and_a_valid_since(tmp_path: Path) -> None:
     assert code == 2 and "--state FILE" in err
     code, _, err = await run_cli("report", "--state", str(tmp_path / "x.sqlite"), "--since", "soon")
     assert code == 2 and ("does not exist" in err or "--since" in err)
+
+
+async def test_read_only_commands_read_a_release_one_store(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite"
+    shutil.copy(Path(__file__).parent / "data" / "state-v1.sqlite", path)
+    for command in (("findings",), ("report", "--format", "csv"), ("outbox",)):
+        code, out, err = await run_cli(*command, "--state", str(path))
+        assert code == 0, (command, err)
+        assert "not a relayaudit state file" not in err
+    code, out, _ = await run_cli("findings", "--state", str(path), "--json")
+    assert len(json.loads(out)) == 19  # every finding of the 0.1.0 store
