@@ -718,12 +718,13 @@ def _sweep_processes(
 ) -> int:
     """Fork `processes` children after the config is loaded (no second interpreter start-up).
 
-    Shard i/n is split into sub-shards (i*P+p)/(n*P), whose union is exactly i/n; each child
-    gets 1/P of the rate limits and of the concurrency, so together they keep the configured
-    politeness and connections in flight. Each child reports its figures and the findings for
-    the table to the parent as JSON over a pipe.
+    Shard i/n is split into the sub-shards of Shard.split, whose union is exactly i/n whatever
+    the number of processes; each child gets 1/P of the rate limits and of the concurrency, so
+    together they keep the configured politeness and connections in flight. Each child reports
+    its figures and the findings for the table to the parent as JSON over a pipe.
     """
     outer = shard or Shard(0, 1)
+    subs = outer.split(processes)
     limits = config.limits.model_copy(
         update={
             "rate": config.limits.rate / processes,
@@ -740,12 +741,11 @@ def _sweep_processes(
             code = EXIT_ERROR
             try:
                 os.close(read_end)
-                sub = Shard(outer.index * processes + p, outer.count * processes)
                 listed = FindingBriefs(everything=everything)
                 stats, written = eventloop.run(
                     _sweep(
                         child_config,
-                        sub,
+                        subs[p],
                         progress=None,
                         sweep_id=sweep_id,
                         label=outer,

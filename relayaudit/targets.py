@@ -58,6 +58,18 @@ class Shard:
             raise ConfigError(f"{source}: {text!r} index must be below the shard count {count}")
         return cls(index, count)
 
+    def split(self, parts: int) -> tuple[Shard, ...]:
+        """`parts` shards of ``count * parts`` whose positions are exactly this shard's.
+
+        Sub-shard p is ``(index + p * count) / (count * parts)``: a position q with
+        ``q % (count * parts) == index + p * count`` has ``q % count == index``, and every
+        position of this shard has one such p. (``(index * parts + p)`` would not: its
+        positions have ``q % count == (index * parts + p) % count``, another shard's.)
+        """
+        if parts < 1:
+            raise ConfigError(f"shard {self}: cannot split into {parts} parts")
+        return tuple(Shard(self.index + p * self.count, self.count * parts) for p in range(parts))
+
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cli_runner import run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relayaudit.daemon import STOP_GRACE
 from relayaudit.lab import Behaviour, Lab, ServerSpec
@@ -174,3 +176,88 @@ async def test_sweep_shards_write_disjoint_findings(tmp_path: Path) -> None:
     assert sum(len(s) for s in by_shard) == len(set().union(*by_shard)), "a finding in two shards"
     assert set().union(*by_shard) == {f["id"] for f in findings_lines(whole)}
     assert by_shard.count(set()) < N  # the lab's servers are spread over the shards
+
+
+# -- sweep --processes: sub-shards that add up to the shard ------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(0, 300),
+    count=st.integers(1, 7),
+    processes=st.integers(1, 7),
+    seed=st.integers(0, 2**32),
+)
+def test_process_sub_shards_add_up_to_the_shard(
+    size: int, count: int, processes: int, seed: int
+) -> None:
+    """Over random n and P: the P processes of shard i/n cover exactly i/n, each address once."""
+    targets = [ipaddress.ip_network(f"127.0.0.0/{32 - (size - 1).bit_length()}")] if size else []
+    space = TargetSpace(targets, [], seed=seed)
+    everything: set[str] = set()
+    for index in range(count):
+        shard = Shard(index, count)
+        own = [str(a) for _, a in space.iter_shard(shard)]
+        subs = shard.split(processes)
+        assert len(subs) == processes
+        parts = [[str(a) for _, a in space.iter_shard(sub)] for sub in subs]
+        flat = [a for part in parts for a in part]
+        assert len(flat) == len(set(flat)), f"{shard} x {processes}: an address in two processes"
+        assert set(flat) == set(own), f"{shard} x {processes}: not the shard's addresses"
+        assert sum(space.shard_size(sub) for sub in subs) == space.shard_size(shard)
+        assert not everything & set(own), f"{shard}: an address in two shards"
+        everything |= set(own)
+    assert everything == {str(a) for _, a in space.iter_shard()}
+
+
+PROCESSES_NET = "127.0.121.0/28"
+PROCESSES_PORT = 2721
+
+
+def _processes_config(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = directory / "relayaudit.toml"
+    cfg.write_text(
+        f"""
+scope = ["127.0.121.0/24"]
+targets = ["{PROCESSES_NET}"]
+ports = [{PROCESSES_PORT}]
+seed = {SEED}
+[timeouts]
+connect = "1s"
+command = "3s"
+session = "20s"
+[limits]
+rate = 500
+subnet_rate = 500
+[output]
+findings = "{directory / "findings.jsonl"}"
+"""
+    )
+    return cfg
+
+
+async def test_sweep_processes_probe_exactly_the_shard(tmp_path: Path) -> None:
+    """`sweep --shard i/2 --processes P` finds the same hosts for P = 1, 2 and 3.
+
+    Every address of the range runs an SMTP server, so each probed address leaves a finding
+    (an unapproved SMTP service): the findings file lists what the processes probed.
+    """
+    hosts = [str(a) for a in ipaddress.ip_network(PROCESSES_NET)]
+    lab = [ServerSpec(host=h, port=PROCESSES_PORT, behaviour=Behaviour.CLOSED) for h in hosts]
+    probed: dict[tuple[int, int], set[str]] = {}
+    async with Lab(lab):
+        for index in range(2):
+            for processes in (1, 2, 3):
+                run = tmp_path / f"shard-{index}-p{processes}"
+                await relayaudit(
+                    "sweep", "--config", str(_processes_config(run)),
+                    "--shard", f"{index}/2", "--processes", str(processes),
+                )  # fmt: skip
+                probed[index, processes] = {f["address"] for f in findings_lines(run)}
+    space = TargetSpace([ipaddress.ip_network(PROCESSES_NET)], [], seed=SEED)
+    for index in range(2):
+        owned = {str(a) for _, a in space.iter_shard(Shard(index, 2))}
+        for processes in (1, 2, 3):
+            assert probed[index, processes] == owned, (index, processes)
+    assert probed[0, 1] | probed[1, 1] == set(hosts)
