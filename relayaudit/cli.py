@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -48,6 +49,8 @@ from relayaudit.verdict import Verdict, VerdictStatus
 
 if TYPE_CHECKING:
     from relayaudit.canary import CanaryReceiver
+    from relayaudit.engine import Sink
+    from relayaudit.html_page import Service
 
 __all__ = ["main"]
 
@@ -63,7 +66,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"relayaudit: error: {message}\n")
 
 
-_REPORT_HELP = "also write this run's report to PATH (format from its suffix: .md, .csv, .json)"
+_REPORT_HELP = (
+    "also write this run's report to PATH (format from its suffix: .html, .md, .csv, .json)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,11 +171,17 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser(
         "report",
-        help="the findings of the state store(s) and what changed, as Markdown, CSV or JSON",
+        help="the findings of the state store(s) and what changed: an HTML page (the default), "
+        "Markdown, CSV or JSON",
     )
     rp.add_argument("--config", type=Path, help="read the state file named in this config")
     rp.add_argument("--state", type=Path, action="append", help="state file (repeatable)")
-    rp.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    rp.add_argument(
+        "--format",
+        choices=["html", "md", "csv", "json"],
+        default="html",
+        help="html (default): one self-contained page with filters, evidence and charts",
+    )
     rp.add_argument("--output", type=Path, metavar="PATH", help="write here (default: stdout)")
     rp.add_argument(
         "--since",
@@ -320,13 +331,29 @@ def _report(args: argparse.Namespace) -> int:
         since = timedelta(seconds=parse_duration(args.since))
     except ValueError as exc:
         raise ConfigError(f"--since: {exc}") from None
-    report = from_stores(_state_paths(args), since=since)
-    _write_text(args.output, render(report, args.format), what="--output")
+    paths = _state_paths(args)
+    if args.format == "html":
+        from relayaudit.html_page import page_from_stores
+        from relayaudit.html_report import render_html
+
+        config = load_config(args.config) if args.config is not None else None
+        text = render_html(page_from_stores(paths, since=since, config=config))
+    else:
+        text = render(from_stores(paths, since=since), args.format)
+    _write_text(args.output, text, what="--output")
     return EXIT_OK
 
 
-def sweep_report(path: Path, findings_file: Path, sweep_id: str) -> None:
-    """`sweep --report`: the report of this run, from the lines it wrote to the findings file."""
+def sweep_report(
+    path: Path,
+    findings_file: Path,
+    sweep_id: str,
+    *,
+    config: Config,
+    run: _Run,
+) -> None:
+    """`sweep --report`: the report of this run, from the lines it wrote to the findings file
+    (and, for the HTML page, the run's counts and the SMTP services it saw)."""
     from relayaudit.export import format_of, from_sweep, render
     from relayaudit.records import FindingRecord
 
@@ -335,8 +362,34 @@ def sweep_report(path: Path, findings_file: Path, sweep_id: str) -> None:
         for line in lines:
             if f'"sweep_id":"{sweep_id}"' in line:
                 records.append(FindingRecord.model_validate_json(line))
-    text = render(from_sweep(records, sweep_id=sweep_id), format_of(path))
+    fmt = format_of(path)
+    if fmt == "html":
+        from relayaudit.html_page import page_from_sweep
+        from relayaudit.html_report import render_html
+
+        assert run.stats is not None
+        text = render_html(
+            page_from_sweep(
+                records,
+                sweep_id=sweep_id,
+                stats=run.stats,
+                config=config,
+                services=run.services,
+                shard=run.shard,
+            )
+        )
+    else:
+        text = render(from_sweep(records, sweep_id=sweep_id), fmt)
     _write_text(path, text, what="--report")
+
+
+@dataclass
+class _Run:
+    """What `sweep --report` needs of the run besides its findings lines."""
+
+    shard: str
+    stats: SweepStats | None = None
+    services: list[Service] = field(default_factory=list)
 
 
 def _findings(args: argparse.Namespace) -> int:
@@ -645,26 +698,30 @@ def _sweep_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--processes: {processes} must be at least 1")
     report_format(args.report)  # a bad suffix is an error before the sweep starts
     sweep_id = new_sweep_id()  # one sweep, however many processes write its lines
+    run = _Run(shard=str(shard or Shard(0, 1))) if args.report is not None else None
     if processes == 1:
         listed = FindingBriefs(everything=args.all)
         stats, written = eventloop.run(
-            _sweep(config, shard, progress=_Progress(), listed=listed, sweep_id=sweep_id),
+            _sweep(config, shard, progress=_Progress(), listed=listed, sweep_id=sweep_id, run=run),
             config.limits.event_loop,
         )
         print(render_summary(stats))
         print(f"\n{written} findings written to {config.output.findings}")
         _print_findings_table(listed.briefs, everything=args.all)
-        if args.report is not None:
-            sweep_report(args.report, config.output.findings, sweep_id)
+        if args.report is not None and run is not None:
+            run.stats = stats
+            sweep_report(args.report, config.output.findings, sweep_id, config=config, run=run)
         return EXIT_RELAY if stats.relays else EXIT_OK
     if config.canary.enabled:
         raise ConfigError(
             f"--processes: {processes}: confirmation mode (canary.enabled) needs the canary "
             "receiver in the sweeping process; use one process"
         )
-    code = _sweep_processes(config, shard, processes, everything=args.all, sweep_id=sweep_id)
-    if args.report is not None:
-        sweep_report(args.report, config.output.findings, sweep_id)
+    code = _sweep_processes(
+        config, shard, processes, everything=args.all, sweep_id=sweep_id, run=run
+    )
+    if args.report is not None and run is not None:
+        sweep_report(args.report, config.output.findings, sweep_id, config=config, run=run)
     return code
 
 
@@ -686,6 +743,7 @@ async def _sweep(
     sweep_id: str | None = None,
     label: Shard | None = None,
     listed: FindingBriefs,
+    run: _Run | None = None,
 ) -> tuple[SweepStats, int]:
     """One process's sweep; `sweep_id` and `label` (the shard a user asked for) name its lines."""
     sink = FindingsFile(
@@ -703,9 +761,15 @@ async def _sweep(
 
         canary = await start_canary(*config.canary.listen, domain=config.canary.domain)
     try:
-        stats = await sweep(
-            config, sinks=[sink, listed], shard=shard, canary=canary, progress=progress
-        )
+        sinks: list[Sink] = [sink, listed]
+        if run is not None:  # `--report`: the SMTP services it saw, for the HTML page
+            from relayaudit.html_page import ServicesSeen
+
+            seen = ServicesSeen()
+            sinks.append(seen)
+        stats = await sweep(config, sinks=sinks, shard=shard, canary=canary, progress=progress)
+        if run is not None:
+            run.services += seen.services
     finally:
         sink.close()
         if canary is not None:
@@ -714,7 +778,13 @@ async def _sweep(
 
 
 def _sweep_processes(
-    config: Config, shard: Shard | None, processes: int, *, everything: bool, sweep_id: str
+    config: Config,
+    shard: Shard | None,
+    processes: int,
+    *,
+    everything: bool,
+    sweep_id: str,
+    run: _Run | None = None,
 ) -> int:
     """Fork `processes` children after the config is loaded (no second interpreter start-up).
 
@@ -750,6 +820,7 @@ def _sweep_processes(
                         sweep_id=sweep_id,
                         label=outer,
                         listed=listed,
+                        run=run,
                     ),
                     config.limits.event_loop,
                 )
@@ -757,6 +828,9 @@ def _sweep_processes(
                     **stats.to_json(),
                     "written": written,
                     "listed": [b.to_json() for b in listed.briefs],
+                    "services": [
+                        [s.address, s.port, s.status.value] for s in (run.services if run else [])
+                    ],
                 }
                 out = memoryview(json.dumps(report).encode())
                 while out:  # the parent reads each child to the end in turn: this may block
@@ -782,6 +856,13 @@ def _sweep_processes(
     if failed:
         raise RelayAuditError(f"{len(failed)} of {processes} sweep processes failed; see above")
     stats = SweepStats.merge([SweepStats.from_json(part) for part in parts])
+    if run is not None:
+        from relayaudit.html_page import Service
+
+        run.stats = stats
+        run.services = [
+            Service(a, p, VerdictStatus(s)) for part in parts for a, p, s in part["services"]
+        ]
     print(render_summary(stats))
     print(
         f"\n{sum(part['written'] for part in parts)} findings written to "

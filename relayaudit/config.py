@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     StrictBool,
     ValidationError,
@@ -39,6 +40,7 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "Network",
+    "ReportConfig",
     "ScheduleConfig",
     "StateConfig",
     "WebhookHook",
@@ -401,6 +403,54 @@ class MetricsConfig(_Model):
     listen: Endpoint = ("127.0.0.1", 9425)
 
 
+MIN_TOKEN_LENGTH = 16
+
+
+class ReportConfig(_Model):
+    """The HTML report the daemon serves at `/` on the metrics listener (and `/report.csv`).
+
+    Findings carry transcripts, so the report is served on a loopback listener only, unless
+    `serve` is set with a bearer token; with a `token_file`, every report request needs it.
+    """
+
+    serve: StrictBool = False  # also on a listener that is not loopback (needs token_file)
+    token_file: FilePath | None = None
+    _token: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_token(self) -> ReportConfig:
+        if self.token_file is None:
+            if self.serve:
+                raise ValueError(
+                    "report.serve: true needs report.token_file, a file holding the bearer "
+                    "token that every request for the report must send"
+                )
+            return self
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(
+                f"report.token_file: {str(self.token_file)!r} cannot be read: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"report.token_file: {str(self.token_file)!r} is not UTF-8 text"
+            ) from None
+        if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() or ord(c) < 33 for c in token):
+            raise ValueError(
+                f"report.token_file: {str(self.token_file)!r} must hold one token of at least "
+                f"{MIN_TOKEN_LENGTH} printable characters without spaces (e.g. the output of "
+                "`openssl rand -hex 32`)"
+            )
+        self._token = SecretStr(token)
+        return self
+
+    @property
+    def token(self) -> SecretStr | None:
+        """The bearer token read from `token_file` when the config was loaded."""
+        return self._token
+
+
 class Config(_Model):
     """The whole validated configuration; nothing else in relayaudit reads files or environment."""
 
@@ -423,6 +473,7 @@ class Config(_Model):
     alerts: AlertsConfig = AlertsConfig()
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    report: ReportConfig = ReportConfig()
     source: str = Field(default="<memory>", exclude=True)
 
     @model_validator(mode="before")
@@ -600,4 +651,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def config_fingerprint(config: Config) -> str:
     """A short stable hash of the effective configuration (recorded with every sweep)."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    # `report` only says how the daemon serves its page: a sweep interrupted before a change
+    # there (or before the upgrade that added the section) still resumes
+    return hashlib.sha256(config.model_dump_json(exclude={"report"}).encode()).hexdigest()[:16]

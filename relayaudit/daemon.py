@@ -24,6 +24,7 @@ from relayaudit.engine import Sweep, SweepStats, Watermark
 from relayaudit.errors import ConfigError, RelayAuditError, StateError, os_reason
 from relayaudit.eventloop import loop_name
 from relayaudit.evidence import ProbeResult
+from relayaudit.live_report import LiveReport
 from relayaudit.logs import LogHandle, configure_logging
 from relayaudit.metrics import Metrics, MetricsServer
 from relayaudit.schedule import Schedule, local_zone
@@ -107,6 +108,7 @@ class Daemon:
     _dead_counted: int = 0
     _findings_file: FindingsFile | None = None
     _dispatcher_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _live: LiveReport | None = None  # the report pages on the metrics listener
 
     async def run(self) -> int:
         self.config = load_config(self.config_path)
@@ -119,6 +121,13 @@ class Daemon:
         store.open()
         self._store = store
         self._last_completed = store.last_completed()
+        self._live = LiveReport(
+            store.path,
+            config=lambda: self.config,
+            shard=shard_text,
+            listen_host=self.config.metrics.listen[0],
+            health=self._health,
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
@@ -169,7 +178,10 @@ class Daemon:
         cfg = self.config.metrics
         if not cfg.enabled:
             return None
-        server = MetricsServer(self._metrics, cfg.listen[0], cfg.listen[1], health=self._health)
+        routes = self._live.routes() if self._live is not None else None
+        server = MetricsServer(
+            self._metrics, cfg.listen[0], cfg.listen[1], health=self._health, routes=routes
+        )
         try:
             await server.start()
         except OSError as exc:
@@ -207,6 +219,8 @@ class Daemon:
             )
             return
         self.config = new
+        if self._live is not None:
+            self._live.invalidate()  # scope, targets and approvals are in the report's header
         # the hooks may have changed: a new dispatcher takes over; pending items stay in the outbox
         await self._stop_dispatcher()
         self._start_dispatcher()
@@ -259,6 +273,8 @@ class Daemon:
                 shard=shard, config_fingerprint=fingerprint, total=plan.total
             )
             last_started = datetime.now(UTC)
+            if self._live is not None:
+                self._live.sweep_started()
             await self._sweep_once(plan, record.id, record.watermark, record.resumed, open_files)
 
     async def _sweep_once(
@@ -345,6 +361,8 @@ class Daemon:
             return
         await asyncio.to_thread(store.complete_sweep, sweep_id, stats)
         self._last_completed = datetime.now(UTC)
+        if self._live is not None:
+            self._live.sweep_ended()
         # old history and sent-alert rows go, so the state file stops growing once it holds
         # `state.keep_days` of sweeps; findings, ticket keys and dead letters stay
         pruned = await asyncio.to_thread(

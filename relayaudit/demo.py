@@ -10,9 +10,12 @@ from pathlib import Path
 
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, parse_config
-from relayaudit.engine import sweep
+from relayaudit.engine import SweepStats, sweep
 from relayaudit.errors import ConfigError
 from relayaudit.evidence import endpoint
+from relayaudit.export import format_of, from_sweep, render
+from relayaudit.html_page import SMTP_STATUSES, Service, page_from_sweep
+from relayaudit.html_report import render_html
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.report import (
     FindingBrief,
@@ -24,7 +27,7 @@ from relayaudit.report import (
 from relayaudit.sinks import Collector, FindingsFile
 from relayaudit.text import clip
 
-__all__ = ["DEMO_LAB", "demo_config", "run_demo"]
+__all__ = ["DEMO_LAB", "demo_config", "report_text", "run_demo"]
 
 DEMO_NET = "127.0.10.0/28"
 DEMO_PORT = 2525
@@ -83,8 +86,28 @@ def demo_config(findings: Path) -> Config:
     )
 
 
+def report_text(
+    path: Path, config: Config, collector: Collector, stats: SweepStats, sweep_id: str
+) -> str:
+    """The demo's report in the format of `path`'s suffix (HTML: with the services it saw)."""
+    fmt = format_of(path)
+    if fmt != "html":
+        return render(from_sweep(collector.findings, sweep_id=sweep_id), fmt)
+    services = [
+        Service(v.address, v.port, v.status)
+        for _, v in collector.results
+        if v.status in SMTP_STATUSES
+    ]
+    page = page_from_sweep(
+        collector.findings, sweep_id=sweep_id, stats=stats, config=config, services=services
+    )
+    return render_html(page)
+
+
 async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
     findings_path = output or Path(tempfile.mkdtemp(prefix="relayaudit-demo-")) / "findings.jsonl"
+    if report is None and output is None:
+        report = findings_path.with_name("report.html")  # beside the findings, in the temp dir
     config = demo_config(findings_path)
     specs = [
         ServerSpec(
@@ -143,9 +166,7 @@ async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
     )
     print(f"findings as JSON lines: {findings_path}")
     if report is not None:
-        from relayaudit.export import format_of, from_sweep, render  # noqa: PLC0415
-
-        text = render(from_sweep(collector.findings, sweep_id=sink.sweep_id), format_of(report))
+        text = report_text(report, config, collector, stats, sink.sweep_id)
         try:
             await asyncio.to_thread(report.write_text, text, encoding="utf-8")
         except OSError as exc:

@@ -2,6 +2,7 @@
 
 One `Report` model holds the data (header, findings, what changed); each format renders it.
 The JSON form is that model (`schemas/report.v1.schema.json`); docs/findings.md documents it.
+The HTML page (the default format) shows more than this model and is html_report.py's.
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ __all__ = [
     "Report",
     "ReportFinding",
     "Shown",
+    "TextFormat",
     "find",
     "format_of",
     "from_stores",
     "from_sweep",
     "render",
     "render_shown",
+    "report_of",
     "schema_files",
 ]
 
 REPORT_SCHEMA_VERSION = 1
-Format = Literal["csv", "md", "json"]
+Format = Literal["html", "csv", "md", "json"]
+TextFormat = Literal["csv", "md", "json"]  # what `render` writes; HTML is html_report.py's
 CSV_COLUMNS = (
     "id",
     "kind",
@@ -141,13 +145,30 @@ def from_stores(paths: Sequence[Path], *, since: timedelta, now: datetime | None
     """The report of the state files (shards merged as `findings` merges them)."""
     now = now or datetime.now(UTC)
     start = now - since
-    rows = read_findings(paths)
-    return Report(
-        generated_at=now,
+    return report_of(
+        read_findings(paths),
+        read_changes(paths, since=start),
         sources=tuple(str(p) for p in paths),
         since=start,
+        now=now,
+    )
+
+
+def report_of(
+    rows: Iterable[FindingRow],
+    changes: Iterable[Change],
+    *,
+    sources: Sequence[str],
+    since: datetime,
+    now: datetime,
+) -> Report:
+    """The report of findings and changes already read (the HTML page reads more of the store)."""
+    return Report(
+        generated_at=now,
+        sources=tuple(sources),
+        since=since,
         findings=tuple(sorted((_from_row(r) for r in rows), key=_order)),
-        changes=tuple(read_changes(paths, since=start)),
+        changes=tuple(c for c in changes if c.at >= since),
     )
 
 
@@ -269,7 +290,14 @@ def render_shown(shown: Shown) -> str:
     return "\n".join(lines) + "\n"
 
 
-_SUFFIXES: dict[str, Format] = {".md": "md", ".markdown": "md", ".csv": "csv", ".json": "json"}
+_SUFFIXES: dict[str, Format] = {
+    ".html": "html",
+    ".htm": "html",
+    ".md": "md",
+    ".markdown": "md",
+    ".csv": "csv",
+    ".json": "json",
+}
 
 
 def format_of(path: Path) -> Format:
@@ -278,12 +306,12 @@ def format_of(path: Path) -> Format:
     if fmt is None:
         raise ConfigError(
             f"--report: cannot tell the format of {str(path)!r} from its suffix: "
-            "use .md, .csv or .json"
+            "use .html, .md, .csv or .json"
         )
     return fmt
 
 
-def render(report: Report, fmt: Format) -> str:
+def render(report: Report, fmt: TextFormat) -> str:
     if fmt == "csv":
         return _csv(report)
     if fmt == "json":

@@ -1,4 +1,8 @@
-"""Prometheus text metrics (a tiny dependency-free registry) and the /metrics + /healthz server."""
+"""Prometheus text metrics (a tiny dependency-free registry) and the /metrics + /healthz server.
+
+The server also answers the routes it is given (the daemon's report pages), under the same
+limits on connections and request heads, each with its own write deadline.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import contextlib
 import math
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -16,6 +21,9 @@ __all__ = [
     "Metrics",
     "MetricsServer",
     "Registry",
+    "Request",
+    "Response",
+    "Route",
     "render_value",
 ]
 
@@ -254,6 +262,7 @@ class Metrics(Registry):
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -261,6 +270,35 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+_MAX_HEADERS = 100  # header lines kept per request (the head's size is bounded anyway)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a route sees of a request: its method (GET or HEAD), path and headers."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]  # names in lower case; a repeated header keeps its first value
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A page served beside /metrics: `handler` answers within `deadline` seconds, and the
+    answer must be written within the same time again."""
+
+    handler: Callable[[Request], Awaitable[Response]]
+    deadline: float = 60.0
 
 
 class _Reject(Exception):
@@ -292,8 +330,10 @@ class MetricsServer:
         write_deadline: float = 5.0,
         max_head: int = 8192,
         max_connections: int = 256,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         self.metrics = metrics
+        self.routes = dict(routes or {})
         self.host = host
         self.requested_port = port
         self.health = health
@@ -368,12 +408,21 @@ class MetricsServer:
             self._connections[task] = True
             try:
                 async with asyncio.timeout(self.read_deadline):
-                    method, path = await self._read_head(reader)
+                    method, path, headers = await self._read_head(reader)
             except TimeoutError:
                 raise _Reject(408, "request head not received in time") from None
             self._connections[task] = False
-            status, body = self._route(method, path)
-            await self._respond(writer, status, body, head_only=method == "HEAD")
+            route = self.routes.get(path)
+            if route is None:
+                status, body = self._route(method, path)
+                await self._respond(writer, status, body, head_only=method == "HEAD")
+            else:
+                try:
+                    async with asyncio.timeout(route.deadline):
+                        response = await route.handler(Request(method, path, headers))
+                except TimeoutError:
+                    raise _Reject(503, "not ready in time; try again") from None
+                await self._send(writer, response, method == "HEAD", route.deadline)
             self.requests_served += 1
         except _Reject as reject:
             with contextlib.suppress(Exception):
@@ -392,10 +441,11 @@ class MetricsServer:
             else:
                 writer.close()
 
-    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str]:
-        """Request line and headers (ignored beyond their size); returns (method, path)."""
+    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:
+        """Request line and headers; returns (method, path, headers)."""
         size = 0
         request_line = b""
+        headers: dict[str, str] = {}
         # Each line costs at least one byte of the max_head budget, so this ends by then.
         for _ in range(self.max_head + 1):
             try:
@@ -413,7 +463,10 @@ class MetricsServer:
                 continue  # tolerate blank lines before the request line (RFC 9112 2.2)
             if line in (b"\r\n", b"\n"):
                 break
-        return self._parse_request_line(request_line)
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon and len(headers) < _MAX_HEADERS:
+                headers.setdefault(name.strip().lower(), value.strip())
+        return (*self._parse_request_line(request_line), headers)
 
     @staticmethod
     def _parse_request_line(line: bytes) -> tuple[str, str]:
@@ -445,20 +498,26 @@ class MetricsServer:
     async def _respond(
         self, writer: asyncio.StreamWriter, status: int, body: str, *, head_only: bool
     ) -> None:
-        payload = body.encode("utf-8")
         content_type = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
+        response = Response(status, body.encode("utf-8"), content_type)
+        await self._send(writer, response, head_only, self.write_deadline)
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, response: Response, head_only: bool, deadline: float
+    ) -> None:
         head = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(payload)}",
+            f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Error')}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
             "Connection: close",
             "Cache-Control: no-store",
         ]
-        if status == 405:
+        if response.status == 405:
             head.append("Allow: GET, HEAD")
+        head += [f"{name}: {value}" for name, value in response.headers]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         if not head_only:
-            writer.write(payload)
+            writer.write(response.body)
         # A client that never reads must not pin the connection either.
-        async with asyncio.timeout(self.write_deadline):
+        async with asyncio.timeout(deadline):
             await writer.drain()

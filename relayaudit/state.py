@@ -41,10 +41,13 @@ __all__ = [
     "StateSink",
     "StateStore",
     "SweepRecord",
+    "SweepRow",
     "Transition",
     "read_changes",
     "read_findings",
     "read_history",
+    "read_observations",
+    "read_sweeps",
 ]
 
 SCHEMA_VERSION = 2
@@ -260,6 +263,50 @@ class ObservationRow(_Frozen):
     summary: str
     observed: datetime
     kinds: tuple[FindingKind, ...]
+
+
+class SweepRow(_Frozen):
+    """One sweep as the `sweeps` table keeps it (the report's header; read-only)."""
+
+    id: str
+    shard: str
+    state: str  # running, completed, abandoned
+    started: datetime
+    finished: datetime | None
+    total: int  # target positions of the sweep
+    watermark: int  # positions done (all of them once completed)
+    probes: int | None  # None until the sweep completes: counts are written then
+    hosts: int | None
+    relays: int | None
+    statuses: dict[str, int]
+
+    @property
+    def errors(self) -> int:
+        """Probes that ended in `error` or `internal-error` (0 while the sweep runs)."""
+        return self.statuses.get("error", 0) + self.statuses.get("internal-error", 0)
+
+    @property
+    def duration(self) -> float | None:
+        if self.finished is None:
+            return None
+        return (self.finished - self.started).total_seconds()
+
+
+def _sweep_row(r: sqlite3.Row) -> SweepRow:
+    counts = json.loads(r["counts"]) if r["counts"] else {}
+    return SweepRow(
+        id=r["id"],
+        shard=r["shard"],
+        state=r["state"],
+        started=_dt(r["started"]),
+        finished=_dt(r["finished"]) if r["finished"] else None,
+        total=r["total"],
+        watermark=r["watermark"],
+        probes=counts.get("probes"),
+        hosts=counts.get("hosts"),
+        relays=counts.get("relays"),
+        statuses={str(k): int(v) for k, v in counts.get("statuses", {}).items()},
+    )
 
 
 def _ts(when: datetime) -> str:
@@ -979,6 +1026,26 @@ class StateStore:
             for r in rows
         )
 
+    def sweeps(self, limit: int | None = None) -> list[SweepRow]:
+        """The sweeps recorded here (every shard that wrote this file), newest start first."""
+        with self._read("read sweeps") as db:
+            rows = db.execute(
+                "SELECT * FROM sweeps ORDER BY started DESC, rowid DESC LIMIT ?",
+                (-1 if limit is None else limit,),
+            ).fetchall()
+        return [_sweep_row(r) for r in rows]
+
+    def observations(self, sweep_id: str) -> list[ObservationRow]:
+        """What one sweep recorded, by address and port (closed and filtered ports that never
+        had a finding are not recorded)."""
+        with self._read("read observations") as db:
+            rows = db.execute(
+                "SELECT o.*, s.shard FROM observations o LEFT JOIN sweeps s ON s.id = o.sweep_id "
+                "WHERE o.sweep_id = ?",
+                (sweep_id,),
+            ).fetchall()
+        return [_observation_row(r) for r in rows]
+
     def history(self, address: str) -> list[ObservationRow]:
         with self._read("read history") as db:
             rows = db.execute(
@@ -986,19 +1053,20 @@ class StateStore:
                 "WHERE o.address = ? ORDER BY o.observed, o.port",
                 (address,),
             ).fetchall()
-        return [
-            ObservationRow(
-                sweep_id=r["sweep_id"],
-                shard=r["shard"],
-                address=r["address"],
-                port=r["port"],
-                status=r["status"],
-                summary=r["summary"],
-                observed=_dt(r["observed"]),
-                kinds=tuple(json.loads(r["kinds"])),
-            )
-            for r in rows
-        ]
+        return [_observation_row(r) for r in rows]
+
+
+def _observation_row(r: sqlite3.Row) -> ObservationRow:
+    return ObservationRow(
+        sweep_id=r["sweep_id"],
+        shard=r["shard"],
+        address=r["address"],
+        port=r["port"],
+        status=r["status"],
+        summary=r["summary"],
+        observed=_dt(r["observed"]),
+        kinds=tuple(json.loads(r["kinds"])),
+    )
 
 
 def _outbox_item(row: sqlite3.Row) -> OutboxItem:
@@ -1072,6 +1140,34 @@ def read_history(paths: Sequence[Path], address: str) -> list[ObservationRow]:
         finally:
             store.close()
     return sorted(rows, key=lambda r: (r.observed, r.port, r.sweep_id))
+
+
+def read_sweeps(paths: Sequence[Path], *, limit: int | None = None) -> list[SweepRow]:
+    """The sweeps of several shard files, read-only, newest start first (`limit` per file)."""
+    rows: list[SweepRow] = []
+    for path in paths:
+        store = StateStore(path)
+        store.open(readonly=True)
+        try:
+            rows.extend(store.sweeps(limit))
+        finally:
+            store.close()
+    return sorted(rows, key=lambda r: r.started, reverse=True)
+
+
+def read_observations(paths: Sequence[Path], sweep_ids: Iterable[str]) -> list[ObservationRow]:
+    """What these sweeps recorded, over several shard files, read-only."""
+    wanted = tuple(dict.fromkeys(sweep_ids))
+    rows: list[ObservationRow] = []
+    for path in paths:
+        store = StateStore(path)
+        store.open(readonly=True)
+        try:
+            for sweep_id in wanted:
+                rows.extend(store.observations(sweep_id))
+        finally:
+            store.close()
+    return rows
 
 
 class StateSink:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from datetime import UTC, datetime
 
-__all__ = ["ELLIPSIS", "clip", "utc_time", "wrap"]
+__all__ = ["ELLIPSIS", "clip", "span", "utc_time", "wrap"]
 
 ELLIPSIS = "…"
 _MIN_WRAP = 20  # columns of text a wrapped line keeps after its indent, however narrow the width
@@ -52,3 +52,15 @@ def wrap(text: str, width: int | None, *, indent: str = "") -> list[str]:
 def utc_time(when: datetime) -> str:
     """`2026-12-06 23:41:07 UTC`: every time in a table, in one zone that says which it is."""
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def span(seconds: float) -> str:
+    """A duration for people: `4.2 s`, `38 s`, `12 min`, `5.5 h`, `3.0 days`."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

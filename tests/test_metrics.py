@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +14,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relayaudit.metrics import Metrics, MetricsServer, Registry, render_value
+from relayaudit.metrics import (
+    Metrics,
+    MetricsServer,
+    Registry,
+    Request,
+    Response,
+    Route,
+    render_value,
+)
 
 # --- exposition format -------------------------------------------------------------------------
 
@@ -431,6 +440,79 @@ async def test_stop_closes_open_connections_and_the_port() -> None:
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
     await server.stop()  # a second stop is harmless
+
+
+# --- routes beside /metrics (the daemon's report pages) ----------------------------------------
+
+
+async def _echo(request: Request) -> Response:
+    text = f"{request.method} {request.path} auth={request.headers.get('authorization')}\n"
+    return Response(200, text.encode(), "text/plain; charset=utf-8", (("X-Extra", "1"),))
+
+
+async def _big(request: Request) -> Response:
+    return Response(200, b"x" * (8 << 20), "text/html; charset=utf-8")
+
+
+async def _slow(request: Request) -> Response:
+    await asyncio.sleep(5)
+    return Response(200, b"late\n")
+
+
+async def test_a_route_sees_the_headers_under_the_same_limits() -> None:
+    routes = {"/": Route(_echo)}
+    async with MetricsServer(Metrics(), "127.0.0.1", 0, health=Health(), routes=routes) as server:
+        reply = await raw(
+            server.port, b"GET /?x=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer abc\r\n\r\n"
+        )
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"\r\nX-Extra: 1" in head
+        assert body == b"GET / auth=Bearer abc\n"
+        reply = await raw(server.port, b"HEAD / HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"\r\n\r\n")
+        reply = await raw(server.port, b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 405 ")
+        big = b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
+        assert (await raw(server.port, big)).startswith(b"HTTP/1.1 431 ")
+        status, _, _ = await asyncio.to_thread(fetch, f"http://127.0.0.1:{server.port}/metrics")
+        assert status == 200
+
+
+def _read_late(port: int, path: bytes, delay: float) -> bytes:
+    """A client that sends its request, then reads nothing for `delay` seconds (small buffers,
+    so the server's writes stall meanwhile), then reads to the end."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\n\r\n")
+        time.sleep(delay)
+        chunks = []
+        with contextlib.suppress(ConnectionError):
+            while chunk := sock.recv(1 << 16):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def test_a_routes_write_deadline_is_its_own() -> None:
+    """The server's write deadline (here 0.3 s; /metrics keeps 5 s) does not cut a route that
+    has its own: 8 MB to a client that waits a second before reading arrive whole."""
+    routes = {"/": Route(_big, deadline=10.0), "/short": Route(_big, deadline=0.3)}
+    async with MetricsServer(
+        Metrics(), "127.0.0.1", 0, health=Health(), write_deadline=0.3, routes=routes
+    ) as server:
+        whole = await asyncio.to_thread(_read_late, server.port, b"/", 1.0)
+        cut = await asyncio.to_thread(_read_late, server.port, b"/short", 1.0)
+    assert whole.endswith(b"\r\n\r\n" + b"x" * (8 << 20))
+    assert len(cut) < 8 << 20  # the same page under a 0.3 s deadline is dropped unfinished
+
+
+async def test_a_route_that_does_not_answer_in_time_gets_503() -> None:
+    routes = {"/": Route(_slow, deadline=0.2)}
+    async with MetricsServer(Metrics(), "127.0.0.1", 0, health=Health(), routes=routes) as server:
+        started = time.monotonic()
+        reply = await raw(server.port, b"GET / HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 503 ") and time.monotonic() - started < 2
 
 
 def test_defaults() -> None:

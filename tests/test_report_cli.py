@@ -65,9 +65,21 @@ async def test_a_daemons_store_reports_its_relays_and_shows_one_whole(
     assert [(r["address"], r["port"], r["status"]) for r in relays] == [(RELAY, str(PORT), "new")]
     assert relays[0]["id"] == relay["id"] and relays[0]["last_sweep_id"] == relay["sweep_id"]
 
-    code, out, err = await run_cli("report", "--config", str(cfg), "--since", "1d")
+    code, out, err = await run_cli(
+        "report", "--format", "md", "--config", str(cfg), "--since", "1d"
+    )
     assert code == 0, err
     assert "## Open findings" in out and f"{RELAY}:{PORT}" in out and "| new |" in out
+
+    # the default: the HTML page, with the header the config and the store give it
+    code, out, err = await run_cli(
+        "report", "--config", str(cfg), "--output", str(tmp_path / "r.html")
+    )
+    assert (code, out) == (0, ""), err
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and f'id="{relay["id"]}"' in page
+    assert f"{RELAY}:{PORT}" in page and NET in page  # the finding, and the targets
+    assert "scanner healthy" in page and relay["sweep_id"] in page  # the shard's last sweep
 
     code, out, err = await run_cli("show", relay["id"], "--config", str(cfg))
     assert code == 0, err
@@ -94,6 +106,16 @@ async def test_sweep_report_writes_the_runs_findings_in_the_suffixs_format(tmp_p
     assert all(r["status"] == "" for r in rows)  # no state store: no lifecycle status
     code, _, err = await run_cli("sweep", "--config", str(cfg), "--report", "x.txt")
     assert code == 2 and "--report: cannot tell the format of 'x.txt'" in err
+    for processes in ("1", "2"):  # the HTML page: the findings and the services it saw
+        report = tmp_path / f"report-{processes}.html"
+        async with Lab(_specs()):
+            code, _, err = await run_cli(
+                "sweep", "--config", str(cfg), "--processes", processes, "--report", str(report)
+            )
+        assert code == 1, err
+        page = report.read_text(encoding="utf-8")
+        assert f"{RELAY}:{PORT}" in page and "one-off sweep" in page
+        assert "2</b>SMTP services in the last sweep" in page  # the relay and the closed server
 
 
 async def test_report_needs_a_store_and_a_valid_since(tmp_path: Path) -> None:

@@ -1,0 +1,190 @@
+"""The report served live by the daemon: `GET /` and `/report.csv` on the metrics listener.
+
+Who may see it (`report_access`: loopback, or `report.serve` with a bearer token) and the
+rendering (`LiveReport`: in a worker thread, from read-only connections, kept per sweep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+
+from relayaudit.config import Config, ReportConfig
+from relayaudit.export import render
+from relayaudit.html_page import page_from_stores
+from relayaudit.html_report import content_security_policy, render_html
+from relayaudit.metrics import Request, Response, Route
+
+__all__ = ["RUNNING_MAX_AGE", "SINCE", "WRITE_DEADLINE", "Access", "LiveReport", "report_access"]
+
+SINCE = timedelta(days=7)  # the live page's "what changed" window
+WRITE_DEADLINE = 60.0  # a large page to a slow client; /metrics keeps its 5 s
+RUNNING_MAX_AGE = 300.0  # seconds a page is kept while a sweep runs (new findings appear)
+_SECURITY = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+_HTML_HEADERS = (
+    ("Content-Security-Policy", content_security_policy() + "; frame-ancestors 'none'"),
+    *_SECURITY,
+)
+_CSV_HEADERS = (
+    ("Content-Disposition", 'attachment; filename="relayaudit-report.csv"'),
+    *_SECURITY,
+)
+
+
+class Access(StrEnum):
+    OPEN = "open"  # loopback listener, no token configured
+    TOKEN = "token"  # noqa: S105 - every request must carry `Authorization: Bearer <token>`
+    OFF = "off"  # a listener that is not loopback without report.serve
+
+
+def report_access(listen_host: str, report: ReportConfig) -> Access:
+    """Whether, and how, the report may be served on the metrics listener at `listen_host`."""
+    loopback = ipaddress.ip_address(listen_host).is_loopback
+    if not loopback and not report.serve:
+        return Access.OFF
+    return Access.TOKEN if report.token is not None else Access.OPEN
+
+
+class LiveReport:
+    """The daemon's report pages: rendered in a worker thread from read-only connections to its
+    state file, and kept until the next sweep starts or completes (or the config is reloaded).
+
+    One render at a time: requests arriving meanwhile wait for it instead of starting their own.
+    A request never writes: the store is opened read-only for each render, and the routes take
+    no parameters.
+    """
+
+    def __init__(
+        self,
+        state_path: Path,
+        *,
+        config: Callable[[], Config],
+        shard: str,
+        listen_host: str,
+        health: Callable[[], tuple[bool, str]],
+        since: timedelta = SINCE,
+    ) -> None:
+        self.state_path = state_path
+        self._config = config
+        self.shard = shard
+        self.listen_host = listen_host
+        self._health = health
+        self.since = since
+        self._generation = 0
+        self._running = False
+        self._cache: tuple[int, float, bytes, bytes] | None = None  # generation, at, html, csv
+        self._lock = asyncio.Lock()
+        self.renders = 0
+        self.last_render_seconds = 0.0
+
+    # -- what the daemon tells it ---------------------------------------------------------------
+
+    def sweep_started(self) -> None:
+        self._running = True
+        self._generation += 1
+
+    def sweep_ended(self) -> None:
+        self._running = False
+        self._generation += 1
+
+    def invalidate(self) -> None:
+        """The config was reloaded: the next request renders afresh."""
+        self._generation += 1
+
+    # -- the pages --------------------------------------------------------------------------------
+
+    def routes(self) -> dict[str, Route]:
+        """`/` (HTML) and `/report.csv` for the metrics listener, each with its own 60 s."""
+        return {
+            "/": Route(self._html, deadline=WRITE_DEADLINE),
+            "/report.csv": Route(self._csv, deadline=WRITE_DEADLINE),
+        }
+
+    async def _html(self, request: Request) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        page, _ = await self.pages()
+        return Response(200, page, "text/html; charset=utf-8", _HTML_HEADERS)
+
+    async def _csv(self, request: Request) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        _, table = await self.pages()
+        return Response(200, table, "text/csv; charset=utf-8", _CSV_HEADERS)
+
+    def _refused(self, request: Request) -> Response | None:
+        report = self._config().report
+        access = report_access(self.listen_host, report)
+        if access is Access.OFF:
+            return Response(
+                404,
+                f"not found: the report is served on a loopback listener only; to serve it on "
+                f"{self.listen_host}, set report.serve = true and report.token_file\n".encode(),
+            )
+        if access is Access.TOKEN and not _bearer_ok(request, report):
+            return Response(
+                401,
+                b"the report needs its bearer token: Authorization: Bearer TOKEN "
+                b"(report.token_file)\n",
+                headers=(("WWW-Authenticate", 'Bearer realm="relayaudit report"'),),
+            )
+        return None
+
+    def _fresh(self) -> bool:
+        if self._cache is None or self._cache[0] != self._generation:
+            return False
+        return not self._running or time.monotonic() - self._cache[1] < RUNNING_MAX_AGE
+
+    async def pages(self) -> tuple[bytes, bytes]:
+        """(HTML, CSV) of the store as of this sweep."""
+        async with self._lock:
+            if not self._fresh():
+                generation = self._generation
+                html_bytes, csv_bytes = await asyncio.to_thread(self._render)
+                self._cache = (generation, time.monotonic(), html_bytes, csv_bytes)
+            assert self._cache is not None
+            return self._cache[2], self._cache[3]
+
+    def _render(self) -> tuple[bytes, bytes]:
+        started = time.monotonic()
+        served_by = (
+            f"Served live by the relayaudit daemon of shard {self.shard} from its state store "
+            f"{self.state_path}; rendered again when a sweep starts or ends."
+        )
+        if self.shard.split("/")[-1] != "1":
+            served_by += (
+                " This page shows only this shard's findings: for the whole campus, run "
+                "relayaudit report with --state FILE once per shard."
+            )
+        page = page_from_stores(
+            [self.state_path],
+            since=self.since,
+            config=self._config(),
+            health=self._health(),
+            served_by=served_by,
+        )
+        html_bytes = render_html(page).encode("utf-8")
+        csv_bytes = render(page.report, "csv").encode("utf-8")
+        self.renders += 1
+        self.last_render_seconds = time.monotonic() - started
+        return html_bytes, csv_bytes
+
+
+def _bearer_ok(request: Request, report: ReportConfig) -> bool:
+    if report.token is None:
+        return False
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    wanted = report.token.get_secret_value().encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), wanted)
