@@ -72,8 +72,9 @@ async def send_canary(
             conf.token, inputs, settings=settings, canary=canary, rcpt=conf.rcpt_to, port=port
         )
         shown = f"DATA <message carrying token {conf.token}>"
+        # a refusal (5xx, 4xx) comes back as the reply: the verdict reads it
         reply = await session.data(body, shown_as=shown)
-        return conf.model_copy(update={"data_reply": reply, "sent": reply.code == 250})
+        return conf.model_copy(update={"data_reply": reply, "sent": 200 <= reply.code <= 299})
     except Broken as exc:
         return conf.model_copy(update={"error": exc.reason})
     finally:

@@ -271,6 +271,16 @@ class Confirmation(_Frozen):
     delivered: bool | None = None  # None: not known yet (still waiting) or not sent
     error: Text | None = None
 
+    @property
+    def refused(self) -> bool:
+        """The server refused the message at DATA (5xx to DATA or to its end): evidence, kept."""
+        return self.data_reply is not None and 500 <= self.data_reply.code <= 599
+
+    @property
+    def deferred(self) -> bool:
+        """The server answered the message with a 4xx: no answer yet about relaying."""
+        return self.data_reply is not None and 400 <= self.data_reply.code <= 499
+
 
 class ProbeResult(_Frozen):
     """Everything one probe of one address:port saw; the verdict is computed from this alone."""

@@ -164,7 +164,7 @@ OUTCOMES: dict[tuple[Stage, FailureKind], Rule] = {
     (Stage.COMMAND, FailureKind.MALFORMED): Rule("unreadable reply to {verb}: {text}"),
     (Stage.COMMAND, FailureKind.REFUSED): Rule("unreadable reply to {verb}: {text}"),
     (Stage.COMMAND, FailureKind.TRANSPORT): Rule("{verb} failed: {detail}"),
-    (Stage.DATA, FailureKind.REFUSED): Rule("message refused: {text}"),
+    # a refused message is no failure: session.data returns the refusal as the reply
 }
 # every other kind at these stages: one rule for the stage
 _STAGE_DEFAULT = {

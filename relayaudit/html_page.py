@@ -50,6 +50,7 @@ SMTP_STATUSES = frozenset(
         VerdictStatus.RELAY_CAMPUS_SENDER,
         VerdictStatus.RELAY_AFTER_STARTTLS,
         VerdictStatus.ACCEPTS_WITHOUT_DELIVERY,
+        VerdictStatus.REFUSES_AT_DATA,
         VerdictStatus.RELAY_REFUSED,
         VerdictStatus.AUTH_REQUIRED,
         VerdictStatus.TLS_REQUIRED,

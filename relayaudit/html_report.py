@@ -143,6 +143,7 @@ _KIND_NAMES = {
     FindingKind.RELAY_CAMPUS_SENDER: "relay for a campus sender",
     FindingKind.RELAY_AFTER_STARTTLS: "relay after STARTTLS",
     FindingKind.ACCEPTS_WITHOUT_DELIVERY: "accepts without delivery",
+    FindingKind.REFUSES_AT_DATA: "refuses the message at DATA",
     FindingKind.UNAPPROVED_SMTP: "unapproved SMTP",
     FindingKind.AUTH_WITHOUT_TLS: "AUTH without TLS",
 }

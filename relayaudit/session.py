@@ -47,7 +47,8 @@ class Session(Protocol):
         ...
 
     async def data(self, message: bytes, *, shown_as: str) -> Reply:
-        """DATA and a message; raises Broken when it is refused or the connection fails."""
+        """DATA and a message; the final reply, a refusal too; raises Broken when the
+        connection fails."""
         ...
 
     async def quit(self) -> None: ...
@@ -172,10 +173,12 @@ class SmtpSession:
             if kind is None or isinstance(exc, asyncio.CancelledError):
                 raise
             if kind is FailureKind.REFUSED:
-                code, text = reply_code(exc), reply_text(exc)
-                self.record(shown_as, Reply(code=code, text=text), started)
-            else:
-                self.record(shown_as, None, started, error=describe(exc))
+                # a refused message (to DATA or at its end) is the server's answer, a value:
+                # the verdict reads it (a server that decides at DATA is no relay)
+                reply = Reply(code=reply_code(exc), text=reply_text(exc))
+                self.record(shown_as, reply, started)
+                return reply
+            self.record(shown_as, None, started, error=describe(exc))
             raise failure(Stage.DATA, kind, exc) from None
         reply = Reply(code=response.code, text=response.message)
         self.record(shown_as, reply, started)

@@ -10,6 +10,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 from relayaudit.evidence import (
+    Confirmation,
     Exchange,
     ProbeResult,
     ProbeStatus,
@@ -40,6 +41,7 @@ class FindingKind(StrEnum):
     RELAY_CAMPUS_SENDER = "relay-campus-sender"
     RELAY_AFTER_STARTTLS = "relay-after-starttls"
     ACCEPTS_WITHOUT_DELIVERY = "accepts-without-delivery"
+    REFUSES_AT_DATA = "refuses-at-data"  # accepted at RCPT, but the canary refused at DATA
     UNAPPROVED_SMTP = "unapproved-smtp"
     AUTH_WITHOUT_TLS = "auth-without-tls"
 
@@ -76,6 +78,7 @@ class VerdictStatus(StrEnum):
     RELAY_CAMPUS_SENDER = "relay-campus-sender"
     RELAY_AFTER_STARTTLS = "relay-after-starttls"
     ACCEPTS_WITHOUT_DELIVERY = "accepts-without-delivery"
+    REFUSES_AT_DATA = "refuses-at-data"  # accepted at RCPT; the canary message refused at DATA
     RELAY_REFUSED = "relay-refused"
     AUTH_REQUIRED = "auth-required"
     TLS_REQUIRED = "tls-required"
@@ -312,6 +315,13 @@ class _Context:
             notes.append(
                 "Only unusual address forms were accepted; some servers read them as local mailboxes."
             )
+        if conf is not None and conf.deferred and conf.data_reply is not None:
+            notes.append(
+                f"The canary message {conf.token} was deferred at DATA ({conf.data_reply}): "
+                "not confirmed; a later sweep tries again."
+            )
+        elif conf is not None and not conf.sent and conf.error:
+            notes.append(f"The canary message could not be sent: {conf.error}.")
         if confirmed and conf is not None:
             notes.append(f"Confirmed: canary message {conf.token} arrived at the ISO's mailbox.")
         elif conf is not None and conf.sent and conf.delivered is None:
@@ -409,6 +419,9 @@ def judge(
         and conf.delivered is False
         and (ctx.accepts_everything or not selective_plain)
     )
+    # A canary refused at DATA is evidence too: the server decides after the message (an ACL
+    # at DATA), so its acceptances at RCPT are no relay; never silently "relay-refused" either.
+    refused_at_data = conf is not None and conf.refused
 
     status: VerdictStatus | None = None
     for group, after_tls in ((plain_group, False), (tls_group, True)):
@@ -416,11 +429,11 @@ def judge(
         if not accepted or status is not None:
             continue
         if (
-            undelivered
+            (undelivered or refused_at_data)
             and conf is not None
             and any(a.transport is conf.transport for a in accepted)
         ):
-            continue  # handled below: accepted, but the canary never arrived
+            continue  # handled below: accepted, but the canary never arrived or was refused
         outside = [a for a in accepted if a.test.role is not TestRole.LOCAL_SENDER]
         if after_tls:
             kind, what, status = (
@@ -455,6 +468,10 @@ def judge(
             )
         )
 
+    if status is None and refused_at_data and conf is not None:
+        status = VerdictStatus.REFUSES_AT_DATA
+        findings.append(_refused_at_data(ctx, conf))
+
     if status is None:
         status = _refusal_status(plain_group) if plain_group else VerdictStatus.ERROR
     summary = next(
@@ -471,6 +488,37 @@ def judge(
         status=status,
         summary=summary or _status_summary(status, plain_group, result),
         findings=tuple(findings),
+    )
+
+
+def _refused_at_data(ctx: _Context, conf: Confirmation) -> Finding:
+    """Accepted at RCPT, but the canary message itself was refused: the finding says so."""
+    r = ctx.result
+    accepted = [a for a in _accepted(r.tests) if a.transport is conf.transport]
+    lead = next((a for a in accepted if _is_plain_recipient(a)), accepted[0])
+    control = next((c for c in ctx.controls if c.transport is conf.transport), ctx.control)
+    notes = [
+        f"{len(accepted)} of the relay tests were accepted at RCPT, e.g. {_describe(lead)}, "
+        f"but the canary message {conf.token} sent the same way (form {conf.test_id}) was "
+        f"refused at DATA: {conf.data_reply}.",
+        "The server decides after the message (an ACL or policy check at DATA), so its "
+        "acceptance at RCPT is not a relay: not an open relay as tested. The refusal text says "
+        "why; a server that refuses only some messages (content filters) may still relay others.",
+    ]
+    if control is not None and control.outcome is TestOutcome.ACCEPTED:
+        notes.append(
+            f"It also accepted the impossible control recipient <{control.test.rcpt_to}> at RCPT."
+        )
+    return ctx.finding(
+        FindingKind.REFUSES_AT_DATA,
+        severity=Severity.LOW,
+        confidence=Confidence.HIGH,
+        title=(
+            "Accepts relay recipients but refuses the message at DATA on "
+            f"{endpoint(r.address, r.port)}"
+        ),
+        summary=" ".join(notes),
+        evidence=[*accepted, *([control] if control is not None else [])],
     )
 
 

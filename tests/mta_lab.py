@@ -16,7 +16,7 @@ Both daemons run inside a private mount namespace (`unshare --mount`), in which
 - /var/spool, /run, /var/lib and /usr/libexec are replaced by per-instance directories, because
   OpenSMTPD's spool, control socket, chroot and helpers are compiled-in paths.
 
-Every instance listens on 127.0.4.x (.31-.38 Exim, .21-.25 OpenSMTPD; the Postfix lab's slot on
+Every instance listens on 127.0.4.x (.31-.39 Exim, .21-.25 OpenSMTPD; the Postfix lab's slot on
 127.0.4.1-4 is not touched) and routes *all* mail, local and remote, to one loopback sink
 (SINK_HOST:SINK_PORT) or discards it locally: no DNS lookups, nothing leaves the machine.
 """
@@ -74,6 +74,7 @@ EXIM_POLICIES = (
     "greet-delay",
     "greylist",
     "queue-only",
+    "data-refuse",
 )
 OPENSMTPD_POLICIES = ("closed", "open", "campus-sender", "default", "default-mx")
 EXIM_HOSTS: Mapping[str, str] = {p: f"127.0.4.{31 + i}" for i, p in enumerate(EXIM_POLICIES)}
@@ -125,7 +126,7 @@ acl_check_connect:
 
 acl_check_helo:
 {helo}  accept
-
+{data_acl}
 acl_check_rcpt:
   accept  hosts = :
 {greylist}{restricted}
@@ -215,6 +216,16 @@ _EXIM_POLICY: Mapping[str, Mapping[str, str]] = {
     },
     # open relay that only queues (queue runner every 2 s here; Debian's default is 30 min)
     "queue-only": {"relay_hosts": "0.0.0.0/0", "options": "queue_only = true\n"},
+    # accepts every RCPT (an open relay at RCPT time), then refuses every message in its DATA
+    # ACL: the decision comes after the message, as sites that check content or policy there do
+    "data-refuse": {
+        "relay_hosts": "0.0.0.0/0",
+        "options": "acl_smtp_data = acl_check_data\n",
+        "data_acl": (
+            "\nacl_check_data:\n"
+            "  deny    message = relaying refused: message rejected by policy at DATA\n"
+        ),
+    },
 }
 
 # ---------------------------------------------------------------- OpenSMTPD
@@ -383,6 +394,7 @@ class MtaInstance:
                 "greylist": "",
                 "restricted": _EXIM_RESTRICTED,
                 "local_extra": "",
+                "data_acl": "",
             }
             return _EXIM_CONF.format(**{**values, **defaults, **_EXIM_POLICY[self.policy]})
         return _OSMTPD_HEAD.format(**values) + _OSMTPD_RULES[self.policy]

@@ -402,6 +402,28 @@ async def test_check_lists_relays_first_and_shows_the_approval(tmp_path: Path) -
     assert approved.splitlines()[2] == "  approved: ISO-0042 department mail hub"
 
 
+async def test_check_confirm_reports_a_canary_refused_at_data(tmp_path: Path) -> None:
+    port, canary_port = free_port(), free_port()
+    config = tmp_path / "check.toml"
+    config.write_text(
+        'scope = ["127.0.88.0/24"]\ntargets = ["127.0.88.0/24"]\n'
+        '[identity]\nhelo_name = "relayaudit.campus.test"\n'
+        '[relay]\ncampus_domains = ["campus.test"]\n'
+        'external_domains = ["relay-test.example", "sender.example"]\n'
+        '[canary]\ndomain = "canary.iso.test"\n'
+        f'listen = "127.0.88.3:{canary_port}"\nwait = "2s"\n',
+        encoding="utf-8",
+    )
+    spec = ServerSpec(host="127.0.88.1", port=port, behaviour=Behaviour.REFUSE_AT_DATA)
+    async with Lab([spec], mx={"canary.iso.test": ("127.0.88.3", canary_port)}):
+        code, out, err = await run_cli(
+            "check", "127.0.88.1", "--port", str(port), "--config", str(config), "--confirm"
+        )
+    assert code == 0, (out, err)  # no relay
+    assert out.splitlines()[0].startswith(f"127.0.88.1:{port}  REFUSES-AT-DATA  ")
+    assert "refused at DATA: 550 5.7.1" in " ".join(out.split())
+
+
 def test_demo_names_each_relay_and_cuts_no_summary(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -184,6 +184,23 @@ async def test_exim_queueing_relay_that_accepts_everything_needs_a_wait_longer_t
     assert verdict.status is VerdictStatus.ACCEPTS_WITHOUT_DELIVERY, replies(result)
 
 
+async def test_exim_refusing_the_canary_at_data_is_no_relay(
+    exim: dict[str, MtaInstance], canary: CanaryReceiver
+) -> None:
+    # every RCPT accepted (the control too), the message refused by acl_smtp_data: before
+    # issue 20 this was an open relay even under confirmation
+    result, verdict = await check(exim["data-refuse"], canary, wait=5.0)
+    assert verdict.status.value == "refuses-at-data", replies(result)  # was "open-relay"
+    conf = result.confirmation
+    assert conf is not None and conf.refused, (conf, replies(result))
+    assert conf.data_reply is not None and conf.data_reply.code == 550
+    assert verdict.status is VerdictStatus.REFUSES_AT_DATA, replies(result)
+    assert not verdict.relay
+    assert relay_finding(verdict) == (FindingKind.REFUSES_AT_DATA, Confidence.HIGH)
+    finding = next(f for f in verdict.findings if f.kind is FindingKind.REFUSES_AT_DATA)
+    assert "rejected by policy at DATA" in finding.summary
+
+
 # ------------------------------------------------------------------ OpenSMTPD
 
 

@@ -154,6 +154,31 @@ async def test_accept_everything_trap_is_not_an_open_relay_when_confirmation_fai
     )
 
 
+async def test_a_canary_refused_at_data_gets_its_own_status_never_a_relay(run_lab: Probe) -> None:
+    # every RCPT accepted (the control too), the message refused at the end of DATA: before
+    # issue 20 the refused canary was ignored and this was reported as an open relay
+    result, verdict = await run_lab(Behaviour.REFUSE_AT_DATA, confirm=True)
+    assert verdict.status.value == "refuses-at-data"  # was "open-relay"
+    conf = result.confirmation
+    assert conf is not None and conf.refused and not conf.sent
+    assert conf.data_reply is not None and conf.data_reply.code == 550
+    assert verdict.status is VerdictStatus.REFUSES_AT_DATA
+    assert not verdict.relay
+    assert relay_finding(verdict) == (FindingKind.REFUSES_AT_DATA, Confidence.HIGH, Severity.LOW)
+    (finding,) = [f for f in verdict.findings if f.kind is FindingKind.REFUSES_AT_DATA]
+    assert "refused at DATA: 550 5.7.1 Relaying refused" in finding.summary
+    assert conf.token in finding.summary and finding.confirmation_token == conf.token
+    # the DATA exchange and its refusal are in the transcript an analyst reads
+    assert any(
+        ex.command is not None and ex.command.startswith("DATA") and ex.reply is not None
+        and ex.reply.code == 550
+        for ex in finding.transcript
+    )
+    # without confirmation the same server is only a weak (low) relay suspicion, as before
+    _, verdict = await run_lab(Behaviour.REFUSE_AT_DATA)
+    assert relay_finding(verdict) == (FindingKind.OPEN_RELAY, Confidence.LOW, Severity.MEDIUM)
+
+
 async def test_odd_forms_taken_as_local_are_weak_evidence(run_lab: Probe) -> None:
     result, verdict = await run_lab(Behaviour.ODD_FORMS_LOCAL)
     plain = next(t for t in result.tests if t.test.id == "rcpt-plain")

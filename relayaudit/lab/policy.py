@@ -33,6 +33,7 @@ def rcpt_mode(
     if behaviour in (
         Behaviour.PERCENT_HACK,
         Behaviour.ACCEPT_ALL_DISCARD,
+        Behaviour.REFUSE_AT_DATA,
         Behaviour.ODD_FORMS_LOCAL,
         Behaviour.GREYLIST,
     ):
@@ -42,7 +43,7 @@ def rcpt_mode(
 
 def rcpt_reply(listener: Listener, mode: Behaviour, path: str) -> tuple[bytes | None, str | None]:
     """(refusal or None for 250, external address to relay to or None)."""
-    if mode is Behaviour.ACCEPT_ALL_DISCARD:
+    if mode in (Behaviour.ACCEPT_ALL_DISCARD, Behaviour.REFUSE_AT_DATA):
         return None, None
     kind, address = resolve_recipient(path, listener.own_names)
     if mode is Behaviour.ODD_FORMS_LOCAL:

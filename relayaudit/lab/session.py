@@ -245,6 +245,10 @@ class Session(LineProtocol):
         if targets and _hop_count(data) > _MAX_HOPS:
             self._reply(b"554 5.4.0 Error: too many hops\r\n")
             return
+        if self._listener.spec.behaviour is Behaviour.REFUSE_AT_DATA:
+            # Exim's acl_smtp_data deciding after the message: every RCPT was accepted
+            self._reply(b"550 5.7.1 Relaying refused: message rejected after DATA\r\n")
+            return
         lab = self._listener.lab
         lab.accepted_data += 1
         queue_id = f"{next(lab._queue_ids):010X}"

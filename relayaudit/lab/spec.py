@@ -33,6 +33,7 @@ class Behaviour(StrEnum):
     TLS_REQUIRED = "tls_required"  # MAIL refused before STARTTLS; CLOSED after it
     RELAY_AFTER_STARTTLS = "relay_after_starttls"  # CLOSED in plaintext, OPEN_RELAY after TLS
     ACCEPT_ALL_DISCARD = "accept_all_discard"  # 250 to everything, delivers nothing
+    REFUSE_AT_DATA = "refuse_at_data"  # 250 to every RCPT, then 550 at the end of DATA (an ACL)
     ODD_FORMS_LOCAL = "odd_forms_local"  # OpenSMTPD-like: odd forms taken as local, never relayed
     GREYLIST = "greylist"  # 451 at RCPT for every non-local recipient
     AUTH_NO_TLS = "auth_no_tls"  # CLOSED, but advertises AUTH without STARTTLS
