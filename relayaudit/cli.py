@@ -42,6 +42,7 @@ from relayaudit.report import (
     table,
     terminal_width,
 )
+from relayaudit.scope import normal_address, parse_address
 from relayaudit.sinks import FindingsFile, new_sweep_id
 from relayaudit.targets import Shard, TargetSpace
 from relayaudit.text import utc_time
@@ -546,15 +547,24 @@ def _history(args: argparse.Namespace) -> int:
 
 
 async def _resolve(host: str, *, source: str) -> list[str]:
+    """The addresses to check, as relayaudit connects to them (::ffff:192.0.2.1 is 192.0.2.1).
+
+    Zone ids and space no campus host can hold are refused here, before any connection.
+    """
     try:
-        return [str(ipaddress.ip_address(host))]
+        found = [ipaddress.ip_address(host)]
     except ValueError:
-        pass
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, None, type=socket.SOCK_STREAM
+            )
+        except socket.gaierror as exc:
+            raise ConfigError(f"{source}: {host!r} does not resolve: {exc.strerror}") from None
+        found = [ipaddress.ip_address(info[4][0]) for info in infos]
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ConfigError(f"{source}: {host!r} does not resolve: {exc.strerror}") from None
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+        return list(dict.fromkeys(str(normal_address(a)) for a in found))
+    except ConfigError as exc:
+        raise ConfigError(f"{source} {host!r}: {exc}") from None
 
 
 def _check_config(args: argparse.Namespace, addresses: list[str]) -> Config:
@@ -571,16 +581,16 @@ def _check_config(args: argparse.Namespace, addresses: list[str]) -> Config:
             )
     if args.source is not None:
         try:
-            ipaddress.ip_address(args.source)
-        except ValueError:
-            raise ConfigError(f"--source: {args.source!r} is not an IP address") from None
-        version = ipaddress.ip_address(args.source).version
+            source = parse_address(args.source)
+        except ConfigError as exc:
+            raise ConfigError(f"--source: {exc}") from None
+        version = source.version
         if all(ipaddress.ip_address(a).version != version for a in addresses):
             raise ConfigError(
                 f"--source: {args.source!r} is IPv{version} but host {args.host!r} "
                 f"has no IPv{version} address"
             )
-        config = config.model_copy(update={"source_address": ipaddress.ip_address(args.source)})
+        config = config.model_copy(update={"source_address": source})
     return config
 
 
@@ -697,6 +707,8 @@ def _sweep_main(args: argparse.Namespace) -> int:
     if processes < 1:
         raise ConfigError(f"--processes: {processes} must be at least 1")
     report_format(args.report)  # a bad suffix is an error before the sweep starts
+    if config.allow_large_scope:
+        print(f"relayaudit: a large scope, allowed: {config.allow_large_scope}", file=sys.stderr)
     sweep_id = new_sweep_id()  # one sweep, however many processes write its lines
     run = _Run(shard=str(shard or Shard(0, 1))) if args.report is not None else None
     if processes == 1:

@@ -25,9 +25,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from relayaudit.errors import ConfigError
 from relayaudit.schedule import parse_cron
+from relayaudit.scope import LARGE_SCOPE, LARGE_V6_PREFIX, normal_address, normal_network
+from relayaudit.targets import address_count
+from relayaudit.tomllines import KeyPath, key_lines, line_of
 
 __all__ = [
     "Address",
@@ -86,24 +90,41 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def _scope_error(message: str, loc: KeyPath | None = None) -> PydanticCustomError:
+    """A broken scope rule; format_validation_error adds the key's line in the file."""
+    context: dict[str, Any] = {"message": message}
+    if loc is not None:  # a whole-model rule: the key it is about
+        context["loc"] = loc
+    return PydanticCustomError("scope", "{message}", context)
+
+
 def _network(value: object) -> Network:
+    """A network as relayaudit connects to it (scope.normal_network: IPv4 in IPv6 becomes IPv4)."""
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a network or address string")
     try:
-        return ipaddress.ip_network(value.strip(), strict=True)
+        net = ipaddress.ip_network(value.strip(), strict=True)
     except ValueError as exc:
         if "has host bits set" in str(exc):
             raise ValueError(f"{value!r} has host bits set") from None
         raise ValueError(f"{value!r} is not an IP network or address") from None
+    try:
+        return normal_network(net)
+    except ConfigError as exc:
+        raise _scope_error(str(exc)) from None
 
 
 def _address(value: object) -> Address:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not an IP address string")
     try:
-        return ipaddress.ip_address(value.strip())
+        address = ipaddress.ip_address(value.strip())
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address") from None
+    try:
+        return normal_address(address)
+    except ConfigError as exc:
+        raise _scope_error(str(exc)) from None
 
 
 def _hostname(value: object) -> str:
@@ -381,6 +402,45 @@ class AlertsConfig(_Model):
     backoff_max: Duration = 1800.0
 
 
+# Kubernetes label keys ([prefix/]name) and values
+_LABEL_PREFIX = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def _labels(value: object) -> object:
+    if not isinstance(value, Mapping):
+        return value  # pydantic says "must be a table"
+    if not value:
+        # an empty namespaceSelector selects every namespace of the cluster
+        raise ValueError("must name at least one label of the monitoring namespace")
+    for key, label in value.items():
+        prefix, _, name = str(key).rpartition("/")
+        if (prefix and not _LABEL_PREFIX.match(prefix)) or not _LABEL_NAME.match(name):
+            raise ValueError(f"{key!r} is not a Kubernetes label key ([prefix/]name)")
+        if not isinstance(label, str) or (label and not _LABEL_NAME.match(label)):
+            raise ValueError(f"{key!r}: {label!r} is not a Kubernetes label value")
+    return value
+
+
+class DeployConfig(_Model):
+    """What `relayaudit deploy render` needs besides the scope: who else the daemon talks to."""
+
+    # hosts outside scope that connect to the daemon's listeners: metrics scrapers, readers of
+    # the live report, canary clients (an MX host that forwards to canary.listen)
+    allow_from: tuple[NetworkField, ...] = ()
+    # addresses of host names at render time, instead of DNS: the alert hooks' hosts, and the
+    # hosts an [[alerts.command]] program reaches (render cannot know those)
+    hosts: dict[DomainField, Annotated[tuple[AddressField, ...], Field(min_length=1)]] = {}
+    # DNS resolvers the daemon asks; unset: the nameservers of /etc/resolv.conf at render time
+    resolvers: tuple[AddressField, ...] | None = None
+    # the NetworkPolicy lets pods of namespaces with these labels reach the metrics port
+    monitoring_namespace_labels: Annotated[dict[str, str], BeforeValidator(_labels)] = {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+
+
 class LoggingConfig(_Model):
     """structlog JSON lines: a file (reopened on SIGHUP for logrotate) and/or stdout."""
 
@@ -467,6 +527,10 @@ class Config(_Model):
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     approved: tuple[ApprovedService, ...] = ()
+    # why scope or targets may be larger than scope.LARGE_SCOPE; logged with every sweep. Left
+    # out of the fingerprint (as is `deploy`): neither changes what a sweep walks
+    allow_large_scope: str | None = Field(default=None, min_length=1, max_length=200, exclude=True)
+    deploy: DeployConfig = Field(default=DeployConfig(), exclude=True)
     output: Output = Output()
     state: StateConfig = StateConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -502,22 +566,31 @@ class Config(_Model):
             raise ValueError(f"{list(value)!r} lists a port twice")
         return value
 
+    @field_validator("allow_large_scope")
+    @classmethod
+    def _reason(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
+            raise ValueError(f"{value!r} is not a reason (one line of text: who approved it, why)")
+        return value
+
     @model_validator(mode="after")
     def _inside_scope(self) -> Config:
-        def check(key: str, networks: tuple[Network, ...]) -> None:
+        # every network here is already normal (IPv4 written in IPv6 is IPv4), so one family
+        # comparison decides
+        def check(loc: KeyPath, networks: tuple[Network, ...]) -> None:
             for i, net in enumerate(networks):
                 if not any(
                     net.version == s.version and net.subnet_of(s)  # type: ignore[arg-type]
                     for s in self.scope
                 ):
-                    raise ValueError(
-                        f"{key}[{i}]: '{net}' is outside scope "
-                        f"({', '.join(str(s) for s in self.scope)})"
+                    raise _scope_error(
+                        f"'{net}' is outside scope ({', '.join(str(s) for s in self.scope)})",
+                        (*loc[:1], i, *loc[1:]),
                     )
 
-        check("targets", self.targets)
-        check("exclude", self.exclude)
-        check("approved", tuple(a.address for a in self.approved))
+        check(("targets",), self.targets)
+        check(("exclude",), self.exclude)
+        check(("approved", "address"), tuple(a.address for a in self.approved))
         for i, port in enumerate(self.implicit_tls_ports):
             if port not in self.ports:
                 raise ValueError(
@@ -532,11 +605,63 @@ class Config(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _bounded(self) -> Config:
+        """Large scopes, targets and allow lists only with a reason (allow_large_scope)."""
+        if self.allow_large_scope is not None:
+            return self
+        hint = (
+            '; set allow_large_scope = "<reason>" if that is meant (the reason is logged with '
+            "every sweep)"
+        )
+        for loc, nets in (
+            (("scope",), self.scope),
+            (("deploy", "allow_from"), self.deploy.allow_from),
+        ):
+            v4 = address_count(nets)[4]
+            if v4 > LARGE_SCOPE:
+                listed = ", ".join(str(n) for n in nets if n.version == 4)
+                raise _scope_error(
+                    f"the IPv4 ranges ({listed}) hold {v4:,} addresses, more than "
+                    f"{LARGE_SCOPE:,} (a /8)" + hint,
+                    loc,
+                )
+            for i, net in enumerate(nets):
+                if net.version == 6 and net.prefixlen < LARGE_V6_PREFIX:
+                    raise _scope_error(
+                        f"'{net}' is larger than a /{LARGE_V6_PREFIX}, a campus's IPv6 "
+                        "allocation" + hint,
+                        (*loc, i),
+                    )
+        # IPv4 targets lie inside an IPv4 scope bounded above; an IPv6 /32 scope is not
+        v6 = address_count(self.targets, self.exclude)[6]
+        if v6 > LARGE_SCOPE:
+            listed = ", ".join(str(n) for n in self.targets if n.version == 6)
+            raise _scope_error(
+                f"the IPv6 target ranges ({listed}) hold {v6:,} addresses after exclusions, more "
+                f"than the {LARGE_SCOPE:,} (2**24) a sweep enumerates" + hint,
+                ("targets",),
+            )
+        return self
+
     def is_approved(self, address: Address, port: int) -> ApprovedService | None:
+        address = _normal_or_self(address)
         return next((a for a in self.approved if a.covers(address, port)), None)
 
     def in_scope(self, address: Address) -> bool:
+        """Whether `address` (in any form: ::ffff:192.0.2.1 is 192.0.2.1) lies in the scope."""
+        try:
+            address = normal_address(address)
+        except ConfigError:  # a zone id, or space no campus host can hold
+            return False
         return any(address in net for net in self.scope)
+
+
+def _normal_or_self(address: Address) -> Address:
+    try:
+        return normal_address(address)
+    except ConfigError:
+        return address
 
 
 # pydantic's type errors in the words of TOML
@@ -571,6 +696,9 @@ def _key(part: str) -> str:
     return part if _BARE_KEY.fullmatch(part) else json.dumps(part)
 
 
+_NOT_KEYS = ("function-", "union[", "lax-", "json-or-python")
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
@@ -578,25 +706,48 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
             path += f"[{part}]"
         elif not path:
             path = _key(part)
-        # pydantic inserts the validator's name for function-wrapped types; it is not a key
-        elif part.startswith(("function-", "union[", "lax-", "json-or-python")):
+        # pydantic inserts the validator's name for function-wrapped types, and "[key]" after a
+        # table key it refused; neither is a key
+        elif part.startswith(_NOT_KEYS) or part == "[key]":
             continue
         else:
             path += f".{_key(part)}"
     return path
 
 
-def format_validation_error(exc: ValidationError, *, source: str) -> str:
-    """One line per problem: `SOURCE: key.path[i]: what is wrong (got VALUE)`."""
-    lines = []
+def _toml_loc(loc: tuple[int | str, ...]) -> KeyPath:
+    """pydantic's error location as a key path of the TOML document (validator names dropped)."""
+    return tuple(
+        part
+        for part in loc
+        if isinstance(part, int) or not (part.startswith(_NOT_KEYS) or part == "[key]")
+    )
+
+
+def format_validation_error(
+    exc: ValidationError, *, source: str, lines: Mapping[KeyPath, int] | None = None
+) -> str:
+    """One line per problem: `SOURCE: key.path[i]: what is wrong (got VALUE)`.
+
+    A broken scope rule also names its line in the file: `SOURCE: key.path[i]: line N: ...`
+    (`lines`: tomllines.key_lines of the file's text).
+    """
+    out = []
     for err in exc.errors(include_url=False):
         path = _key_path(err["loc"])
         kind = err["type"]
         msg = str(err["msg"])
+        if kind == "scope":
+            ctx = err.get("ctx") or {}
+            loc = _toml_loc(ctx.get("loc", err["loc"]))
+            line = line_of(lines, loc) if lines is not None else None
+            where = f"line {line}: " if line is not None else ""
+            out.append(f"{source}: {_key_path(loc)}: {where}{msg}")
+            continue
         if kind == "value_error":
             msg = msg.removeprefix("Value error, ")
             # errors raised by whole-model validators already carry their key path
-            lines.append(
+            out.append(
                 f"{source}: {msg}"
                 if not path or msg.startswith(path)
                 else f"{source}: {path}: {msg}"
@@ -613,16 +764,22 @@ def format_validation_error(exc: ValidationError, *, source: str) -> str:
             msg = "required key is missing"
         else:
             msg = f"{msg} (got {err.get('input')!r})"
-        lines.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
-    return "\n".join(lines)
+        out.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
+    return "\n".join(out)
 
 
-def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config:
-    """Validate an already-parsed mapping; raises ConfigError naming key and value."""
+def parse_config(
+    data: Mapping[str, Any], *, source: str = "<memory>", text: str | None = None
+) -> Config:
+    """Validate an already-parsed mapping; raises ConfigError naming key and value.
+
+    `text`, the TOML the mapping was read from, lets errors of the scope rules name their line.
+    """
     try:
         return Config.model_validate({**data, "source": source})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=source)) from None
+        lines = key_lines(text) if text is not None else None
+        raise ConfigError(format_validation_error(exc, source=source, lines=lines)) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -635,7 +792,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(f"{source}: cannot be read: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
@@ -646,7 +804,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         ) from None
     if "source" in data:
         raise ConfigError(f"{source}: source: unknown key")
-    return parse_config(data, source=source)
+    return parse_config(data, source=source, text=text)
 
 
 def config_fingerprint(config: Config) -> str:

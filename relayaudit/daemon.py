@@ -284,7 +284,8 @@ class Daemon:
         assert store is not None and self._logs is not None
         config = self.config
         self._logs.bind(sweep_id=sweep_id)
-        log.info("sweep.start", resumed=resumed, start=start, total=plan.total)
+        large = {"allow_large_scope": config.allow_large_scope} if config.allow_large_scope else {}
+        log.info("sweep.start", resumed=resumed, start=start, total=plan.total, **large)
         mark = Watermark(low=start)
 
         def on_alerts(alerts: list[Alert]) -> None:

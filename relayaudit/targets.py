@@ -15,7 +15,7 @@ from relayaudit.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["MAX_ADDRESSES", "Address", "Network", "Shard", "TargetSpace"]
+__all__ = ["MAX_ADDRESSES", "Address", "Network", "Shard", "TargetSpace", "address_count"]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -117,6 +117,15 @@ def _by_family(nets: Sequence[Network]) -> dict[int, _Intervals]:
     for net in nets:
         families[net.version].append(_interval(net))
     return {version: _merge(ivs) for version, ivs in families.items()}
+
+
+def address_count(networks: Sequence[Network], exclude: Sequence[Network] = ()) -> dict[int, int]:
+    """Addresses per family (4, 6) in `networks` and in no `exclude`, overlaps counted once."""
+    wanted, unwanted = _by_family(networks), _by_family(exclude)
+    return {
+        version: sum(hi - lo for lo, hi in _subtract(wanted[version], unwanted[version]))
+        for version in (4, 6)
+    }
 
 
 _TABLE_BITS = 14

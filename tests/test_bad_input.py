@@ -150,7 +150,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     (
         "ipv6-target-in-ipv4-scope",
         'scope = ["192.0.2.0/24"]\ntargets = ["2001:db8::/120"]\n',
-        "targets[0]: '2001:db8::/120' is outside scope (192.0.2.0/24)",
+        "targets[0]: line 2: '2001:db8::/120' is outside scope (192.0.2.0/24)",
     ),
     (
         "quoted-dotted-key",

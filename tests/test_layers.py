@@ -23,6 +23,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "metrics",
                 "eventloop",
                 "targets",
+                "scope",
+                "tomllines",
                 "text",
             }
         ),
