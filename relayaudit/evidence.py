@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
 __all__ = [
+    "Capabilities",
     "Confirmation",
     "Exchange",
     "PortState",
@@ -245,6 +246,16 @@ class TlsFacts(_Frozen):
     error: Text | None = None  # the handshake failed: why
 
 
+class Capabilities(_Frozen):
+    """What one EHLO reply offers: its keywords, AUTH mechanisms, SIZE, PIPELINING, 8BITMIME."""
+
+    capabilities: tuple[Text, ...] = ()
+    auth_mechanisms: tuple[Text, ...] = ()
+    size: int | None = None
+    pipelining: bool = False
+    eightbitmime: bool = False
+
+
 class SessionFacts(_Frozen):
     banner: Reply
     ehlo: bool  # False: EHLO was refused and HELO used
@@ -257,6 +268,9 @@ class SessionFacts(_Frozen):
     eightbitmime: bool = False
     tls: TlsFacts | None = None
     software: str | None = None  # a guess from the greeting: "Postfix", "Exim", ...
+    # the EHLO reply inside TLS, beside the plain one above: submission servers often offer
+    # AUTH (and a larger SIZE) only after STARTTLS; None: no STARTTLS session got that far
+    after_starttls: Capabilities | None = None
 
 
 class Confirmation(_Frozen):

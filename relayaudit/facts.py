@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 import ssl
 
-from relayaudit.evidence import Reply, SessionFacts, TlsFacts
+from relayaudit.evidence import Capabilities, Reply, SessionFacts, TlsFacts
 from relayaudit.wire import Ehlo
 
-__all__ = ["hostname_from", "session_facts", "software", "tls_facts"]
+__all__ = ["capabilities", "hostname_from", "session_facts", "software", "tls_facts"]
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _SOFTWARE = (
@@ -57,6 +57,19 @@ def tls_facts(obj: ssl.SSLObject | ssl.SSLSocket | None) -> TlsFacts:
         except ValueError as exc:
             facts["error"] = f"certificate not parseable: {exc}"
     return TlsFacts.model_validate(facts)
+
+
+def capabilities(ehlo: Ehlo) -> Capabilities:
+    """What one EHLO reply offers (the one after STARTTLS, recorded beside the plain one)."""
+    ext = ehlo.extensions
+    size_text = ext.get("size", "")
+    return Capabilities(
+        capabilities=tuple(sorted(ext)),
+        auth_mechanisms=tuple(m.upper() for m in ehlo.auth),
+        size=int(size_text) if size_text.isdigit() else None,
+        pipelining="pipelining" in ext,
+        eightbitmime="8bitmime" in ext,
+    )
 
 
 def session_facts(banner: Reply, ehlo: Ehlo | None) -> SessionFacts:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from relayaudit.battery import address_literal
 from relayaudit.connect import connect_socket
 from relayaudit.evidence import Exchange, PortState, Reply, TlsFacts, Transport
-from relayaudit.facts import session_facts, tls_facts
+from relayaudit.facts import capabilities, session_facts, tls_facts
 from relayaudit.failures import (
     Broken,
     FailureKind,
@@ -199,3 +199,6 @@ class Handshake:
             again = None
         if again is None or again.code != 250:
             raise Broken("EHLO after STARTTLS failed", fatal=True)
+        if seen.after_starttls is None:
+            # what the server offers inside TLS (AUTH, SIZE), kept beside the plain EHLO's
+            seen.after_starttls = capabilities(parse_ehlo(again.text))

@@ -97,8 +97,10 @@ class _Probe:
     def result(self) -> ProbeResult:
         seen = self.seen
         facts = seen.facts
-        if facts is not None and seen.tls is not None:
-            facts = facts.model_copy(update={"tls": seen.tls})
+        if facts is not None and (seen.tls is not None or seen.after_starttls is not None):
+            facts = facts.model_copy(
+                update={"tls": seen.tls, "after_starttls": seen.after_starttls}
+            )
         return ProbeResult(
             address=self.address,
             port=self.port,

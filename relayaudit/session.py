@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relayaudit.evidence import (
+    Capabilities,
     Exchange,
     PortState,
     Reply,
@@ -66,6 +67,7 @@ class Observed:
     transcript: list[Exchange] = field(default_factory=list)
     facts: SessionFacts | None = None
     tls: TlsFacts | None = None
+    after_starttls: Capabilities | None = None  # the first EHLO reply inside STARTTLS
 
 
 class SmtpSession:

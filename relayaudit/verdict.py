@@ -10,6 +10,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 from relayaudit.evidence import (
+    Capabilities,
     Confirmation,
     Exchange,
     ProbeResult,
@@ -122,6 +123,7 @@ class Fingerprint(_Frozen):
     auth_mechanisms: tuple[str, ...] = ()
     starttls: bool = False
     tls: TlsFacts | None = None
+    after_starttls: Capabilities | None = None  # the EHLO reply inside TLS
 
 
 class Finding(_Frozen):
@@ -223,6 +225,7 @@ class _Context:
                 auth_mechanisms=facts.auth_mechanisms,
                 starttls=facts.starttls,
                 tls=facts.tls,
+                after_starttls=facts.after_starttls,
             )
             if facts is not None
             # no session facts (e.g. HELO refused): the greeting is still in the transcript
@@ -472,8 +475,14 @@ def judge(
         status = VerdictStatus.REFUSES_AT_DATA
         findings.append(_refused_at_data(ctx, conf))
 
+    status_summary: str | None = None
     if status is None:
         status = _refusal_status(plain_group) if plain_group else VerdictStatus.ERROR
+        after = _refusal_status(tls_group) if tls_group else VerdictStatus.ERROR
+        if status is VerdictStatus.TLS_REQUIRED and after is not VerdictStatus.ERROR:
+            # the battery ran again inside TLS: what it met there is the port's answer
+            status_summary = _after_starttls_summary(after, plain_group, tls_group, result)
+            status = after
     summary = next(
         (
             f.summary
@@ -486,7 +495,7 @@ def judge(
         address=result.address,
         port=result.port,
         status=status,
-        summary=summary or _status_summary(status, plain_group, result),
+        summary=summary or status_summary or _status_summary(status, plain_group, result),
         findings=tuple(findings),
     )
 
@@ -567,6 +576,24 @@ def _status_summary(status: VerdictStatus, group: list[TestResult], result: Prob
         VerdictStatus.TLS_REQUIRED: f"The server requires STARTTLS before mail{sample}.",
         VerdictStatus.INCONCLUSIVE: f"Temporary refusals (greylisting or rate limits): retry later{sample}.",
     }.get(status, result.error or status.value)
+
+
+def _after_starttls_summary(
+    after: VerdictStatus,
+    plain_group: list[TestResult],
+    tls_group: list[TestResult],
+    result: ProbeResult,
+) -> str:
+    """A port that requires STARTTLS, judged by what the battery met inside TLS."""
+    before = _status_summary(VerdictStatus.TLS_REQUIRED, plain_group, result)
+    inside = _status_summary(after, tls_group, result)
+    text = f"{before} After STARTTLS: {inside[0].lower()}{inside[1:]}"
+    facts = result.facts
+    offered = facts.after_starttls if facts is not None else None
+    if offered is not None and offered.auth_mechanisms and facts is not None:
+        where = "only after STARTTLS" if not facts.auth_mechanisms else "after STARTTLS"
+        text += f" It offers AUTH {' '.join(offered.auth_mechanisms)} {where}."
+    return text
 
 
 def _syntax_refusal(result: TestResult) -> bool:

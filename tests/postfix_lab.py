@@ -19,18 +19,25 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from loopback import read_banner
 
 __all__ = [
     "LAB_HOSTS",
     "POLICIES",
+    "POLICY_PORTS",
     "POSTFIX_LAB_PORT",
     "POSTFIX_SINK_HOST",
     "POSTFIX_SINK_PORT",
     "SCANNER_SOURCE",
+    "SUBMISSION_PORT",
     "PostfixInstance",
     "SinkHandler",
     "SinkMessage",
@@ -48,10 +55,12 @@ __all__ = [
 _SLOT_OCTETS = (3, 4, 5, 6, 7, 8, 9, *range(30, 60))
 _SINK_BASE_PORT = 2626
 POSTFIX_LAB_PORT = 2525
+SUBMISSION_PORT = 587  # the submission policy's instance listens where submission servers do
 
 
 def _slot_in_use(octet: int, sink_port: int) -> bool:
     addresses = [(f"127.0.{octet}.{n}", POSTFIX_LAB_PORT) for n in range(1, 5)]
+    addresses.append((f"127.0.{octet}.5", SUBMISSION_PORT))
     for address in [*addresses, ("127.0.0.1", sink_port)]:
         with socket.socket() as probe:
             probe.settimeout(0.2)
@@ -131,7 +140,27 @@ _POLICY_SETTINGS: Mapping[str, Mapping[str, str]] = {
             " check_recipient_access static:{530 5.7.0 Authentication required}, reject"
         ),
     },
+    # a submission port as Debian's master.cf comments it: TLS required before MAIL
+    # (smtpd_tls_security_level=encrypt), AUTH offered only inside TLS (smtpd_tls_auth_only),
+    # third-party recipients refused with 530 to anyone who has not authenticated
+    "submission": {
+        "mynetworks": "127.0.0.1/32",
+        "smtpd_tls_security_level": "encrypt",
+        "smtpd_tls_cert_file": "{tls_dir}/cert.pem",
+        "smtpd_tls_key_file": "{tls_dir}/key.pem",
+        "smtpd_tls_auth_only": "yes",
+        "smtpd_sasl_auth_enable": "yes",
+        "smtpd_sasl_type": "cyrus",
+        "smtpd_sasl_path": "smtpd",
+        "cyrus_sasl_config_path": "{sasl_config}",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, permit_sasl_authenticated, permit_auth_destination,"
+            " check_recipient_access static:{530 5.7.0 Authentication required}, reject"
+        ),
+    },
 }
+# the port of a policy's instance, where it is not POSTFIX_LAB_PORT
+POLICY_PORTS: Mapping[str, int] = {"submission": SUBMISSION_PORT}
 
 POLICIES: tuple[str, ...] = tuple(_POLICY_SETTINGS)
 # Which loopback address each policy's instance uses in the shared lab.
@@ -295,6 +324,7 @@ class PostfixInstance:
         paths = {
             "{sender_access}": str(self.config_directory / "sender_access"),
             "{sasl_config}": str(self.config_directory / "sasl"),
+            "{tls_dir}": str(self.config_directory / "tls"),
         }
         for name, template in _POLICY_SETTINGS[self.policy].items():
             value = template
@@ -349,7 +379,9 @@ class PostfixInstance:
         os.chown(data, mail_owner.pw_uid, mail_owner.pw_gid)
         (self.config_directory / "main.cf").write_text(self.main_cf(), encoding="utf-8")
         (self.config_directory / "master.cf").write_text(self.master_cf(), encoding="utf-8")
-        if self.policy == "auth-required":
+        if self.policy == "submission":
+            _write_tls_files(self.config_directory / "tls", self.myhostname)
+        if self.policy in ("auth-required", "submission"):
             # Needs the PLAIN and LOGIN plugins (Debian: libsasl2-modules); sasldb2 never exists,
             # so every AUTH fails with 535.
             sasl = self.config_directory / "sasl"
@@ -411,6 +443,35 @@ class PostfixInstance:
     def stop(self) -> None:
         """Stop the master and its children; bounded, and safe to call on a stopped instance."""
         _stop_directory(self.directory)
+
+
+def _write_tls_files(directory: Path, hostname: str) -> None:
+    """A self-signed certificate and its key for HOSTNAME (smtpd reads them as root)."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path = directory / "key.pem"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
 
 
 def _master_pid(directory: Path) -> int | None:
@@ -493,7 +554,9 @@ def start_lab(
     """Start one instance per policy under BASE/<policy>, in parallel; all or none are left up."""
     stop_stale_labs(base.parent)
     instances = {
-        policy: PostfixInstance(policy, LAB_HOSTS[policy], port, base / policy, sink=sink)
+        policy: PostfixInstance(
+            policy, LAB_HOSTS[policy], POLICY_PORTS.get(policy, port), base / policy, sink=sink
+        )
         for policy in policies
     }
     with ThreadPoolExecutor(max_workers=len(instances) or 1) as pool:

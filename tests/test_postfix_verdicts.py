@@ -10,7 +10,7 @@ from postfix_lab import POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, SCANNER_SOURCE, Po
 
 from relayaudit.canary import CanaryReceiver
 from relayaudit.engine import await_confirmation
-from relayaudit.evidence import ProbeResult, TestOutcome
+from relayaudit.evidence import ProbeResult, TestOutcome, Transport
 from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import Confidence, FindingKind, Verdict, VerdictStatus, judge
 
@@ -100,3 +100,33 @@ async def test_auth_required_postfix(postfix_lab: dict[str, PostfixInstance]) ->
     assert verdict.status is VerdictStatus.AUTH_REQUIRED, [
         (t.test.id, str(t.rcpt)) for t in result.tests
     ]
+
+
+async def test_submission_port_is_judged_inside_tls_where_it_offers_auth(
+    postfix_lab: dict[str, PostfixInstance],
+) -> None:
+    # Postfix on 587 with smtpd_tls_security_level=encrypt and smtpd_tls_auth_only: every
+    # plain-text MAIL gets "530 Must issue a STARTTLS command first", and AUTH is offered only
+    # inside TLS, where the battery's third-party recipients get "530 Authentication required".
+    # Before issue 20 the status stayed tls-required and the EHLO after STARTTLS was not kept.
+    instance = postfix_lab["submission"]
+    assert instance.port == 587
+    result, verdict = await check(instance)
+    assert verdict.status.value == "auth-required", (verdict.summary, result.tests)
+    facts = result.facts
+    assert facts is not None and facts.starttls and facts.auth_mechanisms == ()
+    after = facts.after_starttls
+    assert after is not None and {"PLAIN", "LOGIN"} <= set(after.auth_mechanisms)
+    assert "auth" in after.capabilities and after.pipelining and after.size is not None
+    assert verdict.summary.startswith("The server requires STARTTLS before mail")
+    assert "After STARTTLS: relaying needs authentication" in verdict.summary
+    assert "offers AUTH" in verdict.summary and "only after STARTTLS" in verdict.summary
+    # the plain-text tests stay in the evidence: each was refused for want of TLS
+    plain = [t for t in result.tests if t.transport is Transport.PLAIN]
+    assert plain and {t.outcome for t in plain} == {TestOutcome.TLS_REQUIRED}
+    inside = [t for t in result.tests if t.transport is Transport.STARTTLS]
+    assert TestOutcome.AUTH_REQUIRED in {t.outcome for t in inside}
+    # no AUTH in clear text, so no auth-without-tls finding; the fingerprint keeps both EHLOs
+    assert relay_kinds(verdict) == set()
+    (unapproved,) = verdict.findings
+    assert unapproved.fingerprint.after_starttls == after

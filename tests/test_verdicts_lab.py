@@ -196,7 +196,11 @@ async def test_auth_required(run_lab: Probe) -> None:
 
 async def test_tls_required_and_starttls_facts(run_lab: Probe) -> None:
     result, verdict = await run_lab(Behaviour.TLS_REQUIRED)
-    assert verdict.status is VerdictStatus.TLS_REQUIRED
+    # every plain-text MAIL was refused for want of TLS; inside TLS the server is closed: the
+    # port's answer is what the battery met there, and the summary says TLS comes first
+    assert verdict.status is VerdictStatus.RELAY_REFUSED
+    assert verdict.summary.startswith("The server requires STARTTLS before mail (e.g. 530 ")
+    assert " After STARTTLS: all " in verdict.summary
     facts = result.facts
     assert facts is not None and facts.starttls
     assert facts.tls is not None and facts.tls.error is None
@@ -206,6 +210,9 @@ async def test_tls_required_and_starttls_facts(run_lab: Probe) -> None:
     assert any(
         t.transport is Transport.STARTTLS and t.outcome is TestOutcome.REFUSED for t in result.tests
     )
+    # the EHLO inside TLS is kept beside the plain one
+    assert facts.after_starttls is not None
+    assert "starttls" in facts.capabilities and "starttls" not in facts.after_starttls.capabilities
 
 
 async def test_relay_only_after_starttls(run_lab: Probe) -> None:
