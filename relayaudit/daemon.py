@@ -131,7 +131,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
         metrics_server = await self._start_metrics()
         self._start_dispatcher()
         log.info(
@@ -169,6 +169,11 @@ class Daemon:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(self._dispatcher_task, STOP_GRACE / 2)
         self._dispatcher_task = None
+
+    def _hangup(self) -> None:
+        self._reload.set()  # applied between sweeps
+        if self._live is not None:  # the report renders afresh at its next request, mid-sweep too
+            self._live.invalidate()
 
     def _request_stop(self, sig: int) -> None:
         log.info("daemon.signal", signal=signal.Signals(sig).name)

@@ -39,8 +39,8 @@
     none.hidden = count > 0;
   }
 
-  function reset() {
-    kind.value = ""; sev.value = ""; status.value = "all"; net.value = ""; text.value = "";
+  function reset(wanted) {
+    kind.value = ""; sev.value = ""; status.value = wanted; net.value = ""; text.value = "";
   }
 
   // a link to #ra-… opens that finding, clearing the filters if they hide it
@@ -49,7 +49,7 @@
     if (!/^ra-[0-9a-f]{16}$/.test(id)) return;
     const el = document.getElementById(id);
     if (!el || !el.classList.contains("f")) return;
-    if (el.hidden) { reset(); apply(); }
+    if (el.hidden) { reset("all"); apply(); }
     el.open = true;
     el.scrollIntoView({ block: "start" });
     el.querySelector("summary").focus({ preventScroll: true });
@@ -58,7 +58,7 @@
   form.addEventListener("input", apply);
   form.addEventListener("change", apply);
   form.addEventListener("submit", function (e) { e.preventDefault(); });
-  form.addEventListener("reset", function () { setTimeout(apply, 0); });
+  form.addEventListener("reset", function (e) { e.preventDefault(); reset("open"); apply(); });
   for (const b of document.querySelectorAll("button[data-net]")) {
     b.addEventListener("click", function () {
       net.value = b.dataset.net;

@@ -1,30 +1,54 @@
 """The report served live by the daemon: `GET /` and `/report.csv` on the metrics listener.
 
 Who may see it (`report_access`: loopback, or `report.serve` with a bearer token) and the
-rendering (`LiveReport`: in a worker thread, from read-only connections, kept per sweep).
+rendering (`LiveReport`: kept per sweep; a worker thread waits for a child process that reads
+the store read-only and renders the page).
+
+Why a child process: rendering 5,000 findings is about two seconds of pure Python. In a thread
+of the daemon it holds the GIL against the event loop, and bench/report_bench.py measured the
+sweep's probe rate falling by two thirds and /metrics taking half a second while it ran. In a
+child (at a lower CPU priority) it costs the event loop nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
+import os
+import pickle
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
 from relayaudit.config import Config, ReportConfig
+from relayaudit.errors import OutputError
 from relayaudit.export import render
 from relayaudit.html_page import page_from_stores
 from relayaudit.html_report import content_security_policy, render_html
 from relayaudit.metrics import Request, Response, Route
 
-__all__ = ["RUNNING_MAX_AGE", "SINCE", "WRITE_DEADLINE", "Access", "LiveReport", "report_access"]
+__all__ = [
+    "RENDER_TIMEOUT",
+    "RUNNING_MAX_AGE",
+    "SINCE",
+    "WRITE_DEADLINE",
+    "Access",
+    "LiveReport",
+    "RenderJob",
+    "render_pages",
+    "report_access",
+]
 
 SINCE = timedelta(days=7)  # the live page's "what changed" window
 WRITE_DEADLINE = 60.0  # a large page to a slow client; /metrics keeps its 5 s
+RENDER_TIMEOUT = 50.0  # the child's bound, within the route's 60 s
 RUNNING_MAX_AGE = 300.0  # seconds a page is kept while a sweep runs (new findings appear)
 _SECURITY = (
     ("X-Content-Type-Options", "nosniff"),
@@ -158,6 +182,7 @@ class LiveReport:
             return self._cache[2], self._cache[3]
 
     def _render(self) -> tuple[bytes, bytes]:
+        """Run in a worker thread: the child renders, this thread only waits for it."""
         started = time.monotonic()
         served_by = (
             f"Served live by the relayaudit daemon of shard {self.shard} from its state store "
@@ -168,18 +193,69 @@ class LiveReport:
                 " This page shows only this shard's findings: for the whole campus, run "
                 "relayaudit report with --state FILE once per shard."
             )
-        page = page_from_stores(
-            [self.state_path],
-            since=self.since,
-            config=self._config(),
-            health=self._health(),
-            served_by=served_by,
-        )
-        html_bytes = render_html(page).encode("utf-8")
-        csv_bytes = render(page.report, "csv").encode("utf-8")
+        job = RenderJob(self.state_path, self._config(), self.since, self._health(), served_by)
+        pages = _render_in_child(job)
         self.renders += 1
         self.last_render_seconds = time.monotonic() - started
-        return html_bytes, csv_bytes
+        return pages
+
+
+@dataclass(frozen=True, slots=True)
+class RenderJob:
+    """What the child needs: the daemon's own config object, not a file that may have changed."""
+
+    state_path: Path
+    config: Config
+    since: timedelta
+    health: tuple[bool, str]
+    served_by: str
+
+
+def render_pages(job: RenderJob) -> tuple[bytes, bytes]:
+    """(HTML, CSV) of the state file, read-only."""
+    page = page_from_stores(
+        [job.state_path],
+        since=job.since,
+        config=job.config,
+        health=job.health,
+        served_by=job.served_by,
+    )
+    return render_html(page).encode("utf-8"), render(page.report, "csv").encode("utf-8")
+
+
+def _render_in_child(job: RenderJob) -> tuple[bytes, bytes]:
+    try:
+        # the child is this program, given its parent's own objects on a pipe: nothing
+        # untrusted is unpickled
+        done = subprocess.run(
+            [sys.executable, "-m", "relayaudit.live_report"],
+            input=pickle.dumps(job),
+            capture_output=True,
+            timeout=RENDER_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise OutputError(f"report: rendering took longer than {RENDER_TIMEOUT:g}s") from None
+    if done.returncode != 0:
+        last = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise OutputError(f"report: rendering failed ({done.returncode}): {last[0]}")
+    head, _, body = done.stdout.partition(b"\n")
+    html_size, csv_size = (int(n) for n in head.split())
+    if len(body) != html_size + csv_size:
+        raise OutputError("report: the rendering child's output was cut short")
+    return body[:html_size], body[html_size:]
+
+
+def _child() -> int:
+    """`python -m relayaudit.live_report`: one RenderJob on stdin, the pages on stdout."""
+    with contextlib.suppress(OSError):
+        os.nice(10)  # probes and /metrics first
+    job = pickle.loads(sys.stdin.buffer.read())  # noqa: S301 - written by our parent, see above
+    html_bytes, csv_bytes = render_pages(job)
+    out = sys.stdout.buffer
+    out.write(f"{len(html_bytes)} {len(csv_bytes)}\n".encode() + html_bytes + csv_bytes)
+    out.flush()
+    return 0
 
 
 def _bearer_ok(request: Request, report: ReportConfig) -> bool:
@@ -188,3 +264,7 @@ def _bearer_ok(request: Request, report: ReportConfig) -> bool:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     wanted = report.token.get_secret_value().encode()
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), wanted)
+
+
+if __name__ == "__main__":
+    sys.exit(_child())

@@ -8,6 +8,7 @@ system's /usr/bin/chromium (`executable_path`); its own browser download is neve
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import shutil
 from collections.abc import Iterator
@@ -17,14 +18,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Page, Route
+    from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route
+    from playwright.sync_api._generated import LocatorAssertions
 
-__all__ = ["CHROMIUM", "Opened", "browser_missing", "launched", "open_page", "require_browser"]
+__all__ = [
+    "CHROMIUM",
+    "Opened",
+    "browser_missing",
+    "expect",
+    "launched",
+    "open_page",
+    "require_browser",
+]
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Chromium looks up accounts.google.com and update.googleapis.com at start, outside any page:
-# mapping every name to nothing stops those lookups (no route sees them)
-ARGS = ("--host-resolver-rules=MAP * ~NOTFOUND",)
+# mapping every name to nothing stops those lookups (no route sees them). The rule maps address
+# literals too: a page served on loopback is let through by an EXCLUDE of its address.
+RESOLVER_RULES = "MAP * ~NOTFOUND"
 LAUNCH_TIMEOUT_MS = 60_000
 LOAD_TIMEOUT_MS = 60_000
 
@@ -55,13 +66,19 @@ def require_browser() -> None:
 
 
 @contextmanager
-def launched() -> Iterator[Browser]:
-    """Playwright's driver and one headless Chromium (as root Playwright adds --no-sandbox)."""
+def launched(*, loopback: str | None = None) -> Iterator[Browser]:
+    """Playwright's driver and one headless Chromium (as root Playwright adds --no-sandbox);
+    `loopback`: the one loopback address its pages may reach (a live page), else none."""
     from playwright.sync_api import sync_playwright  # noqa: PLC0415
 
+    if loopback is not None and not ipaddress.ip_address(loopback).is_loopback:
+        raise ValueError(f"{loopback} is not a loopback address")
+    rules = RESOLVER_RULES + (f", EXCLUDE {loopback}" if loopback else "")
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), args=list(ARGS), timeout=LAUNCH_TIMEOUT_MS
+            executable_path=str(CHROMIUM),
+            args=[f"--host-resolver-rules={rules}"],
+            timeout=LAUNCH_TIMEOUT_MS,
         )
         try:
             yield browser
@@ -117,3 +134,11 @@ def open_page(browser: Browser, url: str, **context_options: Any) -> Opened:
     page.set_default_timeout(LOAD_TIMEOUT_MS)
     page.goto(url, timeout=LOAD_TIMEOUT_MS, wait_until="load")
     return opened
+
+
+def expect(locator: Locator) -> LocatorAssertions:
+    """Playwright's `expect` (waits, bounded by its timeout), imported only once a test runs: a
+    missing Playwright then fails through require_browser, not at collection."""
+    from playwright.sync_api import expect as playwright_expect  # noqa: PLC0415
+
+    return playwright_expect(locator)

@@ -155,3 +155,14 @@ async def test_not_served_on_a_wider_listener_without_serve(tmp_path: Path) -> N
         assert live.renders == 0
     finally:
         await server.stop()
+
+
+async def test_a_shards_page_says_it_shows_only_its_shard(tmp_path: Path) -> None:
+    path = _store(tmp_path)
+    config = _config(tmp_path)
+    live = LiveReport(
+        path, config=lambda: config, shard="1/3", listen_host="127.0.0.1", health=lambda: (True, "")
+    )
+    page, _ = await live.pages()
+    assert b"Served live by the relayaudit daemon of shard 1/3" in page
+    assert b"This page shows only this shard&#x27;s findings" in page

@@ -49,7 +49,10 @@ class Listener:
         self.hostname_l = spec.hostname.lower()
         self.ip_literal = f"[{spec.host}]"
         self.own_names = frozenset({self.hostname_l, self.ip_literal, *lab._local_domains})
-        self.banner = encode(f"220 {spec.hostname} ESMTP relaylab")
+        greeting = (spec.banner or f"{spec.hostname} ESMTP relaylab").split("\n")
+        self.banner = b"".join(encode(f"220-{line}") for line in greeting[:-1]) + encode(
+            f"220 {greeting[-1]}"
+        )
         b = spec.behaviour
         auth = ["AUTH PLAIN LOGIN"] if b in (Behaviour.AUTH_REQUIRED, Behaviour.AUTH_NO_TLS) else []
         offers_starttls = b in (Behaviour.TLS_REQUIRED, Behaviour.RELAY_AFTER_STARTTLS)

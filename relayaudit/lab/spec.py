@@ -50,6 +50,9 @@ class ServerSpec:
     port: int  # 0 = ephemeral; Lab.address_of() reports the bound port
     behaviour: Behaviour
     hostname: str = "mx.campus.test"  # banner/EHLO name; PERCENT_HACK accepts u%d@<hostname>
+    # the greeting's text after "220" (default "<hostname> ESMTP relaylab"); each "\n" starts
+    # another line of a multi-line greeting. For tests of what reports make of hostile servers.
+    banner: str | None = None
     implicit_tls: bool = False  # TLS from the first byte (port-465 style)
     reply_delay: float = 0.0  # seconds before every reply, banner included
     error_limits: bool = False  # Postfix soft/hard error limits (10 / 20 refused commands)
