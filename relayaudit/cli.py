@@ -121,6 +121,17 @@ def _parser() -> argparse.ArgumentParser:
     cc = cfg_sub.add_parser("check", help="validate a config and print the target counts")
     cc.add_argument("file", type=Path)
 
+    dp = sub.add_parser("deploy", help="deployment tools")
+    dp_sub = dp.add_subparsers(dest="deploy_command", required=True, parser_class=_Parser)
+    dr = dp_sub.add_parser(
+        "render",
+        help="print the kernel's allow list for the config: a systemd drop-in or a NetworkPolicy",
+        description="Print, from the config's scope, alert hooks and [deploy] section, a systemd "
+        "drop-in (IPAddressDeny=any, IPAddressAllow=...) or a Kubernetes NetworkPolicy.",
+    )
+    dr.add_argument("--config", type=Path, required=True)
+    dr.add_argument("--for", dest="target", choices=["systemd", "kubernetes"], required=True)
+
     r = sub.add_parser("run", help="the daemon: scheduled sweeps, state, alerts, metrics")
     r.add_argument("--config", type=Path, required=True)
     r.add_argument("--shard", help="i/n: this process sweeps shard i of n (0-based)")
@@ -225,6 +236,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return _sweep_main(args)
         if args.command == "config":
             return _config_check(args.file)
+        if args.command == "deploy":
+            from relayaudit.deploy import render
+
+            sys.stdout.write(render(load_config(args.config), args.target))
+            return EXIT_OK
         if args.command == "run":
             from relayaudit.daemon import Daemon
 

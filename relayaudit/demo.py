@@ -27,7 +27,7 @@ from relayaudit.report import (
 from relayaudit.sinks import Collector, FindingsFile
 from relayaudit.text import clip
 
-__all__ = ["DEMO_LAB", "demo_config", "report_text", "run_demo"]
+__all__ = ["DEMO_LAB", "demo_config", "demo_lab", "report_text", "run_demo"]
 
 DEMO_NET = "127.0.10.0/28"
 DEMO_PORT = 2525
@@ -52,6 +52,26 @@ DEMO_LAB: tuple[tuple[int, int, Behaviour, bool], ...] = (
     (12, DEMO_PORT, Behaviour.AUTH_NO_TLS, False),
     (13, DEMO_PORT, Behaviour.TARPIT, False),
 )
+
+
+def demo_lab() -> Lab:
+    """The lab of DEMO_LAB (not started): what `demo` sweeps, and config/lab.toml by hand."""
+    specs = [
+        ServerSpec(
+            host=f"127.0.10.{octet}",
+            port=port,
+            behaviour=behaviour,
+            implicit_tls=tls,
+            hostname=f"mx{octet}.campus.test",
+        )
+        for octet, port, behaviour, tls in DEMO_LAB
+    ]
+    return Lab(
+        specs,
+        local_domains=("campus.test",),
+        campus_domains=("campus.test",),
+        mx={CANARY_DOMAIN: CANARY},
+    )
 
 
 def demo_config(findings: Path) -> Config:
@@ -109,22 +129,8 @@ async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
     if report is None and output is None:
         report = findings_path.with_name("report.html")  # beside the findings, in the temp dir
     config = demo_config(findings_path)
-    specs = [
-        ServerSpec(
-            host=f"127.0.10.{octet}",
-            port=port,
-            behaviour=behaviour,
-            implicit_tls=tls,
-            hostname=f"mx{octet}.campus.test",
-        )
-        for octet, port, behaviour, tls in DEMO_LAB
-    ]
-    lab = Lab(
-        specs,
-        local_domains=("campus.test",),
-        campus_domains=("campus.test",),
-        mx={CANARY_DOMAIN: CANARY},
-    )
+    lab = demo_lab()
+    specs = lab.specs
     collector = Collector()
     sink = FindingsFile(findings_path)
     print(

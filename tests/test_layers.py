@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("engine", frozenset({"engine", "progress"})),
     ("sinks", frozenset({"sinks", "state", "alerts", "logs", "report", "canary"})),
     ("exports", frozenset({"export", "html_page", "html_report", "live_report"})),
-    ("commands", frozenset({"daemon", "demo", "cli", "__main__", "__init__", "lab"})),
+    ("commands", frozenset({"daemon", "demo", "cli", "deploy", "__main__", "__init__", "lab"})),
 )
 RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
 
