@@ -48,10 +48,30 @@ _RECIPIENT_FORMS: tuple[tuple[str, str], ...] = (
     ("rcpt-bang-host", "{d}!{u}@{T}"),
     ("rcpt-trailing-at", "{u}@{d}@"),
 )
+# The same odd forms with a campus domain C on the right, once per configured campus domain
+# (`-1`, `-2`, ... after the first): a server that relays for the campus domain and honours
+# legacy routing (old Sendmail configs, percent_hack_domains) relays `u%d@C` while it refuses
+# every form naming itself. A campus MX accepts mail for C anyway, so acceptance is weak
+# evidence (an odd form); confirmation decides. 4 tests per campus domain.
+_CAMPUS_FORMS: tuple[tuple[str, str], ...] = (
+    ("rcpt-percent-campus", "{u}%{d}@{C}"),
+    ("rcpt-bang-campus", "{d}!{u}@{C}"),
+    ("rcpt-source-route-campus", "@{C}:{u}@{d}"),
+    ("rcpt-quoted-campus", '"{u}@{d}"@{C}'),
+)
 
 
-def _recipient(template: str, *, u: str, d: str, host: str, literal: str) -> str:
-    return template.format(u=u, d=d, T=host, IP=literal)
+def _recipient(template: str, *, u: str, d: str, host: str, literal: str, campus: str = "") -> str:
+    return template.format(u=u, d=d, T=host, IP=literal, C=campus)
+
+
+def _campus_forms(inputs: BatteryInputs) -> list[tuple[str, str, str]]:
+    """(test id, template, campus domain) of every odd form through a campus domain."""
+    return [
+        (f"{test_id}-{i}" if i else test_id, template, campus)
+        for i, campus in enumerate(inputs.campus_domains)
+        for test_id, template in _CAMPUS_FORMS
+    ]
 
 
 def canary_recipient(
@@ -60,8 +80,9 @@ def canary_recipient(
     """The same recipient form as `test`, aimed at the canary mailbox instead of the test domain."""
     literal = address_literal(inputs.address)
     host = inputs.hostname or literal
-    template = dict(_RECIPIENT_FORMS).get(test.id, "{u}@{d}")
-    return _recipient(template, u=local_part, d=domain, host=host, literal=literal)
+    campus = {test_id: (template, c) for test_id, template, c in _campus_forms(inputs)}
+    template, through = campus.get(test.id, (dict(_RECIPIENT_FORMS).get(test.id, "{u}@{d}"), ""))
+    return _recipient(template, u=local_part, d=domain, host=host, literal=literal, campus=through)
 
 
 def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) -> list[RelayTest]:
@@ -101,6 +122,16 @@ def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) ->
                     rcpt_to=f"nx-{token}@nx-{token}.invalid",
                 )
             )
+    for test_id, template, campus in _campus_forms(inputs):
+        tests.append(
+            RelayTest(
+                id=test_id,
+                category=TestCategory.RECIPIENT,
+                role=TestRole.ODD_FORM,
+                mail_from=external_sender,
+                rcpt_to=_recipient(template, u=u, d=d, host=host, literal=literal, campus=campus),
+            )
+        )
 
     senders: list[tuple[str, str, bool]] = [
         ("sender-null", "", False),

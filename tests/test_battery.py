@@ -56,7 +56,14 @@ def test_every_form_of_the_catalogue_is_there() -> None:
         "rcpt-bang-ip": "outside.example!u@[192.0.2.7]",
         "rcpt-bang-host": "outside.example!u@mx.campus.example",
         "rcpt-trailing-at": "u@outside.example@",
+        # the odd forms again with the campus domain on the right (issue 20): 4 per domain
+        "rcpt-percent-campus": "u%outside.example@campus.example",
+        "rcpt-bang-campus": "outside.example!u@campus.example",
+        "rcpt-source-route-campus": "@campus.example:u@outside.example",
+        "rcpt-quoted-campus": '"u@outside.example"@campus.example',
     }
+    campus_forms = [t for t in tests if t.id.startswith("rcpt-") and t.id.endswith("-campus")]
+    assert {t.role for t in campus_forms} == {TestRole.ODD_FORM}
     # every recipient form goes with the external sender, every sender form with the plain recipient
     assert {t.mail_from for t in tests if t.category is TestCategory.RECIPIENT} == {
         "f@sender.example"
@@ -90,6 +97,33 @@ def test_without_a_host_name_the_host_forms_are_not_repeated() -> None:
     pairs = [(t.mail_from, t.rcpt_to) for t in tests]
     assert len(pairs) == len(set(pairs))
     assert "rcpt-percent-host" not in {t.id for t in tests}
+
+
+def test_every_campus_domain_gets_the_odd_forms_through_it() -> None:
+    two = BatteryInputs(
+        address="192.0.2.7",
+        hostname="mx.campus.example",
+        campus_domains=("campus.example", "alumni.example"),
+        external_domains=("outside.example",),
+        external_local_part="u",
+        sender_local_part="f",
+    )
+    tests = build_battery(two)
+    rcpt = {t.id: t.rcpt_to for t in tests}
+    assert rcpt["rcpt-percent-campus"] == "u%outside.example@campus.example"
+    assert rcpt["rcpt-percent-campus-1"] == "u%outside.example@alumni.example"
+    assert rcpt["rcpt-quoted-campus-1"] == '"u@outside.example"@alumni.example'
+    assert len([t for t in tests if "-campus" in t.id and t.id.startswith("rcpt-")]) == 8
+    # the canary goes through the same campus domain as the accepted form
+    by_id = {t.id: t for t in tests}
+    got = canary_recipient(
+        by_id["rcpt-percent-campus-1"], two, local_part="c+tok", domain="canary.example"
+    )
+    assert got == "c+tok%canary.example@alumni.example"
+    got = canary_recipient(
+        by_id["rcpt-bang-campus"], two, local_part="c+tok", domain="canary.example"
+    )
+    assert got == "canary.example!c+tok@campus.example"
 
 
 def test_canary_recipient_keeps_the_accepted_form() -> None:

@@ -153,6 +153,27 @@ async def test_exim_percent_hack_domains_do_not_relay(exim: dict[str, MtaInstanc
     assert rcpt_text(result, "rcpt-percent-ip") == "550 relay not permitted"
 
 
+async def test_exim_relaying_percent_routes_through_the_campus_domain_is_found(
+    exim: dict[str, MtaInstance], canary: CanaryReceiver
+) -> None:
+    # campus.test is a relay domain with legacy %-routing: only u%d@campus.test is relayed.
+    # Before issue 20 no test put the campus domain on the right: "relay-refused".
+    result, verdict = await check(exim["campus-percent"])
+    assert verdict.status.value == "open-relay", replies(result)
+    accepted = {t.test.id for t in result.tests if t.outcome is TestOutcome.ACCEPTED}
+    assert accepted == {"rcpt-percent-campus"}, replies(result)
+    assert rcpt_text(result, "rcpt-percent-host") == "550 Unrouteable address"
+    assert rcpt_text(result, "rcpt-plain") == "550 relay not permitted"
+    # an odd form only: weak evidence (a campus MX accepts mail for campus.test anyway) ...
+    assert relay_finding(verdict) == (FindingKind.OPEN_RELAY, Confidence.MEDIUM)
+    # ... until the canary, sent the same way, arrives
+    result, verdict = await check(exim["campus-percent"], canary)
+    conf = result.confirmation
+    assert conf is not None and conf.test_id == "rcpt-percent-campus"
+    assert conf.rcpt_to.endswith(f"%{CANARY_DOMAIN}@campus.test") and conf.delivered is True
+    assert relay_finding(verdict) == (FindingKind.OPEN_RELAY, Confidence.CONFIRMED)
+
+
 async def test_exim_greylisting_is_inconclusive(exim: dict[str, MtaInstance]) -> None:
     result, verdict = await check(exim["greylist"])
     assert verdict.status is VerdictStatus.INCONCLUSIVE, replies(result)

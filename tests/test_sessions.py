@@ -120,8 +120,8 @@ async def test_every_command_waits_for_its_reply(advertised: bool) -> None:
     assert all(chunk.count(b"\r\n") == 1 for conn in reads for chunk in conn)
     assert sum(t.rcpt is None for t in result.tests) == 1  # the refused null sender: no RCPT
     assert judge(result).status is VerdictStatus.RELAY_REFUSED
-    assert len(result.tests) == 22
-    assert sum(t.outcome is TestOutcome.REFUSED for t in result.tests) == 21
+    assert len(result.tests) == 26
+    assert sum(t.outcome is TestOutcome.REFUSED for t in result.tests) == 25
 
 
 async def test_parallel_sessions_and_a_server_allowing_only_one_connection() -> None:
@@ -129,9 +129,9 @@ async def test_parallel_sessions_and_a_server_allowing_only_one_connection() -> 
     async with HostileServer(handler) as server:
         result = await probe("127.0.0.1", server.port, _settings(sessions_per_host=3))
     assert problems == []
-    # the extra sessions were refused with 421: the one allowed connection ran all 22 tests
+    # the extra sessions were refused with 421: the one allowed connection ran all 26 tests
     assert judge(result).status is VerdictStatus.RELAY_REFUSED
-    assert [t.outcome for t in result.tests] == [TestOutcome.REFUSED] * 22
+    assert [t.outcome for t in result.tests] == [TestOutcome.REFUSED] * 26
     assert [t.test.id for t in result.tests][:2] == ["rcpt-plain", "control-invalid"]
 
 
@@ -140,15 +140,15 @@ async def test_three_sessions_run_side_by_side_and_results_keep_battery_order() 
     async with HostileServer(handler) as server:
         result = await probe("127.0.0.1", server.port, _settings(sessions_per_host=3))
         one = await probe("127.0.0.1", server.port, SETTINGS)  # the default: one at a time
-    assert one.sessions == 3  # 22 tests, 8 per session, one after the other
+    assert one.sessions == 4  # 26 tests, 8 per session, one after the other
     assert problems == []
-    assert result.sessions == 3
+    assert result.sessions == 4  # three side by side, then the last 2 tests in a fourth
     assert peak == [3]  # side by side, not one after the other
     assert [t.test.id for t in result.tests] == [t.test.id for t in one.tests]
     assert [t.outcome for t in result.tests] == [t.outcome for t in one.tests]
     # each session's exchanges stay together in the transcript: a greeting starts each block
     greetings = [i for i, e in enumerate(result.transcript) if e.command is None]
-    assert len(greetings) == 3
+    assert len(greetings) == 4
     for start, end in zip(greetings, [*greetings[1:], len(result.transcript)], strict=True):
         block = [e.command for e in result.transcript[start:end]]
         assert str(block[1]).startswith("EHLO") and block[-1] == "QUIT", block
@@ -213,7 +213,7 @@ async def test_a_silent_tls_server_costs_one_command_timeout() -> None:
     assert result.facts is not None and result.facts.tls is not None
     assert result.facts.tls.protocol is not None  # a good handshake, kept despite the stall
     assert result.tests[0].error == "no reply to MAIL within 1s"
-    assert len(result.tests) == 22  # every test reported: the first failed, the rest not run
+    assert len(result.tests) == 26  # every test reported: the first failed, the rest not run
 
 
 async def test_the_summary_tells_syntax_refusals_apart() -> None:
@@ -225,7 +225,7 @@ async def test_the_summary_tells_syntax_refusals_apart() -> None:
     assert verdict.status is VerdictStatus.RELAY_REFUSED
     syntax = sum(1 for t in result.tests if t.rcpt is not None and t.rcpt.code == 501)
     assert syntax >= 5  # the quoted and bang-path forms
-    assert verdict.summary.startswith("All 22 relay tests refused (e.g. 554 ")
+    assert verdict.summary.startswith("All 26 relay tests refused (e.g. 554 ")
     assert verdict.summary.endswith(f" ({syntax} of them as bad address syntax, 501 / x.1.3).")
 
 
@@ -235,5 +235,5 @@ async def test_by_default_one_session_at_a_time_per_host() -> None:
     async with HostileServer(handler) as server:
         result = await probe("127.0.0.1", server.port, SETTINGS)
     assert problems == []
-    assert result.sessions == 3 and peak == [1]
-    assert len(result.tests) == 22
+    assert result.sessions == 4 and peak == [1]
+    assert len(result.tests) == 26
