@@ -494,7 +494,7 @@ def main() -> None:
 
 def show(f: dict[str, Any], args: argparse.Namespace) -> None:
     mb = 1024 * 1024
-    row = "  {:48} {:>12} {:>12}   {}"
+    row = "  {:58} {:>12} {:>12}   {}"
     print(
         f"HTML report of a store with {f['findings']:,} findings ({f['relays']:,} relay-class "
         f"with transcripts) and {f['sweeps']} sweeps ({f['store_bytes'] / mb:.1f} MB)"
