@@ -44,7 +44,11 @@ class _Handler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         content = envelope.original_content or b""
         peer = session.peer[0] if session.peer else "?"
-        for token in {m.decode() for m in _TOKEN.findall(content[:_MAX_MESSAGE])}:
+        # A token counts only in a canary recipient (local_part+token@domain) of a message that
+        # carries it: a bounce of a canary (to the canary domain's sender address) quotes the
+        # token in its body but is addressed to no token, and must never confirm a relay.
+        addressed = {m.decode() for r in envelope.rcpt_tos for m in _TOKEN.findall(r.encode())}
+        for token in {t for t in addressed if t.encode() in content[:_MAX_MESSAGE]}:
             self._receiver.record(
                 Arrival(
                     token=token, peer=str(peer), mail_from=str(envelope.mail_from), at=time.time()

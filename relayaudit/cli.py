@@ -121,6 +121,27 @@ def _parser() -> argparse.ArgumentParser:
     cc = cfg_sub.add_parser("check", help="validate a config and print the target counts")
     cc.add_argument("file", type=Path)
 
+    ca = sub.add_parser("canary", help="confirmation mode's canary receiver")
+    ca_sub = ca.add_subparsers(dest="canary_command", required=True, parser_class=_Parser)
+    ck = ca_sub.add_parser(
+        "check",
+        help="does the canary domain's MX lead to canary.listen on this host, on port 25?",
+        description="Check that mail for canary.domain reaches canary.listen: the domain's MX "
+        "and their addresses, that the listen address is on this host, and port 25. "
+        "Exit codes: 0 ready, 1 a check failed, 2 error.",
+    )
+    ck.add_argument("--config", type=Path, required=True)
+    ck.add_argument(
+        "--nameserver",
+        metavar="ADDR[:PORT]",
+        help="ask this DNS server instead of the system's resolvers",
+    )
+    ck.add_argument(
+        "--redirected",
+        action="store_true",
+        help="a port redirect on this host sends port 25 to canary.listen's port",
+    )
+
     dp = sub.add_parser("deploy", help="deployment tools")
     dp_sub = dp.add_subparsers(dest="deploy_command", required=True, parser_class=_Parser)
     dr = dp_sub.add_parser(
@@ -236,6 +257,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _sweep_main(args)
         if args.command == "config":
             return _config_check(args.file)
+        if args.command == "canary":
+            return _canary_check(args)
         if args.command == "deploy":
             from relayaudit.deploy import render
 
@@ -287,6 +310,45 @@ def _config_check(path: Path) -> int:
     print(f"  ports {', '.join(map(str, config.ports))}: {probes} address:port probes per sweep")
     if config.approved:
         print(f"  approved services: {len(config.approved)}")
+    host, port = config.canary.listen
+    if ipaddress.ip_address(host).is_unspecified:
+        print(
+            f"{path}: warning: canary.listen {endpoint(host, port)} is every address of this "
+            "host: the receiver answers on all of them, also where no MX points (and to every "
+            "network that reaches one); listen on the address the canary domain's MX names",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+# -- canary check --------------------------------------------------------------------------
+
+
+def _canary_check(args: argparse.Namespace) -> int:
+    from relayaudit.canary_route import check_route, parse_nameserver
+
+    config = load_config(args.config)
+    nameserver = None
+    if args.nameserver is not None:
+        try:
+            nameserver = parse_nameserver(args.nameserver)
+        except ValueError:
+            raise ConfigError(
+                f"--nameserver: {args.nameserver!r} is not ADDRESS or ADDRESS:PORT"
+            ) from None
+    checks = check_route(
+        config.canary.domain,
+        config.canary.listen,
+        nameserver=nameserver,
+        redirected=args.redirected,
+    )
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.text}")
+    failed = sum(not c.ok for c in checks)
+    if failed:
+        print(f"canary check: {failed} problem(s): canaries would not reach this receiver")
+        return 1  # a check failed (2 is an error, as for every command)
+    print(f"canary check: mail for {config.canary.domain} reaches this receiver")
     return EXIT_OK
 
 

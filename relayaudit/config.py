@@ -248,6 +248,28 @@ class CanaryConfig(_Model):
     local_part: LocalPart = "relayaudit-canary"
     listen: Endpoint = ("127.0.0.1", 2526)
     wait: Duration = 60.0
+    # the envelope sender of a canary through a relay that relays only for campus senders: a
+    # campus address of the ISO (bounces come back to it), never a test domain
+    campus_sender: str | None = Field(default=None, max_length=254)
+    # why `domain` may lie under a campus domain (Config._canary_mails_only_the_iso)
+    campus_domain_reason: str | None = Field(default=None, min_length=1, max_length=300)
+
+    @field_validator("campus_domain_reason")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
+            raise ValueError(f"{value!r} is not a reason (one line of text: why it is safe)")
+        return value
+
+    @field_validator("campus_sender")
+    @classmethod
+    def _mailbox(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        local, at, domain = value.rpartition("@")
+        if not at or not _LOCAL_PART.match(local) or not _HOSTNAME.match(domain):
+            raise ValueError(f"{value!r} is not a plain address (local-part@campus-domain)")
+        return f"{local}@{domain.lower()}"
 
     @model_validator(mode="after")
     def _deliverable(self) -> CanaryConfig:
@@ -644,6 +666,49 @@ class Config(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _canary_mails_only_the_iso(self) -> Config:
+        """Confirmation mode mails the ISO's canary mailbox and nothing else (issue 20)."""
+        canary, relay = self.canary, self.relay
+        for i, domain in enumerate(relay.external_domains):
+            if _within(canary.domain, domain):
+                raise ValueError(
+                    f"canary.domain: {canary.domain!r} is or lies under the external test domain "
+                    f"{domain!r} (relay.external_domains[{i}]): canaries go only to a domain the "
+                    "ISO's receiver answers for, test recipients never to it"
+                )
+        for i, campus in enumerate(relay.campus_domains):
+            if canary.domain == campus:
+                raise ValueError(
+                    f"canary.domain: {canary.domain!r} is the campus domain "
+                    f"relay.campus_domains[{i}]: every campus mail server delivers it, so a "
+                    "canary through one proves nothing; use a domain of its own"
+                )
+            if _within(canary.domain, campus) and canary.campus_domain_reason is None:
+                raise ValueError(
+                    f"canary.domain: {canary.domain!r} lies under the campus domain {campus!r} "
+                    f"(relay.campus_domains[{i}]): a campus server that routes campus "
+                    "subdomains would deliver such a canary itself and fake a confirmation. "
+                    "Use a domain outside campus, or say why this one is safe in "
+                    'canary.campus_domain_reason = "..." (e.g. its MX is the scanner alone and '
+                    "no campus server routes it)"
+                )
+        sender = canary.campus_sender
+        if sender is not None:
+            domain = sender.rpartition("@")[2]
+            if not any(_within(domain, c) for c in relay.campus_domains):
+                raise ValueError(
+                    f"canary.campus_sender: {sender!r} is not an address in one of "
+                    f"relay.campus_domains ({', '.join(relay.campus_domains) or 'none set'}): "
+                    "it is the sender a relay for campus senders needs"
+                )
+            if _within(domain, canary.domain):
+                raise ValueError(
+                    f"canary.campus_sender: {sender!r} is in the canary domain; use the ISO's "
+                    "own campus mailbox, where bounces are read"
+                )
+        return self
+
     def is_approved(self, address: Address, port: int) -> ApprovedService | None:
         address = _normal_or_self(address)
         return next((a for a in self.approved if a.covers(address, port)), None)
@@ -655,6 +720,11 @@ class Config(_Model):
         except ConfigError:  # a zone id, or space no campus host can hold
             return False
         return any(address in net for net in self.scope)
+
+
+def _within(domain: str, parent: str) -> bool:
+    """`domain` is `parent` or one of its subdomains (both lower case)."""
+    return domain == parent or domain.endswith("." + parent)
 
 
 def _normal_or_self(address: Address) -> Address:

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
-from relayaudit.battery import BatteryInputs, canary_recipient
+from relayaudit.battery import BatteryInputs, address_literal, canary_recipient
 from relayaudit.evidence import (
     Confirmation,
+    RelayTest,
     ReplyClass,
     TestOutcome,
     TestResult,
@@ -21,7 +22,29 @@ from relayaudit.failures import Broken, SessionFailure
 from relayaudit.runner import Opener
 from relayaudit.settings import CanaryTarget, ProbeSettings
 
-__all__ = ["choose", "send_canary"]
+__all__ = ["canary_sender", "choose", "send_canary"]
+
+
+def canary_sender(test: RelayTest, *, canary: CanaryTarget, inputs: BatteryInputs) -> str | None:
+    """The canary's envelope sender when it repeats `test`; None: canary.campus_sender is needed.
+
+    It never names an external test domain, so no bounce ever leaves for one. The null sender
+    and the server's own names (its host name, address literal, localhost, an unqualified name)
+    are kept: that is what was accepted, and bounces stay on the server. A campus sender becomes
+    the ISO's own campus address; any other sender an address of the canary domain, so bounces
+    come back to the ISO's receiver.
+    """
+    sender = test.mail_from
+    if test.role is TestRole.NULL_SENDER:
+        return sender
+    if test.role is TestRole.LOCAL_SENDER:
+        domain = sender.rpartition("@")[2].lower() if "@" in sender else ""
+        literal = address_literal(inputs.address).lower()
+        if domain in {"", "localhost", literal, (inputs.hostname or literal).lower()}:
+            return sender
+        if any(domain == c or domain.endswith("." + c) for c in inputs.campus_domains):
+            return canary.campus_sender
+    return f"{inputs.sender_local_part}@{canary.domain}"
 
 
 def choose(
@@ -35,13 +58,23 @@ def choose(
     ]
     if not candidates:
         return None
-    best = min(candidates, key=_preference)
+
+    def rank(result: TestResult) -> tuple[bool, int, int]:
+        # a test whose canary needs the unset canary.campus_sender comes last
+        missing = canary_sender(result.test, canary=canary, inputs=inputs) is None
+        return (missing, *_preference(result))
+
+    best = min(candidates, key=rank)
     token = f"relayaudit-{secrets.token_hex(16)}"
     rcpt = canary_recipient(
         best.test, inputs, local_part=f"{canary.local_part}+{token}", domain=canary.domain
     )
     return best, Confirmation(
-        token=token, test_id=best.test.id, transport=best.transport, rcpt_to=rcpt
+        token=token,
+        test_id=best.test.id,
+        transport=best.transport,
+        rcpt_to=rcpt,
+        mail_from=canary_sender(best.test, canary=canary, inputs=inputs),
     )
 
 
@@ -56,12 +89,19 @@ async def send_canary(
     port: int,
 ) -> Confirmation:
     """Repeat `best` with the canary recipient and send the message; what happened, in `conf`."""
+    if conf.mail_from is None:
+        return conf.model_copy(
+            update={
+                "error": f"not sent: {best.test.id} was accepted only with a campus sender, and "
+                "canary.campus_sender (the ISO's campus address for it) is not set"
+            }
+        )
     try:
         session = await opener(best.transport)
     except SessionFailure as exc:
         return conf.model_copy(update={"error": f"could not reconnect: {exc}"})
     try:
-        mail = await session.command(f"MAIL FROM:<{best.test.mail_from}>")
+        mail = await session.command(f"MAIL FROM:<{conf.mail_from}>")
         rcpt_reply = await session.command(f"RCPT TO:<{conf.rcpt_to}>")
         if (
             classify_reply(mail) is not ReplyClass.OK

@@ -33,7 +33,9 @@ DEMO_NET = "127.0.10.0/28"
 DEMO_PORT = 2525
 DEMO_TLS_PORT = 4650
 CANARY = ("127.0.10.14", 2526)
-CANARY_DOMAIN = "canary.campus.test"
+# outside campus.test: a campus server that routes campus subdomains could deliver a canary
+# under campus.test itself and fake a confirmation (config: canary.domain's rules)
+CANARY_DOMAIN = "canary.iso.test"
 
 # (last octet, port, behaviour, implicit TLS); every other address:port of the /28 is closed
 DEMO_LAB: tuple[tuple[int, int, Behaviour, bool], ...] = (
@@ -91,6 +93,7 @@ def demo_config(findings: Path) -> Config:
                 "enabled": True,
                 "domain": CANARY_DOMAIN,
                 "listen": f"{CANARY[0]}:{CANARY[1]}",
+                "campus_sender": "iso@campus.test",
                 "wait": "3s",
             },
             # short waits: the tarpit and the silent service would otherwise hold the demo for

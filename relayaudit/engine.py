@@ -71,6 +71,7 @@ def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSetti
             local_part=config.canary.local_part,
             domain=config.canary.domain,
             contact=config.identity.contact,
+            campus_sender=config.canary.campus_sender,
         )
         if use_canary
         else None,

@@ -280,6 +280,7 @@ class Confirmation(_Frozen):
     test_id: str
     transport: Transport
     rcpt_to: str
+    mail_from: str | None = None  # the canary's envelope sender; None: none could be formed
     data_reply: Reply | None = None
     sent: bool = False
     delivered: bool | None = None  # None: not known yet (still waiting) or not sent

@@ -12,6 +12,7 @@ class CanaryTarget:
     local_part: str
     domain: str
     contact: str
+    campus_sender: str | None = None  # the sender for a relay that relays only for campus senders
 
 
 @dataclass(frozen=True, slots=True)

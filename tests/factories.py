@@ -119,5 +119,10 @@ def probe_settings(**changes: Any) -> ProbeSettings:
 
 
 def canary_target(domain: str) -> CanaryTarget:
-    """Confirmation mode's canary address, canary@`domain`."""
-    return CanaryTarget(local_part="canary", domain=domain, contact="iso@campus.test")
+    """Confirmation mode's canary address, canary@`domain`; the ISO's campus sender iso@campus.test."""
+    return CanaryTarget(
+        local_part="canary",
+        domain=domain,
+        contact="iso@campus.test",
+        campus_sender="iso@campus.test",
+    )

@@ -517,7 +517,7 @@ def test_daemon_with_its_canary_port_taken_exits_cleanly_and_resumes(tmp_path: P
     cfg.write_text(
         LOOPBACK_BASE + f'[logging]\nstdout = false\nfile = "{log}"\n'
         f'[state]\npath = "{tmp_path}/s.sqlite"\n[metrics]\nenabled = false\n'
-        f'[canary]\nenabled = true\ndomain = "canary.campus.test"\nlisten = "127.0.0.1:{port}"\nwait = "1s"\n'
+        f'[canary]\nenabled = true\ndomain = "canary.iso.test"\nlisten = "127.0.0.1:{port}"\nwait = "1s"\n'
         '[timeouts]\nconnect = "1s"\ncommand = "1s"\nsession = "3s"\n',
         encoding="utf-8",
     )

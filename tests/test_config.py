@@ -92,7 +92,8 @@ def test_example_values() -> None:
     assert config.implicit_tls_ports == (465,)
     assert config.source_address is None
     assert config.canary.enabled is False
-    assert config.canary.listen == ("198.51.100.250", 2526)
+    assert config.canary.listen == ("198.51.100.250", 25)
+    assert config.canary.campus_sender == "iso-relayaudit@campus.example"
     assert config.canary.wait == 120.0
     assert (config.timeouts.connect, config.timeouts.command, config.timeouts.session) == (
         3,
@@ -117,6 +118,7 @@ def test_example_commented_out_values_are_valid(
         '# token = { env = "RELAYAUDIT_WEBHOOK_TOKEN" }\n',
         '# username = "relayaudit"\n',
         '# cron = "30 1 * * *"\n',
+        '# campus_domain_reason = "its only MX is the scanner; the hub routes listed subdomains only"\n',
         '# allow_large_scope = "ISO-0042: whole-university /8, approved by the CISO"\n',
     ):
         assert line in text

@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("confirmation", frozenset({"confirm"})),
     ("probe", frozenset({"probe"})),
     ("engine", frozenset({"engine", "progress"})),
-    ("sinks", frozenset({"sinks", "state", "alerts", "logs", "report", "canary"})),
+    ("sinks", frozenset({"sinks", "state", "alerts", "logs", "report", "canary", "canary_route"})),
     ("exports", frozenset({"export", "html_page", "html_report", "live_report"})),
     ("commands", frozenset({"daemon", "demo", "cli", "deploy", "__main__", "__init__", "lab"})),
 )

@@ -342,7 +342,7 @@ async def test_a_daemon_with_default_metrics_listens_on_loopback_only(tmp_path: 
     del data["metrics"]  # the defaults: enabled, 127.0.0.1:9425
     data["canary"] = {
         "enabled": True,
-        "domain": "canary.campus.test",
+        "domain": "canary.iso.test",
         "wait": "1s",
     }  # default listen
     cfg = write_config(tmp_path / "relayaudit.toml", data)

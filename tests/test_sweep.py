@@ -40,8 +40,9 @@ def lab_config(tmp_path: Path, **overrides: object) -> Config:
         "relay": {"campus_domains": ["campus.test"], "external_domains": ["relay-test.example"]},
         "canary": {
             "enabled": True,
-            "domain": "canary.campus.test",
+            "domain": "canary.iso.test",
             "listen": f"{CANARY[0]}:{CANARY[1]}",
+            "campus_sender": "iso@campus.test",
             "wait": "3s",
         },
         "timeouts": {"connect": "1s", "command": "3s", "session": "20s"},
@@ -56,7 +57,7 @@ def lab_config(tmp_path: Path, **overrides: object) -> Config:
 @pytest.fixture
 async def lab() -> AsyncIterator[Lab]:
     specs = [ServerSpec(host=f"127.0.20.{i}", port=PORT, behaviour=b) for i, b in LAB.items()]
-    async with Lab(specs, mx={"canary.campus.test": CANARY}) as running:
+    async with Lab(specs, mx={"canary.iso.test": CANARY}) as running:
         yield running
 
 
@@ -64,7 +65,7 @@ async def test_sweep_of_a_lab(tmp_path: Path, lab: Lab) -> None:
     config = lab_config(tmp_path)
     collector = Collector()
     findings_file = FindingsFile(config.output.findings)
-    async with CanaryReceiver(*CANARY, domain="canary.campus.test") as canary:
+    async with CanaryReceiver(*CANARY, domain="canary.iso.test") as canary:
         stats = await sweep(config, sinks=[collector, findings_file], canary=canary)
     findings_file.close()
     status = {r.address: v.status for r, v in collector.results}
@@ -86,7 +87,7 @@ async def test_sweep_of_a_lab(tmp_path: Path, lab: Lab) -> None:
     assert ("127.0.20.3", "unapproved-smtp") in kinds
     # ids are stable: a second sweep gives the same ids for the same problems
     again = Collector()
-    async with CanaryReceiver(*CANARY, domain="canary.campus.test") as canary:
+    async with CanaryReceiver(*CANARY, domain="canary.iso.test") as canary:
         await sweep(config, sinks=[again], canary=canary)
     assert {f.id for f in again.findings} == {f.id for f in collector.findings}
 
