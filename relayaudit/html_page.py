@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -91,7 +91,6 @@ class Page:
     config: Config | None  # scope, targets, approved services; None: not given
     health: tuple[bool, str]
     served_by: str | None = None  # the live page: which daemon (shard) serves it
-    notes: tuple[str, ...] = field(default=())
 
 
 class ServicesSeen:

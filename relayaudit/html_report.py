@@ -335,7 +335,7 @@ def _findings(out: list[str], page: Page) -> None:
         '<output id="shown" aria-live="polite"></output>\n</form>\n'
     )
     out.append(
-        '<div class="list" id="list" role="list">\n<div class="row head" aria-hidden="true">'
+        '<div class="list" id="list">\n<div class="row head" aria-hidden="true">'
         "<span>severity</span><span>confidence</span><span>address:port</span><span>kind</span>"
         "<span>title</span><span>status</span><span>last seen</span></div>\n"
     )
@@ -368,7 +368,7 @@ def _finding(out: list[str], page: Page, f: ReportFinding, nets: str) -> None:
         if x
     ).lower()
     out.append(
-        f'<details class="f" id="{_a(f.id)}" role="listitem" data-kind="{f.kind.value}" '
+        f'<details class="f" id="{_a(f.id)}" data-kind="{f.kind.value}" '
         f'data-sev="{f.severity.value}" data-status="{status}" data-nets="{_a(nets)}" '
         f'data-text="{_a(search)}">\n<summary class="row">'
         f'<span class="sev sev-{f.severity.value}">{f.severity.value}</span>'

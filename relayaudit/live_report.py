@@ -80,8 +80,9 @@ def report_access(listen_host: str, report: ReportConfig) -> Access:
 
 
 class LiveReport:
-    """The daemon's report pages: rendered in a worker thread from read-only connections to its
-    state file, and kept until the next sweep starts or completes (or the config is reloaded).
+    """The daemon's report pages: rendered by a child process (a worker thread waits for it)
+    from a read-only open of the state file, and kept until the next sweep starts or completes
+    (or a SIGHUP; at most RUNNING_MAX_AGE while a sweep runs).
 
     One render at a time: requests arriving meanwhile wait for it instead of starting their own.
     A request never writes: the store is opened read-only for each render, and the routes take
