@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -26,6 +27,7 @@ __all__ = [
     "TestRole",
     "TlsFacts",
     "Transport",
+    "address_order",
     "classify_reply",
     "endpoint",
     "redact_command",
@@ -316,6 +318,15 @@ class ProbeResult(_Frozen):
 
 
 _AUTH_COMMAND = re.compile(r"^(AUTH\s+\S+)(\s.*)?$", re.IGNORECASE)
+
+
+def address_order(address: str) -> tuple[int, int]:
+    """Numeric address order, IPv4 before IPv6 (as text, .10 would sort before .9)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return (9, 0)
+    return (ip.version, int(ip))
 
 
 def endpoint(address: str, port: int) -> str:

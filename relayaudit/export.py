@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import ipaddress
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from relayaudit import __version__, records
 from relayaudit.errors import ConfigError
-from relayaudit.evidence import endpoint
+from relayaudit.evidence import address_order, endpoint
 from relayaudit.records import FindingStatus
 from relayaudit.state import Change, FindingRow, read_changes, read_findings
 from relayaudit.text import utc_time, wrap
@@ -107,18 +106,11 @@ def _order(f: ReportFinding) -> tuple[int, int, int, tuple[int, int], int, str]:
         closed,
         f.severity.rank,
         list(Confidence).index(f.confidence),
-        _address_key(f.address),
+        address_order(f.address),
         f.port,
         f.kind.value,
     )
 
-
-def _address_key(address: str) -> tuple[int, int]:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return (9, 0)
-    return (ip.version, int(ip))
 
 
 def _from_row(row: FindingRow) -> ReportFinding:

@@ -3,7 +3,6 @@ sweep summaries."""
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
@@ -11,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from relayaudit.engine import SweepStats
-from relayaudit.evidence import ProbeResult, ProbeStatus, TestOutcome, TestResult, endpoint
+from relayaudit.evidence import (
+    ProbeResult,
+    ProbeStatus,
+    TestOutcome,
+    TestResult,
+    address_order,
+    endpoint,
+)
 from relayaudit.text import clip, wrap
 from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, Verdict, VerdictStatus
 
@@ -38,14 +44,6 @@ def terminal_width() -> int | None:
         return None
     return shutil.get_terminal_size().columns
 
-
-def _address_order(address: str) -> tuple[int, int]:
-    """Numeric address order, IPv4 before IPv6 (as text, .10 would sort before .9)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return (9, 0)
-    return (ip.version, int(ip))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +78,7 @@ class FindingBrief:
         return (
             self.severity.rank,
             self.confidence.rank,
-            _address_order(self.address),
+            address_order(self.address),
             self.port,
             self.kind.value,
             self.id,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import json
 import sqlite3
 import threading
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from relayaudit.errors import StateError
+from relayaudit.evidence import address_order
 from relayaudit.records import FindingStatus, Lifecycle, Transition
 from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, VerdictStatus
 
@@ -1080,18 +1080,11 @@ def _outbox_item(row: sqlite3.Row) -> OutboxItem:
     )
 
 
-def _address_key(address: str) -> tuple[int, int]:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return (9, 0)
-    return (ip.version, int(ip))
-
 
 def _sorted_findings(rows: Iterable[FindingRow]) -> list[FindingRow]:
     # most severe first, then numerically by address (text order puts .10 before .9)
     return sorted(
-        rows, key=lambda r: (r.severity.rank, _address_key(r.address), r.port, r.kind.value)
+        rows, key=lambda r: (r.severity.rank, address_order(r.address), r.port, r.kind.value)
     )
 
 
