@@ -693,13 +693,17 @@ async def _check(args: argparse.Namespace) -> int:
     if args.confirm:
         from relayaudit.canary import start_canary
 
-        canary = await start_canary(*config.canary.listen, domain=config.canary.domain)
+        canary = await start_canary(config)
     outcomes: list[tuple[ProbeResult, Verdict]] = []
     try:
         for address in addresses:
             for port in ports:
                 result = await probe(
-                    address, port, settings, implicit_tls=port in config.implicit_tls_ports
+                    address,
+                    port,
+                    settings,
+                    implicit_tls=port in config.implicit_tls_ports,
+                    expect_token=canary.expect if canary is not None else None,
                 )
                 if result.confirmation is not None and result.confirmation.sent and not args.json:
                     print(
@@ -849,7 +853,7 @@ async def _sweep(
     if config.canary.enabled:
         from relayaudit.canary import start_canary
 
-        canary = await start_canary(*config.canary.listen, domain=config.canary.domain)
+        canary = await start_canary(config)
     try:
         sinks: list[Sink] = [sink, listed]
         if run is not None:  # `--report`: the SMTP services it saw, for the HTML page

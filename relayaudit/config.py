@@ -248,6 +248,8 @@ class CanaryConfig(_Model):
     local_part: LocalPart = "relayaudit-canary"
     listen: Endpoint = ("127.0.0.1", 2526)
     wait: Duration = 60.0
+    # connections the receiver holds at once: anyone who reaches it can connect (canary.py)
+    max_connections: int = Field(default=64, ge=1, le=10_000)
     # the envelope sender of a canary through a relay that relays only for campus senders: a
     # campus address of the ISO (bounces come back to it), never a test domain
     campus_sender: str | None = Field(default=None, max_length=254)

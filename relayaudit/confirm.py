@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -22,7 +22,10 @@ from relayaudit.failures import Broken, SessionFailure
 from relayaudit.runner import Opener
 from relayaudit.settings import CanaryTarget, ProbeSettings
 
-__all__ = ["canary_sender", "choose", "send_canary"]
+__all__ = ["Expect", "canary_sender", "choose", "send_canary"]
+
+Expect = Callable[[str], None]
+"""Tells the canary receiver a token is about to be sent (it keeps only tokens it expects)."""
 
 
 def canary_sender(test: RelayTest, *, canary: CanaryTarget, inputs: BatteryInputs) -> str | None:
@@ -87,6 +90,7 @@ async def send_canary(
     inputs: BatteryInputs,
     settings: ProbeSettings,
     port: int,
+    expect: Expect,
 ) -> Confirmation:
     """Repeat `best` with the canary recipient and send the message; what happened, in `conf`."""
     if conf.mail_from is None:
@@ -112,6 +116,7 @@ async def send_canary(
             conf.token, inputs, settings=settings, canary=canary, rcpt=conf.rcpt_to, port=port
         )
         shown = f"DATA <message carrying token {conf.token}>"
+        expect(conf.token)  # before DATA: the receiver records only tokens it was told of
         # a refusal (5xx, 4xx) comes back as the reply: the verdict reads it
         reply = await session.data(body, shown_as=shown)
         return conf.model_copy(update={"data_reply": reply, "sent": 200 <= reply.code <= 299})

@@ -319,7 +319,7 @@ class Daemon:
         metrics_sink = _MetricsSink(self._metrics)
         canary: CanaryReceiver | None = None
         if config.canary.enabled:  # a port in use is a clear exit; the sweep resumes on restart
-            canary = await start_canary(*config.canary.listen, domain=config.canary.domain)
+            canary = await start_canary(config, count=self._metrics.canary)
 
         def progress(done: int, of: int) -> None:
             self._metrics.sweep_progress(done, of)

@@ -292,6 +292,7 @@ class Sweep:
             implicit_tls=port in self.config.implicit_tls_ports,
             gate=self._pacer,
             sock=sock,
+            expect_token=self._canary.expect if self._canary is not None else None,
         )
         if result.confirmation is not None and result.confirmation.sent:
             # waiting for the canary must not hold a worker; the task group still owns it

@@ -232,11 +232,30 @@ class Metrics(Registry):
             "relayaudit_last_completed_sweep_timestamp_seconds",
             "Unix time at which the last sweep completed (0: none yet).",
         )
+        self.canary_connections_total = self.counter(
+            "relayaudit_canary_connections_total",
+            "Connections to the canary receiver, by what became of them (accepted, "
+            "refused-busy, evicted, deadline, line-too-long, too-large).",
+            ("outcome",),
+        )
+        self.canary_messages_total = self.counter(
+            "relayaudit_canary_messages_total",
+            "Messages the canary receiver took: token (one the scanner sent and waits for), "
+            "unexpected-token (any other: forged, late or replayed), no-token (e.g. bounces).",
+            ("result",),
+        )
         # Present from the start so dashboards and alert rules see zeros, not absent series.
         self.alerts.replace({(state,): 0 for state in self.ALERT_STATES})
 
     def probe(self, status: str, count: int = 1) -> None:
         self.probes_total.inc(count, status=status)
+
+    def canary(self, family: str, what: str) -> None:
+        """One event of the canary receiver (relayaudit.canary.Count)."""
+        if family == "connections":
+            self.canary_connections_total.inc(outcome=what)
+        else:
+            self.canary_messages_total.inc(result=what)
 
     def set_findings(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Replace the findings gauge with `{(kind, status): count}` read from the state store."""

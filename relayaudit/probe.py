@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import structlog
 
 from relayaudit.battery import BatteryInputs, build_battery
-from relayaudit.confirm import choose, send_canary
+from relayaudit.confirm import Expect, choose, send_canary
 from relayaudit.evidence import (
     Confirmation,
     ProbeResult,
@@ -74,8 +74,10 @@ class _Probe:
         implicit_tls: bool,
         gate: Gate | None,
         dial: Dial | None,
+        expect_token: Expect | None = None,
     ) -> None:
         self.address = address
+        self.expect_token = expect_token
         self.port = port
         self.settings = settings
         self.first_transport = Transport.IMPLICIT_TLS if implicit_tls else Transport.PLAIN
@@ -189,6 +191,7 @@ class _Probe:
         chosen = choose(self.tests, canary=canary, inputs=inputs)
         if chosen is None:
             return
+        assert self.expect_token is not None  # checked by probe()
         best, self.confirmation = chosen  # kept if the deadline cuts the send short
         self.confirmation = await send_canary(
             best,
@@ -198,6 +201,7 @@ class _Probe:
             inputs=inputs,
             settings=self.settings,
             port=self.port,
+            expect=self.expect_token,
         )
 
 
@@ -210,13 +214,26 @@ async def probe(
     gate: Gate | None = None,
     sock: socket.socket | None = None,
     dial: Dial | None = None,
+    expect_token: Expect | None = None,
 ) -> ProbeResult:
     """Probe one address:port within the session deadline; never raises for network outcomes.
 
     `sock`, when given, is an already connected socket (from discovery) used for the first
     session. `dial` replaces TCP for new connections (the replay tests' recorded servers).
+    `expect_token` (confirmation mode: the receiver's `expect`) is told each canary token
+    before its DATA is sent.
     """
-    run = _Probe(address, port, settings, implicit_tls=implicit_tls, gate=gate, dial=dial)
+    if settings.canary is not None and expect_token is None:
+        raise ValueError("confirmation mode needs expect_token: the receiver's expect()")
+    run = _Probe(
+        address,
+        port,
+        settings,
+        implicit_tls=implicit_tls,
+        gate=gate,
+        dial=dial,
+        expect_token=expect_token,
+    )
     deadline = asyncio.timeout(settings.session_timeout)
     try:
         async with deadline:

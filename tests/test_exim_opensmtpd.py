@@ -88,7 +88,12 @@ def settings(*, confirm: bool = False) -> ProbeSettings:
 async def check(
     instance: MtaInstance, canary: CanaryReceiver | None = None, wait: float = 20.0
 ) -> tuple[ProbeResult, Verdict]:
-    result = await probe(instance.host, instance.port, settings(confirm=canary is not None))
+    result = await probe(
+        instance.host,
+        instance.port,
+        settings(confirm=canary is not None),
+        expect_token=canary.expect if canary is not None else None,
+    )
     result = await await_confirmation(result, canary, wait)
     return result, judge(result)
 

@@ -68,6 +68,8 @@ def test_all_relayaudit_families_are_declared() -> None:
         "relayaudit_sweep_progress_ratio": "gauge",
         "relayaudit_sweep_hosts_done": "gauge",
         "relayaudit_last_completed_sweep_timestamp_seconds": "gauge",
+        "relayaudit_canary_connections_total": "counter",
+        "relayaudit_canary_messages_total": "counter",
     }
     text = metrics.render()
     # alert states exist at zero before anything happened

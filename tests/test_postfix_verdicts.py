@@ -43,7 +43,12 @@ async def canary() -> AsyncIterator[CanaryReceiver]:
 async def check(
     instance: PostfixInstance, canary: CanaryReceiver | None = None
 ) -> tuple[ProbeResult, Verdict]:
-    result = await probe(instance.host, instance.port, settings(confirm=canary is not None))
+    result = await probe(
+        instance.host,
+        instance.port,
+        settings(confirm=canary is not None),
+        expect_token=canary.expect if canary is not None else None,
+    )
     result = await await_confirmation(result, canary, 30.0)
     return result, judge(result)
 

@@ -58,7 +58,13 @@ def run_lab(canary: CanaryReceiver) -> Probe:
             settings = dataclasses.replace(settings, canary=canary_target(CANARY_DOMAIN))
         async with lab:
             host, port = lab.address_of(0)
-            result = await probe(host, port, settings, implicit_tls=implicit_tls)
+            result = await probe(
+                host,
+                port,
+                settings,
+                implicit_tls=implicit_tls,
+                expect_token=canary.expect if confirm else None,
+            )
             result = await await_confirmation(result, canary, 5.0)
         return result, judge(result, approved=approved)
 
