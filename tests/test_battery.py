@@ -8,6 +8,7 @@ import pytest
 
 from relayaudit.battery import BatteryInputs, address_literal, build_battery, canary_recipient
 from relayaudit.evidence import (
+    Confirmation,
     PortState,
     ProbeResult,
     ProbeStatus,
@@ -260,3 +261,21 @@ def test_a_relay_after_starttls_quotes_the_control_of_its_own_transport() -> Non
     assert {t.transport for t in tests} == {Transport.STARTTLS}
     assert relay.summary.startswith(f"{len(tests)} of the relay tests accepted")
     assert relay.confidence is Confidence.LOW
+
+
+def test_a_canary_deferred_at_data_keeps_the_rcpt_evidence_and_says_so() -> None:
+    # a 4xx to the canary's message is no answer about relaying: the relay stays, unconfirmed
+    result = _result({"rcpt-plain": (250, "2.1.5 Ok")})
+    conf = Confirmation(
+        token="relayaudit-" + "e" * 32,
+        test_id="rcpt-plain",
+        transport=Transport.PLAIN,
+        rcpt_to="c+t@canary.example",
+        data_reply=Reply(code=451, text="4.3.0 Try again later"),
+    )
+    assert conf.deferred and not conf.refused
+    verdict = judge(result.model_copy(update={"confirmation": conf}))
+    assert verdict.status is VerdictStatus.OPEN_RELAY
+    (relay,) = [f for f in verdict.findings if f.kind is FindingKind.OPEN_RELAY]
+    assert relay.confidence is Confidence.HIGH
+    assert "was deferred at DATA (451 4.3.0 Try again later)" in relay.summary
