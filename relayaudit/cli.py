@@ -72,6 +72,14 @@ _REPORT_HELP = (
 )
 
 
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    """--config / --state: the state store(s) a read-only command reads (see _state_paths)."""
+    parser.add_argument("--config", type=Path, help="read the state file named in this config")
+    parser.add_argument(
+        "--state", type=Path, action="append", help="state file (repeatable: several shards)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="relayaudit", description="Find open mail relays and unapproved SMTP services."
@@ -158,17 +166,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--shard", help="i/n: this process sweeps shard i of n (0-based)")
 
     f = sub.add_parser("findings", help="list the findings in the state store(s)")
-    f.add_argument("--config", type=Path, help="read the state file named in this config")
-    f.add_argument(
-        "--state", type=Path, action="append", help="state file (repeatable: several shards)"
-    )
+    _store_options(f)
     f.add_argument("--status", choices=["new", "ongoing", "resolved", "reopened", "open"])
     f.add_argument("--json", action="store_true")
 
     h = sub.add_parser("history", help="what was seen at one address, sweep by sweep")
     h.add_argument("address")
-    h.add_argument("--config", type=Path)
-    h.add_argument("--state", type=Path, action="append")
+    _store_options(h)
     h.add_argument("--json", action="store_true")
 
     o = sub.add_parser(
@@ -182,8 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["list"],
         help="list every delivery: finding, transition, hook, attempts, next try, last error",
     )
-    o.add_argument("--config", type=Path, help="read the state file named in this config")
-    o.add_argument("--state", type=Path, action="append", help="state file (repeatable)")
+    _store_options(o)
     o.add_argument(
         "--replay",
         type=int,
@@ -198,8 +201,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("show", help="one finding whole: tests, replies, transcript, changes")
     sh.add_argument("finding_id", metavar="FINDING_ID", help="a finding's id (ra-…)")
-    sh.add_argument("--config", type=Path, help="read the state file named in this config")
-    sh.add_argument("--state", type=Path, action="append", help="state file (repeatable)")
+    _store_options(sh)
     sh.add_argument("--json", action="store_true")
 
     rp = sub.add_parser(
@@ -207,8 +209,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the findings of the state store(s) and what changed: an HTML page (the default), "
         "Markdown, CSV or JSON",
     )
-    rp.add_argument("--config", type=Path, help="read the state file named in this config")
-    rp.add_argument("--state", type=Path, action="append", help="state file (repeatable)")
+    _store_options(rp)
     rp.add_argument(
         "--format",
         choices=["html", "md", "csv", "json"],

@@ -112,23 +112,41 @@ def _order(f: ReportFinding) -> tuple[int, int, int, tuple[int, int], int, str]:
     )
 
 
+def _listed(
+    f: Finding,
+    *,
+    status: FindingStatus | None,
+    first_seen: datetime,
+    last_seen: datetime,
+    resolved_at: datetime | None,
+    last_sweep_id: str | None,
+) -> ReportFinding:
+    """A finding as a report lists it, with what the store (if any) knows of its lifecycle."""
+    return ReportFinding(
+        id=f.id,
+        kind=f.kind,
+        severity=f.severity,
+        confidence=f.confidence,
+        status=status,
+        address=f.address,
+        port=f.port,
+        first_seen=first_seen,
+        last_seen=last_seen,
+        resolved_at=resolved_at,
+        title=f.title,
+        summary=f.summary,
+        approved_note=f.approved_note,
+        last_sweep_id=last_sweep_id,
+    )
+
 
 def _from_row(row: FindingRow) -> ReportFinding:
-    f = row.finding
-    return ReportFinding(
-        id=row.id,
-        kind=row.kind,
-        severity=row.severity,
-        confidence=row.confidence,
+    return _listed(
+        row.finding,
         status=row.status,
-        address=row.address,
-        port=row.port,
         first_seen=row.first_seen,
         last_seen=row.last_seen,
         resolved_at=row.resolved_at,
-        title=row.title,
-        summary=f.summary,
-        approved_note=row.approved_note,
         last_sweep_id=row.last_sweep,
     )
 
@@ -176,20 +194,12 @@ def from_sweep(
         findings=tuple(
             sorted(
                 (
-                    ReportFinding(
-                        id=f.id,
-                        kind=f.kind,
-                        severity=f.severity,
-                        confidence=f.confidence,
+                    _listed(
+                        f,
                         status=None,
-                        address=f.address,
-                        port=f.port,
                         first_seen=f.observed_at,
                         last_seen=f.observed_at,
                         resolved_at=None,
-                        title=f.title,
-                        summary=f.summary,
-                        approved_note=f.approved_note,
                         last_sweep_id=sweep_id,
                     )
                     for f in findings

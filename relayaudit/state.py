@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from relayaudit.evidence import ProbeResult
     from relayaudit.progress import SweepStats
     from relayaudit.verdict import Verdict
+
+T = TypeVar("T")
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -1080,7 +1082,6 @@ def _outbox_item(row: sqlite3.Row) -> OutboxItem:
     )
 
 
-
 def _sorted_findings(rows: Iterable[FindingRow]) -> list[FindingRow]:
     # most severe first, then numerically by address (text order puts .10 before .9)
     return sorted(
@@ -1088,22 +1089,28 @@ def _sorted_findings(rows: Iterable[FindingRow]) -> list[FindingRow]:
     )
 
 
+def _read_each(paths: Sequence[Path], read: Callable[[StateStore], Iterable[T]]) -> list[T]:
+    """`read` applied to each shard file opened read-only, the rows of all files in one list."""
+    rows: list[T] = []
+    for path in paths:
+        store = StateStore(path)
+        store.open(readonly=True)
+        try:
+            rows.extend(read(store))
+        finally:
+            store.close()
+    return rows
+
+
 def read_findings(
     paths: Sequence[Path], status: FindingStatus | str | None = None
 ) -> list[FindingRow]:
     """Findings of several shard files, read-only; a finding in two files keeps its newest sighting."""
     merged: dict[str, FindingRow] = {}
-    for path in paths:
-        store = StateStore(path)
-        store.open(readonly=True)
-        try:
-            rows = store.findings(status)
-        finally:
-            store.close()
-        for row in rows:
-            kept = merged.get(row.id)
-            if kept is None or row.last_seen > kept.last_seen:
-                merged[row.id] = row
+    for row in _read_each(paths, lambda store: store.findings(status)):
+        kept = merged.get(row.id)
+        if kept is None or row.last_seen > kept.last_seen:
+            merged[row.id] = row
     return _sorted_findings(merged.values())
 
 
@@ -1111,56 +1118,28 @@ def read_changes(
     paths: Sequence[Path], *, since: datetime | None = None, finding_id: str | None = None
 ) -> list[Change]:
     """The transitions of several shard files, read-only, oldest first."""
-    changes: list[Change] = []
-    for path in paths:
-        store = StateStore(path)
-        store.open(readonly=True)
-        try:
-            changes.extend(store.changes(since=since, finding_id=finding_id))
-        finally:
-            store.close()
+    changes = _read_each(paths, lambda store: store.changes(since=since, finding_id=finding_id))
     return sorted(changes, key=lambda c: c.at)
 
 
 def read_history(paths: Sequence[Path], address: str) -> list[ObservationRow]:
     """What was seen at `address`, over several shard files, read-only, oldest first."""
-    rows: list[ObservationRow] = []
-    for path in paths:
-        store = StateStore(path)
-        store.open(readonly=True)
-        try:
-            rows.extend(store.history(address))
-        finally:
-            store.close()
+    rows = _read_each(paths, lambda store: store.history(address))
     return sorted(rows, key=lambda r: (r.observed, r.port, r.sweep_id))
 
 
 def read_sweeps(paths: Sequence[Path], *, limit: int | None = None) -> list[SweepRow]:
     """The sweeps of several shard files, read-only, newest start first (`limit` per file)."""
-    rows: list[SweepRow] = []
-    for path in paths:
-        store = StateStore(path)
-        store.open(readonly=True)
-        try:
-            rows.extend(store.sweeps(limit))
-        finally:
-            store.close()
+    rows = _read_each(paths, lambda store: store.sweeps(limit))
     return sorted(rows, key=lambda r: r.started, reverse=True)
 
 
 def read_observations(paths: Sequence[Path], sweep_ids: Iterable[str]) -> list[ObservationRow]:
     """What these sweeps recorded, over several shard files, read-only."""
     wanted = tuple(dict.fromkeys(sweep_ids))
-    rows: list[ObservationRow] = []
-    for path in paths:
-        store = StateStore(path)
-        store.open(readonly=True)
-        try:
-            for sweep_id in wanted:
-                rows.extend(store.observations(sweep_id))
-        finally:
-            store.close()
-    return rows
+    return _read_each(
+        paths, lambda store: [row for sid in wanted for row in store.observations(sid)]
+    )
 
 
 class StateSink:

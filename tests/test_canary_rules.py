@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shlex
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ import pytest
 from cli_runner import ROOT, run_cli, run_main
 from dns_stub import DnsStub
 from factories import canary_target, probe_settings
+from systemd_unit import unit_copy
 
 from relayaudit.battery import BatteryInputs
 from relayaudit.canary import CanaryReceiver
@@ -337,21 +337,7 @@ def test_the_drop_in_grants_only_binding_low_ports() -> None:
 
 
 def _unit_dir(tmp_path: Path, drop_in: str) -> Path:
-    """The unit (ExecStart's program swapped for one that exists here) and this drop-in."""
-    program = next(
-        shlex.split(line.partition("=")[2])[0]
-        for line in UNIT.read_text().splitlines()
-        if line.startswith("ExecStart=")
-    )
-    tmp_path.mkdir(exist_ok=True)
-    stand_in = tmp_path / "relayaudit"
-    stand_in.write_text("#!/bin/sh\nexit 0\n")
-    stand_in.chmod(0o755)
-    unit = tmp_path / "relayaudit.service"
-    unit.write_text(UNIT.read_text().replace(program, str(stand_in)))
-    (tmp_path / "relayaudit.service.d").mkdir()
-    (tmp_path / "relayaudit.service.d" / DROP_IN.name).write_text(drop_in)
-    return unit
+    return unit_copy(tmp_path, {DROP_IN.name: drop_in})
 
 
 def test_systemd_analyze_verifies_the_unit_with_the_port_25_drop_in(tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ from cli_runner import (
 from factories import ADDR, T0, make_finding, observe, one_sweep
 from loopback import free_port
 
+from relayaudit import demo
 from relayaudit.cli import _parser
-from relayaudit.demo import CANARY, CANARY_DOMAIN, DEMO_LAB
+from relayaudit.demo import CANARY_DOMAIN
 from relayaudit.evidence import Exchange, Reply
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.state import StateStore
@@ -277,22 +278,7 @@ def test_python_m_usage_error() -> None:
 
 @pytest.fixture
 async def demo_lab() -> AsyncIterator[Lab]:
-    specs = [
-        ServerSpec(
-            host=f"127.0.10.{octet}",
-            port=port,
-            behaviour=behaviour,
-            implicit_tls=tls,
-            hostname=f"mx{octet}.campus.test",
-        )
-        for octet, port, behaviour, tls in DEMO_LAB
-    ]
-    async with Lab(
-        specs,
-        local_domains=("campus.test",),
-        campus_domains=("campus.test",),
-        mx={CANARY_DOMAIN: CANARY},
-    ) as lab:
+    async with demo.demo_lab() as lab:
         yield lab
 
 

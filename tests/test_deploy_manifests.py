@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from cli_runner import wait_until
+from systemd_unit import unit_copy
 
 from relayaudit.config import parse_config
 from relayaudit.daemon import STOP_GRACE
@@ -387,16 +388,7 @@ def test_unit_has_the_hardening_and_lifecycle_keys(unit: dict[str, list[str]]) -
 
 
 def _unit_for_verify(tmp_path: Path) -> Path:
-    """The unit with ExecStart's program swapped for an executable that exists here."""
-    program = shlex.split(dict(((k, v) for _, k, v in parse_unit(UNIT.read_text())))["ExecStart"])[
-        0
-    ]
-    stand_in = tmp_path / "relayaudit"
-    stand_in.write_text("#!/bin/sh\nexit 0\n")
-    stand_in.chmod(0o755)
-    copy = tmp_path / "relayaudit.service"
-    copy.write_text(UNIT.read_text().replace(program, str(stand_in)))
-    return copy
+    return unit_copy(tmp_path)
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:

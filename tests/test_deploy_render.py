@@ -12,7 +12,6 @@ import asyncio
 import ipaddress
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 from cli_runner import ROOT, run_main
 from connect_audit import loopback
+from systemd_unit import unit_copy
 from toml_writer import toml_value
 
 from relayaudit.config import Config, load_config, parse_config
@@ -146,21 +146,7 @@ def test_policy_matches_the_configmap(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def _unit_dir(tmp_path: Path, drop_in: str) -> Path:
-    """The unit, with ExecStart's program swapped for one that exists here, and the drop-in."""
-    program = next(
-        shlex.split(line.partition("=")[2])[0]
-        for line in UNIT.read_text().splitlines()
-        if line.startswith("ExecStart=")
-    )
-    tmp_path.mkdir(exist_ok=True)
-    stand_in = tmp_path / "relayaudit"
-    stand_in.write_text("#!/bin/sh\nexit 0\n")
-    stand_in.chmod(0o755)
-    unit = tmp_path / "relayaudit.service"
-    unit.write_text(UNIT.read_text().replace(program, str(stand_in)))
-    (tmp_path / "relayaudit.service.d").mkdir()
-    (tmp_path / "relayaudit.service.d" / "scope.conf").write_text(drop_in)
-    return unit
+    return unit_copy(tmp_path, {"scope.conf": drop_in})
 
 
 def test_systemd_analyze_verifies_the_unit_with_the_drop_in(tmp_path: Path) -> None:

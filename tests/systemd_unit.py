@@ -1,0 +1,31 @@
+"""The shipped systemd unit copied for `systemd-analyze`: ExecStart's program swapped for one that exists."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+
+UNIT = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "relayaudit.service"
+
+
+def unit_copy(tmp_path: Path, drop_ins: Mapping[str, str] | None = None) -> Path:
+    """A copy of the unit under `tmp_path` with a stand-in program and these drop-ins (name: text)."""
+    text = UNIT.read_text()
+    program = next(
+        shlex.split(line.partition("=")[2])[0]
+        for line in text.splitlines()
+        if line.startswith("ExecStart=")
+    )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    stand_in = tmp_path / "relayaudit"
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    unit = tmp_path / "relayaudit.service"
+    unit.write_text(text.replace(program, str(stand_in)))
+    if drop_ins:
+        directory = tmp_path / "relayaudit.service.d"
+        directory.mkdir()
+        for name, content in drop_ins.items():
+            (directory / name).write_text(content)
+    return unit
