@@ -416,15 +416,21 @@ def judge(
     selective_plain = conf is not None and any(
         _is_plain_recipient(a) for a in _accepted(result.tests) if a.transport is conf.transport
     )
+    # A canary is only ever sent after a relay test was accepted the same way; evidence that says
+    # otherwise (a hand-edited or corrupt record) is judged on its tests alone.
+    canary_backed = conf is not None and any(
+        a.transport is conf.transport for a in _accepted(result.tests)
+    )
     undelivered = (
         conf is not None
+        and canary_backed
         and conf.sent
         and conf.delivered is False
         and (ctx.accepts_everything or not selective_plain)
     )
     # A canary refused at DATA is evidence too: the server decides after the message (an ACL
     # at DATA), so its acceptances at RCPT are no relay; never silently "relay-refused" either.
-    refused_at_data = conf is not None and conf.refused
+    refused_at_data = conf is not None and canary_backed and conf.refused
 
     status: VerdictStatus | None = None
     for group, after_tls in ((plain_group, False), (tls_group, True)):

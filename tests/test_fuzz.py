@@ -197,6 +197,34 @@ _RELAY_KIND = {
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(result=probe_results, approved=st.booleans(), note=st.none() | any_text)
+@example(  # found by CI: a canary refused at DATA with no relay test accepted (IndexError)
+    result=ProbeResult(
+        address="0.0.0.0",
+        port=1,
+        vantage="",
+        started=datetime(2000, 1, 1, tzinfo=UTC),
+        finished=datetime(2000, 1, 1, tzinfo=UTC),
+        port_state=PortState.OPEN,
+        status=ProbeStatus.SMTP,
+        error=None,
+        facts=None,
+        tests=(),
+        transcript=(),
+        confirmation=Confirmation(
+            token="",
+            test_id="rcpt-plain",
+            transport=Transport.PLAIN,
+            rcpt_to="",
+            data_reply=Reply(code=500, text=""),
+            sent=False,
+            delivered=None,
+            error=None,
+        ),
+        sessions=0,
+    ),
+    approved=False,
+    note=None,
+)
 def test_judge_is_total_over_arbitrary_evidence(
     result: ProbeResult, approved: bool, note: str | None
 ) -> None:
