@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from daemon_harness import DaemonProcess
+from hypothesis import settings as hypothesis_settings
 from postfix_lab import (
     PostfixInstance,
     make_lab_directory,
@@ -19,7 +20,6 @@ from postfix_lab import (
     start_lab,
     stop_lab,
 )
-from hypothesis import settings as hypothesis_settings
 from smtp_sink import MessageSink, serve_smtp
 
 # CI (which sets CI=true, as .ci/run does) runs the property tests on a fixed example sequence, so
