@@ -26,6 +26,7 @@ from relayaudit.config import AlertsConfig, CommandHook, EmailHook, WebhookHook
 from relayaudit.errors import RelayAuditError, StateError
 from relayaudit.evidence import endpoint
 from relayaudit.state import Alert, OutboxItem, StateStore
+from relayaudit.text import visible
 
 __all__ = [
     "DeliveryError",
@@ -301,7 +302,11 @@ def email_subject(alert: Alert) -> str:
 
 
 def email_message(hook: EmailHook, alert: Alert, payload: bytes) -> EmailMessage:
-    """A readable summary on top, the alert JSON below; Message-ID carries the idempotency key."""
+    """A readable summary on top, the alert JSON below; Message-ID carries the idempotency key.
+
+    People read this: each summary line passes `visible` and the JSON is ASCII (`\\uNNNN`), so
+    server text quoted in the finding can neither add a line nor reorder one in a mail reader.
+    """
     f = alert.finding
     domain = hook.mail_from.rpartition("@")[2] or "relayaudit.invalid"
     msg = EmailMessage()
@@ -328,11 +333,11 @@ def email_message(hook: EmailHook, alert: Alert, payload: bytes) -> EmailMessage
     if f.approved_note:
         summary += ["", f"Approved service note: {f.approved_note}"]
     try:
-        pretty = json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+        pretty = json.dumps(json.loads(payload), indent=2)
     except ValueError:
         pretty = payload.decode("utf-8", "replace")
     body = (
-        "\n".join(summary)
+        "\n".join(visible(line) for line in summary)
         + "\n\n-- alert as JSON (evidence and transcript included) --\n"
         + pretty
         + "\n"

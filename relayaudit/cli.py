@@ -534,6 +534,8 @@ def _outbox(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(doc, indent=2))
         return EXIT_OK
+    from relayaudit.text import visible  # a hook's error may quote what its server answered
+
     for path, counts, replayed, dead in parts:
         print(f"{path}: {counts['pending']} pending, {counts['sent']} sent, {counts['dead']} dead")
         if replayed is not None:
@@ -541,7 +543,7 @@ def _outbox(args: argparse.Namespace) -> int:
         for item in dead:
             print(
                 f"  dead #{item.id} {item.channel} {item.alert.key} after {item.attempts} "
-                f"attempt(s): {item.last_error}"
+                f"attempt(s): {visible(str(item.last_error))}"
             )
     return EXIT_OK
 

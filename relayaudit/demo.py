@@ -25,7 +25,7 @@ from relayaudit.report import (
     terminal_width,
 )
 from relayaudit.sinks import Collector, FindingsFile
-from relayaudit.text import clip
+from relayaudit.text import clip, visible
 
 __all__ = ["DEMO_LAB", "demo_config", "demo_lab", "report_text", "run_demo"]
 
@@ -160,7 +160,7 @@ async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
             continue
         print(
             f"{endpoint(result.address, result.port):22} {verdict.status.value:26} "
-            f"{clip(verdict.summary, room)}"
+            f"{clip(visible(verdict.summary), room)}"
         )
         approved = config.is_approved(ipaddress.ip_address(result.address), result.port)
         if approved is not None:

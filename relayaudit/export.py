@@ -3,6 +3,10 @@
 One `Report` model holds the data (header, findings, what changed); each format renders it.
 The JSON form is that model (`schemas/report.v1.schema.json`); docs/findings.md documents it.
 The HTML page (the default format) shows more than this model and is html_report.py's.
+
+Markdown, CSV and `render_shown` are read by people: server text in them passes `text.visible`
+(a newline, terminal escape or bidi override shows as an escape), so it can neither start a line
+or a row nor reorder one. The JSON form keeps the text exactly, escaped only as JSON requires.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from relayaudit.errors import ConfigError
 from relayaudit.evidence import address_order, endpoint
 from relayaudit.records import FindingStatus
 from relayaudit.state import Change, FindingRow, read_changes, read_findings
-from relayaudit.text import utc_time, wrap
+from relayaudit.text import utc_time, visible, wrap
 from relayaudit.verdict import Confidence, Finding, FindingKind, Severity
 
 __all__ = [
@@ -245,12 +249,13 @@ def find(paths: Sequence[Path], finding_id: str) -> Shown | None:
 
 
 def render_shown(shown: Shown) -> str:
-    """A finding whole, for a person: what, why, every test and reply, the transcript."""
+    """A finding whole, for a person: what, why, every test and reply, the transcript. Each
+    line passes `visible`, so no server text in it can start another."""
     f = shown.finding
     lines = [
         f"{f.id}  {f.severity.value.upper()}  {f.kind.value}  confidence {f.confidence.value}",
         f"  {f.title}",
-        *wrap(f.summary, 100, indent="  "),
+        *wrap(visible(f.summary), 100, indent="  "),
         "",
         f"  status:      {shown.status.value}",
         f"  first seen:  {utc_time(shown.first_seen)}",
@@ -282,14 +287,14 @@ def render_shown(shown: Shown) -> str:
             if ex.command is not None:
                 lines.append(f"  C: {ex.command}")
             if ex.reply is not None:
-                replies = ex.reply.text.splitlines() or [""]
+                replies = ex.reply.text.split("\n")  # the reply's lines, as the wire joined them
                 for i, text in enumerate(replies):
                     lines.append(
                         f"  S: {ex.reply.code}{'-' if i < len(replies) - 1 else ' '}{text}"
                     )
             if ex.error is not None:
                 lines.append(f"  !  {ex.error}")
-    return "\n".join(lines) + "\n"
+    return "".join(visible(line) + "\n" for line in lines)
 
 
 _SUFFIXES: dict[str, Format] = {
@@ -322,12 +327,13 @@ def render(report: Report, fmt: TextFormat) -> str:
 
 
 def _cell(value: object) -> str:
-    """A CSV cell a spreadsheet shows as text: formula-like starts are quoted with `'`."""
+    """A CSV cell a spreadsheet shows as text: on one line (`visible`), formula-like starts
+    quoted with `'`."""
     if value is None:
         return ""
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat(timespec="seconds")
-    text = str(value)
+    text = visible(str(value))
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
@@ -342,8 +348,8 @@ def _csv(report: Report) -> str:
 
 
 def _md(text: object) -> str:
-    """A Markdown table cell: one line, no pipe that would split it."""
-    value = "" if text is None else str(text)
+    """A Markdown table cell: one line (`visible`), no pipe that would split it."""
+    value = "" if text is None else visible(str(text))
     return " ".join(value.split()).replace("\\", "\\\\").replace("|", "\\|")
 
 

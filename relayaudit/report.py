@@ -1,5 +1,10 @@
 """Human-readable renderings: one probe's verdict with tests and transcript, findings tables,
-sweep summaries."""
+sweep summaries.
+
+Every line is ours: server text (a reply, a certificate name, a title or summary quoting one)
+passes `text.visible` where it is laid out, so a newline, a terminal escape or a bidi override
+it carries is shown as an escape and can neither start a line nor reorder one.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from relayaudit.evidence import (
     address_order,
     endpoint,
 )
-from relayaudit.text import clip, wrap
+from relayaudit.text import clip, visible, wrap
 from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, Verdict, VerdictStatus
 
 __all__ = [
@@ -43,7 +48,6 @@ def terminal_width() -> int | None:
     if not sys.stdout.isatty():
         return None
     return shutil.get_terminal_size().columns
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +145,10 @@ def table(
 ) -> list[str]:
     """A header and rows: each column as wide as its widest cell, two spaces apart. The last
     column is free text, clipped at a word boundary to what `width` leaves (at least 24
-    columns); `notes[i]`, if given, is a line of its own under row i, in the last column."""
+    columns); `notes[i]`, if given, is a line of its own under row i, in the last column.
+    Every cell and note passes `visible`: a cell is never more than its one line."""
+    header = [visible(cell) for cell in header]
+    rows = [[visible(cell) for cell in row] for row in rows]
     lead_cells = [r[:-1] for r in (header, *rows)]
     widths = [max(len(r[i]) for r in lead_cells) for i in range(len(header) - 1)]
     lead = sum(w + 2 for w in widths)
@@ -152,7 +159,7 @@ def table(
         lines.append(pads + clip(row[-1], room))
         note = notes[i - 1] if 0 < i <= len(notes) else None
         if note is not None:
-            lines.append(" " * lead + clip(note, room))
+            lines.append(" " * lead + clip(visible(note), room))
     return lines
 
 
@@ -180,11 +187,16 @@ def render_table(briefs: Iterable[FindingBrief], *, width: int | None = None) ->
     )
 
 
+def _first_line(text: str) -> str:
+    """A reply's first line: the wire joins a multi-line reply's lines with "\\n", and only there."""
+    return text.split("\n", 1)[0]
+
+
 def _reply(result: TestResult) -> str:
     if result.rcpt is not None:
-        return f"{result.rcpt.code} {result.rcpt.text.splitlines()[0] if result.rcpt.text else ''}"
+        return f"{result.rcpt.code} {_first_line(result.rcpt.text)}"
     if result.mail is not None:
-        return f"MAIL {result.mail.code} {result.mail.text.splitlines()[0] if result.mail.text else ''}"
+        return f"MAIL {result.mail.code} {_first_line(result.mail.text)}"
     return result.error or ""
 
 
@@ -196,10 +208,10 @@ def render_findings(findings: Iterable[Finding], *, width: int | None = None) ->
         lines.append(
             f"  [{f.severity.value:8}] {f.kind.value:24} {f.id}  confidence {f.confidence.value}"
         )
-        lines += wrap(f.title, width, indent=indent)
-        lines += wrap(f.summary, width, indent=indent)
+        lines += wrap(visible(f.title), width, indent=indent)
+        lines += wrap(visible(f.summary), width, indent=indent)
         if f.approved_note is not None:
-            lines += wrap(approval_text(f.approved_note), width, indent=indent)
+            lines += wrap(visible(approval_text(f.approved_note)), width, indent=indent)
     return lines
 
 
@@ -211,11 +223,12 @@ def render_check(
     approved_note: str | None = None,
     width: int | None = None,
 ) -> str:
-    """One probe for `check`; `approved_note` as in `approval_text`."""
+    """One probe for `check`; `approved_note` as in `approval_text`. Each line passes `visible`,
+    so no server text in it can start another."""
     lines = [
         f"{endpoint(result.address, result.port)}  {verdict.status.value.upper()}  (seen from {result.vantage})"
     ]
-    lines += wrap(verdict.summary, width, indent="  ")
+    lines += wrap(visible(verdict.summary), width, indent="  ")
     if result.status in _NEEDS_APPROVAL:
         lines.append(f"  {approval_text(approved_note)}")
     facts = result.facts
@@ -248,7 +261,7 @@ def render_check(
             pair = f"<{t.test.mail_from}> -> <{t.test.rcpt_to}>"
             start = f"  {t.transport.value:12} {t.test.id:28} {mark:14} {pair:70} "
             room = None if width is None else max(_MIN_TEXT, width - len(start))
-            lines.append(start + clip(_reply(t), room))
+            lines.append(start + clip(visible(_reply(t)), room))
     conf = result.confirmation
     if conf is not None:
         state = {True: "ARRIVED", False: "did not arrive", None: "not known"}[conf.delivered]
@@ -262,12 +275,13 @@ def render_check(
             if ex.command is not None:
                 lines.append(f"  C: {ex.command}")
             if ex.reply is not None:
-                for i, text in enumerate(ex.reply.text.splitlines() or [""]):
-                    sep = "-" if i < len(ex.reply.text.splitlines()) - 1 else " "
+                replies = ex.reply.text.split("\n")  # the reply's lines, as the wire joined them
+                for i, text in enumerate(replies):
+                    sep = "-" if i < len(replies) - 1 else " "
                     lines.append(f"  S: {ex.reply.code}{sep}{text}")
             if ex.error is not None:
                 lines.append(f"  !  {ex.error}")
-    return "\n".join(lines)
+    return "\n".join(visible(line) for line in lines)
 
 
 def render_summary(stats: SweepStats) -> str:

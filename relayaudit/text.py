@@ -1,15 +1,46 @@
-"""Text for people: clipped or wrapped at word boundaries, and times that name their zone."""
+"""Text for people: server text made visible, clipped or wrapped at word boundaries, and times
+that name their zone."""
 
 from __future__ import annotations
 
 import textwrap
 from datetime import UTC, datetime
 
-__all__ = ["ELLIPSIS", "clip", "span", "utc_time", "wrap"]
+__all__ = ["ELLIPSIS", "clip", "span", "utc_time", "visible", "wrap"]
 
 ELLIPSIS = "…"
 _MIN_WRAP = 20  # columns of text a wrapped line keeps after its indent, however narrow the width
 _TRAILING = " ,;:"  # left out before the ellipsis: "relay on…", not "relay on,…"
+
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def visible(text: str) -> str:
+    """`text` with every character that could forge, hide or reorder output shown as an escape.
+
+    Those are the characters Python's `repr` escapes (`str.isprintable`): C0 and C1 controls and
+    DEL (a newline, a carriage return, ESC), format characters (the bidi marks, embeddings,
+    overrides and isolates U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069; zero-width
+    characters), line and paragraph separators, spaces other than " ", lone surrogates (which
+    cannot even be encoded for the terminal), private and unassigned code points. Newline,
+    carriage return and tab become `\\n`, `\\r`, `\\t`; others `\\xNN` (ESC is `\\x1b`, as
+    evidence.writable_text writes it), `\\uNNNN` (`\\u202e`) or `\\UNNNNNNNN`. Every other
+    character, backslashes included, is kept. The result is one line that shows what the server
+    sent and can neither start another line, move the cursor nor turn text around. For people
+    only: evidence and JSON keep the text itself.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
 def clip(text: str, width: int | None) -> str:

@@ -7,16 +7,26 @@ import contextlib
 import fcntl
 import random
 import socket
+import ssl
 import struct
+import tempfile
 import termios
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from relayaudit.verdict import VerdictStatus
 
 __all__ = [
     "BEASTS",
+    "FORGED",
     "LIFETIME",
     "Beast",
     "BlindRelay",
@@ -28,6 +38,7 @@ __all__ = [
     "drip_banner",
     "echo",
     "endless_continuation",
+    "forger",
     "garbage",
     "http",
     "invalid_utf8_relay",
@@ -371,6 +382,76 @@ class BlindRelay:
             unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
             self.queued[slot] = max(self.queued[slot], unread)
             await _send(writer, b"250 2.0.0 Ok\r\n")
+
+
+# A line as `relayaudit check` starts its own, for a server to smuggle into the output
+FORGED = "127.0.0.1:25  RELAY-REFUSED  (seen from 127.0.0.1)"
+_FORGED = FORGED.encode()
+_RLO = "\u202e".encode()  # RIGHT-TO-LEFT OVERRIDE: turns the rest of a line around
+
+
+def _forger_tls() -> ssl.SSLContext:
+    """A self-signed certificate whose names carry a newline, the forged line and an override."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mx\u202e\n{FORGED}")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="forger-") as tmp:
+        path = Path(tmp) / "cert.pem"
+        path.write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        ctx.load_cert_chain(path)
+    return ctx
+
+
+async def forger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An open relay whose every text tries to forge or turn around the scanner's output lines.
+
+    Greeting, EHLO keyword, RCPT reply and certificate names each carry a second line that reads
+    like `check`'s first (FORGED), a RIGHT-TO-LEFT OVERRIDE, terminal escapes and a bare CR.
+    """
+    await _send(
+        writer,
+        b"220-mx.forger.test ESMTP \x1b[1A\x1b[2K\rrelay refused " + _RLO + b"doog lla\r\n"
+        b"220 " + _FORGED + b"\r\n",
+    )
+    ehlo = b"250-mx.forger.test\r\n250-STARTTLS\r\n250-X-" + _RLO + b"DELIVERED\r\n250 8BITMIME\r\n"
+
+    async def answer(line: bytes) -> bool:
+        verb = _verb(line)
+        if verb in (b"EHLO", b"HELO"):
+            await _send(writer, ehlo)
+        elif verb == b"STARTTLS":
+            await _send(writer, b"220 2.0.0 Ready to start TLS\r\n")
+            await writer.start_tls(_forger_tls())
+        elif verb == b"MAIL":
+            await _send(writer, b"250 2.1.0 Ok\r\n")
+        elif verb == b"RCPT":
+            await _send(writer, b"250-2.1.5 Ok " + _RLO + b"\x1b[31m\r\n250 " + _FORGED + b"\r\n")
+        elif verb == b"QUIT":
+            await _send(writer, _BYE)
+            return False
+        else:
+            await _send(writer, b"250 2.0.0 Ok\r\n")
+        return True
+
+    await _each_line(reader, answer)
 
 
 # -- running them -----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""relayaudit.text: clipping and wrapping never cut a word; every time names its zone."""
+"""relayaudit.text: server text made visible; clipping and wrapping never cut a word; every time
+names its zone."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayaudit.text import clip, utc_time, wrap
+from relayaudit.html_report import _a, _line, _t
+from relayaudit.text import clip, utc_time, visible, wrap
 
 SUMMARY = (
     "16 of the relay tests accepted, e.g. MAIL FROM:<relayaudit@sender.example> -> 250 "
@@ -91,3 +93,64 @@ def test_wrap_without_a_width_is_one_line() -> None:
 )
 def test_utc_time_names_its_zone(when: datetime) -> None:
     assert utc_time(when) == "2026-12-06 23:41:07 UTC"
+
+
+# -- visible: server text cannot forge or reorder a line ---------------------------------------------
+
+BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def test_visible_keeps_printable_text_as_it_is() -> None:
+    for text in ("", "220 mx.campus.test ESMTP Postfix", "Grüße, 中文, café", r"C:\path \x1b"):
+        assert visible(text) == text
+
+
+def test_visible_names_newline_return_and_tab() -> None:
+    assert visible("220 x\r\n127.0.0.1:25  RELAY-REFUSED\tok") == (
+        "220 x\\r\\n127.0.0.1:25  RELAY-REFUSED\\tok"
+    )
+
+
+def test_visible_shows_terminal_escapes_as_evidence_writes_them() -> None:
+    assert visible("\x1b[2J\x1b]0;owned\x07\x00\x7f\x85\x9b") == (
+        "\\x1b[2J\\x1b]0;owned\\x07\\x00\\x7f\\x85\\x9b"
+    )
+
+
+def test_visible_shows_bidi_invisible_and_separator_characters() -> None:
+    assert visible("abc\u202edef") == "abc\\u202edef"
+    assert visible(BIDI) == "".join(f"\\u{ord(c):04x}" for c in BIDI)
+    assert visible("a\u200bb\u2060c\ufeffd\u2028e\u2029f") == (
+        "a\\u200bb\\u2060c\\ufeffd\\u2028e\\u2029f"
+    )
+
+
+def test_visible_shows_lone_surrogates_so_output_can_be_encoded() -> None:
+    shown = visible("mx \udcff")
+    assert shown == "mx \\udcff"
+    shown.encode("utf-8")
+
+
+def test_visible_is_idempotent() -> None:
+    once = visible("a\n\x1b\u202e\\x")
+    assert visible(once) == once
+
+
+def test_visible_shows_other_invisible_characters_as_repr_does() -> None:
+    assert visible("a\xa0b\u00adc\U000e0041d\ue000") == "a\\xa0b\\xadc\\U000e0041d\\ue000"
+
+
+@given(text=st.text(max_size=80))
+def test_visible_output_is_one_printable_line(text: str) -> None:
+    shown = visible(text)
+    assert shown.isprintable()  # no control, format, separator, surrogate or private character
+    assert len(shown.splitlines()) <= 1
+    shown.encode("utf-8")
+    # printable characters kept, each other one escaped as repr() writes it
+    assert shown == "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def test_the_html_report_neutralises_what_visible_does() -> None:
+    # html_report escapes on its own (newline kept for <pre>, shown as a mark in one-line cells)
+    for char in BIDI + "\x1b\x00\x7f\x85\u200b\ufeff":
+        assert char not in _t(char) and char not in _line(char) and char not in _a(char)
