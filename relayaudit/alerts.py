@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -16,13 +17,19 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, quote, quote_plus, urlsplit
 
 import aiosmtplib
 import structlog
 
 from relayaudit import child_environment
-from relayaudit.config import AlertsConfig, CommandHook, EmailHook, WebhookHook
+from relayaudit.config import (
+    IDEMPOTENCY_VARIABLE,
+    AlertsConfig,
+    CommandHook,
+    EmailHook,
+    WebhookHook,
+)
 from relayaudit.errors import RelayAuditError, StateError
 from relayaudit.evidence import endpoint
 from relayaudit.state import Alert, OutboxItem, StateStore
@@ -64,11 +71,25 @@ class DeliveryError(RelayAuditError):
         self.exit_code = exit_code  # exit code, for commands
 
 
+def _written_forms(secret: str) -> set[str]:
+    """The secret as it may travel: itself, base64 (standard and URL-safe, with and without
+    padding: SMTP AUTH, HTTP Basic, JWT-style) and percent-encoded (in a URL or a form)."""
+    forms = {secret}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        encoded = encode(secret.encode()).decode("ascii")
+        forms |= {encoded, encoded.rstrip("=")}
+    for safe in ("", "/"):
+        forms |= {quote(secret, safe=safe), quote_plus(secret, safe=safe)}
+    return forms
+
+
 def _scrub(text: str, secrets: Iterable[str]) -> str:
-    # belt and braces: messages are built without secrets, but a receiver or a library may echo one
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+    # belt and braces: messages are built without secrets, but a receiver or a library may echo
+    # one, in the form it was sent in (a 535 reply quoting the AUTH PLAIN line, say)
+    forms = {form for secret in secrets if secret for form in _written_forms(secret)}
+    # longest first: a shorter form (the unpadded base64) must not leave a longer one's tail
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
     return text
 
 
@@ -83,7 +104,13 @@ def _hook_secrets(hook: WebhookHook | EmailHook | CommandHook) -> list[str]:
             *in_url,
         ]
     if isinstance(hook, EmailHook) and hook.password is not None:
-        return [hook.password.get_secret_value()]
+        password = hook.password.get_secret_value()
+        if hook.username is None:
+            return [password]
+        # AUTH PLAIN sends one base64 of authzid NUL authcid NUL password; aiosmtplib leaves the
+        # authzid empty, other clients repeat the user: neither string may be logged
+        user = hook.username
+        return [password, f"\0{user}\0{password}", f"{user}\0{user}\0{password}"]
     return []
 
 
@@ -115,9 +142,16 @@ def sign(key: str, payload: bytes) -> str:
 # -- command -----------------------------------------------------------------------------------
 
 
-async def deliver_command(hook: CommandHook, payload: bytes) -> None:
-    """Run the hook's program with the payload on stdin; exit 0 within the timeout = delivered."""
+async def deliver_command(hook: CommandHook, payload: bytes, key: str) -> None:
+    """Run the hook's program with the payload on stdin; exit 0 within the timeout = delivered.
+
+    The program sees PATH, LANG, TZ and the variables `hook.env` names (from the daemon's
+    environment), and the alert's idempotency key as RELAYAUDIT_IDEMPOTENCY_KEY: delivery is at
+    least once (a daemon killed mid-run runs it again), so a program dedupes on it.
+    """
     name = os.path.basename(hook.argv[0])  # never the arguments: they may carry a credential
+    env = child_environment(hook.env)
+    env[IDEMPOTENCY_VARIABLE] = key
     try:
         proc = await asyncio.create_subprocess_exec(
             *hook.argv,
@@ -125,7 +159,7 @@ async def deliver_command(hook: CommandHook, payload: bytes) -> None:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, so a timeout kills its children too
-            env=child_environment(),
+            env=env,
         )
     except OSError as exc:
         raise DeliveryError(f"command {name!r}: cannot start: {exc.strerror}") from None
@@ -358,9 +392,11 @@ async def deliver_email(hook: EmailHook, alert: Alert, payload: bytes) -> None:
                 message,
                 hostname=hook.host,
                 port=hook.port,
-                # False, not None: aiosmtplib would otherwise upgrade opportunistically and fail
-                # on a gateway with a certificate nobody set up; True requires it
-                start_tls=hook.starttls,
+                use_tls=hook.tls == "implicit",
+                # True requires STARTTLS: aiosmtplib raises before AUTH or MAIL if the gateway
+                # does not offer it (or its certificate does not verify). False, not None, for
+                # "none" and "implicit": None would upgrade opportunistically
+                start_tls=hook.tls == "starttls",
                 username=hook.username,
                 password=hook.password.get_secret_value() if hook.password is not None else None,
                 timeout=hook.timeout,
@@ -396,7 +432,7 @@ def channel_names(config: AlertsConfig) -> list[str]:
 
 def _command_channel(hook: CommandHook) -> Deliver:
     async def send(alert: Alert, payload: bytes) -> None:
-        await deliver_command(hook, payload)
+        await deliver_command(hook, payload, alert.key)
 
     return send
 

@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -22,6 +23,7 @@ from pydantic import (
     SecretStr,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -379,11 +381,44 @@ class ScheduleConfig(_Model):
         return self
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# set by relayaudit itself for every run of a command hook
+IDEMPOTENCY_VARIABLE = "RELAYAUDIT_IDEMPOTENCY_KEY"
+
+
 class CommandHook(_Model):
     """Runs a program with the alert as JSON on stdin (e.g. a ticketing CLI)."""
 
     argv: tuple[str, ...] = Field(min_length=1)
     timeout: Duration = 30.0
+    # variables passed on from the daemon's environment besides PATH, LANG and TZ; the rest of
+    # it (the daemon's secrets among it) the program never sees
+    env: tuple[str, ...] = ()
+
+    @field_validator("env")
+    @classmethod
+    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if name == IDEMPOTENCY_VARIABLE:
+                raise ValueError(f"{name!r} is set by relayaudit for each run; do not list it")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{list(value)!r} lists a name twice")
+        return value
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also written as ::ffff:127.x.y.z) or the name localhost."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 class WebhookHook(_Model):
@@ -399,7 +434,32 @@ class WebhookHook(_Model):
     def _http(cls, value: str) -> str:
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        try:
+            urlsplit(value).port  # noqa: B018 (raises for a port out of range or a broken [v6])
+        except ValueError:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL") from None
         return value
+
+    @field_validator("token", "hmac_key")
+    @classmethod
+    def _not_in_clear(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # a bearer token read on the wire is a working credential; an HMAC key sent beside its
+        # body is not sent, but a receiver reached over plain HTTP is not the one it was meant for
+        url = info.data.get("url")
+        if value is None or not isinstance(url, str):
+            return value
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.scheme == "http" and not _is_loopback(host):
+            shown = f"[{host}]" if ":" in host else host
+            raise ValueError(
+                f"refused over http://{shown}: the request would carry it in clear text; use "
+                "an https:// url (http:// only to a loopback host: 127.0.0.0/8, ::1, localhost)"
+            )
+        return value
+
+
+TlsMode = Literal["starttls", "implicit", "none"]
 
 
 class EmailHook(_Model):
@@ -407,12 +467,53 @@ class EmailHook(_Model):
 
     host: str
     port: Port = 25
-    starttls: StrictBool = False
     username: str | None = None
     password: Secret | None = None
+    # the old spelling of `tls` (true: "starttls", false: "none"); still read, with a warning
+    # (Config.warnings), and left out of dumps and the fingerprint
+    starttls: StrictBool | None = Field(default=None, exclude=True, repr=False)
+    # "starttls": STARTTLS is required (no credentials or message in clear text); "implicit":
+    # TLS from the first byte (port 465); "none": plain SMTP. Unset: "implicit" on port 465,
+    # else "starttls" with credentials, else "none", as before (set by _tls_default, so
+    # the default written here is never used)
+    tls: TlsMode = "none"
     mail_from: str
     to: tuple[str, ...] = Field(min_length=1)
     timeout: Duration = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_default(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if "starttls" in data:
+            if "tls" in data:
+                raise ValueError(
+                    "tls and starttls are both given: starttls is the old name of tls; "
+                    'keep only tls ("starttls", "implicit" or "none")'
+                )
+            old = data["starttls"]
+            if isinstance(old, bool):  # anything else: starttls's own error
+                data = {**data, "tls": "starttls" if old else "none"}
+        elif "tls" not in data:
+            credentials = data.get("username") is not None or data.get("password") is not None
+            if data.get("port") == 465:
+                data = {**data, "tls": "implicit"}
+            else:
+                data = {**data, "tls": "starttls" if credentials else "none"}
+        return data
+
+    @field_validator("tls")
+    @classmethod
+    def _credentials_encrypted(cls, value: TlsMode, info: ValidationInfo) -> TlsMode:
+        credentials = info.data.get("username") is not None or info.data.get("password") is not None
+        if value == "none" and credentials:
+            given = " (from starttls = false)" if info.data.get("starttls") is False else ""
+            raise ValueError(
+                f"'none'{given} with a username or password would send them in clear text; "
+                'use tls = "starttls" (port 587) or tls = "implicit" (port 465)'
+            )
+        return value
 
 
 class AlertsConfig(_Model):
@@ -710,6 +811,17 @@ class Config(_Model):
                     "own campus mailbox, where bounces are read"
                 )
         return self
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Keys that still load but should change, one line each: `key.path: what to write`."""
+        return tuple(
+            f"alerts.email[{i}].starttls: the old name of tls; starttls = "
+            f'{"true" if hook.starttls else "false"} is read as tls = "{hook.tls}" '
+            "(write that instead)"
+            for i, hook in enumerate(self.alerts.email)
+            if hook.starttls is not None
+        )
 
     def is_approved(self, address: Address, port: int) -> ApprovedService | None:
         address = _normal_or_self(address)

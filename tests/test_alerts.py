@@ -417,7 +417,7 @@ async def test_a_failing_command_is_retried_then_dead_lettered(tmp_path: Path) -
     try:
         (alert,) = raise_alerts(store, ports=(25,))[:1]
         with pytest.raises(DeliveryError) as info:
-            await deliver_command(hook, render_payload(alert))
+            await deliver_command(hook, render_payload(alert), alert.key)
         assert info.value.exit_code == 3
         assert "exited 3: ticket system says no" in str(info.value)
         runs.unlink()
@@ -441,20 +441,28 @@ async def test_a_hanging_command_is_killed_at_its_timeout(tmp_path: Path) -> Non
     hook = CommandHook(argv=(sys.executable, "-c", "import time; time.sleep(30)"), timeout=0.3)
     started = time.monotonic()
     with pytest.raises(DeliveryError, match=r"no exit within 0\.3s \(killed\)"):
-        await deliver_command(hook, b"{}")
+        await deliver_command(hook, b"{}", "k/new/1")
     assert time.monotonic() - started < 5
     with pytest.raises(DeliveryError, match="cannot start"):
-        await deliver_command(CommandHook(argv=(str(tmp_path / "no-such-program"),)), b"{}")
+        await deliver_command(
+            CommandHook(argv=(str(tmp_path / "no-such-program"),)), b"{}", "k/new/1"
+        )
 
 
-async def test_a_command_hook_sees_the_callers_environment_not_relayaudits_own_setting(
+async def test_a_command_hook_sees_the_listed_variables_never_relayaudits_own_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # relayaudit turns pydantic's plugin scan off in its own process; a hook must not inherit that
+    # relayaudit turns pydantic's plugin scan off in its own process; a hook must not inherit
+    # that, even when its env key names it (the rest of the environment: test_alert_transit.py)
     monkeypatch.setenv("RELAYAUDIT_TEST_MARK", "kept")
     out = tmp_path / "env.json"
     dump = "import json, os, sys; open(sys.argv[1], 'w').write(json.dumps(dict(os.environ)))"
-    await deliver_command(CommandHook(argv=(sys.executable, "-c", dump, str(out)), timeout=10), b"{}")
+    hook = CommandHook(
+        argv=(sys.executable, "-c", dump, str(out)),
+        timeout=10,
+        env=("RELAYAUDIT_TEST_MARK", "PYDANTIC_DISABLE_PLUGINS"),
+    )
+    await deliver_command(hook, b"{}", "k/new/1")
     env = json.loads(out.read_text())
     assert env["RELAYAUDIT_TEST_MARK"] == "kept"
     if relayaudit._SET_PLUGINS_OFF:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from leaks import exception_texts
 from loopback import free_port
 from smtp_sink import serve_smtp
+from trusted_tls import trusted_tls
 
 from relayaudit.alerts import DeliveryError, deliver_email, deliver_webhook, render_payload
 from relayaudit.config import load_config, parse_config
@@ -108,10 +109,15 @@ class EchoingGateway:
 
 
 @pytest.fixture
-def gateway() -> Iterator[tuple[EchoingGateway, int]]:
+def gateway(tmp_path: Path) -> Iterator[tuple[EchoingGateway, int, Path]]:
+    """The gateway, its port, and the certificate file (SSL_CERT_FILE) that makes it trusted."""
     handler = EchoingGateway(failures=2)
-    with serve_smtp(handler, authenticator=handler, auth_require_tls=False) as port:
-        yield handler, port
+    tls = trusted_tls(tmp_path)
+    # credentials go only inside STARTTLS (the email hook's default with a password)
+    with serve_smtp(
+        handler, authenticator=handler, auth_require_tls=True, tls_context=tls.server
+    ) as port:
+        yield handler, port, tls.cafile
 
 
 def db_text(path: Path) -> str:
@@ -136,7 +142,7 @@ async def http_get(port: int, path: str) -> str:
 
 
 async def test_secrets_never_appear_in_any_output(
-    tmp_path: Path, gateway: tuple[EchoingGateway, int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, gateway: tuple[EchoingGateway, int, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token, hmac_key, password, url_secret = (
         unique(n) for n in ("token", "hmac", "password", "urlpath")
@@ -147,7 +153,8 @@ async def test_secrets_never_appear_in_any_output(
         "password": password,
         "url path": url_secret,
     }
-    handler, smtp_port = gateway
+    handler, smtp_port, cafile = gateway
+    monkeypatch.setenv("SSL_CERT_FILE", str(cafile))  # for the deliveries in this process
     webhook = EchoingWebhook(failures=2)
     await webhook.start()
     key_file = tmp_path / "hmac.key"
@@ -183,7 +190,11 @@ async def test_secrets_never_appear_in_any_output(
     cfg = write_config(tmp_path / "relayaudit.toml", data)
     monkeypatch.setenv("RELAYAUDIT_TEST_TOKEN", token)
     stdout = tmp_path / "stdout.txt"
-    d = DaemonProcess(cfg, tmp_path / "log.jsonl", env={"RELAYAUDIT_TEST_TOKEN": token})
+    d = DaemonProcess(
+        cfg,
+        tmp_path / "log.jsonl",
+        env={"RELAYAUDIT_TEST_TOKEN": token, "SSL_CERT_FILE": str(cafile)},
+    )
     lab = [
         ServerSpec(host="127.0.78.1", port=PORT, behaviour=Behaviour.OPEN_RELAY),
         ServerSpec(host="127.0.78.2", port=PORT, behaviour=Behaviour.AUTH_NO_TLS),
