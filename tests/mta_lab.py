@@ -11,8 +11,11 @@ so their Debian packages are unpacked instead:
 Linux, mta_available() gives the reason and the tests skip.
 
 Both daemons run inside a private mount namespace (`unshare --mount`), in which
-- /etc/passwd and /etc/group are copies that add the users the binaries have compiled in
-  (Debian-exim, opensmtpd, opensmtpq): the host's user database is never changed;
+- /etc/passwd and /etc/group are copies of the host's that hold the accounts the daemons run as
+  (Debian-exim, opensmtpd, opensmtpq): an account the host has keeps its ids (where Exim was
+  once installed, Debian-exim exists and Exim runs as its uid), a missing one is added with ids
+  no host account or group uses (tests/test_mta_accounts.py runs the lab both ways); the
+  host's user database is never changed;
 - /var/spool, /run, /var/lib and /usr/libexec are replaced by per-instance directories, because
   OpenSMTPD's spool, control socket, chroot and helpers are compiled-in paths.
 
@@ -24,15 +27,17 @@ Every instance listens on 127.0.4.x (.31-.40 Exim, .21-.25 OpenSMTPD; the Postfi
 from __future__ import annotations
 
 import contextlib
+import grp
 import ipaddress
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +53,7 @@ __all__ = [
     "SINK_HOST",
     "SINK_PORT",
     "MtaInstance",
+    "lab_accounts",
     "make_lab_directory",
     "mta_available",
     "start_instances",
@@ -87,7 +93,10 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
-_EXTRA_USERS = {"Debian-exim": 64990, "opensmtpd": 64991, "opensmtpq": 64992}
+# the accounts the daemons switch to, by name: exim_user/exim_group below, OpenSMTPD's compiled in
+_ACCOUNTS = ("Debian-exim", "opensmtpd", "opensmtpq")
+_FIRST_LAB_ID = 64990  # ids for missing accounts are sought from here up to nobody's (65534)
+_NOBODY_ID = 65534
 
 # ---------------------------------------------------------------- Exim
 
@@ -337,21 +346,76 @@ def mta_available(kind: str) -> str | None:
     return None
 
 
+def _unused_id(lookup: Callable[[int], object], chosen: set[int], wanted: int | None) -> int:
+    """WANTED if no host entry and no id CHOSEN for the lab has it, else the first such id."""
+    candidates = ([wanted] if wanted is not None else []) + list(range(_FIRST_LAB_ID, _NOBODY_ID))
+    for candidate in candidates:
+        if candidate in chosen:
+            continue
+        try:
+            lookup(candidate)
+        except KeyError:
+            return candidate
+    raise RuntimeError(f"no unused id between {_FIRST_LAB_ID} and {_NOBODY_ID} for the MTA lab")
+
+
+def _account_ids() -> dict[str, tuple[int, int]]:
+    """(uid, gid of the same-named group) of each daemon account: the host's, else unused ids."""
+    uids: set[int] = set()
+    gids: set[int] = set()
+    accounts: dict[str, tuple[int, int]] = {}
+    for name in _ACCOUNTS:
+        try:
+            uid = pwd.getpwnam(name).pw_uid
+        except KeyError:
+            uid = _unused_id(pwd.getpwuid, uids, None)
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:
+            gid = _unused_id(grp.getgrgid, gids, uid)  # the uid's number where it is free
+        uids.add(uid)
+        gids.add(gid)
+        accounts[name] = (uid, gid)
+    return accounts
+
+
+def _names(database: str) -> set[str]:
+    return {line.split(":", 1)[0] for line in database.splitlines() if ":" in line}
+
+
 def make_lab_directory() -> Path:
     """A fresh directory for one session's instances, with the namespace's passwd and group."""
     base = Path(tempfile.mkdtemp(prefix="relayaudit-mta-"))
     base.chmod(0o755)
     passwd = Path("/etc/passwd").read_text(encoding="utf-8")
     group = Path("/etc/group").read_text(encoding="utf-8")
-    for name, uid in _EXTRA_USERS.items():
-        if f"\n{name}:" not in f"\n{passwd}":
-            passwd += f"{name}:x:{uid}:{uid}::/nonexistent:/usr/sbin/nologin\n"
-        if f"\n{name}:" not in f"\n{group}":
-            group += f"{name}:x:{uid}:\n"
+    users, groups = _names(passwd), _names(group)
+    # an account the host has only through another NSS source gets a line with its own ids, so
+    # the files alone say who the daemons run as (lab_accounts reads them)
+    for name, (uid, gid) in _account_ids().items():
+        if name not in users:
+            passwd += f"{name}:x:{uid}:{gid}::/nonexistent:/usr/sbin/nologin\n"
+        if name not in groups:
+            group += f"{name}:x:{gid}:\n"
     (base / "passwd").write_text(passwd, encoding="utf-8")
     (base / "group").write_text(group, encoding="utf-8")
     (base / "ns-setup.sh").write_text(_NAMESPACE_SETUP, encoding="ascii")
     return base
+
+
+def lab_accounts(lab: Path) -> dict[str, tuple[int, int]]:
+    """(uid, gid) of each daemon account as the daemons of LAB see them (make_lab_directory)."""
+
+    def first_ids(path: Path) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            fields = line.split(":")
+            if len(fields) > 2 and fields[0] in _ACCOUNTS:
+                ids.setdefault(fields[0], int(fields[2]))  # the first entry wins, as in NSS
+        return ids
+
+    uids, gids = first_ids(lab / "passwd"), first_ids(lab / "group")
+    return {name: (uids[name], gids[name]) for name in _ACCOUNTS}
 
 
 @dataclass
@@ -438,11 +502,11 @@ class MtaInstance:
         self.config_path.write_text(self.config_text(), encoding="utf-8")
         self.config_path.chmod(0o644)
         if self.kind == "exim":
-            uid = _EXTRA_USERS["Debian-exim"]
+            uid, gid = lab_accounts(self.directory.parent)["Debian-exim"]
             for sub in ("spool", "log"):
                 path = self.directory / sub
                 path.mkdir(mode=0o750, exist_ok=True)
-                os.chown(path, uid, uid)
+                os.chown(path, uid, gid)
         else:
             (self.directory / "aliases").write_text(
                 "postmaster: root\nalice: root\n", encoding="utf-8"
