@@ -187,7 +187,12 @@ def group_states(pgid: int) -> list[str]:
             if int(fields[2]) != pgid:
                 continue
             wchan = Path(entry.path, "wchan").read_text().strip() or "-"
-            cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+            cmd = (
+                Path(entry.path, "cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")[:120]
+            )
         except (OSError, ValueError, IndexError):
             continue
         rows.append(f"{entry.name} {fields[0]} {wchan} {cmd.strip()}")

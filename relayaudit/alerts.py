@@ -64,11 +64,11 @@ class DeliveryError(RelayAuditError):
     """One delivery attempt failed; the message is safe to log (it never contains a secret)."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, exit_code: int | None = None
+        self, message: str, *, status: int | None = None, returncode: int | None = None
     ) -> None:
         super().__init__(message)
         self.status = status  # HTTP status, for webhooks
-        self.exit_code = exit_code  # exit code, for commands
+        self.returncode = returncode  # the command's exit code, for commands
 
 
 def _written_forms(secret: str) -> set[str]:
@@ -184,7 +184,7 @@ async def deliver_command(hook: CommandHook, payload: bytes, key: str) -> None:
         detail = _printable(stderr, _ERROR_BODY)
         raise DeliveryError(
             f"command {name!r} exited {proc.returncode}" + (f": {detail}" if detail else ""),
-            exit_code=proc.returncode,
+            returncode=proc.returncode,
         )
 
 

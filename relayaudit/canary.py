@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP as SMTPServerProtocol
 
-from relayaudit.errors import ConfigError, os_reason
+from relayaudit.errors import listen_error
 
 if TYPE_CHECKING:
     from relayaudit.config import Config
@@ -349,7 +349,5 @@ async def start_canary(config: Config, *, count: Count | None = None) -> CanaryR
     try:
         await receiver.start()
     except OSError as exc:
-        raise ConfigError(
-            f"canary.listen: cannot listen on {host}:{port}: {os_reason(exc)}"
-        ) from None
+        raise listen_error("canary.listen", host, port, exc) from None
     return receiver

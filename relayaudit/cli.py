@@ -17,13 +17,13 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from relayaudit import __version__, eventloop
-from relayaudit.config import Config, load_config, parse_config
+from relayaudit.config import Config, file_warnings, load_config, parse_config
 from relayaudit.engine import (
     SweepStats,
     await_confirmation,
@@ -31,8 +31,16 @@ from relayaudit.engine import (
     probe_settings,
     sweep,
 )
-from relayaudit.errors import ConfigError, RelayAuditError
+from relayaudit.errors import (
+    ConfigError,
+    ExitCode,
+    RelayAuditError,
+    TemporaryError,
+    UsageError,
+    os_reason,
+)
 from relayaudit.evidence import ProbeResult, endpoint
+from relayaudit.files import write_text
 from relayaudit.report import (
     FindingBrief,
     FindingBriefs,
@@ -42,11 +50,11 @@ from relayaudit.report import (
     table,
     terminal_width,
 )
-from relayaudit.scope import normal_address, parse_address
+from relayaudit.scope import Address, normal_address, parse_address
 from relayaudit.sinks import FindingsFile, new_sweep_id
 from relayaudit.targets import Shard, TargetSpace
 from relayaudit.text import utc_time
-from relayaudit.verdict import Verdict, VerdictStatus
+from relayaudit.verdict import Severity, Verdict, VerdictStatus
 
 if TYPE_CHECKING:
     from relayaudit.canary import CanaryReceiver
@@ -55,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_RELAY, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_RELAY, EXIT_ERROR = ExitCode.OK, ExitCode.FOUND, ExitCode.USAGE
 EXIT_PIPE = 128 + signal.SIGPIPE  # the reader of standard output left, as if SIGPIPE had ended us
 
 
@@ -70,6 +78,43 @@ class _Parser(argparse.ArgumentParser):
 _REPORT_HELP = (
     "also write this run's report to PATH (format from its suffix: .html, .md, .csv, .json)"
 )
+
+
+_EXIT_CODES = (
+    "Exit codes: 0 nothing found at or above --fail-on, 1 found, 2 usage error, "
+    "70 internal error (a bug), 75 temporary failure (no verdict: a network error, a port in "
+    "use), 78 configuration error."
+)
+_FAIL_ON = ["never", "relay", *(s.value for s in Severity)]
+
+
+def _fail_on_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fail-on",
+        choices=_FAIL_ON,
+        default="relay",
+        help="exit 1 when this was found: a relay (the default), any finding of this severity "
+        "or worse, or never",
+    )
+
+
+def _found(fail_on: str, *, relays: int, severities: Iterable[str]) -> bool:
+    """Whether what a run found meets `--fail-on`."""
+    if fail_on == "never":
+        return False
+    if fail_on == "relay":
+        return relays > 0
+    worst = Severity(fail_on).rank
+    return any(Severity(s).rank <= worst for s in severities)
+
+
+def _shard_arg(text: str | None) -> Shard | None:
+    if text is None:
+        return None
+    try:
+        return Shard.parse(text, source="--shard")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "check",
         help="test one host, like swaks or nmap's smtp-open-relay",
-        description="Test one host. Exit codes: 0 no relay found, 1 relay found, 2 error.",
+        description="Test one host. " + _EXIT_CODES,
     )
     c.add_argument("host", help="IP address or host name")
     c.add_argument(
@@ -109,9 +154,12 @@ def _parser() -> argparse.ArgumentParser:
         help="confirmation mode: send a canary message and wait for it",
     )
     c.add_argument("--json", action="store_true", help="print the evidence and verdict as JSON")
+    _fail_on_option(c)
     c.add_argument("--no-transcript", action="store_true", help="leave the SMTP transcript out")
 
-    s = sub.add_parser("sweep", help="sweep the configured ranges once")
+    s = sub.add_parser(
+        "sweep", help="sweep the configured ranges once", description="Sweep once. " + _EXIT_CODES
+    )
     s.add_argument("--config", type=Path, required=True)
     s.add_argument("--shard", help="i/n: sweep only shard i of n (0-based)")
     s.add_argument(
@@ -123,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         help="list every finding at the end (unapproved services too), not only the relays",
     )
     s.add_argument("--report", type=Path, metavar="PATH", help=_REPORT_HELP)
+    _fail_on_option(s)
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
@@ -136,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
         help="does the canary domain's MX lead to canary.listen on this host, on port 25?",
         description="Check that mail for canary.domain reaches canary.listen: the domain's MX "
         "and their addresses, that the listen address is on this host, and port 25. "
-        "Exit codes: 0 ready, 1 a check failed, 2 error.",
+        "Exit codes: 0 ready, 1 a check failed, 2 usage, 75 temporary, 78 config error.",
     )
     ck.add_argument("--config", type=Path, required=True)
     ck.add_argument(
@@ -268,7 +317,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "run":
             from relayaudit.daemon import Daemon
 
-            shard = Shard.parse(args.shard) if args.shard else None
+            shard = _shard_arg(args.shard)
             return eventloop.run(
                 Daemon(args.config, shard=shard).run(), _event_loop_of(args.config)
             )
@@ -289,11 +338,26 @@ def _main(argv: Sequence[str] | None) -> int:
             return eventloop.run(run_demo(args.output, report=args.report))
     except RelayAuditError as exc:
         print(f"relayaudit: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         print("relayaudit: interrupted", file=sys.stderr)
         return 130
+    except (BrokenPipeError, SystemExit):
+        raise
+    except Exception:  # a bug: never an exit code that reads as "ran, found nothing/something"
+        return _internal_error()
     raise AssertionError(args.command)
+
+
+def _internal_error() -> int:
+    """Print the traceback of the exception being handled, say it is a bug, exit 70."""
+    traceback.print_exc()
+    print(
+        f"relayaudit {__version__}: internal error (a bug; exit {ExitCode.SOFTWARE.value}); "
+        "the traceback above says where",
+        file=sys.stderr,
+    )
+    return ExitCode.SOFTWARE
 
 
 # -- config check --------------------------------------------------------------------------
@@ -311,6 +375,8 @@ def _config_check(path: Path) -> int:
     print(f"  ports {', '.join(map(str, config.ports))}: {probes} address:port probes per sweep")
     if config.approved:
         print(f"  approved services: {len(config.approved)}")
+    for warning in (*config.warnings, *file_warnings(path)):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     host, port = config.canary.listen
     if ipaddress.ip_address(host).is_unspecified:
         print(
@@ -334,7 +400,7 @@ def _canary_check(args: argparse.Namespace) -> int:
         try:
             nameserver = parse_nameserver(args.nameserver)
         except ValueError:
-            raise ConfigError(
+            raise UsageError(
                 f"--nameserver: {args.nameserver!r} is not ADDRESS or ADDRESS:PORT"
             ) from None
     checks = check_route(
@@ -348,7 +414,7 @@ def _canary_check(args: argparse.Namespace) -> int:
     failed = sum(not c.ok for c in checks)
     if failed:
         print(f"canary check: {failed} problem(s): canaries would not reach this receiver")
-        return 1  # a check failed (2 is an error, as for every command)
+        return EXIT_RELAY  # a check failed: 1, as `check` does for a relay; errors raise
     print(f"canary check: mail for {config.canary.domain} reaches this receiver")
     return EXIT_OK
 
@@ -362,11 +428,12 @@ def _state_paths(args: argparse.Namespace) -> list[Path]:
     elif args.config is not None:
         paths = [load_config(args.config).state.path]
     else:
-        raise ConfigError("give --state FILE (repeatable) or --config FILE to name the state store")
+        raise UsageError("give --state FILE (repeatable) or --config FILE to name the state store")
     for path in paths:
         if not path.exists():
-            where = "--state" if args.state else f"{args.config}: state.path"
-            raise ConfigError(f"{where}: {str(path)!r} does not exist")
+            if args.state:
+                raise UsageError(f"--state: {str(path)!r} does not exist")
+            raise ConfigError(f"{args.config}: state.path: {str(path)!r} does not exist")
     return paths
 
 
@@ -379,14 +446,14 @@ def report_format(path: Path | None) -> None:
 
 
 def _write_text(path: Path | None, text: str, *, what: str) -> None:
-    """To `path` (created 0640 or as the umask allows less), or to standard output."""
+    """To `path` (replaced atomically by a file of mode 0640), or to standard output."""
     if path is None:
         sys.stdout.write(text)
         return
     try:
-        path.write_text(text, encoding="utf-8")
+        write_text(path, text)
     except OSError as exc:
-        raise ConfigError(f"{what}: cannot write {str(path)!r}: {exc.strerror}") from None
+        raise UsageError(f"{what}: cannot write {str(path)!r}: {exc.strerror}") from None
     print(f"report written to {path}", file=sys.stderr)
 
 
@@ -395,7 +462,7 @@ def _show(args: argparse.Namespace) -> int:
 
     shown = find(_state_paths(args), args.finding_id)
     if shown is None:
-        raise ConfigError(f"show: no finding {args.finding_id!r} in the state store")
+        raise UsageError(f"show: no finding {args.finding_id!r} in the state store")
     text = shown.model_dump_json(indent=2) + "\n" if args.json else render_shown(shown)
     sys.stdout.write(text)
     return EXIT_OK
@@ -410,7 +477,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         since = timedelta(seconds=parse_duration(args.since))
     except ValueError as exc:
-        raise ConfigError(f"--since: {exc}") from None
+        raise UsageError(f"--since: {exc}") from None
     paths = _state_paths(args)
     if args.format == "html":
         from relayaudit.html_page import page_from_stores
@@ -500,10 +567,10 @@ def _outbox(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         if args.replay is not None:
-            raise ConfigError("--replay: not with `outbox list`; replay first, then list")
+            raise UsageError("--replay: not with `outbox list`; replay first, then list")
         return _outbox_list(args)
     if args.status is not None:
-        raise ConfigError("--status: only with `outbox list`")
+        raise UsageError("--status: only with `outbox list`")
     parts = []
     for path in _state_paths(args):
         store = StateStore(path)
@@ -597,7 +664,7 @@ def _history(args: argparse.Namespace) -> int:
     try:
         address = str(ipaddress.ip_address(args.address))
     except ValueError:
-        raise ConfigError(f"address: {args.address!r} is not an IP address") from None
+        raise UsageError(f"address: {args.address!r} is not an IP address") from None
     rows = read_history(_state_paths(args), address)
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
@@ -640,12 +707,15 @@ async def _resolve(host: str, *, source: str) -> list[str]:
                 host, None, type=socket.SOCK_STREAM
             )
         except socket.gaierror as exc:
-            raise ConfigError(f"{source}: {host!r} does not resolve: {exc.strerror}") from None
+            message = f"{source}: {host!r} does not resolve: {exc.strerror}"
+            if exc.errno == socket.EAI_AGAIN:  # the resolver failed for now: try again later
+                raise TemporaryError(message) from None
+            raise UsageError(message) from None
         found = [ipaddress.ip_address(info[4][0]) for info in infos]
     try:
         return list(dict.fromkeys(str(normal_address(a)) for a in found))
     except ConfigError as exc:
-        raise ConfigError(f"{source} {host!r}: {exc}") from None
+        raise UsageError(f"{source} {host!r}: {exc}") from None
 
 
 def _check_config(args: argparse.Namespace, addresses: list[str]) -> Config:
@@ -656,7 +726,7 @@ def _check_config(args: argparse.Namespace, addresses: list[str]) -> Config:
         config = parse_config({"scope": nets, "targets": nets}, source="(no config)")
     for address in addresses:
         if not config.in_scope(ipaddress.ip_address(address)):
-            raise ConfigError(
+            raise UsageError(
                 f"host {args.host!r}: {address} is outside scope "
                 f"({', '.join(map(str, config.scope))}) of {config.source}"
             )
@@ -664,15 +734,28 @@ def _check_config(args: argparse.Namespace, addresses: list[str]) -> Config:
         try:
             source = parse_address(args.source)
         except ConfigError as exc:
-            raise ConfigError(f"--source: {exc}") from None
+            raise UsageError(f"--source: {exc}") from None
         version = source.version
         if all(ipaddress.ip_address(a).version != version for a in addresses):
-            raise ConfigError(
+            raise UsageError(
                 f"--source: {args.source!r} is IPv{version} but host {args.host!r} "
                 f"has no IPv{version} address"
             )
+        _source_is_local(args.source, source)
         config = config.model_copy(update={"source_address": source})
     return config
+
+
+def _source_is_local(text: str, source: Address) -> None:
+    """--source must be an address of this host: a bind to it (no packet is sent) tells."""
+    family = socket.AF_INET6 if source.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe_socket:
+        try:
+            probe_socket.bind((str(source), 0))
+        except OSError as exc:
+            raise UsageError(
+                f"--source: {text!r} is not an address of this host: {os_reason(exc)}"
+            ) from None
 
 
 async def _check(args: argparse.Namespace) -> int:
@@ -681,7 +764,7 @@ async def _check(args: argparse.Namespace) -> int:
     ports: list[int] = args.port or (list(config.ports) if args.config else [25])
     for port in ports:
         if not 0 < port < 65536:
-            raise ConfigError(f"--port: {port} is outside 1-65535")
+            raise UsageError(f"--port: {port} is outside 1-65535")
     if args.confirm and (
         config.canary.domain == "invalid" or config.canary.domain.endswith(".invalid")
     ):
@@ -737,11 +820,28 @@ async def _check(args: argparse.Namespace) -> int:
             for r, v in outcomes
         )
         print("\n\n".join(rendered))
-    if any(v.relay for _, v in outcomes):
+    if any(v.status is VerdictStatus.INTERNAL_ERROR for _, v in outcomes):
+        return ExitCode.SOFTWARE  # the probe logged the traceback
+    severities = [f.severity.value for _, v in outcomes for f in v.findings]
+    if _found(args.fail_on, relays=sum(v.relay for _, v in outcomes), severities=severities):
         return EXIT_RELAY
     if any(v.status is VerdictStatus.ERROR for _, v in outcomes):
-        return EXIT_ERROR
+        return ExitCode.TEMPFAIL  # a network error left no verdict: try again
     return EXIT_OK
+
+
+def _sweep_exit(stats: SweepStats, fail_on: str) -> int:
+    """A sweep's exit code: 70 when a probe hit a bug, else 1 when --fail-on is met, else 0."""
+    if stats.statuses.get(VerdictStatus.INTERNAL_ERROR):
+        print(
+            f"relayaudit: {stats.statuses[VerdictStatus.INTERNAL_ERROR]} probe(s) ended in an "
+            f"internal error (a bug; exit {ExitCode.SOFTWARE.value}): see probe.internal_error "
+            "in the log",
+            file=sys.stderr,
+        )
+        return ExitCode.SOFTWARE
+    severities = [s for s, n in stats.severities.items() if n]
+    return EXIT_RELAY if _found(fail_on, relays=stats.relays, severities=severities) else EXIT_OK
 
 
 def _approved_note(config: Config, result: ProbeResult) -> str | None:
@@ -787,10 +887,10 @@ def _event_loop_of(path: Path) -> eventloop.EventLoopChoice:
 
 def _sweep_main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    shard = Shard.parse(args.shard) if args.shard else None
+    shard = _shard_arg(args.shard)
     processes = args.processes if args.processes is not None else config.limits.processes
     if processes < 1:
-        raise ConfigError(f"--processes: {processes} must be at least 1")
+        raise UsageError(f"--processes: {processes} must be at least 1")
     report_format(args.report)  # a bad suffix is an error before the sweep starts
     if config.allow_large_scope:
         print(f"relayaudit: a large scope, allowed: {config.allow_large_scope}", file=sys.stderr)
@@ -808,18 +908,34 @@ def _sweep_main(args: argparse.Namespace) -> int:
         if args.report is not None and run is not None:
             run.stats = stats
             sweep_report(args.report, config.output.findings, sweep_id, config=config, run=run)
-        return EXIT_RELAY if stats.relays else EXIT_OK
+        return _sweep_exit(stats, args.fail_on)
     if config.canary.enabled:
-        raise ConfigError(
+        raise UsageError(
             f"--processes: {processes}: confirmation mode (canary.enabled) needs the canary "
             "receiver in the sweeping process; use one process"
         )
     code = _sweep_processes(
-        config, shard, processes, everything=args.all, sweep_id=sweep_id, run=run
+        config,
+        shard,
+        processes,
+        everything=args.all,
+        sweep_id=sweep_id,
+        run=run,
+        fail_on=args.fail_on,
     )
     if args.report is not None and run is not None:
         sweep_report(args.report, config.output.findings, sweep_id, config=config, run=run)
     return code
+
+
+_GRAVITY = (ExitCode.SOFTWARE, ExitCode.CONFIG, ExitCode.USAGE, ExitCode.TEMPFAIL)
+
+
+def _gravest(codes: Sequence[int]) -> int:
+    """The code the parent of failed sweep processes exits with: a bug first, then the config's."""
+    if any(c not in _GRAVITY for c in codes):
+        return ExitCode.SOFTWARE  # killed by a signal, or exited 0 without its report
+    return min(codes, key=lambda c: _GRAVITY.index(ExitCode(c)))
 
 
 def _print_findings_table(briefs: Sequence[FindingBrief], *, everything: bool) -> None:
@@ -882,6 +998,7 @@ def _sweep_processes(
     everything: bool,
     sweep_id: str,
     run: _Run | None = None,
+    fail_on: str = "relay",
 ) -> int:
     """Fork `processes` children after the config is loaded (no second interpreter start-up).
 
@@ -905,7 +1022,7 @@ def _sweep_processes(
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: sweep one sub-shard, report its figures, never return
-            code = EXIT_ERROR
+            code: int = ExitCode.SOFTWARE
             try:
                 os.close(read_end)
                 listed = FindingBriefs(everything=everything)
@@ -935,8 +1052,9 @@ def _sweep_processes(
                 code = EXIT_OK
             except RelayAuditError as exc:
                 print(f"relayaudit: {exc}", file=sys.stderr)
+                code = exc.exit_code
             except BaseException:
-                traceback.print_exc()  # os._exit below would otherwise swallow it
+                code = _internal_error()  # os._exit below would otherwise swallow the traceback
             finally:
                 os._exit(code)
         os.close(write_end)
@@ -946,12 +1064,20 @@ def _sweep_processes(
         with os.fdopen(read_end, "rb") as pipe:
             data = pipe.read()
         _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0 or not data:
-            failed.append(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 or not data:
+            failed.append(code)
         else:
             parts.append(json.loads(data))
     if failed:
-        raise RelayAuditError(f"{len(failed)} of {processes} sweep processes failed; see above")
+        # the parent exits with the gravest of its children's codes (a signal counts as a bug)
+        worst = _gravest(failed)
+        print(
+            f"relayaudit: {len(failed)} of {processes} sweep processes failed (exit "
+            f"{', '.join(map(str, failed))}); see above",
+            file=sys.stderr,
+        )
+        return worst
     stats = SweepStats.merge([SweepStats.from_json(part) for part in parts])
     if run is not None:
         from relayaudit.html_page import Service

@@ -991,6 +991,40 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, source=source, text=text)
 
 
+_SECRET_KEYS = {"webhook": ("token", "hmac_key"), "email": ("password",)}
+
+
+def inline_secrets(data: Mapping[str, Any]) -> list[str]:
+    """The key paths of secrets written into the config itself (not `{ env }` or `{ file }`)."""
+    alerts = data.get("alerts")
+    found: list[str] = []
+    if not isinstance(alerts, Mapping):
+        return found
+    for kind, keys in _SECRET_KEYS.items():
+        hooks = alerts.get(kind)
+        for i, hook in enumerate(hooks if isinstance(hooks, list) else []):
+            if isinstance(hook, Mapping):
+                found += [f"alerts.{kind}[{i}].{k}" for k in keys if isinstance(hook.get(k), str)]
+    return found
+
+
+def file_warnings(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """Warnings about the config file itself: inline secrets that group or others may read."""
+    try:
+        mode = os.stat(path).st_mode
+        secrets = inline_secrets(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # load_config reports an unreadable or broken file
+        return ()
+    if not secrets or not mode & 0o077:
+        return ()
+    return (
+        f"mode {mode & 0o777:04o} lets {'group and others' if mode & 0o007 else 'its group'} "
+        f"read the secret{'s' if len(secrets) > 1 else ''} written in it "
+        f"({', '.join(secrets)}): chmod 600 the file, or give each secret as "
+        '{ env = "NAME" } or { file = "/path" }',
+    )
+
+
 def config_fingerprint(config: Config) -> str:
     """A short stable hash of the effective configuration (recorded with every sweep)."""
     # `report` only says how the daemon serves its page: a sweep interrupted before a change

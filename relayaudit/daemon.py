@@ -19,9 +19,9 @@ import structlog
 import relayaudit.probe  # noqa: F401
 from relayaudit.alerts import Dispatcher
 from relayaudit.canary import CanaryReceiver, start_canary
-from relayaudit.config import Config, config_fingerprint, load_config
+from relayaudit.config import Config, config_fingerprint, file_warnings, load_config
 from relayaudit.engine import Sweep, SweepStats, Watermark
-from relayaudit.errors import ConfigError, RelayAuditError, StateError, os_reason
+from relayaudit.errors import ConfigError, RelayAuditError, StateError, listen_error
 from relayaudit.eventloop import loop_name
 from relayaudit.evidence import ProbeResult
 from relayaudit.live_report import LiveReport
@@ -142,6 +142,7 @@ class Daemon:
             workers=worker_count(self.config, open_files),
             event_loop=loop_name(loop),
         )
+        _log_warnings(self.config_path, self.config)
         try:
             await self._loop(open_files)
         finally:
@@ -190,9 +191,7 @@ class Daemon:
         try:
             await server.start()
         except OSError as exc:
-            raise ConfigError(
-                f"metrics.listen: cannot listen on {cfg.listen[0]}:{cfg.listen[1]}: {os_reason(exc)}"
-            ) from None
+            raise listen_error("metrics.listen", cfg.listen[0], cfg.listen[1], exc) from None
         return server
 
     def _health(self) -> tuple[bool, str]:
@@ -230,6 +229,7 @@ class Daemon:
         await self._stop_dispatcher()
         self._start_dispatcher()
         log.info("config.reloaded", fingerprint=config_fingerprint(new))
+        _log_warnings(self.config_path, new)
 
     async def _wait_until(self, when: datetime) -> bool:
         """Sleep until `when`; False if asked to stop first. Reloads are applied while waiting."""
@@ -404,3 +404,9 @@ class Daemon:
         if self._dispatcher is not None and self._dispatcher.dead > self._dead_counted:
             self._metrics.alert_dead(self._dispatcher.dead - self._dead_counted)
             self._dead_counted = self._dispatcher.dead
+
+
+def _log_warnings(path: Path, config: Config) -> None:
+    """What `config check` warns about, in the log: the daemon's operators rarely run it."""
+    for warning in (*config.warnings, *file_warnings(path)):
+        log.warning("config.warning", config=str(path), warning=warning)

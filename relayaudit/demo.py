@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import sys
 import tempfile
@@ -11,9 +12,10 @@ from pathlib import Path
 from relayaudit.canary import CanaryReceiver
 from relayaudit.config import Config, parse_config
 from relayaudit.engine import SweepStats, sweep
-from relayaudit.errors import ConfigError
+from relayaudit.errors import TemporaryError, UsageError
 from relayaudit.evidence import endpoint
 from relayaudit.export import format_of, from_sweep, render
+from relayaudit.files import write_text
 from relayaudit.html_page import SMTP_STATUSES, Service, page_from_sweep
 from relayaudit.html_report import render_html
 from relayaudit.lab import Behaviour, Lab, ServerSpec
@@ -141,7 +143,14 @@ async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
     )
     for octet, port, behaviour, tls in DEMO_LAB:
         print(f"  127.0.10.{octet}:{port}  {behaviour.value}{' (implicit TLS)' if tls else ''}")
-    async with lab, CanaryReceiver(*CANARY, domain=CANARY_DOMAIN) as canary:
+    async with contextlib.AsyncExitStack() as started:
+        try:
+            await started.enter_async_context(lab)
+            canary = await started.enter_async_context(
+                CanaryReceiver(*CANARY, domain=CANARY_DOMAIN)
+            )
+        except OSError as exc:  # the lab's fixed addresses: taken, or not on this host
+            raise TemporaryError(f"demo: {exc.strerror or exc}") from None
         print(
             "demo: sweeping with confirmation mode on (canary messages go only to the receiver above)\n"
         )
@@ -177,9 +186,9 @@ async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
     if report is not None:
         text = report_text(report, config, collector, stats, sink.sweep_id)
         try:
-            await asyncio.to_thread(report.write_text, text, encoding="utf-8")
+            await asyncio.to_thread(write_text, report, text)
         except OSError as exc:
-            raise ConfigError(f"--report: cannot write {str(report)!r}: {exc.strerror}") from None
+            raise UsageError(f"--report: cannot write {str(report)!r}: {exc.strerror}") from None
         print(f"report: {report}")
     print("demo: lab stopped", file=sys.stderr)
     return 0

@@ -325,6 +325,7 @@ class Sweep:
         stats.statuses[verdict.status] += 1
         for f in verdict.findings:
             stats.findings[f.kind.value] += 1
+            stats.severities[f.severity.value] += 1
             if f.kind.is_relay:
                 stats.relay_findings.append(f.id)
         for sink in sinks:

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from relayaudit import __version__, records
-from relayaudit.errors import ConfigError
+from relayaudit.errors import UsageError
 from relayaudit.evidence import address_order, endpoint
 from relayaudit.records import FindingStatus
 from relayaudit.state import Change, FindingRow, read_changes, read_findings
@@ -311,7 +311,7 @@ def format_of(path: Path) -> Format:
     """The format a `--report PATH` names by its suffix."""
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise ConfigError(
+        raise UsageError(
             f"--report: cannot tell the format of {str(path)!r} from its suffix: "
             "use .html, .md, .csv or .json"
         )

@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 import structlog
 
 from relayaudit.errors import ConfigError
+from relayaudit.files import open_text_append
 
 if TYPE_CHECKING:
     from relayaudit.config import LoggingConfig
@@ -152,7 +153,7 @@ def _open(path: Path) -> IO[str]:
     except FileExistsError:  # a file where the directory should be ("File exists" misleads)
         raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a directory") from None
     # Line-buffered, and msg() flushes too: a crash loses at most the line being written.
-    return path.open("a", encoding="utf-8", buffering=1)
+    return open_text_append(path)
 
 
 class LogHandle:

@@ -35,6 +35,7 @@ class SweepStats:
     probes: int = 0
     statuses: Counter[VerdictStatus] = field(default_factory=Counter)
     findings: Counter[str] = field(default_factory=Counter)
+    severities: Counter[str] = field(default_factory=Counter)  # findings per severity
     relay_findings: list[str] = field(default_factory=list)  # ids, for the summary to name them
 
     @property
@@ -49,6 +50,7 @@ class SweepStats:
             "probes": self.probes,
             "statuses": {k.value: v for k, v in self.statuses.items()},
             "findings": dict(self.findings),
+            "severities": dict(self.severities),
             "relay_findings": list(self.relay_findings),
         }
 
@@ -61,6 +63,7 @@ class SweepStats:
             probes=int(data["probes"]),
             statuses=Counter({VerdictStatus(k): int(v) for k, v in data["statuses"].items()}),
             findings=Counter({str(k): int(v) for k, v in data["findings"].items()}),
+            severities=Counter({str(k): int(v) for k, v in data["severities"].items()}),
             relay_findings=[str(i) for i in data["relay_findings"]],
         )
 
@@ -73,5 +76,6 @@ class SweepStats:
             merged.probes += p.probes
             merged.statuses.update(p.statuses)
             merged.findings.update(p.findings)
+            merged.severities.update(p.severities)
             merged.relay_findings.extend(p.relay_findings)
         return merged

@@ -11,6 +11,7 @@ from typing import Literal
 
 from relayaudit.errors import OutputError
 from relayaudit.evidence import ProbeResult
+from relayaudit.files import open_append
 from relayaudit.records import FindingRecord, Lifecycle, Transition, to_record
 from relayaudit.verdict import Finding, Verdict
 
@@ -59,7 +60,7 @@ class FindingsFile:
             raise NotADirectoryError(
                 errno.ENOTDIR, f"{self.path.parent} is not a directory"
             ) from None
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._fd = open_append(self.path)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from relayaudit.errors import StateError
+from relayaudit.errors import ExitCode, StateError
 from relayaudit.evidence import address_order
+from relayaudit.files import create_private
 from relayaudit.records import FindingStatus, Lifecycle, Transition
 from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, VerdictStatus
 
@@ -325,19 +326,23 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _why(exc: sqlite3.Error, busy_timeout: float) -> str:
+def _why(exc: sqlite3.Error, busy_timeout: float) -> tuple[str, ExitCode]:
+    """What went wrong, in words, and whether trying again may help (75) or not (78)."""
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
-        return f"locked by another process (waited {busy_timeout:g}s)"
+        return f"locked by another process (waited {busy_timeout:g}s)", ExitCode.TEMPFAIL
     if "readonly" in text or "read-only" in text:
-        return "the file or its directory is read-only"
+        return "the file or its directory is read-only", ExitCode.CONFIG
     if "full" in text:
-        return "the disk is full"
+        return "the disk is full", ExitCode.TEMPFAIL
     if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return "not a relayaudit state file, or corrupt"
+        return "not a relayaudit state file, or corrupt", ExitCode.CONFIG
     if "unable to open" in text:
-        return "cannot be opened (missing directory or no permission)"
-    return "database error"
+        return "cannot be opened (missing directory or no permission)", ExitCode.CONFIG
+    return "database error", ExitCode.TEMPFAIL
+
+
+_BAD_FILE = ExitCode.CONFIG  # the file named is no state store: a retry cannot mend it
 
 
 class StateStore:
@@ -375,11 +380,13 @@ class StateStore:
                 return
             self.readonly = readonly
             if self.path.is_dir():  # sqlite would only say "unable to open database file"
-                raise StateError(f"state file {self.path}: is a directory")
+                raise StateError(f"state file {self.path}: is a directory", exit_code=_BAD_FILE)
             try:
                 if readonly:
                     if not self.path.is_file():
-                        raise StateError(f"state file {self.path}: no such file")
+                        raise StateError(
+                            f"state file {self.path}: no such file", exit_code=_BAD_FILE
+                        )
                     db = sqlite3.connect(
                         f"{self.path.resolve().as_uri()}?mode=ro",
                         uri=True,
@@ -394,6 +401,7 @@ class StateStore:
                         raise NotADirectoryError(
                             errno.ENOTDIR, f"{self.path.parent} is not a directory"
                         ) from None
+                    create_private(self.path)  # evidence and ticket refs: 0600, as -wal, -shm
                     db = sqlite3.connect(
                         self.path,
                         timeout=self.busy_timeout,
@@ -402,7 +410,8 @@ class StateStore:
                     )
             except OSError as exc:
                 raise StateError(
-                    f"state file {self.path}: cannot be created: {exc.strerror}"
+                    f"state file {self.path}: cannot be created: {exc.strerror}",
+                    exit_code=_BAD_FILE,
                 ) from exc
             except sqlite3.Error as exc:
                 raise self._error(exc, "open") from exc
@@ -423,13 +432,16 @@ class StateStore:
             if version > SCHEMA_VERSION:
                 raise StateError(
                     f"state file {self.path}: schema version {version} was written by a newer "
-                    f"relayaudit (this one knows {SCHEMA_VERSION})"
+                    f"relayaudit (this one knows {SCHEMA_VERSION})",
+                    exit_code=_BAD_FILE,
                 )
             if readonly:
                 if version == SCHEMA_VERSION:
                     return db
                 if version == 0:
-                    raise StateError(f"state file {self.path}: not a relayaudit state file")
+                    raise StateError(
+                        f"state file {self.path}: not a relayaudit state file", exit_code=_BAD_FILE
+                    )
                 copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
                 copy.row_factory = sqlite3.Row
                 db.backup(copy)
@@ -450,7 +462,8 @@ class StateStore:
                         if db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
                             raise StateError(
                                 f"state file {self.path}: an SQLite file that relayaudit did not "
-                                "create; refusing to add tables to it"
+                                "create; refusing to add tables to it",
+                                exit_code=_BAD_FILE,
                             )
                         for statement in _SCHEMA.split(";"):
                             if statement.strip():
@@ -504,8 +517,9 @@ class StateStore:
 
     def _error(self, exc: sqlite3.Error, action: str) -> StateError:
         """The one place sqlite errors become StateError (the file is always named)."""
+        why, code = _why(exc, self.busy_timeout)
         return StateError(
-            f"state file {self.path}: {action}: {_why(exc, self.busy_timeout)} (sqlite: {exc})"
+            f"state file {self.path}: {action}: {why} (sqlite: {exc})", exit_code=code
         )
 
     def _conn(self) -> sqlite3.Connection:

@@ -1,11 +1,16 @@
-"""Plain loopback socket helpers: a port nobody listens on, the first line an SMTP server says."""
+"""Plain loopback helpers: a port nobody listens on, the first line an SMTP server says, a lab in a thread."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import threading
+from collections.abc import Iterator
 
-__all__ = ["free_port", "read_banner"]
+from relayaudit.lab import Lab, ServerSpec
+
+__all__ = ["free_port", "lab_thread", "read_banner"]
 
 
 def free_port() -> int:
@@ -31,3 +36,34 @@ def read_banner(host: str, port: int, timeout: float) -> str | None:
         return None
     line = data.split(b"\n", 1)[0].decode("ascii", "replace").strip()
     return line or None
+
+
+@contextlib.contextmanager
+def lab_thread(*specs: ServerSpec) -> Iterator[None]:
+    """A Lab served by its own event loop in a thread, so main() can run its loop here."""
+    ready, stop = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    async def serve() -> None:
+        async with Lab(list(specs)):
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10), "the lab did not start"
+    if failure:
+        raise failure[0]
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)

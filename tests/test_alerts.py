@@ -65,7 +65,9 @@ def relay_finding(port: int, severity: Severity, when: datetime) -> Finding:
         summary="3 of the relay tests accepted.",
         transcript=(
             Exchange(command=None, reply=Reply(code=220, text="mx.campus.test ESMTP")),
-            Exchange(command="RCPT TO:<relaytest@relay-test.example>", reply=Reply(code=250, text="Ok")),
+            Exchange(
+                command="RCPT TO:<relaytest@relay-test.example>", reply=Reply(code=250, text="Ok")
+            ),
         ),
     )
 
@@ -256,7 +258,10 @@ async def test_every_alert_arrives_once_in_order_through_failures_an_outage_and_
             config = AlertsConfig(
                 webhook=(
                     WebhookHook(
-                        url=receiver.url, timeout=2.0, token=SecretStr(TOKEN), hmac_key=SecretStr(HMAC_KEY)
+                        url=receiver.url,
+                        timeout=2.0,
+                        token=SecretStr(TOKEN),
+                        hmac_key=SecretStr(HMAC_KEY),
                     ),
                 ),
                 max_attempts=100,
@@ -319,7 +324,9 @@ async def test_webhook_failures_never_reveal_secrets(tmp_path: Path) -> None:
     texts: list[str] = []
 
     def hook(url: str, timeout: float = 2.0) -> WebhookHook:
-        return WebhookHook(url=url, timeout=timeout, token=SecretStr(TOKEN), hmac_key=SecretStr(HMAC_KEY))
+        return WebhookHook(
+            url=url, timeout=timeout, token=SecretStr(TOKEN), hmac_key=SecretStr(HMAC_KEY)
+        )
 
     async def failure(h: WebhookHook) -> DeliveryError:
         with pytest.raises(DeliveryError) as info:
@@ -358,7 +365,9 @@ async def test_webhook_failures_never_reveal_secrets(tmp_path: Path) -> None:
     assert_no_secret(*texts)
 
     # and through the dispatcher: nothing secret in the outbox or in the logs
-    config = AlertsConfig(webhook=(hook(echo.url),), max_attempts=2, backoff_initial=0.01, backoff_max=0.01)
+    config = AlertsConfig(
+        webhook=(hook(echo.url),), max_attempts=2, backoff_initial=0.01, backoff_max=0.01
+    )
     store = open_store(tmp_path / "d.sqlite", config)
     try:
         raise_alerts(store, ports=(25,))
@@ -391,7 +400,9 @@ FAIL_3 = (
 
 async def test_command_hook_receives_the_json_on_stdin(tmp_path: Path) -> None:
     out = tmp_path / "tickets.jsonl"
-    config = AlertsConfig(command=(CommandHook(argv=(sys.executable, "-c", APPEND_STDIN, str(out)), timeout=10),))
+    config = AlertsConfig(
+        command=(CommandHook(argv=(sys.executable, "-c", APPEND_STDIN, str(out)), timeout=10),)
+    )
     store = open_store(tmp_path / "state.sqlite", config)
     try:
         alerts = raise_alerts(store, ports=(25, 587))
@@ -418,7 +429,7 @@ async def test_a_failing_command_is_retried_then_dead_lettered(tmp_path: Path) -
         (alert,) = raise_alerts(store, ports=(25,))[:1]
         with pytest.raises(DeliveryError) as info:
             await deliver_command(hook, render_payload(alert), alert.key)
-        assert info.value.exit_code == 3
+        assert info.value.returncode == 3
         assert "exited 3: ticket system says no" in str(info.value)
         runs.unlink()
         dispatcher = Dispatcher(store, config)
@@ -478,7 +489,11 @@ async def test_email_hook_reaches_the_gateway_with_the_key_in_message_id(
 ) -> None:
     handler, port = smtp_sink
     hook = EmailHook(
-        host="127.0.0.1", port=port, mail_from="relayaudit@iso.campus.test", to=("rt@campus.test",), timeout=5
+        host="127.0.0.1",
+        port=port,
+        mail_from="relayaudit@iso.campus.test",
+        to=("rt@campus.test",),
+        timeout=5,
     )
     config = AlertsConfig(email=(hook,))
     store = open_store(tmp_path / "state.sqlite", config)
@@ -495,12 +510,16 @@ async def test_email_hook_reaches_the_gateway_with_the_key_in_message_id(
     msg = BytesParser(policy=policy.default).parsebytes(content)
     assert msg["Message-ID"] == f"<{first.key}@iso.campus.test>"
     assert msg["X-Relayaudit-Idempotency-Key"] == first.key
-    assert msg["Subject"] == f"[relayaudit] NEW open-relay {ADDR}:25 (medium)" == email_subject(first)
+    assert (
+        msg["Subject"] == f"[relayaudit] NEW open-relay {ADDR}:25 (medium)" == email_subject(first)
+    )
     text = msg.get_body().get_content()  # type: ignore[union-attr]
     assert text.startswith(f"NEW: Open relay on {ADDR}:25")
     doc = json.loads(text[text.index("-- alert as JSON") :].split("\n", 1)[1])
     assert doc["idempotency_key"] == first.key and doc["transition"] == Transition.NEW
-    subjects = [BytesParser(policy=policy.default).parsebytes(c)["Subject"] for _, _, c in handler.messages]
+    subjects = [
+        BytesParser(policy=policy.default).parsebytes(c)["Subject"] for _, _, c in handler.messages
+    ]
     assert [s.split()[1] for s in subjects] == ["NEW", "SEVERITY-RAISED", "RESOLVED", "REOPENED"]
 
 

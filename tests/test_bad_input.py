@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from cli_runner import run_cli_blocking, run_main
 
+from relayaudit.errors import ExitCode
 from relayaudit.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +180,7 @@ def test_bad_config(
     path = tmp_path / "site.toml"
     path.write_text(text if text.startswith("scope") else BASE + text, encoding="utf-8")
     assert run_main(capsys, "config", "check", str(path)) == (
-        2,
+        ExitCode.CONFIG,
         "",
         f"relayaudit: {path}: {message}\n",
     )
@@ -206,7 +207,9 @@ def not_a_database(tmp_path: Path) -> Path:
 
 CHECK_USAGE = (
     "usage: relayaudit check [-h] [--port PORT] [--config CONFIG] [--source SOURCE]\n"
-    "                        [--confirm] [--json] [--no-transcript]\n"
+    "                        [--confirm] [--json]\n"
+    "                        [--fail-on {never,relay,critical,high,medium,low}]\n"
+    "                        [--no-transcript]\n"
     "                        host\n"
 )
 FINDINGS_USAGE = (
@@ -263,7 +266,7 @@ CLI: list[tuple[str, list[str], int, str, str]] = [
     (
         "check-missing-config",
         ["check", "127.0.0.1", "--config", "{tmp}/missing.toml"],
-        2,
+        ExitCode.CONFIG,
         "",
         "relayaudit: {tmp}/missing.toml: no such file\n",
     ),
@@ -278,14 +281,15 @@ CLI: list[tuple[str, list[str], int, str, str]] = [
         # an address this machine does not have: the bind fails, nothing is sent
         "check-source-not-local",
         ["check", "--source", "192.0.2.1", "--port", "1", "127.0.0.1"],
-        2,
-        "127.0.0.1:1  ERROR  (seen from 192.0.2.1)\n  connect failed: Cannot assign requested address\n",
+        ExitCode.USAGE,
         "",
+        "relayaudit: --source: '192.0.2.1' is not an address of this host: "
+        "Cannot assign requested address\n",
     ),
     (
         "run-missing-config",
         ["run", "--config", "{tmp}/missing.toml"],
-        2,
+        ExitCode.CONFIG,
         "",
         "relayaudit: {tmp}/missing.toml: no such file\n",
     ),
@@ -322,14 +326,14 @@ CLI: list[tuple[str, list[str], int, str, str]] = [
         # the daemon never ran with this config: the message names the config's key, not --state
         "findings-config-whose-state-is-missing",
         ["findings", "--config", "{cfg}"],
-        2,
+        ExitCode.CONFIG,
         "",
         "relayaudit: {cfg}: state.path: '{tmp}/never-written.sqlite' does not exist\n",
     ),
     (
         "findings-state-not-a-database",
         ["findings", "--state", "{notdb}"],
-        2,
+        ExitCode.CONFIG,
         "",
         "relayaudit: state file {notdb}: open: not a relayaudit state file, or corrupt "
         "(sqlite: file is not a database)\n",
@@ -337,7 +341,7 @@ CLI: list[tuple[str, list[str], int, str, str]] = [
     (
         "findings-state-is-a-directory",
         ["findings", "--state", "{tmp}"],
-        2,
+        ExitCode.CONFIG,
         "",
         "relayaudit: state file {tmp}: is a directory\n",
     ),
@@ -366,7 +370,7 @@ CLI: list[tuple[str, list[str], int, str, str]] = [
     (
         "outbox-list-state-not-a-database",
         ["outbox", "list", "--state", "{notdb}"],
-        2,
+        ExitCode.CONFIG,
         "",
         "relayaudit: state file {notdb}: open: not a relayaudit state file, or corrupt "
         "(sqlite: file is not a database)\n",
@@ -395,7 +399,7 @@ CLI: list[tuple[str, list[str], int, str, str]] = [
     (
         "history-state-not-a-database",
         ["history", "::1", "--state", "{notdb}"],
-        2,
+        ExitCode.CONFIG,
         "",
         "relayaudit: state file {notdb}: open: not a relayaudit state file, or corrupt "
         "(sqlite: file is not a database)\n",
@@ -403,7 +407,7 @@ CLI: list[tuple[str, list[str], int, str, str]] = [
     (
         "config-check-directory",
         ["config", "check", "{tmp}"],
-        2,
+        ExitCode.CONFIG,
         "",
         "relayaudit: {tmp}: cannot be read: Is a directory\n",
     ),
@@ -447,7 +451,7 @@ def test_a_valid_state_file_still_works_with_a_filter(
     assert out.endswith("0 finding(s)\n")
 
 
-# -- the daemon refusing to start: clear message, exit 2 ----------------------------------------------
+# -- the daemon refusing to start: clear message, exit 78 (config) or 75 (a port in use) ---
 
 
 def _busy_port() -> tuple[socket.socket, int]:
@@ -491,7 +495,7 @@ def test_daemon_refuses_to_start(tmp_path: Path, case: DaemonCase) -> None:
     cfg = tmp_path / "relayaudit.toml"
     cfg.write_text(LOOPBACK_BASE + "[metrics]\nenabled = false\n" + extra, encoding="utf-8")
     code, out, err = run_cli_blocking("run", "--config", str(cfg), cwd=tmp_path)
-    assert (code, err) == (2, f"relayaudit: {message}\n"), out
+    assert (code, err) == (ExitCode.CONFIG, f"relayaudit: {message}\n"), out
 
 
 def test_daemon_with_its_metrics_port_taken(tmp_path: Path) -> None:
@@ -505,7 +509,7 @@ def test_daemon_with_its_metrics_port_taken(tmp_path: Path) -> None:
         )
         code, _, err = run_cli_blocking("run", "--config", str(cfg), cwd=tmp_path)
     assert (code, err) == (
-        2,
+        ExitCode.TEMPFAIL,
         f"relayaudit: metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use\n",
     )
 
@@ -525,7 +529,7 @@ def test_daemon_with_its_canary_port_taken_exits_cleanly_and_resumes(tmp_path: P
         code, _, err = run_cli_blocking("run", "--config", str(cfg), cwd=tmp_path)
     # before the fix: a traceback ending in "OSError: [Errno 98] error while attempting to bind"
     assert (code, err) == (
-        2,
+        ExitCode.TEMPFAIL,
         f"relayaudit: canary.listen: cannot listen on 127.0.0.1:{port}: Address already in use\n",
     )
     # the port is free again: a restart resumes the sweep the failed start had begun

@@ -26,6 +26,7 @@ from loopback import free_port
 from relayaudit import demo
 from relayaudit.cli import _parser
 from relayaudit.demo import CANARY_DOMAIN
+from relayaudit.errors import ExitCode
 from relayaudit.evidence import Exchange, Reply
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.state import StateStore
@@ -87,6 +88,7 @@ def test_sweep_without_config(capsys: pytest.CaptureFixture[str]) -> None:
         "",
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
         "                        [--processes PROCESSES] [--all] [--report PATH]\n"
+        "                        [--fail-on {never,relay,critical,high,medium,low}]\n"
         "relayaudit: error: the following arguments are required: --config\n",
     )
 
@@ -127,7 +129,7 @@ def test_sweep_bad_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     path = tmp_path / "bad.toml"
     path.write_text(DOC_CONFIG + "ports = [25, 25]\n", encoding="utf-8")
     assert run_main(capsys, "sweep", "--config", str(path)) == (
-        2,
+        ExitCode.CONFIG,
         "",
         f"relayaudit: {path}: ports: [25, 25] lists a port twice\n",
     )
@@ -139,7 +141,7 @@ def test_sweep_bad_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
 def test_config_check_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "missing.toml"
     assert run_main(capsys, "config", "check", str(path)) == (
-        2,
+        ExitCode.CONFIG,
         "",
         f"relayaudit: {path}: no such file\n",
     )
@@ -154,7 +156,7 @@ def test_config_check_bad_file_lists_every_problem(
         encoding="utf-8",
     )
     assert run_main(capsys, "config", "check", str(path)) == (
-        2,
+        ExitCode.CONFIG,
         "",
         f"relayaudit: {path}: limits.rate: Input should be greater than 0 (got 0)\n",
     )
@@ -269,6 +271,7 @@ def test_python_m_usage_error() -> None:
     assert err == (
         "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
         "                        [--processes PROCESSES] [--all] [--report PATH]\n"
+        "                        [--fail-on {never,relay,critical,high,medium,low}]\n"
         "relayaudit: error: the following arguments are required: --config\n"
     )
 

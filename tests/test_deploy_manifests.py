@@ -22,6 +22,7 @@ from systemd_unit import unit_copy
 
 from relayaudit.config import parse_config
 from relayaudit.daemon import STOP_GRACE
+from relayaudit.errors import ExitCode
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.targets import Shard, TargetSpace
 
@@ -237,8 +238,11 @@ def test_indexed_job_sweeps_one_shard_per_index(
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
     assert c["command"] == ["/bin/sh", "-c"]
     config_path = IMAGE_CMD[IMAGE_CMD.index("--config") + 1]
-    sweep = f'relayaudit sweep --config {config_path} --shard "$JOB_COMPLETION_INDEX/$SHARD_COUNT"'
-    assert c["args"][0].splitlines()[0] == sweep
+    sweep = (
+        f'exec relayaudit sweep --config {config_path} --shard "$JOB_COMPLETION_INDEX/$SHARD_COUNT"'
+        " --fail-on never"
+    )
+    assert c["args"][0].strip() == sweep
     # each index writes its own sub-directory of the shared claim
     mount = {m["name"]: m for m in c["volumeMounts"]}["results"]
     assert mount["subPathExpr"] == "shard-$(SHARD_INDEX)"
@@ -252,14 +256,24 @@ def test_indexed_job_sweeps_one_shard_per_index(
         "ReadWriteMany"
     ]
     rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
+    # the exit codes of errors.ExitCode: fail at once on what a retry cannot mend, retry the rest
+    assert rules[0]["action"] == "FailJob"
+    assert rules[0]["onExitCodes"]["values"] == [
+        ExitCode.USAGE,
+        ExitCode.SOFTWARE,
+        ExitCode.CONFIG,
+    ]
+    assert rules[1]["action"] == "Count" and rules[1]["onExitCodes"]["values"] == [
+        ExitCode.TEMPFAIL
+    ]
     _check_pod(job, manifests)
 
 
 async def test_indexed_job_script_maps_exit_codes(
     manifests: list[tuple[Path, dict[str, Any]]], tmp_path: Path
 ) -> None:
-    """The Job's shell runs the real `relayaudit sweep`: 1 (relays found) becomes 0, 2 stays 2."""
+    """The Job's shell runs the real `relayaudit sweep`: relays found exit 0 (--fail-on never),
+    a broken config 78, which podFailurePolicy fails the Job on."""
     c = _container(_find(manifests, "Job", "relayaudit-sweep"))
     script = c["args"][0]
     config_path = IMAGE_CMD[IMAGE_CMD.index("--config") + 1]
@@ -318,9 +332,9 @@ findings = "{tmp_path / "shard-1" / "findings.jsonl"}"
         json.loads(x) for x in (tmp_path / "shard-1" / "findings.jsonl").read_text().splitlines()
     ]
     assert {r["kind"] for r in rows} >= {"open-relay"}
-    cfg.write_text("scope = [")  # a broken config: exit 2 must reach podFailurePolicy
+    cfg.write_text("scope = [")  # a broken config: exit 78 must reach podFailurePolicy
     code, out = await run(0)
-    assert code == 2, out
+    assert code == ExitCode.CONFIG, out
 
 
 # -- systemd -----------------------------------------------------------------------------------
@@ -374,6 +388,8 @@ def test_unit_has_the_hardening_and_lifecycle_keys(unit: dict[str, list[str]]) -
         "ConfigurationDirectory": "relayaudit",
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "Restart": "on-failure",
+        # a config error (78) or a usage error (2) is not restarted into a loop
+        "RestartPreventExitStatus": f"{ExitCode.USAGE} {ExitCode.CONFIG}",
         "LimitNOFILE": "65536",
         "KillSignal": "SIGTERM",
     }

@@ -33,6 +33,7 @@ from loopback import free_port
 
 from relayaudit.alerts import Dispatcher
 from relayaudit.config import AlertsConfig, WebhookHook
+from relayaudit.errors import ExitCode
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.state import Alert, StateStore
 
@@ -304,7 +305,7 @@ async def test_daemon_rides_out_a_short_lock_and_exits_clearly_on_a_long_one(
             released.set()
             await locker
         err = d.stderr.decode()
-        assert code == 2, err
+        assert code == ExitCode.TEMPFAIL, err  # a lock goes away: systemd restarts, Jobs retry
         assert re.fullmatch(
             rf"relayaudit: state file {re.escape(str(state))}: [a-z ]+: locked by another process "
             r"\(waited 10s\) \(sqlite: database is locked\)\n",
@@ -386,7 +387,7 @@ async def test_full_disk_stops_the_daemon_with_a_clear_message_and_it_resumes(
                 code = await d.exit_code(60)
                 err = d.stderr.decode()
                 print(f"on a full disk: exit {code}: {err!r}")
-                assert code == 2, err
+                assert code == ExitCode.TEMPFAIL, err
                 assert re.fullmatch(
                     rf"relayaudit: (state file {re.escape(str(state))}: [a-z ]+: the disk is full "
                     r"\(sqlite: database or disk is full\)"
@@ -436,7 +437,7 @@ async def test_sweep_with_its_findings_file_on_a_full_disk_says_so(tmp_path: Pat
             _, err = await asyncio.wait_for(proc.communicate(), 60)
     # before the fixes: a traceback of an ExceptionGroup around "OSError: [Errno 28]"
     assert (proc.returncode, err.decode()) == (
-        2,
+        ExitCode.TEMPFAIL,
         f"relayaudit: output.findings: cannot write '{fs}/findings.jsonl': No space left on device\n",
     )
 
@@ -495,7 +496,7 @@ async def test_log_directory_turning_read_only_keeps_the_daemon_running(
             )  # fmt: skip
             _, err = await asyncio.wait_for(proc.communicate(), 30)
             assert (proc.returncode, err.decode()) == (
-                2,
+                ExitCode.CONFIG,
                 f"relayaudit: logging.file: cannot open '{logs}/other.jsonl' for writing: Read-only file system\n",
             )
         await d.signal(signal.SIGHUP)  # writable again: the next reopen succeeds

@@ -16,6 +16,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         frozenset(
             {
                 "errors",
+                "files",
                 "settings",
                 "evidence",
                 "wire",

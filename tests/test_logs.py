@@ -29,9 +29,7 @@ def configure() -> Iterator[Configure]:
     def make(
         file: Path | None = None, *, stdout: bool = False, level: str = "info", **bind: object
     ) -> LogHandle:
-        handle = configure_logging(
-            LoggingConfig(file=file, stdout=stdout, level=level), bind=bind
-        )
+        handle = configure_logging(LoggingConfig(file=file, stdout=stdout, level=level), bind=bind)
         handles.append(handle)
         return handle
 

@@ -274,9 +274,7 @@ async def test_healthz_when_the_check_itself_breaks() -> None:
         raise RuntimeError("database is locked")
 
     async with MetricsServer(Metrics(), "127.0.0.1", 0, health=broken) as server:
-        status, _, body = await asyncio.to_thread(
-            fetch, f"http://127.0.0.1:{server.port}/healthz"
-        )
+        status, _, body = await asyncio.to_thread(fetch, f"http://127.0.0.1:{server.port}/healthz")
     assert status == 503
     assert body == b"health check failed: RuntimeError\n"
 

@@ -131,13 +131,19 @@ BAD_CASES = [
     ("x * * * *", "'x * * * *': minute value 'x' is not a number"),
     ("* * * foo *", "'* * * foo *': month value 'foo' is not a number or month name"),
     ("* * * * funday", "'* * * * funday': day-of-week value 'funday' is not a number or day name"),
-    ("* * * * mon-sun", "'* * * * mon-sun': day-of-week range 'mon-sun' is backwards (start exceeds end)"),
+    (
+        "* * * * mon-sun",
+        "'* * * * mon-sun': day-of-week range 'mon-sun' is backwards (start exceeds end)",
+    ),
     ("5-1 * * * *", "'5-1 * * * *': minute range '5-1' is backwards (start exceeds end)"),
     ("-1 * * * *", "'-1 * * * *': minute range '-1' is incomplete"),
     ("1,,2 * * * *", "'1,,2 * * * *': minute has an empty list item in '1,,2'"),
     ("*/0 * * * *", "'*/0 * * * *': minute step 0 must be at least 1"),
     ("*/x * * * *", "'*/x * * * *': minute step 'x' in '*/x' is not a number"),
-    ("5/10 * * * *", "'5/10 * * * *': minute step needs a range or '*': '5/10' (write 5-59/10 or */10)"),
+    (
+        "5/10 * * * *",
+        "'5/10 * * * *': minute step needs a range or '*': '5/10' (write 5-59/10 or */10)",
+    ),
     ("* * * *", f"'* * * *': expected 5 fields {FIELDS}, got 4"),
     ("* * * * * *", f"'* * * * * *': expected 5 fields {FIELDS}, got 6"),
     ("", f"'': expected 5 fields {FIELDS}, got 0"),
@@ -249,13 +255,15 @@ def test_fall_back_daily_at_two_counts_one_per_day() -> None:
 def test_dst_week_daily_times_are_wall_clock() -> None:
     got = fires(parse_cron("0 6 * * *"), berlin("2024-03-29T00:00"), berlin("2024-04-03T00:00"))
     assert [(t.day, t.hour, t.minute) for t in got] == [
-        (29, 6, 0), (30, 6, 0), (31, 6, 0), (1, 6, 0), (2, 6, 0)
+        (29, 6, 0),
+        (30, 6, 0),
+        (31, 6, 0),
+        (1, 6, 0),
+        (2, 6, 0),
     ]
     real = [t.astimezone(UTC) for t in got]
     # the night of the change is one hour shorter in real time
-    assert [(b - a) / timedelta(hours=1) for a, b in pairwise(real)] == [
-        24.0, 23.0, 24.0, 24.0
-    ]
+    assert [(b - a) / timedelta(hours=1) for a, b in pairwise(real)] == [24.0, 23.0, 24.0, 24.0]
 
 
 # --- against a slow oracle ---------------------------------------------------------------------
@@ -352,7 +360,9 @@ def test_interval_overdue_runs_now() -> None:
     schedule = Schedule(ScheduleConfig(interval=3600))
     now = utc("2024-01-01T12:00:00")
     # the last sweep took longer than the interval: start right away, no catch-up burst
-    assert schedule.next_run(now, last_started=utc("2024-01-01T09:00:00"), rng=random.Random()) == now
+    assert (
+        schedule.next_run(now, last_started=utc("2024-01-01T09:00:00"), rng=random.Random()) == now
+    )
 
 
 def test_interval_is_real_time_across_dst() -> None:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from relayaudit.cli import main
 from relayaudit.config import load_config, parse_config
-from relayaudit.errors import ConfigError
+from relayaudit.errors import ConfigError, ExitCode
 from relayaudit.targets import TargetSpace
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -277,7 +277,7 @@ def test_check_of_mapped_address_under_ipv6_scope_connects_nowhere(
     code, out, err = run_main(
         capsys, "check", "::ffff:127.0.123.5", "--config", str(cfg), "--port", str(port)
     )
-    assert (code, out) == (2, ""), err
+    assert (code, out) == (ExitCode.CONFIG, ""), err  # the config's scope is at fault
     assert "overlaps 0.0.0.0/8" in err
     assert not connected(sock)
 

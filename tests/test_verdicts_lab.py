@@ -176,7 +176,9 @@ async def test_a_canary_refused_at_data_gets_its_own_status_never_a_relay(run_la
     assert conf.token in finding.summary and finding.confirmation_token == conf.token
     # the DATA exchange and its refusal are in the transcript an analyst reads
     assert any(
-        ex.command is not None and ex.command.startswith("DATA") and ex.reply is not None
+        ex.command is not None
+        and ex.command.startswith("DATA")
+        and ex.reply is not None
         and ex.reply.code == 550
         for ex in finding.transcript
     )
