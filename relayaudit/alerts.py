@@ -471,8 +471,10 @@ class Dispatcher:
         poll_interval: float = 0.5,
         batch: int = 50,
         rng: random.Random | None = None,
+        on_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        self._on_change = on_change  # after a pass in which a delivery succeeded or died
         self.config = config
         self._clock = clock
         self._poll = poll_interval
@@ -500,10 +502,13 @@ class Dispatcher:
 
     async def run_once(self) -> int:
         """One pass over every channel; returns how many deliveries succeeded."""
+        before = (self.sent, self.dead)
         results = await asyncio.gather(
             *(self._pass(name, send) for name, send in self.channels.items()),
             return_exceptions=True,
         )
+        if (self.sent, self.dead) != before and self._on_change is not None:
+            await self._on_change()  # the outbox gauges move now, not when the next sweep ends
         for result in results:
             if isinstance(result, BaseException):
                 raise result  # a StateError: the daemon decides; items stay pending in the file

@@ -158,7 +158,7 @@ class Daemon:
     def _start_dispatcher(self) -> None:
         assert self._store is not None
         self._dispatcher_stop = asyncio.Event()
-        dispatcher = Dispatcher(self._store, self.config.alerts)
+        dispatcher = Dispatcher(self._store, self.config.alerts, on_change=self._refresh_alerts)
         self._dispatcher = dispatcher
         self._dead_counted = 0
         self._dispatcher_task = asyncio.create_task(dispatcher.run(self._dispatcher_stop))
@@ -397,6 +397,13 @@ class Daemon:
         assert store is not None
         # off the event loop: the store lock is shared with the sink's writer threads
         self._metrics.set_findings(await asyncio.to_thread(store.finding_counts))
+        await self._refresh_alerts()
+
+    async def _refresh_alerts(self) -> None:
+        """The outbox gauges and the dead-letter counter: after each sweep, and whenever the
+        dispatcher delivered or gave up on an alert."""
+        store = self._store
+        assert store is not None
         outbox = await asyncio.to_thread(store.outbox_counts)
         self._metrics.set_alerts(
             pending=outbox.get("pending", 0), sent=outbox.get("sent", 0), dead=outbox.get("dead", 0)
