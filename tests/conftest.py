@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: real Postfix, a loopback-only guard, an SMTP sink, daemon cleanup, time limits."""
+"""Shared pytest fixtures: real Postfix and RT, a loopback-only guard, an SMTP sink, daemon cleanup, time limits."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from postfix_lab import (
     start_lab,
     stop_lab,
 )
+from rt_lab import RtServer, rt_available, start_rt
 from smtp_sink import MessageSink, serve_smtp
 
 # CI (which sets CI=true, as .ci/run does) runs the property tests on a fixed example sequence, so
@@ -49,6 +50,33 @@ def postfix_lab() -> Iterator[dict[str, PostfixInstance]]:
     finally:
         stop_lab(instances)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rt_server() -> Iterator[RtServer]:
+    """A running Request Tracker 5 on 127.0.0.1 (tests/rt_lab.py), shared by the session.
+
+    Its state carries over between tests: take `rt` for a clean one. Skipped when RT is not
+    installed, failed instead with RELAYAUDIT_REQUIRE_RT=1 (CI), as for Postfix.
+    """
+    reason = rt_available()
+    if reason is not None:
+        if os.environ.get("RELAYAUDIT_REQUIRE_RT") == "1":
+            pytest.fail(f"RELAYAUDIT_REQUIRE_RT=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    server = start_rt()  # on failure it keeps its directory, with the server's log
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def rt(rt_server: RtServer) -> RtServer:
+    """The session's RT, reset to its pristine database: no tickets, ids from 1."""
+    rt_server.reset()
+    return rt_server
 
 
 @pytest.fixture
