@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.policy
 import hashlib
 import hmac
 import json
@@ -13,27 +14,32 @@ import random
 import re
 import signal
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
+from typing import Any
 from urllib.parse import SplitResult, quote, quote_plus, urlsplit
 
 import aiosmtplib
 import structlog
 
 from relayaudit import child_environment
+from relayaudit.alert_doc import AlertFormat, alert_document, alert_v1, render_payload
 from relayaudit.config import (
     IDEMPOTENCY_VARIABLE,
     AlertsConfig,
     CommandHook,
     EmailHook,
+    HookTemplate,
     WebhookHook,
 )
 from relayaudit.errors import RelayAuditError, StateError
 from relayaudit.evidence import endpoint
+from relayaudit.records import Transition
 from relayaudit.state import Alert, OutboxItem, StateStore
-from relayaudit.text import visible
+from relayaudit.templating import TemplateError, render_template
+from relayaudit.text import clip, utc_time, visible
 
 __all__ = [
     "DeliveryError",
@@ -50,12 +56,21 @@ __all__ = [
 
 log = structlog.get_logger("relayaudit.alerts")
 
-Deliver = Callable[[Alert, bytes], Awaitable[None]]
 
 _USER_AGENT = "relayaudit-alerts/1"
 _MAX_HEADER_LINES = 100  # a response with more is not a webhook receiver we understand
 _MAX_INTERIM = 5  # 1xx responses tolerated before the final one
 _ERROR_BODY = 200  # bytes of an error response quoted in the failure message
+_SUBJECT = 200  # characters of the default Subject
+# headers unfolded up to RFC 5322's 998: a folded Subject can split a ticket system's tag
+# (`[rt.campus.example #12]`), which its mail gateway then does not recognise
+_MAIL_POLICY = email.policy.default.clone(max_line_length=998)
+_RESPONSE_BODY = 64 * 1024  # bytes of a 2xx response read (for the ticket's id)
+_BODY_WAIT = 2.0  # seconds to read a response body after its headers
+_LINE_LIMIT = 64 * 1024  # bytes of one response line (status, header, chunk size)
+# a ticket id as later URLs may carry it: RT's "12", Jira's "ISO-12", TheHive's "~40964176",
+# a ServiceNow sys_id
+_TICKET_REF = re.compile(r"^[A-Za-z0-9._~:-]{1,200}$")
 _KILL_WAIT = 5.0  # seconds to reap a command after SIGKILL
 _HEADER_SAFE = re.compile(r"^[\x20-\x7e]+$")  # printable ASCII: nothing that could split a header
 
@@ -120,18 +135,6 @@ def _printable(data: bytes, limit: int) -> str:
 
 
 # -- payload -----------------------------------------------------------------------------------
-
-
-def render_payload(alert: Alert) -> bytes:
-    """The alert as the JSON document every channel carries (the transcript is the evidence)."""
-    doc = {
-        "idempotency_key": alert.key,
-        "transition": alert.transition.value,
-        "sweep_id": alert.sweep_id,
-        "created": alert.created.isoformat(),
-        "finding": alert.finding.model_dump(mode="json"),
-    }
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def sign(key: str, payload: bytes) -> str:
@@ -204,41 +207,43 @@ def _origin(url: SplitResult) -> str:
     return f"{url.scheme}://{host}:{port}"
 
 
-async def _http_post(
-    url: SplitResult, headers: list[tuple[str, str]], payload: bytes
+async def _http_request(
+    url: SplitResult, method: str, headers: list[tuple[str, str]], payload: bytes
 ) -> tuple[int, str, bytes]:
-    """POST and read the final status; returns (status, reason, start of body if not 2xx)."""
+    """One request; (final status, reason, body): up to _RESPONSE_BODY bytes of a 2xx body (a
+    ticket system's answer to a create holds the ticket's id), the start of any other body."""
     host = url.hostname or ""
     https = url.scheme == "https"
     port = url.port or (443 if https else 80)
     context = ssl.create_default_context() if https else None
     reader, writer = await asyncio.open_connection(
-        host, port, ssl=context, server_hostname=host if context else None
+        host, port, ssl=context, server_hostname=host if context else None, limit=_LINE_LIMIT
     )
     try:
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         authority = f"[{host}]" if ":" in host else host
         if url.port is not None:
             authority += f":{url.port}"
-        lines = [f"POST {target} HTTP/1.1", f"Host: {authority}"]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}"]
         lines += [f"{k}: {v}" for k, v in headers]
         lines += [f"Content-Length: {len(payload)}", "Connection: close"]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
         await writer.drain()
         for _ in range(_MAX_INTERIM + 1):
             status, reason = _status_line(await reader.readline())
-            length = await _skip_headers(reader)
+            length, chunked = await _read_headers(reader)
             if status >= 200:
                 break
         else:
             raise DeliveryError("too many interim (1xx) responses")
+        ok = 200 <= status < 300
         body = b""
-        if not 200 <= status < 300 and length != 0:
-            # only to quote it in the error; a server that keeps the connection open must not
-            # hold us past a short grace period
-            with contextlib.suppress(TimeoutError, OSError, EOFError):
-                async with asyncio.timeout(1.0):
-                    body = await reader.read(_ERROR_BODY)
+        if length != 0 and method != "HEAD" and status not in (204, 304):
+            # a server that keeps the connection open must not hold us past a short grace
+            with contextlib.suppress(TimeoutError, OSError, EOFError, ValueError):
+                async with asyncio.timeout(_BODY_WAIT):
+                    limit = _RESPONSE_BODY if ok else _ERROR_BODY
+                    body = await (_read_chunked(reader, limit) if chunked else reader.read(limit))
         return status, reason, body
     finally:
         writer.close()
@@ -256,38 +261,74 @@ def _status_line(line: bytes) -> tuple[int, str]:
     return int(match.group(1)), (match.group(2) or b"").decode("latin-1")
 
 
-async def _skip_headers(reader: asyncio.StreamReader) -> int | None:
-    """Consume the header block; returns Content-Length if given."""
+async def _read_headers(reader: asyncio.StreamReader) -> tuple[int | None, bool]:
+    """Consume the header block; (Content-Length if given, whether the body is chunked)."""
     length: int | None = None
+    chunked = False
     for _ in range(_MAX_HEADER_LINES):
         line = await reader.readline()
         if line in (b"\r\n", b"\n", b""):
-            return length
+            return length, chunked
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length" and value.strip().isdigit():
-            length = int(value.strip())
+        name, value = name.strip().lower(), value.strip()
+        if name == b"content-length" and value.isdigit():
+            length = int(value)
+        elif name == b"transfer-encoding" and value.lower().endswith(b"chunked"):
+            chunked = True
     raise DeliveryError(f"more than {_MAX_HEADER_LINES} response header lines")
 
 
-async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
-    """POST the payload; any 2xx = delivered, anything else raises DeliveryError (and is retried)."""
-    url = urlsplit(hook.url)
-    origin = _origin(url)
+async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """A chunked body (RFC 9112, section 7.1), at most `limit` bytes of it."""
+    body = bytearray()
+    while len(body) < limit:
+        size = int((await reader.readline()).split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            break
+        want = min(size, limit - len(body))
+        body += await reader.readexactly(want)
+        if want < size:
+            break  # the rest is beyond the limit: not read
+        await reader.readexactly(2)  # the CRLF after the chunk
+    return bytes(body)
+
+
+def _auth_headers(hook: WebhookHook, payload: bytes) -> list[tuple[str, str]]:
+    headers = []
+    if hook.token is not None:
+        headers.append(("Authorization", f"{hook.token_scheme} {hook.token.get_secret_value()}"))
+    if hook.username is not None and hook.password is not None:
+        basic = f"{hook.username}:{hook.password.get_secret_value()}".encode()
+        headers.append(("Authorization", f"Basic {base64.b64encode(basic).decode('ascii')}"))
+    if hook.hmac_key is not None:
+        headers.append(("X-Relayaudit-Signature", sign(hook.hmac_key.get_secret_value(), payload)))
+    return headers
+
+
+async def webhook_request(
+    hook: WebhookHook,
+    payload: bytes,
+    key: str,
+    *,
+    method: str | None = None,
+    url: str | None = None,
+) -> bytes:
+    """Send `payload` to the hook (or to `url` with `method`); any 2xx = delivered, and its body
+    returned; anything else raises DeliveryError (and is retried)."""
+    parts = urlsplit(url or hook.url)
+    origin = _origin(parts)
     secrets = _hook_secrets(hook)
-    if url.username is not None or url.password is not None:
+    if parts.username is not None or parts.password is not None:
         raise DeliveryError(
             f"webhook {origin}: credentials in the URL are not supported; use token"
         )
     headers = [
         ("User-Agent", _USER_AGENT),
-        ("Content-Type", "application/json"),
-        ("Accept", "*/*"),
+        ("Content-Type", hook.content_type),
+        ("Accept", "application/json, */*"),
         ("Idempotency-Key", key),
+        *_auth_headers(hook, payload),
     ]
-    if hook.token is not None:
-        headers.append(("Authorization", f"Bearer {hook.token.get_secret_value()}"))
-    if hook.hmac_key is not None:
-        headers.append(("X-Relayaudit-Signature", sign(hook.hmac_key.get_secret_value(), payload)))
     for name, value in headers:
         if not _HEADER_SAFE.match(value):
             raise DeliveryError(
@@ -296,7 +337,9 @@ async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
     failure: str | None = None
     try:
         async with asyncio.timeout(hook.timeout):
-            status, reason, body = await _http_post(url, headers, payload)
+            status, reason, body = await _http_request(
+                parts, method or hook.method, headers, payload
+            )
     except TimeoutError:
         failure = f"webhook {origin}: no answer within {hook.timeout:g}s"
     except DeliveryError as exc:
@@ -313,7 +356,7 @@ async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
         # raised outside the handler, so the original (unscrubbed) error is not its __context__
         raise DeliveryError(failure)
     if 200 <= status < 300:
-        return
+        return body
     message = f"webhook {origin}: HTTP {status} {_printable(reason.encode(), 80)}".rstrip()
     if 400 <= status < 500 and status not in (408, 429):
         # usually a wrong URL or credential; retried anyway, since receivers get fixed
@@ -324,72 +367,144 @@ async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
     raise DeliveryError(_scrub(message, secrets), status=status)
 
 
+async def deliver_webhook(hook: WebhookHook, payload: bytes, key: str) -> None:
+    """POST the payload to the hook's URL; any 2xx = delivered (see webhook_request)."""
+    await webhook_request(hook, payload, key)
+
+
+def json_pointer(document: object, pointer: str) -> object:
+    """The value at an RFC 6901 JSON pointer ("/id", "/data/0/key"); KeyError if absent."""
+    value = document
+    for raw in pointer.split("/")[1:]:
+        token = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(value, dict) and token in value:
+            value = value[token]
+        elif isinstance(value, list) and token.isdigit() and int(token) < len(value):
+            value = value[int(token)]
+        else:
+            raise KeyError(pointer)
+    return value
+
+
+def ticket_ref_of(body: bytes, pointer: str) -> str:
+    """The ticket reference in a create call's response; DeliveryError-free: ValueError if none."""
+    try:
+        value = json_pointer(json.loads(body), pointer)
+    except (ValueError, KeyError):
+        raise ValueError(f"no {pointer} in the response ({_printable(body, 80)!r})") from None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"{pointer} in the response is not a string or a number")
+    ref = str(value)
+    if not _TICKET_REF.match(ref):
+        # it goes into later URLs: nothing that could add a path segment or a query
+        raise ValueError(
+            f"{pointer} in the response is not a usable id: {_printable(ref.encode(), 60)!r}"
+        )
+    return ref
+
+
 # -- email -------------------------------------------------------------------------------------
 
 
 def email_subject(alert: Alert) -> str:
+    """The default Subject: a stable tag per finding, so every mail of one finding sorts
+    together (`[relayaudit ra-…] RESOLVED: Open relay on …`)."""
     f = alert.finding
-    return (
-        f"[relayaudit] {alert.transition.value.upper()} {f.kind.value} "
-        f"{endpoint(f.address, f.port)} ({f.severity.value})"
+    return clip(
+        visible(f"[relayaudit {f.id}] {alert.transition.value.upper()}: {f.title}"), _SUBJECT
     )
 
 
-def email_message(hook: EmailHook, alert: Alert, payload: bytes) -> EmailMessage:
-    """A readable summary on top, the alert JSON below; Message-ID carries the idempotency key.
+def thread_id(finding_id: str, domain: str) -> str:
+    """The Message-ID of a finding's first alert: every later one refers to it."""
+    return f"<relayaudit.{finding_id}@{domain}>"
 
-    People read this: each summary line passes `visible` and the JSON is ASCII (`\\uNNNN`), so
-    server text quoted in the finding can neither add a line nor reorder one in a mail reader.
+
+def email_message(
+    hook: EmailHook,
+    alert: Alert,
+    payload: bytes,
+    *,
+    subject: str | None = None,
+    body: str | None = None,
+) -> EmailMessage:
+    """A readable summary on top, the alert JSON below (or `body`, a template's text).
+
+    Threading: the finding's first alert (transition new, seq 1) gets the Message-ID
+    `thread_id`; every later alert gets its own (from its idempotency key, so a resend repeats
+    it and a gateway can drop the repeat) and In-Reply-To/References the first, so a mail
+    client shows one conversation per finding. People read this: each summary line passes
+    `visible` and the JSON is ASCII (`\\uNNNN`), so server text quoted in the finding can
+    neither add a line nor reorder one in a mail reader.
     """
     f = alert.finding
     domain = hook.mail_from.rpartition("@")[2] or "relayaudit.invalid"
-    msg = EmailMessage()
+    msg = EmailMessage(policy=_MAIL_POLICY)
     msg["From"] = hook.mail_from
     msg["To"] = ", ".join(hook.to)
-    msg["Subject"] = email_subject(alert)
+    msg["Subject"] = " ".join(visible(subject).split()) if subject else email_subject(alert)
     msg["Date"] = format_datetime(alert.created.astimezone(UTC))
-    # the same key gives the same Message-ID, so a gateway can drop a repeat we had to resend
-    msg["Message-ID"] = f"<{alert.key}@{domain}>"
+    root = thread_id(f.id, domain)
+    if alert.transition is Transition.NEW and alert.seq == 1:
+        msg["Message-ID"] = root
+    else:
+        local = alert.key.replace("/", ".")
+        msg["Message-ID"] = f"<relayaudit.{local}@{domain}>"
+        msg["In-Reply-To"] = root
+        msg["References"] = root
     msg["X-Relayaudit-Idempotency-Key"] = alert.key
+    msg["X-Relayaudit-Finding"] = f.id
     msg["Auto-Submitted"] = "auto-generated"
+    if body is not None:
+        msg.set_content(body)
+        return msg
+    doc = alert_v1(alert)
     summary = [
-        f"{alert.transition.value.upper()}: {f.title}",
+        f"{alert.transition.value.upper()}: {doc.title}",
         "",
         f"Finding:     {f.id} ({f.kind.value})",
-        f"Where:       {endpoint(f.address, f.port)} (seen from {f.vantage})",
+        f"Where:       {doc.endpoint} (seen from {f.vantage})",
         f"Severity:    {f.severity.value} (confidence {f.confidence.value})",
-        f"Observed:    {f.observed_at.isoformat()}",
+        f"First seen:  {utc_time(doc.first_seen)}",
+        f"Last seen:   {utc_time(doc.last_seen)}",
+        *([f"Resolved:    {utc_time(doc.resolved_at)}"] if doc.resolved_at else []),
         f"Sweep:       {alert.sweep_id}",
         f"Alert key:   {alert.key}",
         "",
-        f.summary,
+        doc.summary,
     ]
     if f.approved_note:
         summary += ["", f"Approved service note: {f.approved_note}"]
+    summary += ["", f"The whole finding: {doc.show}"]
     try:
         pretty = json.dumps(json.loads(payload), indent=2)
     except ValueError:
         pretty = payload.decode("utf-8", "replace")
-    body = (
-        "\n".join(visible(line) for line in summary)
-        + "\n\n-- alert as JSON (evidence and transcript included) --\n"
-        + pretty
-        + "\n"
-    )
-    msg.set_content(body)
+    text = "\n".join(visible(line) for line in summary) + "\n\n-- the alert as JSON --\n" + pretty
+    msg.set_content(text + "\n")
     return msg
 
 
-async def deliver_email(hook: EmailHook, alert: Alert, payload: bytes) -> None:
+async def deliver_email(
+    hook: EmailHook,
+    alert: Alert,
+    payload: bytes,
+    *,
+    subject: str | None = None,
+    body: str | None = None,
+) -> None:
     """Send one message to the gateway; accepted by the gateway for every recipient = delivered."""
     where = f"email {endpoint(hook.host, hook.port)}"
     secrets = _hook_secrets(hook)
-    message = email_message(hook, alert, payload)
+    message = email_message(hook, alert, payload, subject=subject, body=body)
     failure: str | None
     try:
         async with asyncio.timeout(hook.timeout):
             errors, _ = await aiosmtplib.send(
-                message,
+                # flattened here: aiosmtplib would refold the headers at 78 characters
+                message.as_bytes(policy=_MAIL_POLICY.clone(linesep="\r\n")),
+                sender=hook.mail_from,
+                recipients=list(hook.to),
                 hostname=hook.host,
                 port=hook.port,
                 use_tls=hook.tls == "implicit",
@@ -422,33 +537,97 @@ async def deliver_email(hook: EmailHook, alert: Alert, payload: bytes) -> None:
 
 
 def channel_names(config: AlertsConfig) -> list[str]:
-    """The outbox channel of each configured hook, `kind:index` (what the store queues for)."""
-    return [
-        *(f"command:{i}" for i in range(len(config.command))),
-        *(f"webhook:{i}" for i in range(len(config.webhook))),
-        *(f"email:{i}" for i in range(len(config.email))),
-    ]
+    """The outbox channel of each configured hook: its name (what the store queues for)."""
+    return [name for name, _ in config.hooks()]
 
 
-def _command_channel(hook: CommandHook) -> Deliver:
-    async def send(alert: Alert, payload: bytes) -> None:
-        await deliver_command(hook, payload, alert.key)
+class _Channel:
+    """One hook as the dispatcher uses it: renders what it sends, sends it, and says which
+    ticket a create call opened (the dispatcher keeps it for the finding's later alerts)."""
 
-    return send
+    def __init__(self, name: str, hook: CommandHook | WebhookHook | EmailHook, fmt: AlertFormat):
+        self.name, self.hook, self.format = name, hook, fmt
 
+    def context(self, alert: Alert, tickets: Mapping[str, str]) -> dict[str, Any]:
+        """What templates see (docs/alerts.md lists it)."""
+        return {
+            "alert": alert_v1(alert).model_dump(mode="json"),
+            "document": alert_document(alert, self.format),
+            "transition": alert.transition.value,
+            "ticket_ref": tickets.get(self.name),
+            "tickets": dict(tickets),
+            "hook": self.name,
+            "vars": dict(self.hook.vars),
+        }
 
-def _webhook_channel(hook: WebhookHook) -> Deliver:
-    async def send(alert: Alert, payload: bytes) -> None:
-        await deliver_webhook(hook, payload, alert.key)
+    def render(self, text: str, name: str, context: Mapping[str, Any]) -> str:
+        try:
+            return render_template(text, name, context)
+        except TemplateError as exc:
+            raise DeliveryError(f"{self.name}: template {exc}") from None
 
-    return send
+    def body(
+        self, template: HookTemplate | None, alert: Alert, context: Mapping[str, Any]
+    ) -> bytes:
+        if template is None:
+            return render_payload(alert, self.format)
+        return self.render(template.text, template.path, context).encode()
 
+    async def send(self, alert: Alert, tickets: Mapping[str, str]) -> str | None:
+        """Deliver `alert`; the ticket reference a create call returned, if the hook keeps one."""
+        hook = self.hook
+        context = self.context(alert, tickets)
+        if isinstance(hook, CommandHook):
+            await deliver_command(hook, self.body(hook.template, alert, context), alert.key)
+            return None
+        if isinstance(hook, EmailHook):
+            subject = (
+                self.render(hook.subject_template, "subject_template", context)
+                if hook.subject_template
+                else None
+            )
+            body = (
+                self.render(hook.template.text, hook.template.path, context)
+                if hook.template
+                else None
+            )
+            payload = render_payload(alert, self.format)
+            await deliver_email(hook, alert, payload, subject=subject, body=body)
+            return None
+        return await self._webhook(hook, alert, tickets, context)
 
-def _email_channel(hook: EmailHook) -> Deliver:
-    async def send(alert: Alert, payload: bytes) -> None:
-        await deliver_email(hook, alert, payload)
-
-    return send
+    async def _webhook(
+        self,
+        hook: WebhookHook,
+        alert: Alert,
+        tickets: Mapping[str, str],
+        context: Mapping[str, Any],
+    ) -> str | None:
+        ref = tickets.get(self.name)
+        creating = hook.ticket_ref is not None and ref is None
+        method, url, template = hook.method, hook.url, hook.template
+        if not creating and ref is not None:
+            # the ticket exists: a resolved finding resolves it, any other transition updates it
+            if alert.transition is Transition.RESOLVED and hook.resolve_url:
+                method, url = hook.resolve_method, hook.resolve_url
+                template = hook.resolve_template or hook.update_template or hook.template
+            elif hook.update_url:
+                method, url = hook.update_method, hook.update_url
+                template = hook.update_template or hook.template
+        if "{" in url:
+            url = self.render(url, f"{self.name} url", context)
+        answer = await webhook_request(
+            hook, self.body(template, alert, context), alert.key, method=method, url=url
+        )
+        if not creating:
+            return None
+        assert hook.ticket_ref is not None
+        try:
+            return ticket_ref_of(answer, hook.ticket_ref)
+        except ValueError as exc:
+            # created: a retry would open a second ticket. Later alerts create again instead
+            log.error("alert.ticket_ref_missing", key=alert.key, channel=self.name, error=str(exc))
+            return None
 
 
 def _utcnow() -> datetime:
@@ -480,15 +659,15 @@ class Dispatcher:
         self._poll = poll_interval
         self._batch = batch
         self._rng = rng or random.Random()
-        hooks: list[tuple[Deliver, WebhookHook | EmailHook | CommandHook]] = [
-            *((_command_channel(h), h) for h in config.command),
-            *((_webhook_channel(h), h) for h in config.webhook),
-            *((_email_channel(h), h) for h in config.email),
-        ]
-        self.channels: dict[str, Deliver] = {
-            name: send for name, (send, _) in zip(channel_names(config), hooks, strict=True)
+        self.channels: dict[str, _Channel] = {
+            name: _Channel(name, hook, config.format) for name, hook in config.hooks()
         }
-        self._secrets = [s for _, hook in hooks for s in _hook_secrets(hook)]
+        self._secrets = [s for _, hook in config.hooks() for s in _hook_secrets(hook)]
+        # a store written by relayaudit 0.1 queued for `webhook:0`: those deliveries follow
+        # their hook's name now (hooks matched by kind and position in this config)
+        moved = store.rename_channels(config.legacy_channels())
+        if moved:
+            log.info("alert.channels_renamed", deliveries=moved)
         store.set_channels(self.channels)  # so alerts recorded from now on are queued for these
         self.sent = 0
         self.retried = 0
@@ -514,7 +693,7 @@ class Dispatcher:
                 raise result  # a StateError: the daemon decides; items stay pending in the file
         return sum(r for r in results if isinstance(r, int))
 
-    async def _pass(self, channel: str, send: Deliver) -> int:
+    async def _pass(self, channel: str, send: _Channel) -> int:
         items = await asyncio.to_thread(self.store.due, channel, self._clock(), self._batch)
         delivered = 0
         for item in items:
@@ -524,10 +703,18 @@ class Dispatcher:
             delivered += 1
         return delivered
 
-    async def _attempt(self, channel: str, send: Deliver, item: OutboxItem) -> bool:
+    async def _attempt(self, channel: str, send: _Channel, item: OutboxItem) -> bool:
         alert = item.alert
         try:
-            await send(alert, render_payload(alert))
+            tickets = await asyncio.to_thread(self.store.ticket_refs, alert.finding.id)
+            ref = await send.send(alert, tickets)
+            if ref is not None:
+                # kept before the delivery is marked sent: a crash in between resends the
+                # create under the same idempotency key, never an update to a lost ticket
+                await asyncio.to_thread(self.store.set_ticket_ref, alert.finding.id, channel, ref)
+                log.info("alert.ticket", key=alert.key, channel=channel, ticket_ref=ref)
+        except StateError:
+            raise  # the store, not the hook: the daemon decides (see run)
         except Exception as exc:  # any failure of a hook is a retry, never a lost alert
             text = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
             error = _scrub(text, self._secrets)

@@ -33,6 +33,7 @@ from relayaudit.errors import ConfigError
 from relayaudit.schedule import parse_cron
 from relayaudit.scope import LARGE_SCOPE, LARGE_V6_PREFIX, normal_address, normal_network
 from relayaudit.targets import address_count
+from relayaudit.templating import TemplateError, check_template
 from relayaudit.tomllines import KeyPath, key_lines, line_of
 
 __all__ = [
@@ -384,9 +385,70 @@ class ScheduleConfig(_Model):
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # set by relayaudit itself for every run of a command hook
 IDEMPOTENCY_VARIABLE = "RELAYAUDIT_IDEMPOTENCY_KEY"
+_HOOK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
-class CommandHook(_Model):
+# the templates relayaudit ships (Request Tracker, Jira, TheHive, ServiceNow, chat): a hook's
+# `template = "rt-create.json.j2"` names one when no such file is beside the config
+SHIPPED_TEMPLATES = Path(__file__).resolve().parent / "hook_templates"
+
+
+class HookTemplate(_Model):
+    """A template file, read and compiled when the config is loaded (a syntax error is the
+    config's error, with the file and line); `path` as resolved, `text` what was read."""
+
+    path: str
+    text: str
+
+
+def _template_file(value: object, info: ValidationInfo) -> object:
+    if not isinstance(value, str):
+        return value  # a HookTemplate given in Python, or pydantic's own type error
+    if not value.strip() or "\x00" in value:
+        raise ValueError(f"{value!r} is not a usable file path")
+    base = (info.context or {}).get("base", Path.cwd())
+    path = Path(base, value)  # relative to the config file's directory
+    if not path.exists() and Path(value).name == value and (SHIPPED_TEMPLATES / value).is_file():
+        path = SHIPPED_TEMPLATES / value  # a template relayaudit ships, by its bare name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"template {str(path)!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"template {str(path)!r} is not UTF-8 text") from None
+    try:
+        check_template(text, str(path))
+    except TemplateError as exc:
+        raise ValueError(f"template {exc}") from None
+    return HookTemplate(path=str(path), text=text)
+
+
+TemplateFile = Annotated[HookTemplate, BeforeValidator(_template_file)]
+
+
+def _hook_name(value: object) -> object:
+    if isinstance(value, str) and not _HOOK_NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a hook name: lower-case letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 63"
+        )
+    return value
+
+
+HookName = Annotated[str, BeforeValidator(_hook_name)]
+
+
+class _Hook(_Model):
+    """What every hook has: a stable name (ticket references and the outbox are keyed by it),
+    an optional template for what it sends, and values for its templates."""
+
+    # required when a config has several hooks of one kind; else the kind ("webhook")
+    name: HookName | None = None
+    template: TemplateFile | None = None  # rendered into the request body, stdin or mail body
+    vars: dict[str, str] = {}  # `vars.NAME` in the templates: a Jira project, an RT queue, ...
+
+
+class CommandHook(_Hook):
     """Runs a program with the alert as JSON on stdin (e.g. a ticketing CLI)."""
 
     argv: tuple[str, ...] = Field(min_length=1)
@@ -421,48 +483,104 @@ def _is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-class WebhookHook(_Model):
-    """HTTP POST of the alert as JSON."""
+HttpMethod = Literal["POST", "PUT", "PATCH"]
+_URL_HEAD = re.compile(r"^https?://[^/\s{}]+(/|$)")
+
+
+def _checked_url(value: str, what: str) -> str:
+    """An http(s) URL whose scheme and host are literal; the rest may be a template
+    (`.../ticket/{{ ticket_ref }}/comment`), compiled here so a typo is a config error."""
+    if not _URL_HEAD.match(value):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    if "{" in value:
+        try:
+            check_template(value, what)
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+        head = _URL_HEAD.match(value)
+        assert head is not None
+        value_for_port = head.group(0)
+    else:
+        value_for_port = value
+    try:
+        urlsplit(value_for_port).port  # noqa: B018 (raises for a port out of range or a broken [v6])
+    except ValueError:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL") from None
+    return value
+
+
+class WebhookHook(_Hook):
+    """HTTP POST of the alert as JSON, or a ticket system's API: create a ticket, then update it.
+
+    With `ticket_ref` (a JSON pointer into the create call's response, e.g. "/id"), the ticket's
+    id is kept per finding and hook; later transitions go to `update_url` (and a resolved one to
+    `resolve_url`, if given) with their own method and template, and get `ticket_ref`.
+    """
 
     url: str
+    method: HttpMethod = "POST"
     timeout: Duration = 10.0
-    token: Secret | None = None  # sent as `Authorization: Bearer ...`
+    token: Secret | None = None  # sent as `Authorization: <token_scheme> ...`
+    token_scheme: str = Field(default="Bearer", pattern=r"^[A-Za-z][A-Za-z0-9._-]{0,30}$")
+    username: str | None = None  # with password: HTTP Basic authentication
+    password: Secret | None = None
     hmac_key: Secret | None = None  # signs the body: `X-Relayaudit-Signature: sha256=<hex>`
+    content_type: str = Field(default="application/json", pattern=r"^[\x21-\x7e][\x20-\x7e]*$")
+    ticket_ref: str | None = Field(default=None, pattern=r"^(/([^/~]|~[01])*)+$")
+    update_url: str | None = None
+    update_method: HttpMethod = "POST"
+    update_template: TemplateFile | None = None
+    resolve_url: str | None = None
+    resolve_method: HttpMethod = "POST"
+    resolve_template: TemplateFile | None = None
 
-    @field_validator("url")
+    @field_validator("url", "update_url", "resolve_url")
     @classmethod
-    def _http(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"{value!r} is not an http:// or https:// URL")
-        try:
-            urlsplit(value).port  # noqa: B018 (raises for a port out of range or a broken [v6])
-        except ValueError:
-            raise ValueError(f"{value!r} is not an http:// or https:// URL") from None
-        return value
+    def _http(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _checked_url(value, str(info.field_name))
 
-    @field_validator("token", "hmac_key")
+    @field_validator("token", "hmac_key", "password")
     @classmethod
     def _not_in_clear(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         # a bearer token read on the wire is a working credential; an HMAC key sent beside its
         # body is not sent, but a receiver reached over plain HTTP is not the one it was meant for
-        url = info.data.get("url")
-        if value is None or not isinstance(url, str):
+        if value is None:
             return value
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.scheme == "http" and not _is_loopback(host):
-            shown = f"[{host}]" if ":" in host else host
-            raise ValueError(
-                f"refused over http://{shown}: the request would carry it in clear text; use "
-                "an https:// url (http:// only to a loopback host: 127.0.0.0/8, ::1, localhost)"
-            )
+        for key in ("url", "update_url", "resolve_url"):
+            url = info.data.get(key)
+            if not isinstance(url, str):
+                continue
+            parts = urlsplit(url.split("{", 1)[0])
+            host = parts.hostname or ""
+            if parts.scheme == "http" and not _is_loopback(host):
+                shown = f"[{host}]" if ":" in host else host
+                which = "" if key == "url" else f" ({key})"
+                raise ValueError(
+                    f"refused over http://{shown}{which}: the request would carry it in clear "
+                    "text; use an https:// url (http:// only to a loopback host: 127.0.0.0/8, "
+                    "::1, localhost)"
+                )
         return value
+
+    @model_validator(mode="after")
+    def _ticket_calls(self) -> WebhookHook:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together (HTTP Basic authentication)")
+        if self.password is not None and self.token is not None:
+            raise ValueError("token and username/password: give one way to authenticate")
+        uses_ref = [k for k in ("update_url", "resolve_url") if getattr(self, k) is not None]
+        if uses_ref and self.ticket_ref is None:
+            raise ValueError(
+                f"{uses_ref[0]} needs ticket_ref: a JSON pointer to the ticket's id in the "
+                'response to the create call (e.g. ticket_ref = "/id")'
+            )
+        return self
 
 
 TlsMode = Literal["starttls", "implicit", "none"]
 
 
-class EmailHook(_Model):
+class EmailHook(_Hook):
     """Mails the alert to a ticketing system's mail gateway (RT, Jira, ServiceNow)."""
 
     host: str
@@ -480,6 +598,19 @@ class EmailHook(_Model):
     mail_from: str
     to: tuple[str, ...] = Field(min_length=1)
     timeout: Duration = 30.0
+    # the Subject, rendered like `template`; it may name another hook's ticket, e.g.
+    # "[rt.campus.example #{{ tickets.rt }}] {{ alert.title }}" for RT's mail gateway
+    subject_template: str | None = None
+
+    @field_validator("subject_template")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check_template(value, "subject_template")
+            except TemplateError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -525,6 +656,45 @@ class AlertsConfig(_Model):
     max_attempts: int = Field(default=12, ge=1, le=1000)
     backoff_initial: Duration = 5.0
     backoff_max: Duration = 1800.0
+    # "v1": the compact, versioned alert (schemas/alert.v1.schema.json); "full": the finding
+    # whole, evidence and transcript included, as relayaudit 0.1 sent it
+    format: Literal["v1", "full"] = "v1"
+
+    @model_validator(mode="after")
+    def _names(self) -> AlertsConfig:
+        seen: dict[str, str] = {}
+        for kind in ("command", "webhook", "email"):
+            hooks: tuple[_Hook, ...] = getattr(self, kind)
+            for i, hook in enumerate(hooks):
+                if hook.name is None and len(hooks) > 1:
+                    raise ValueError(
+                        f"alerts.{kind}[{i}].name: required when there are several {kind} hooks "
+                        "(tickets and deliveries are kept by name, so reordering hooks never "
+                        "points an update at the wrong ticket)"
+                    )
+                name = hook.name or kind
+                if name in seen:
+                    raise ValueError(
+                        f"alerts.{kind}[{i}].name: {name!r} is also the name of {seen[name]}"
+                    )
+                seen[name] = f"alerts.{kind}[{i}]"
+        return self
+
+    def hooks(self) -> list[tuple[str, CommandHook | WebhookHook | EmailHook]]:
+        """Every hook with its name (its outbox channel): commands, webhooks, then email."""
+        return [
+            (hook.name or kind, hook)
+            for kind in ("command", "webhook", "email")
+            for hook in getattr(self, kind)
+        ]
+
+    def legacy_channels(self) -> dict[str, str]:
+        """relayaudit 0.1's channel of each hook (`webhook:0`, by kind and position) -> its name."""
+        return {
+            f"{kind}:{i}": hook.name or kind
+            for kind in ("command", "webhook", "email")
+            for i, hook in enumerate(getattr(self, kind))
+        }
 
 
 # Kubernetes label keys ([prefix/]name) and values
@@ -960,7 +1130,8 @@ def parse_config(
     `text`, the TOML the mapping was read from, lets errors of the scope rules name their line.
     """
     try:
-        return Config.model_validate({**data, "source": source})
+        base = Path(source).parent if source not in {"<memory>", "(no config)"} else Path.cwd()
+        return Config.model_validate({**data, "source": source}, context={"base": base})
     except ValidationError as exc:
         lines = key_lines(text) if text is not None else None
         raise ConfigError(format_validation_error(exc, source=source, lines=lines)) from None
@@ -1029,4 +1200,7 @@ def config_fingerprint(config: Config) -> str:
     """A short stable hash of the effective configuration (recorded with every sweep)."""
     # `report` only says how the daemon serves its page: a sweep interrupted before a change
     # there (or before the upgrade that added the section) still resumes
-    return hashlib.sha256(config.model_dump_json(exclude={"report"}).encode()).hexdigest()[:16]
+    # nor `alerts`: where findings are sent says nothing about which addresses a sweep covers
+    return hashlib.sha256(
+        config.model_dump_json(exclude={"report", "alerts"}).encode()
+    ).hexdigest()[:16]

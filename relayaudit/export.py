@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from relayaudit import __version__, records
+from relayaudit.alert_doc import ALERT_SCHEMA_VERSION, AlertV1
 from relayaudit.errors import UsageError
 from relayaudit.evidence import address_order, endpoint
 from relayaudit.records import FindingStatus
@@ -408,11 +409,17 @@ def _markdown(report: Report) -> str:
 
 
 def schema_files() -> dict[str, str]:
-    """Every committed JSON Schema (finding record, report), by the file name under schemas/."""
+    """Every committed JSON Schema (finding record, report, alert), by file name under schemas/."""
     schema = Report.model_json_schema(mode="serialization")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     name = f"report.v{REPORT_SCHEMA_VERSION}.schema.json"
-    return records.schema_files() | {name: json.dumps(schema, indent=2, sort_keys=True) + "\n"}
+    alert = AlertV1.model_json_schema(mode="serialization")
+    alert["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return records.schema_files() | {
+        name: json.dumps(schema, indent=2, sort_keys=True) + "\n",
+        f"alert.v{ALERT_SCHEMA_VERSION}.schema.json": json.dumps(alert, indent=2, sort_keys=True)
+        + "\n",
+    }
 
 
 if __name__ == "__main__":  # python -m relayaudit.export schemas/

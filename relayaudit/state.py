@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -53,7 +53,7 @@ __all__ = [
     "read_sweeps",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Every statement of version 1; a later version adds a migration step (_MIGRATIONS), never edits
 # these.
@@ -140,6 +140,18 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "title = json_extract(finding, '$.title'), "
         "approved_note = json_extract(finding, '$.approved_note')",
     ),
+    # 3 (issue 23): the ticket each hook opened for a finding, so later transitions update it.
+    # Deliveries' channels move from `kind:index` to the hook's name when the daemon starts
+    # with a config (StateStore.rename_channels): the names are in the config, not the file.
+    3: (
+        "CREATE TABLE ticket_refs ("
+        "    finding_id TEXT NOT NULL,"
+        "    hook       TEXT NOT NULL,"
+        "    ref        TEXT NOT NULL,"
+        "    created    TEXT NOT NULL,"
+        "    PRIMARY KEY (finding_id, hook)"
+        ")",
+    ),
 }
 
 # every dead letter when :id is NULL, else only that delivery
@@ -161,13 +173,28 @@ class _Frozen(BaseModel):
 
 
 class Alert(_Frozen):
-    """One transition of one finding; `key` is stable so a receiver can drop repeats."""
+    """One transition of one finding; `key` is stable so a receiver can drop repeats.
+
+    The lifecycle fields are the finding's as the transition left them; alerts stored by
+    relayaudit 0.1 lack them (None), and the alert document falls back to the finding's times.
+    """
 
     key: str
     transition: Transition
     finding: Finding  # for RESOLVED: the finding as last seen
     sweep_id: str
     created: datetime
+    status: FindingStatus | None = None
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    resolved_at: datetime | None = None
+    previous_severity: Severity | None = None  # for SEVERITY_RAISED: what it was before
+    shard: str | None = None
+
+    @property
+    def seq(self) -> int:
+        """The finding's transition count this alert is for (1: its first alert)."""
+        return int(self.key.rsplit("/", 1)[1])
 
 
 class SweepRecord(_Frozen):
@@ -697,16 +724,17 @@ class StateStore:
             }
             present = {f.id: f for f in verdict.findings}
             for finding in present.values():
-                line = self._seen(db, sweep_id, finding, stored.get(finding.id), now)
+                before = stored.get(finding.id)
+                line = self._seen(db, sweep_id, finding, before, now)
                 folded.lines.append(line)
                 if line.transition is not None:
-                    alerts.append(self._alert(line, sweep_id, now))
+                    alerts.append(self._alert(db, line, sweep_id, now, before))
             for fid, row in stored.items():
                 if fid not in present and verdict.status not in _UNDECIDED:
                     gone = self._absent(db, sweep_id, row, result.finished)
                     if gone is not None:
                         folded.lines.append(gone)
-                        alerts.append(self._alert(gone, sweep_id, now))
+                        alerts.append(self._alert(db, gone, sweep_id, now, row))
             db.execute(
                 "INSERT OR REPLACE INTO observations "
                 "(sweep_id, address, port, status, summary, observed, kinds) "
@@ -816,15 +844,34 @@ class StateStore:
         return Lifecycle(last, FindingStatus.RESOLVED, Transition.RESOLVED, seq)
 
     @staticmethod
-    def _alert(line: Lifecycle, sweep_id: str, now: datetime) -> Alert:
-        """The alert of a transition, keyed by the finding's transition count (its `seq`)."""
+    def _alert(
+        db: sqlite3.Connection,
+        line: Lifecycle,
+        sweep_id: str,
+        now: datetime,
+        before: sqlite3.Row | None,
+    ) -> Alert:
+        """The alert of a transition, keyed by the finding's transition count (its `seq`), with
+        the finding's lifecycle as the transition left it (`before`: its row until then)."""
         assert line.transition is not None
+        row = db.execute(
+            "SELECT f.first_seen, f.last_seen, f.resolved_at, s.shard FROM findings f, sweeps s "
+            "WHERE f.id = ? AND s.id = ?",
+            (line.finding.id, sweep_id),
+        ).fetchone()
+        raised = line.transition is Transition.SEVERITY_RAISED and before is not None
         return Alert(
             key=f"{line.finding.id}/{line.transition.value}/{line.seq}",
             transition=line.transition,
             finding=line.finding,
             sweep_id=sweep_id,
             created=now,
+            status=line.status,
+            first_seen=_dt(row["first_seen"]),
+            last_seen=_dt(row["last_seen"]),
+            resolved_at=_dt(row["resolved_at"]) if row["resolved_at"] else None,
+            previous_severity=Severity(before["severity"]) if raised and before else None,
+            shard=row["shard"],
         )
 
     def _enqueue(self, db: sqlite3.Connection, alert: Alert) -> bool:
@@ -854,6 +901,37 @@ class StateStore:
         return True
 
     # -- outbox --------------------------------------------------------------------------------
+
+    def rename_channels(self, names: Mapping[str, str]) -> int:
+        """Move deliveries from old channel names to new ones (relayaudit 0.1's `webhook:0` to
+        the hook's name); how many moved. A delivery already queued under the new name wins."""
+        moved = 0
+        with self._write("rename channels") as db:
+            for old, new in names.items():
+                if old == new:
+                    continue
+                moved += db.execute(
+                    "UPDATE OR IGNORE deliveries SET channel = ? WHERE channel = ?", (new, old)
+                ).rowcount
+                db.execute("DELETE FROM deliveries WHERE channel = ?", (old,))
+        return moved
+
+    def ticket_refs(self, finding_id: str) -> dict[str, str]:
+        """The tickets the hooks opened for a finding: {hook name: ticket reference}."""
+        with self._read("read ticket refs") as db:
+            rows = db.execute(
+                "SELECT hook, ref FROM ticket_refs WHERE finding_id = ?", (finding_id,)
+            ).fetchall()
+        return {str(r["hook"]): str(r["ref"]) for r in rows}
+
+    def set_ticket_ref(self, finding_id: str, hook: str, ref: str) -> None:
+        """Remember the ticket `hook` opened for the finding (a later create replaces it)."""
+        with self._write("store ticket ref") as db:
+            db.execute(
+                "INSERT OR REPLACE INTO ticket_refs (finding_id, hook, ref, created) "
+                "VALUES (?, ?, ?, ?)",
+                (finding_id, hook, ref, _ts(self._clock())),
+            )
 
     def due(self, channel: str, now: datetime, limit: int = 50) -> list[OutboxItem]:
         """Pending deliveries of `channel` due by `now`, oldest first, in order per finding."""

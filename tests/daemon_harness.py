@@ -97,7 +97,7 @@ def ticket_identities(tickets: list[dict[str, Any]]) -> dict[str, set[tuple[str,
     """Idempotency key -> the (transition, finding id) pairs delivered under it (one, if sound)."""
     seen: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for t in tickets:
-        seen[t["idempotency_key"]].add((t["transition"], t["finding"]["id"]))
+        seen[t["idempotency_key"]].add((t["transition"], t["finding_id"]))
     return dict(seen)
 
 

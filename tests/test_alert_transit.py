@@ -76,6 +76,11 @@ def assert_no_form(texts: list[str], secret: str, user: str | None = None) -> No
             assert form not in text, f"a form of the secret ({form!r}) leaked into: {text!r}"
 
 
+def named(*hooks: dict[str, Any]) -> list[dict[str, Any]]:
+    """Several hooks of one kind need names (issue 23): hook-0, hook-1, ..."""
+    return [{"name": f"hook-{i}", **hook} for i, hook in enumerate(hooks)]
+
+
 def config_of(alerts: dict[str, Any]) -> Config:
     return parse_config(
         {"scope": ["192.0.2.0/24"], "targets": ["192.0.2.0/24"], "alerts": alerts}, source="t.toml"
@@ -246,19 +251,21 @@ def test_tls_key_defaults_and_the_old_starttls_key() -> None:
         h.tls
         for h in config_of(
             {
-                "email": [
+                "email": named(
                     MAIL,  # no credentials: plain SMTP, as before
                     {**MAIL, "username": USER, "password": "x"},  # credentials: STARTTLS required
                     {**MAIL, "port": 465},  # submissions: TLS from the first byte
                     {**MAIL, "port": 465, "username": USER, "password": "x"},
                     {**MAIL, "tls": "implicit", "port": 2465},
-                ]
+                )
             }
         ).alerts.email
     ]
     assert tls_of == ["none", "starttls", "implicit", "implicit", "implicit"]
 
-    old = config_of({"email": [{**MAIL, "starttls": True}, {**MAIL, "starttls": False}, MAIL]})
+    old = config_of(
+        {"email": named({**MAIL, "starttls": True}, {**MAIL, "starttls": False}, MAIL)}
+    )
     assert [h.tls for h in old.alerts.email] == ["starttls", "none", "none"]
     assert old.warnings == (
         'alerts.email[0].starttls: the old name of tls; starttls = true is read as tls = "starttls" '
@@ -273,7 +280,7 @@ def test_tls_key_defaults_and_the_old_starttls_key() -> None:
 
 def test_tls_config_errors_name_the_key_and_value() -> None:
     with_password = {**MAIL, "username": USER, "password": PASSWORD}
-    assert error_of({"email": [MAIL, {**with_password, "tls": "none"}]}) == (
+    assert error_of({"email": named(MAIL, {**with_password, "tls": "none"})}) == (
         "t.toml: alerts.email[1].tls: 'none' with a username or password would send them in clear "
         'text; use tls = "starttls" (port 587) or tls = "implicit" (port 465)'
     )
@@ -388,7 +395,9 @@ def test_a_webhook_secret_over_http_to_loopback_or_https_loads() -> None:
         "http://LOCALHOST:80/h",
         "https://tickets.campus.example/h",
     ]
-    config = config_of({"webhook": [{"url": u, "token": TOKEN, "hmac_key": TOKEN} for u in urls]})
+    config = config_of(
+        {"webhook": named(*({"url": u, "token": TOKEN, "hmac_key": TOKEN} for u in urls))}
+    )
     assert len(config.alerts.webhook) == len(urls)
     # no secret, no refusal
     assert config_of({"webhook": [{"url": "http://tickets.campus.example/h"}]}).alerts.webhook

@@ -312,8 +312,9 @@ async def test_every_alert_arrives_once_in_order_through_failures_an_outage_and_
         assert h["x-relayaudit-signature"] == f"sha256={expected}"
         doc = json.loads(request.body)
         assert doc["idempotency_key"] == h["idempotency-key"] == request.key
-        assert set(doc) == {"idempotency_key", "transition", "sweep_id", "created", "finding"}
-        assert doc["finding"]["transcript"][0]["reply"]["code"] == 220
+        # the compact alert v1 (alerts.format's default): what a ticket needs, not the transcript
+        assert doc["schema_version"] == 1 and doc["finding_id"] == request.key.split("/")[0]
+        assert "transcript" not in doc and doc["show"] == f"relayaudit show {doc['finding_id']}"
     assert time.monotonic() - started < 20
 
 
@@ -412,7 +413,7 @@ async def test_command_hook_receives_the_json_on_stdin(tmp_path: Path) -> None:
         docs = [json.loads(line) for line in out.read_text().splitlines()]
         assert sorted(d["idempotency_key"] for d in docs) == sorted(a.key for a in alerts)
         for fid in {a.finding.id for a in alerts}:
-            assert [d["idempotency_key"] for d in docs if d["finding"]["id"] == fid] == [
+            assert [d["idempotency_key"] for d in docs if d["finding_id"] == fid] == [
                 a.key for a in alerts if a.finding.id == fid
             ]
         assert store.outbox_counts() == {"pending": 0, "sent": 8, "dead": 0}
@@ -484,9 +485,11 @@ async def test_a_command_hook_sees_the_listed_variables_never_relayaudits_own_se
 # -- email -------------------------------------------------------------------------------------
 
 
-async def test_email_hook_reaches_the_gateway_with_the_key_in_message_id(
+async def test_email_alerts_of_one_finding_thread_onto_its_first_mail(
     tmp_path: Path, smtp_sink: tuple[MessageSink, int]
 ) -> None:
+    # issue 23: before, each transition was a new thread (Message-ID from its own key, no
+    # In-Reply-To) and the subject changed with the transition, so a mail client showed four
     handler, port = smtp_sink
     hook = EmailHook(
         host="127.0.0.1",
@@ -505,22 +508,33 @@ async def test_email_hook_reaches_the_gateway_with_the_key_in_message_id(
         store.close()
     assert len(handler.messages) == len(alerts)
     first = alerts[0]
-    mail_from, rcpts, content = handler.messages[0]
+    mail_from, rcpts, _ = handler.messages[0]
     assert (mail_from, rcpts) == ("relayaudit@iso.campus.test", ["rt@campus.test"])
-    msg = BytesParser(policy=policy.default).parsebytes(content)
-    assert msg["Message-ID"] == f"<{first.key}@iso.campus.test>"
-    assert msg["X-Relayaudit-Idempotency-Key"] == first.key
-    assert (
-        msg["Subject"] == f"[relayaudit] NEW open-relay {ADDR}:25 (medium)" == email_subject(first)
-    )
-    text = msg.get_body().get_content()  # type: ignore[union-attr]
-    assert text.startswith(f"NEW: Open relay on {ADDR}:25")
-    doc = json.loads(text[text.index("-- alert as JSON") :].split("\n", 1)[1])
-    assert doc["idempotency_key"] == first.key and doc["transition"] == Transition.NEW
-    subjects = [
-        BytesParser(policy=policy.default).parsebytes(c)["Subject"] for _, _, c in handler.messages
+    mails = [BytesParser(policy=policy.default).parsebytes(c) for _, _, c in handler.messages]
+    root = f"<relayaudit.{first.finding.id}@iso.campus.test>"
+    assert mails[0]["Message-ID"] == root and mails[0]["In-Reply-To"] is None
+    for mail, alert in zip(mails[1:], alerts[1:], strict=True):
+        assert mail["In-Reply-To"] == mail["References"] == root
+        assert mail["Message-ID"] == f"<relayaudit.{alert.key.replace('/', '.')}@iso.campus.test>"
+    assert [m["X-Relayaudit-Idempotency-Key"] for m in mails] == [a.key for a in alerts]
+    # one stable tag per finding; the transition follows it
+    tag = f"[relayaudit {first.finding.id}]"
+    assert [m["Subject"].split(" ", 2)[:2] for m in mails] == [
+        [tag.split(maxsplit=1)[0], f"{first.finding.id}]"]
+    ] * 4
+    assert [m["Subject"].split()[2] for m in mails] == [
+        "NEW:",
+        "SEVERITY-RAISED:",
+        "RESOLVED:",
+        "REOPENED:",
     ]
-    assert [s.split()[1] for s in subjects] == ["NEW", "SEVERITY-RAISED", "RESOLVED", "REOPENED"]
+    assert mails[0]["Subject"] == f"{tag} NEW: {first.finding.title}" == email_subject(first)
+    text = mails[0].get_body().get_content()  # type: ignore[union-attr]
+    assert text.startswith(f"NEW: Open relay on {ADDR}:25")
+    doc = json.loads(text[text.index("-- the alert as JSON") :].split("\n", 1)[1])
+    assert doc["idempotency_key"] == first.key and doc["transition"] == Transition.NEW
+    resolved = mails[2].get_body().get_content()  # type: ignore[union-attr]
+    assert "RESOLVED: " in resolved and "Resolved:    " in resolved  # since when it is gone
 
 
 async def test_email_failures_never_reveal_the_password(

@@ -111,11 +111,11 @@ def test_example_commented_out_values_are_valid(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Keys the example shows commented out must still load once uncommented."""
-    monkeypatch.setenv("RELAYAUDIT_WEBHOOK_TOKEN", "t0ken")
+    monkeypatch.setenv("RELAYAUDIT_RT_TOKEN", "t0ken")
     text = EXAMPLE.read_text(encoding="utf-8")
     for line in (
         '# source_address = "203.0.113.10"\n',
-        '# token = { env = "RELAYAUDIT_WEBHOOK_TOKEN" }\n',
+        '# token = { env = "RELAYAUDIT_RT_TOKEN" }\n',
         '# username = "relayaudit"\n',
         '# cron = "30 1 * * *"\n',
         '# campus_domain_reason = "its only MX is the scanner; the hub routes listed subdomains only"\n',

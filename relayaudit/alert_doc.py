@@ -1,0 +1,151 @@
+"""The document an alert hook receives: the compact, versioned alert v1 (the default) or the finding whole ("full").
+
+v1 is what a ticket needs, in under 4 KB: what changed, where, how bad, since when, and the first
+tests with their replies. The full evidence stays one step away: `relayaudit show FINDING_ID`
+and `GET /findings/<id>.json` on the daemon's listener. schemas/alert.v1.schema.json is generated
+from `AlertV1` (python -m relayaudit.export schemas/) and tested like the findings schema.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from relayaudit import __version__
+from relayaudit.evidence import endpoint
+from relayaudit.records import EVIDENCE_LINES, FindingStatus, Transition, evidence_line
+from relayaudit.state import Alert
+from relayaudit.text import utc_time
+from relayaudit.verdict import Confidence, FindingKind, Severity
+
+__all__ = ["ALERT_SCHEMA_VERSION", "AlertV1", "alert_document", "alert_v1", "render_payload"]
+
+ALERT_SCHEMA_VERSION = 1
+AlertFormat = Literal["v1", "full"]
+_SUMMARY, _TITLE = 1200, 300  # characters: a long server reply cannot push an alert past 4 KB
+
+
+class AlertV1(BaseModel):
+    """One transition of one finding, as hooks receive it (`alerts.format = "v1"`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = 1  # ALERT_SCHEMA_VERSION
+    tool: Literal["relayaudit"] = "relayaudit"
+    tool_version: str = __version__
+    idempotency_key: str = Field(description="the same for every delivery of this alert")
+    transition: Transition
+    finding_id: str
+    kind: FindingKind
+    severity: Severity
+    previous_severity: Severity | None = Field(
+        default=None, description="for severity-raised: the severity before"
+    )
+    confidence: Confidence
+    status: FindingStatus | None = Field(
+        default=None, description="the finding's status after this transition"
+    )
+    address: str
+    port: int
+    endpoint: str = Field(description="address:port ([v6]:port)")
+    server_name: str | None = Field(
+        default=None,
+        description="the host name the server gives in its greeting, else its certificate's subject",
+    )
+    title: str
+    summary: str = Field(description="what this transition means, in one paragraph")
+    first_seen: datetime
+    last_seen: datetime
+    resolved_at: datetime | None = None
+    created: datetime = Field(description="when the alert was raised")
+    sweep_id: str
+    shard: str | None = None
+    approval_note: str | None = Field(
+        default=None, description="the [[approved]] entry's note, for an approved service"
+    )
+    evidence: tuple[str, ...] = Field(
+        default=(), description=f"up to {EVIDENCE_LINES} tests: what was sent, what the server said"
+    )
+    show: str = Field(description="the command that prints the whole finding")
+
+
+def _cut(text: str, limit: int) -> str:
+    """At most `limit` characters, the text as it is (JSON escapes it; people's renderers
+    neutralise it), with "…" where it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _summary(alert: Alert, first_seen: datetime, last_seen: datetime) -> str:
+    f = alert.finding
+    match alert.transition:
+        case Transition.RESOLVED:
+            when = f" on {utc_time(alert.resolved_at)}" if alert.resolved_at else ""
+            return (
+                f"Resolved{when}: not seen since {utc_time(last_seen)} (first seen "
+                f"{utc_time(first_seen)}); the sweeps since found it gone. It was: {f.title}."
+            )
+        case Transition.REOPENED:
+            return f"Seen again after it had been resolved. {f.summary}"
+        case Transition.SEVERITY_RAISED:
+            before = alert.previous_severity.value if alert.previous_severity else "lower"
+            return f"Severity raised from {before} to {f.severity.value}. {f.summary}"
+        case _:
+            return f.summary
+
+
+def alert_v1(alert: Alert) -> AlertV1:
+    """The compact alert of `alert` (alerts stored by relayaudit 0.1 fall back to the finding's
+    time where they lack the lifecycle)."""
+    f = alert.finding
+    first_seen = alert.first_seen or f.observed_at
+    last_seen = alert.last_seen or f.observed_at
+    tls = f.fingerprint.tls
+    return AlertV1(
+        idempotency_key=alert.key,
+        transition=alert.transition,
+        finding_id=f.id,
+        kind=f.kind,
+        severity=f.severity,
+        previous_severity=alert.previous_severity,
+        confidence=f.confidence,
+        status=alert.status,
+        address=f.address,
+        port=f.port,
+        endpoint=endpoint(f.address, f.port),
+        server_name=_cut(f.fingerprint.hostname or (tls.subject if tls else None) or "", 255)
+        or None,
+        title=_cut(f.title, _TITLE),
+        summary=_cut(_summary(alert, first_seen, last_seen), _SUMMARY),
+        first_seen=first_seen,
+        last_seen=last_seen,
+        resolved_at=alert.resolved_at,
+        created=alert.created,
+        sweep_id=alert.sweep_id,
+        shard=alert.shard,
+        approval_note=_cut(f.approved_note, _TITLE) if f.approved_note else None,
+        evidence=tuple(evidence_line(r) for r in f.evidence[:EVIDENCE_LINES]),
+        show=f"relayaudit show {f.id}",
+    )
+
+
+def alert_document(alert: Alert, fmt: AlertFormat = "v1") -> dict[str, Any]:
+    """The JSON document of `alert` in the configured format."""
+    if fmt == "v1":
+        return alert_v1(alert).model_dump(mode="json")
+    return {  # "full": relayaudit 0.1's document, evidence and transcript included
+        "idempotency_key": alert.key,
+        "transition": alert.transition.value,
+        "sweep_id": alert.sweep_id,
+        "created": alert.created.isoformat(),
+        "finding": alert.finding.model_dump(mode="json"),
+    }
+
+
+def render_payload(alert: Alert, fmt: AlertFormat = "v1") -> bytes:
+    """The alert document as the bytes a hook receives when it has no template."""
+    return json.dumps(
+        alert_document(alert, fmt), ensure_ascii=False, separators=(",", ":")
+    ).encode()
