@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from relayaudit.config import Config, ReportConfig
 from relayaudit.errors import OutputError
-from relayaudit.export import render
+from relayaudit.export import find, render
 from relayaudit.html_page import page_from_stores
 from relayaudit.html_report import content_security_policy, render_html
 from relayaudit.metrics import Request, Response, Route
@@ -63,6 +64,8 @@ _CSV_HEADERS = (
     ("Content-Disposition", 'attachment; filename="relayaudit-report.csv"'),
     *_SECURITY,
 )
+_JSON_HEADERS = _SECURITY
+_FINDING_PATH = re.compile(r"/findings/(ra-[0-9a-f]{16})\.json")
 
 
 class Access(StrEnum):
@@ -129,11 +132,29 @@ class LiveReport:
     # -- the pages --------------------------------------------------------------------------------
 
     def routes(self) -> dict[str, Route]:
-        """`/` (HTML) and `/report.csv` for the metrics listener, each with its own 60 s."""
+        """`/` (HTML), `/report.csv` and `/findings/<id>.json` (one finding whole, what an
+        alert's `show` points to) for the metrics listener, each with its own 60 s."""
         return {
             "/": Route(self._html, deadline=WRITE_DEADLINE),
             "/report.csv": Route(self._csv, deadline=WRITE_DEADLINE),
+            "/findings/": Route(self._finding, deadline=WRITE_DEADLINE),
         }
+
+    async def _finding(self, request: Request) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        match = _FINDING_PATH.fullmatch(request.path)
+        if match is None:
+            return Response(
+                404,
+                b"not found: /findings/<finding id>.json, e.g. /findings/ra-0123456789abcdef.json\n",
+            )
+        shown = await asyncio.to_thread(find, [self.state_path], match[1])
+        if shown is None:
+            return Response(404, f"no finding {match[1]} in this shard's state store\n".encode())
+        body = shown.model_dump_json(indent=2).encode() + b"\n"
+        return Response(200, body, "application/json", _JSON_HEADERS)
 
     async def _html(self, request: Request) -> Response:
         refused = self._refused(request)

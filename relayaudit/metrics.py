@@ -431,7 +431,15 @@ class MetricsServer:
             except TimeoutError:
                 raise _Reject(408, "request head not received in time") from None
             self._connections[task] = False
-            route = self.routes.get(path)
+            route = self.routes.get(path) or next(
+                # a key ending in "/" (not the root) serves every path under it
+                (
+                    r
+                    for p, r in self.routes.items()
+                    if len(p) > 1 and p[-1] == "/" and path.startswith(p)
+                ),
+                None,
+            )
             if route is None:
                 status, body = self._route(method, path)
                 await self._respond(writer, status, body, head_only=method == "HEAD")

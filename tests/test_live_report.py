@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from relayaudit.config import Config, parse_config
 from relayaudit.live_report import Access, LiveReport, report_access
 from relayaudit.metrics import Metrics, MetricsServer
 from relayaudit.state import StateStore
+from relayaudit.verdict import FindingKind, finding_id
 
 TOKEN = "a" * 20 + "-report-token"
 
@@ -166,3 +168,27 @@ async def test_a_shards_page_says_it_shows_only_its_shard(tmp_path: Path) -> Non
     page, _ = await live.pages()
     assert b"Served live by the relayaudit daemon of shard 1/3" in page
     assert b"This page shows only this shard&#x27;s findings" in page
+
+
+async def test_one_finding_whole_as_json_under_the_same_access_rule(tmp_path: Path) -> None:
+    """`GET /findings/<id>.json`: what an alert's `show` points to, on the daemon's listener."""
+    path = _store(tmp_path)
+    fid = finding_id(FindingKind.OPEN_RELAY, "127.0.9.7", 25)
+    config = _config(tmp_path, token_file=True)
+    server = await _serve(_live(path, lambda: config))
+    try:
+        url = f"http://127.0.0.1:{server.port}/findings/{fid}.json"
+        status, _, _ = await asyncio.to_thread(_get, url)
+        assert status == 401  # the report's token, as for the page
+        status, headers, body = await asyncio.to_thread(_get, url, TOKEN)
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        shown = json.loads(body)
+        assert shown["finding"]["id"] == fid and shown["finding"]["transcript"]
+        assert shown["status"] == "new" and shown["changes"][0]["transition"] == "new"
+        for missing in (f"/findings/{'ra-' + '0' * 16}.json", "/findings/x.json", "/findings/"):
+            status, _, _ = await asyncio.to_thread(
+                _get, f"http://127.0.0.1:{server.port}{missing}", TOKEN
+            )
+            assert status == 404, missing
+    finally:
+        await server.stop()
