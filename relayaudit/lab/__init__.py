@@ -3,7 +3,8 @@
 # Used by `relayaudit demo`, the tests and bench/. The modules, each importing only those before
 # it: spec (what a listener is told), recipients (how a RCPT path resolves), tls, framing (lines,
 # DATA, paced replies), policy (what each behaviour answers to a RCPT), listener, session (the
-# SMTP commands), lab (the Lab class).
+# SMTP commands), lab (the Lab class). ticket_apis (HTTP stand-ins of the ticket APIs that the
+# alert templates call) stands apart: import it as relayaudit.lab.ticket_apis.
 
 from relayaudit.lab.lab import Lab
 from relayaudit.lab.recipients import RecipientKind, is_plain_address, resolve_recipient
