@@ -9,7 +9,7 @@ from `AlertV1` (python -m relayaudit.export schemas/) and tested like the findin
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +21,14 @@ from relayaudit.state import Alert
 from relayaudit.text import utc_time
 from relayaudit.verdict import Confidence, FindingKind, Severity
 
-__all__ = ["ALERT_SCHEMA_VERSION", "AlertV1", "alert_document", "alert_v1", "render_payload"]
+__all__ = [
+    "ALERT_SCHEMA_VERSION",
+    "AlertV1",
+    "alert_document",
+    "alert_v1",
+    "render_payload",
+    "sample_alert",
+]
 
 ALERT_SCHEMA_VERSION = 1
 AlertFormat = Literal["v1", "full"]
@@ -149,3 +156,35 @@ def render_payload(alert: Alert, fmt: AlertFormat = "v1") -> bytes:
     return json.dumps(
         alert_document(alert, fmt), ensure_ascii=False, separators=(",", ":")
     ).encode()
+
+
+def sample_alert(transition: Transition) -> AlertV1:
+    """A made-up alert of `transition` (192.0.2.25, a documentation address): what templates are
+    tried on when the config is loaded, so a missing `vars.NAME` shows then, not at resolve time."""
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    resolved = transition is Transition.RESOLVED
+    return AlertV1(
+        idempotency_key=f"ra-0000000000000000/{transition.value}/1",
+        transition=transition,
+        finding_id="ra-0000000000000000",
+        kind=FindingKind.OPEN_RELAY,
+        severity=Severity.CRITICAL,
+        previous_severity=Severity.HIGH if transition is Transition.SEVERITY_RAISED else None,
+        confidence=Confidence.HIGH,
+        status=FindingStatus.RESOLVED if resolved else FindingStatus.NEW,
+        address="192.0.2.25",
+        port=25,
+        endpoint="192.0.2.25:25",
+        server_name="mx.campus.example",
+        title="Open relay on 192.0.2.25:25",
+        summary="A sample alert: relays mail from outside to outside.",
+        first_seen=when,
+        last_seen=when,
+        resolved_at=when if resolved else None,
+        created=when,
+        sweep_id="sample",
+        shard="0/1",
+        approval_note=None,
+        evidence=("rcpt-plain (plain): <a@example.org> 250, <b@example.net> 250 -> accepted",),
+        show="relayaudit show ra-0000000000000000",
+    )

@@ -25,7 +25,13 @@ import aiosmtplib
 import structlog
 
 from relayaudit import child_environment
-from relayaudit.alert_doc import AlertFormat, alert_document, alert_v1, render_payload
+from relayaudit.alert_doc import (
+    AlertFormat,
+    alert_document,
+    alert_v1,
+    render_payload,
+    sample_alert,
+)
 from relayaudit.config import (
     IDEMPOTENCY_VARIABLE,
     AlertsConfig,
@@ -34,7 +40,7 @@ from relayaudit.config import (
     HookTemplate,
     WebhookHook,
 )
-from relayaudit.errors import RelayAuditError, StateError
+from relayaudit.errors import ConfigError, RelayAuditError, StateError
 from relayaudit.evidence import endpoint
 from relayaudit.records import Transition
 from relayaudit.state import Alert, OutboxItem, StateStore
@@ -360,7 +366,7 @@ async def webhook_request(
     message = f"webhook {origin}: HTTP {status} {_printable(reason.encode(), 80)}".rstrip()
     if 400 <= status < 500 and status not in (408, 429):
         # usually a wrong URL or credential; retried anyway, since receivers get fixed
-        message += " (client error: check the URL and credentials; will retry)"
+        message += " (client error: check the URL, the credentials and the body a template renders; will retry)"
     detail = _printable(body, _ERROR_BODY)
     if detail:
         message += f": {detail}"
@@ -628,6 +634,67 @@ class _Channel:
             # created: a retry would open a second ticket. Later alerts create again instead
             log.error("alert.ticket_ref_missing", key=alert.key, channel=self.name, error=str(exc))
             return None
+
+
+class _AnyTicket(dict[str, str]):
+    """`tickets` when templates are tried at load: every hook has a (made-up) ticket."""
+
+    def __missing__(self, key: str) -> str:
+        return "1"
+
+
+def check_templates(config: AlertsConfig) -> None:
+    """Render every hook's templates once per transition with a sample alert (load time), so a
+    template that fails on a missing `vars.NAME`, or renders a JSON body that is not JSON, is a
+    config error now, naming the hook and the file and line, instead of dead letters later."""
+    for kind in ("command", "webhook", "email"):
+        for i, hook in enumerate(getattr(config, kind)):
+            channel = _Channel(hook.name or kind, hook, config.format)
+            for transition in Transition:
+                context = {
+                    "alert": sample_alert(transition).model_dump(mode="json"),
+                    "document": sample_alert(transition).model_dump(mode="json"),
+                    "transition": transition.value,
+                    "ticket_ref": "1",
+                    "tickets": _AnyTicket(),
+                    "hook": channel.name,
+                    "vars": dict(hook.vars),
+                }
+                for key, text, name in _templates_of(hook):
+                    try:
+                        rendered = render_template(text, name, context)
+                    except TemplateError as exc:
+                        raise ConfigError(
+                            f"alerts.{kind}[{i}].{key}: template {exc} (tried on a sample "
+                            f"{transition.value} alert)"
+                        ) from None
+                    json_body = (
+                        isinstance(hook, WebhookHook)
+                        and key.endswith("template")
+                        and hook.content_type.split(";")[0].strip().endswith("json")
+                    )
+                    if json_body:
+                        try:
+                            json.loads(rendered)
+                        except ValueError as exc:
+                            raise ConfigError(
+                                f"alerts.{kind}[{i}].{key}: template {name} renders no JSON for "
+                                f"a sample {transition.value} alert ({exc})"
+                            ) from None
+
+
+def _templates_of(hook: CommandHook | WebhookHook | EmailHook) -> list[tuple[str, str, str]]:
+    """(config key, text, name) of every template a hook has, URL templates included."""
+    found = []
+    for key in ("template", "update_template", "resolve_template"):
+        template = getattr(hook, key, None)
+        if isinstance(template, HookTemplate):
+            found.append((key, template.text, template.path))
+    for key in ("url", "update_url", "resolve_url", "subject_template"):
+        text = getattr(hook, key, None)
+        if isinstance(text, str) and "{" in text:
+            found.append((key, text, key))
+    return found
 
 
 def _utcnow() -> datetime:

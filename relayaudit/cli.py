@@ -364,7 +364,10 @@ def _internal_error() -> int:
 
 
 def _config_check(path: Path) -> int:
+    from relayaudit.alerts import check_templates
+
     config = load_config(path)
+    check_templates(config.alerts)
     space = TargetSpace(config.targets, config.exclude, seed=config.seed)
     print(f"{path}: valid")
     print(f"  {'target range':40} {'addresses':>12}")

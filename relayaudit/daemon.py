@@ -17,7 +17,7 @@ import structlog
 # the sweep imports the SMTP client at its first open port (start-up time of a one-off sweep);
 # the daemon loads it now, so a package upgraded on disk later is never half-loaded
 import relayaudit.probe  # noqa: F401
-from relayaudit.alerts import Dispatcher
+from relayaudit.alerts import Dispatcher, check_templates
 from relayaudit.canary import CanaryReceiver, start_canary
 from relayaudit.config import Config, config_fingerprint, file_warnings, load_config
 from relayaudit.engine import Sweep, SweepStats, Watermark
@@ -112,6 +112,7 @@ class Daemon:
 
     async def run(self) -> int:
         self.config = load_config(self.config_path)
+        check_templates(self.config.alerts)  # a template failing on a sample alert: exit 78
         self.stopping = asyncio.Event()
         self._reload = asyncio.Event()
         shard_text = str(self.shard) if self.shard else "0/1"
@@ -217,6 +218,7 @@ class Daemon:
             self._findings_file.reopen()  # logrotate moved it: continue in a fresh file
         try:
             new = load_config(self.config_path)
+            check_templates(new.alerts)
         except ConfigError as exc:
             log.error(
                 "config.reload_rejected", error=str(exc), kept=config_fingerprint(self.config)

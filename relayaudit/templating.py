@@ -26,6 +26,8 @@ class TemplateError(Exception):
 
 def _json(value: object) -> str:
     """`{{ x | json }}`: a JSON value (string, number, object) for a request body."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined raises here: "'dict object' has no attribute 'x'"
     return json.dumps(value, ensure_ascii=False)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from cli_runner import run_main
 from factories import T0, observe
 from http_stub import listen, read_request
 from test_alerts import raise_alerts, relay_finding
@@ -25,7 +26,7 @@ from relayaudit import demo
 from relayaudit.alert_doc import alert_document, alert_v1, render_payload
 from relayaudit.alerts import Dispatcher, json_pointer, ticket_ref_of
 from relayaudit.config import AlertsConfig, load_config, parse_config
-from relayaudit.errors import ConfigError
+from relayaudit.errors import ConfigError, ExitCode
 from relayaudit.progress import SweepStats
 from relayaudit.records import FindingRecord
 from relayaudit.state import SCHEMA_VERSION, Alert, StateStore
@@ -394,3 +395,30 @@ def demo_findings(tmp: Path) -> list[Any]:
         for line in out.read_text(encoding="utf-8").splitlines()
     ]
     return [Finding(**{k: getattr(r, k) for k in Finding.model_fields}) for r in records]
+
+
+def test_templates_are_tried_on_sample_alerts_when_the_config_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a vars.NAME only the resolved branch uses, missing: before, it failed days later, at the
+    # first resolved alert, and retried into a dead letter
+    path = write_config(tmp_path, desk_hook("desk", 9))
+    (tmp_path / "resolve.j2").write_text(
+        '{"status": {{ vars.resolved_status | json }}}', encoding="utf-8"
+    )
+    code, out, err = run_main(capsys, "config", "check", str(path))
+    assert code == ExitCode.CONFIG and out == ""
+    assert err.startswith(
+        f"relayaudit: alerts.webhook[0].resolve_template: template {tmp_path / 'resolve.j2'}: "
+        "line 1: 'dict object' has no attribute 'resolved_status' (tried on a sample new alert)"
+    ), err
+    (tmp_path / "resolve.j2").write_text('{"status": {{ vars.resolved_status }}', encoding="utf-8")
+    path.write_text(
+        path.read_text(encoding="utf-8").replace(
+            'resolve_template = "resolve.j2"',
+            'resolve_template = "resolve.j2"\nvars = { resolved_status = "done" }',
+        ),
+        encoding="utf-8",
+    )
+    code, _, err = run_main(capsys, "config", "check", str(path))
+    assert code == ExitCode.CONFIG and "renders no JSON for a sample new alert" in err, err
