@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alert_flow import deliver
 from rt_lab import RTNAME, MailgateResult, RtServer
 from smtp_sink import serve_smtp
 from test_tickets import new_raised_resolved
 
-from relayaudit.alerts import Dispatcher
 from relayaudit.config import AlertsConfig, load_config
 from relayaudit.state import StateStore
 
@@ -75,15 +75,6 @@ update_template = "rt-comment.json.j2"
     return load_config(path).alerts
 
 
-async def deliver(store: StateStore, config: AlertsConfig) -> None:
-    dispatcher = Dispatcher(store, config)
-    async with asyncio.timeout(60):
-        while store.outbox_counts()["pending"]:
-            if await dispatcher.run_once() == 0:
-                await asyncio.sleep(0.05)
-    assert store.outbox_counts()["dead"] == 0
-
-
 async def test_rest2_new_raised_resolved_is_one_ticket_commented_then_resolved(
     tmp_path: Path, rt: RtServer
 ) -> None:
@@ -91,7 +82,8 @@ async def test_rest2_new_raised_resolved_is_one_ticket_commented_then_resolved(
     with StateStore(tmp_path / "state.sqlite", resolve_after=2) as store:
         store.set_channels(["rt"])
         new, _, _ = new_raised_resolved(store)
-        await deliver(store, config)
+        await deliver(store, config, timeout=60)
+        assert store.outbox_counts()["dead"] == 0
         assert store.ticket_refs(new.finding.id) == {"rt": "1"}
     tickets = await asyncio.to_thread(rt.tickets)
     assert tickets == [(1, f"relayaudit: {new.finding.title}", "resolved")]
@@ -124,7 +116,8 @@ subject_template = "[{RTNAME} #{{{{ tickets.rt }}}}] {{{{ alert.title }}}}"
     with StateStore(tmp_path / "state.sqlite", resolve_after=2) as store:
         store.set_channels(["rt", "rt-mail"])
         new_raised_resolved(store)
-        await deliver(store, config)
+        await deliver(store, config, timeout=60)
+        assert store.outbox_counts()["dead"] == 0
     assert len(gate.results) == 3 and all(r.accepted for r in gate.results), gate.results
     assert all(s.startswith(f"[{RTNAME} #1] ") for s in gate.subjects), gate.subjects
     tickets = await asyncio.to_thread(rt.tickets)
@@ -158,7 +151,8 @@ to = ["rt@{RTNAME}"]
     with StateStore(tmp_path / "state.sqlite", resolve_after=2) as store:
         store.set_channels(["email"])
         new_raised_resolved(store)
-        await deliver(store, config)
+        await deliver(store, config, timeout=60)
+        assert store.outbox_counts()["dead"] == 0
     assert len(gate.results) == 3 and all(r.accepted for r in gate.results)
     tickets = await asyncio.to_thread(rt.tickets)
     assert len(tickets) == 3, tickets

@@ -11,23 +11,22 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+from alert_flow import deliver, sweep_days
 from cli_runner import run_main
-from factories import T0, observe
+from factories import observe
 from http_stub import listen, read_request
-from test_alerts import raise_alerts, relay_finding
+from test_alerts import raise_alerts
 
 from relayaudit import demo
 from relayaudit.alert_doc import alert_document, alert_v1, render_payload
 from relayaudit.alerts import Dispatcher, json_pointer, ticket_ref_of
-from relayaudit.config import AlertsConfig, load_config, parse_config
+from relayaudit.config import load_config, parse_config
 from relayaudit.errors import ConfigError, ExitCode
-from relayaudit.progress import SweepStats
 from relayaudit.records import FindingRecord
 from relayaudit.state import SCHEMA_VERSION, Alert, StateStore
 from relayaudit.verdict import Finding, Severity, Verdict, VerdictStatus
@@ -131,29 +130,11 @@ def write_config(tmp: Path, hooks: str) -> Path:
     return path
 
 
-def new_raised_resolved(store: StateStore, port: int = 25) -> list[Alert]:
+def new_raised_resolved(store: StateStore) -> list[Alert]:
     """A relay seen (medium), seen worse (critical), then gone for two sweeps: three alerts."""
-    alerts: list[Alert] = []
-    for day, severity in enumerate([Severity.MEDIUM, Severity.CRITICAL, None, None]):
-        when = T0 + timedelta(days=day)
-        record = store.begin_sweep(shard="0/1", config_fingerprint="fp", total=1)
-        if severity is not None:
-            seen = observe(relay_finding(port, severity, when), port=port, when=when)
-        else:
-            seen = observe(port=port, when=when, status=VerdictStatus.RELAY_REFUSED)
-        alerts += store.record(record.id, *seen)
-        store.complete_sweep(record.id, SweepStats())
+    alerts = sweep_days(store, [Severity.MEDIUM, Severity.CRITICAL, None, None])
     assert [a.transition.value for a in alerts] == ["new", "severity-raised", "resolved"]
     return alerts
-
-
-async def deliver(store: StateStore, config: AlertsConfig) -> None:
-    """Run the dispatcher until the outbox is empty (retries included), for at most 20 s."""
-    dispatcher = Dispatcher(store, config)
-    async with asyncio.timeout(20):
-        while store.outbox_counts()["pending"]:
-            if await dispatcher.run_once() == 0:
-                await asyncio.sleep(0.02)  # a failure: its retry is due in backoff_initial
 
 
 async def test_new_raised_resolved_touch_one_ticket_and_leave_it_resolved(
