@@ -276,6 +276,12 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start a loopback lab of SMTP servers and sweep it")
     d.add_argument("--output", type=Path, help="findings file (default: a temporary directory)")
     d.add_argument("--report", type=Path, metavar="PATH", help=_REPORT_HELP)
+    d.add_argument(
+        "--hooks",
+        action="store_true",
+        help="also send the alerts to loopback stand-ins of Jira, TheHive, ServiceNow and a chat, "
+        "with the templates relayaudit ships, and show the tickets they opened",
+    )
     return p
 
 
@@ -335,7 +341,7 @@ def _main(argv: Sequence[str] | None) -> int:
             from relayaudit.demo import run_demo
 
             report_format(args.report)  # a bad suffix is an error before the lab starts
-            return eventloop.run(run_demo(args.output, report=args.report))
+            return eventloop.run(run_demo(args.output, report=args.report, hooks=args.hooks))
     except RelayAuditError as exc:
         print(f"relayaudit: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -7,11 +7,13 @@ import contextlib
 import ipaddress
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
+from relayaudit.alerts import Dispatcher, channel_names, check_templates
 from relayaudit.canary import CanaryReceiver
-from relayaudit.config import Config, parse_config
-from relayaudit.engine import SweepStats, sweep
+from relayaudit.config import AlertsConfig, Config, config_fingerprint, parse_config
+from relayaudit.engine import Sink, SweepStats, sweep
 from relayaudit.errors import TemporaryError, UsageError
 from relayaudit.evidence import endpoint
 from relayaudit.export import format_of, from_sweep, render
@@ -19,6 +21,7 @@ from relayaudit.files import write_text
 from relayaudit.html_page import SMTP_STATUSES, Service, page_from_sweep
 from relayaudit.html_report import render_html
 from relayaudit.lab import Behaviour, Lab, ServerSpec
+from relayaudit.lab.ticket_apis import StandIn, hooks_for, start_all
 from relayaudit.report import (
     FindingBrief,
     approval_text,
@@ -27,6 +30,7 @@ from relayaudit.report import (
     terminal_width,
 )
 from relayaudit.sinks import Collector, FindingsFile
+from relayaudit.state import StateSink, StateStore
 from relayaudit.text import clip, visible
 
 __all__ = ["DEMO_LAB", "demo_config", "demo_lab", "report_text", "run_demo"]
@@ -129,7 +133,7 @@ def report_text(
     return render_html(page)
 
 
-async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
+async def run_demo(output: Path | None, *, report: Path | None = None, hooks: bool = False) -> int:
     findings_path = output or Path(tempfile.mkdtemp(prefix="relayaudit-demo-")) / "findings.jsonl"
     if report is None and output is None:
         report = findings_path.with_name("report.html")  # beside the findings, in the temp dir
@@ -151,13 +155,21 @@ async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
             )
         except OSError as exc:  # the lab's fixed addresses: taken, or not on this host
             raise TemporaryError(f"demo: {exc.strerror or exc}") from None
+        desk = (
+            await started.enter_async_context(TicketDesks(findings_path.parent)) if hooks else None
+        )
         print(
             "demo: sweeping with confirmation mode on (canary messages go only to the receiver above)\n"
         )
         try:
-            stats = await sweep(config, sinks=[collector, sink], canary=canary)
+            sinks: list[Sink] = [collector, sink]
+            if desk is not None:
+                sinks.append(desk.begin(config))
+            stats = await sweep(config, sinks=sinks, canary=canary)
         finally:
             sink.close()
+        if desk is not None:
+            await desk.deliver(stats)
     width = terminal_width()
     lead = " " * 50  # the summary column: 22 + 1 + 26 + 1
     room = None if width is None else max(24, width - len(lead))
@@ -190,5 +202,86 @@ async def run_demo(output: Path | None, *, report: Path | None = None) -> int:
         except OSError as exc:
             raise UsageError(f"--report: cannot write {str(report)!r}: {exc.strerror}") from None
         print(f"report: {report}")
+    if desk is not None:
+        print("\n" + "\n".join(desk.lines))
     print("demo: lab stopped", file=sys.stderr)
     return 0
+
+
+class TicketDesks:
+    """`demo --hooks`: loopback stand-ins of Jira, TheHive, ServiceNow and a chat, sent the
+    sweep's alerts with the templates relayaudit ships, by the daemon's own dispatcher."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.apis: list[StandIn] = []
+        self.store: StateStore | None = None
+        self.alerts: AlertsConfig | None = None
+        self.sweep_id = ""
+        self.lines: list[str] = []  # what deliver() did, for after the lab is stopped
+
+    async def __aenter__(self) -> TicketDesks:
+        self.apis = await start_all()
+        data = tomllib.loads('[alerts]\nbackoff_initial = "0.2s"\n' + hooks_for(self.apis))
+        self.alerts = parse_config(
+            {"scope": ["127.0.0.0/8"], "targets": [DEMO_NET], **data}, source="(demo --hooks)"
+        ).alerts
+        check_templates(self.alerts)
+        self.store = StateStore(self.directory / "demo-state.sqlite")
+        self.store.open()
+        self.store.set_channels(channel_names(self.alerts))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.store is not None:
+            self.store.close()
+        for api in self.apis:
+            await api.stop()
+
+    def begin(self, config: Config) -> StateSink:
+        assert self.store is not None
+        record = self.store.begin_sweep(
+            shard="0/1", config_fingerprint=config_fingerprint(config), total=len(DEMO_LAB)
+        )
+        self.sweep_id = record.id
+        return StateSink(self.store, record.id)
+
+    async def deliver(self, stats: SweepStats) -> None:
+        """Every alert to every stand-in, retries included, for at most 30 s."""
+        assert self.store is not None and self.alerts is not None
+        self.store.complete_sweep(self.sweep_id, stats)
+        dispatcher = Dispatcher(self.store, self.alerts)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                while self.store.outbox_counts()["pending"]:
+                    if await dispatcher.run_once() == 0:
+                        await asyncio.sleep(0.1)
+        self.lines = self.summary()
+
+    def summary(self) -> list[str]:
+        assert self.store is not None
+        counts = self.store.outbox_counts()
+        lines = [
+            f"alert hooks (--hooks): {counts['sent']} deliveries sent, {counts['pending']} "
+            f"pending, {counts['dead']} dead, to loopback stand-ins of these APIs, with the "
+            "templates relayaudit ships:"
+        ]
+        for api in self.apis:
+            made = [t for t in api.tickets.values()]
+            what = (
+                f"{len(made)} ticket(s)"
+                if made
+                else f"{len(getattr(api, 'messages', []))} message(s)"
+            )
+            lines.append(f"  {api.name:11} {api.url:24} {what}, {len(api.requests)} request(s)")
+            for ticket in made[:3]:
+                title = (
+                    ticket.fields.get("summary")
+                    or ticket.fields.get("title")
+                    or ticket.fields.get("short_description")
+                    or ""
+                )
+                lines.append(f"    {ticket.id}: {clip(visible(str(title)), 70)} [{ticket.status}]")
+            if len(made) > 3:
+                lines.append(f"    ... and {len(made) - 3} more")
+        return lines

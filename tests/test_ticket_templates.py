@@ -19,6 +19,11 @@ from relayaudit.alerts import channel_names
 from relayaudit.config import SHIPPED_TEMPLATES, AlertsConfig, load_config
 from relayaudit.errors import ConfigError
 from relayaudit.lab.ticket_apis import (
+    HIVE_KEY,
+    JIRA_TOKEN,
+    JIRA_USER,
+    SNOW_PASSWORD,
+    SNOW_USER,
     ChatStandIn,
     GenericStandIn,
     JiraStandIn,
@@ -27,6 +32,10 @@ from relayaudit.lab.ticket_apis import (
     StandIn,
     TheHiveStandIn,
     basic_auth,
+    chat_hook,
+    jira_hook,
+    servicenow_hook,
+    thehive_hook,
 )
 from relayaudit.records import Transition
 from relayaudit.state import Alert, StateStore
@@ -35,72 +44,10 @@ from relayaudit.verdict import Severity
 
 pytestmark = pytest.mark.time_limit(30)
 
-JIRA_USER, JIRA_TOKEN = "relayaudit@campus.test", "jira-api-token-lab"
-HIVE_KEY = "thehive-api-key-lab"
-SNOW_USER, SNOW_PASSWORD = "relayaudit.integration", "snow-password-lab"
 NEW_RAISED_RESOLVED = [Severity.MEDIUM, Severity.CRITICAL, None, None]
 
 
 # -- configs: what docs/alerts.md tells an operator to write, pointed at a stand-in -------------
-
-
-def jira_hook(api: StandIn, *, name: str = "jira", project: str = "SEC", to: str = "31") -> str:
-    issue = f"{api.url}/rest/api/2/issue"
-    return f"""
-[[alerts.webhook]]
-name = "{name}"
-url = "{issue}"
-username = "{JIRA_USER}"
-password = "{JIRA_TOKEN}"
-template = "jira-create.json.j2"
-vars = {{ project = "{project}", resolve_transition = "{to}" }}
-ticket_ref = "/key"
-update_url = "{issue}/{{{{ ticket_ref }}}}/comment"
-update_template = "jira-comment.json.j2"
-resolve_url = "{issue}/{{{{ ticket_ref }}}}/transitions"
-resolve_template = "jira-resolve.json.j2"
-"""
-
-
-def thehive_hook(api: StandIn) -> str:
-    return f"""
-[[alerts.webhook]]
-name = "thehive"
-url = "{api.url}/api/v1/alert"
-token = "{HIVE_KEY}"
-template = "thehive-alert.json.j2"
-ticket_ref = "/_id"
-update_url = "{api.url}/api/v1/alert/{{{{ ticket_ref }}}}"
-update_method = "PATCH"
-update_template = "thehive-update.json.j2"
-"""
-
-
-def servicenow_hook(api: StandIn) -> str:
-    table = f"{api.url}/api/now/table/incident"
-    return f"""
-[[alerts.webhook]]
-name = "servicenow"
-url = "{table}"
-username = "{SNOW_USER}"
-password = "{SNOW_PASSWORD}"
-template = "servicenow-incident.json.j2"
-vars = {{ assignment_group = "ISO" }}
-ticket_ref = "/result/sys_id"
-update_url = "{table}/{{{{ ticket_ref }}}}"
-update_method = "PATCH"
-update_template = "servicenow-update.json.j2"
-"""
-
-
-def chat_hook(api: StandIn) -> str:
-    assert isinstance(api, ChatStandIn)
-    return f"""
-[[alerts.webhook]]
-name = "chat"
-url = "{api.url}{api.path}"
-template = "chat-message.json.j2"
-"""
 
 
 def write_config(directory: Path, hooks: str) -> Path:

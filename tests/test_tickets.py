@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import sqlite3
 from collections import defaultdict
@@ -403,3 +404,17 @@ def test_templates_are_tried_on_sample_alerts_when_the_config_loads(
     )
     code, _, err = run_main(capsys, "config", "check", str(path))
     assert code == ExitCode.CONFIG and "renders no JSON for a sample new alert" in err, err
+
+
+def test_demo_with_hooks_sends_its_alerts_to_every_stand_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = asyncio.run(demo.run_demo(tmp_path / "f.jsonl", report=tmp_path / "r.md", hooks=True))
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = re.search(r"alert hooks \(--hooks\): (\d+) deliveries sent, 0 pending, 0 dead", out)
+    assert summary is not None, out
+    for api in ("jira", "thehive", "servicenow"):
+        assert re.search(rf"^  {api} +http://127\.0\.0\.1:\d+ +\d+ ticket\(s\)", out, re.M), out
+    assert re.search(r"^  chat +http://127\.0\.0\.1:\d+ +\d+ message\(s\)", out, re.M)
+    assert int(summary[1]) % 4 == 0  # each alert went to the four stand-ins

@@ -31,6 +31,11 @@ from pydantic import ValidationError
 from relayaudit.alert_doc import AlertV1
 
 __all__ = [
+    "HIVE_KEY",
+    "JIRA_TOKEN",
+    "JIRA_USER",
+    "SNOW_PASSWORD",
+    "SNOW_USER",
     "ChatStandIn",
     "GenericStandIn",
     "JiraStandIn",
@@ -41,6 +46,12 @@ __all__ = [
     "TheHiveStandIn",
     "Ticket",
     "basic_auth",
+    "chat_hook",
+    "hooks_for",
+    "jira_hook",
+    "servicenow_hook",
+    "start_all",
+    "thehive_hook",
 ]
 
 HOST: Final = "127.0.0.1"
@@ -668,3 +679,94 @@ class GenericStandIn(StandIn):
             raise Refused(400, f"not an alert v1: {exc.errors()[0]['msg']}") from None
         self.documents.append(alert)
         return 200, {"received": alert.idempotency_key}
+
+
+# -- hooks for the stand-ins: what docs/alerts.md tells an operator to write, pointed here -----
+
+# the stand-ins' own credentials: throw-away values that exist only on loopback
+JIRA_USER, JIRA_TOKEN = "relayaudit@campus.test", "jira-api-token-lab"
+HIVE_KEY = "thehive-api-key-lab"
+SNOW_USER, SNOW_PASSWORD = "relayaudit.integration", "snow-password-lab"
+
+
+def jira_hook(api: StandIn, *, name: str = "jira", project: str = "SEC", to: str = "31") -> str:
+    issue = f"{api.url}/rest/api/2/issue"
+    return f"""
+[[alerts.webhook]]
+name = "{name}"
+url = "{issue}"
+username = "{JIRA_USER}"
+password = "{JIRA_TOKEN}"
+template = "jira-create.json.j2"
+vars = {{ project = "{project}", resolve_transition = "{to}" }}
+ticket_ref = "/key"
+update_url = "{issue}/{{{{ ticket_ref }}}}/comment"
+update_template = "jira-comment.json.j2"
+resolve_url = "{issue}/{{{{ ticket_ref }}}}/transitions"
+resolve_template = "jira-resolve.json.j2"
+"""
+
+
+def thehive_hook(api: StandIn) -> str:
+    return f"""
+[[alerts.webhook]]
+name = "thehive"
+url = "{api.url}/api/v1/alert"
+token = "{HIVE_KEY}"
+template = "thehive-alert.json.j2"
+ticket_ref = "/_id"
+update_url = "{api.url}/api/v1/alert/{{{{ ticket_ref }}}}"
+update_method = "PATCH"
+update_template = "thehive-update.json.j2"
+"""
+
+
+def servicenow_hook(api: StandIn) -> str:
+    table = f"{api.url}/api/now/table/incident"
+    return f"""
+[[alerts.webhook]]
+name = "servicenow"
+url = "{table}"
+username = "{SNOW_USER}"
+password = "{SNOW_PASSWORD}"
+template = "servicenow-incident.json.j2"
+vars = {{ assignment_group = "ISO" }}
+ticket_ref = "/result/sys_id"
+update_url = "{table}/{{{{ ticket_ref }}}}"
+update_method = "PATCH"
+update_template = "servicenow-update.json.j2"
+"""
+
+
+def chat_hook(api: StandIn) -> str:
+    assert isinstance(api, ChatStandIn)
+    return f"""
+[[alerts.webhook]]
+name = "chat"
+url = "{api.url}{api.path}"
+template = "chat-message.json.j2"
+"""
+
+
+async def start_all() -> list[StandIn]:
+    """A Jira, a TheHive, a ServiceNow and a chat stand-in, started (`relayaudit demo --hooks`)."""
+    apis: list[StandIn] = [
+        JiraStandIn(authorization=basic_auth(JIRA_USER, JIRA_TOKEN)),
+        TheHiveStandIn(authorization=f"Bearer {HIVE_KEY}"),
+        ServiceNowStandIn(authorization=basic_auth(SNOW_USER, SNOW_PASSWORD)),
+        ChatStandIn(),
+    ]
+    for api in apis:
+        await api.start()
+    return apis
+
+
+def hooks_for(apis: list[StandIn]) -> str:
+    """The [[alerts.webhook]] tables of the shipped templates, pointed at these stand-ins."""
+    make = {
+        "jira": jira_hook,
+        "thehive": thehive_hook,
+        "servicenow": servicenow_hook,
+        "chat": chat_hook,
+    }
+    return "".join(make[api.name](api) for api in apis)
