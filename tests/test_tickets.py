@@ -418,3 +418,27 @@ def test_demo_with_hooks_sends_its_alerts_to_every_stand_in(
         assert re.search(rf"^  {api} +http://127\.0\.0\.1:\d+ +\d+ ticket\(s\)", out, re.M), out
     assert re.search(r"^  chat +http://127\.0\.0\.1:\d+ +\d+ message\(s\)", out, re.M)
     assert int(summary[1]) % 4 == 0  # each alert went to the four stand-ins
+
+
+async def test_an_alert_of_a_finding_whose_create_died_creates_the_ticket(
+    tmp_path: Path, desk: TicketDesk
+) -> None:
+    config = load_config(write_config(tmp_path, desk_hook("desk", desk.port))).alerts.model_copy(
+        update={"max_attempts": 1}
+    )
+    with StateStore(tmp_path / "state.sqlite", resolve_after=2) as store:
+        store.set_channels(["desk"])
+        new = sweep_days(store, [Severity.MEDIUM])
+        desk.fail_creates = 1
+        await deliver(store, config)
+        assert store.outbox_counts()["dead"] == 1 and store.ticket_refs(new[0].finding.id) == {}
+        sweep_days(store, [Severity.CRITICAL, None, None], first_day=1)  # raised, resolved
+        await deliver(store, config)
+        assert store.ticket_refs(new[0].finding.id) == {"desk": "1"}
+    # the severity-raised alert created the ticket; the resolved one resolved that ticket
+    assert [(m, p) for m, p, _ in desk.requests] == [
+        ("POST", "/tickets"),
+        ("POST", "/tickets"),
+        ("PUT", "/tickets/1"),
+    ]
+    assert len(desk.tickets) == 1 and desk.tickets["1"]["status"] == "resolved"
