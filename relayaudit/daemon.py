@@ -28,6 +28,7 @@ from relayaudit.live_report import LiveReport
 from relayaudit.logs import LogHandle, configure_logging
 from relayaudit.metrics import Metrics, MetricsServer
 from relayaudit.schedule import Schedule, local_zone
+from relayaudit.sdnotify import Notifier
 from relayaudit.sinks import FindingsFile
 from relayaudit.state import Alert, StateSink, StateStore
 from relayaudit.targets import Shard
@@ -37,6 +38,9 @@ __all__ = ["Daemon", "raise_open_file_limit", "worker_count"]
 
 STOP_GRACE = 10.0  # seconds a stop may take before in-flight probes are abandoned
 CHECKPOINT_EVERY = 2.0
+HEARTBEAT = 1.0  # seconds between the event loop's heartbeat ticks (/livez, systemd's watchdog)
+LIVE_WITHIN = 30.0  # /livez fails when the loop has not ticked for this long
+STATUS_EVERY = 5.0  # seconds between sweep progress STATUS= notifications to systemd
 
 log = structlog.get_logger("relayaudit")
 
@@ -103,6 +107,9 @@ class Daemon:
     _last_completed: datetime | None = None
     _rng: random.Random = field(default_factory=random.Random)
     _started_at: float = field(default_factory=time.time)
+    _notifier: Notifier = field(default_factory=Notifier)  # systemd's notify socket, if any
+    _beat: float = field(default_factory=time.monotonic)  # the heartbeat task's last tick
+    _status_at: float = 0.0  # when STATUS last went to systemd (progress is throttled)
     _dispatcher_task: asyncio.Task[None] | None = None
     _dispatcher: Dispatcher | None = None
     _dead_counted: int = 0
@@ -135,6 +142,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
         metrics_server = await self._start_metrics()
         self._start_dispatcher()
+        heartbeat = asyncio.create_task(self._heartbeat())
         log.info(
             "daemon.start",
             config=str(self.config_path),
@@ -144,9 +152,14 @@ class Daemon:
             event_loop=loop_name(loop),
         )
         _log_warnings(self.config_path, self.config)
+        self._notifier.ready(f"started (shard {shard_text}); waiting for the first sweep")
         try:
             await self._loop(open_files)
         finally:
+            self._notifier.stopping("stopping: finishing deliveries")
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
             await self._stop_dispatcher()
             if metrics_server is not None:
                 await metrics_server.stop()
@@ -187,13 +200,44 @@ class Daemon:
             return None
         routes = self._live.routes() if self._live is not None else None
         server = MetricsServer(
-            self._metrics, cfg.listen[0], cfg.listen[1], health=self._health, routes=routes
+            self._metrics,
+            cfg.listen[0],
+            cfg.listen[1],
+            health=self._health,
+            live=self._live_check,
+            routes=routes,
         )
         try:
             await server.start()
         except OSError as exc:
             raise listen_error("metrics.listen", cfg.listen[0], cfg.listen[1], exc) from None
         return server
+
+    async def _heartbeat(self) -> None:
+        """Ticks while the event loop runs: /livez reads it, and systemd's watchdog gets its
+        WATCHDOG=1 from here (a loop blocked for the watchdog's time gets the daemon restarted)."""
+        watchdog = self._notifier.watchdog
+        period = min(HEARTBEAT, watchdog / 3) if watchdog else HEARTBEAT
+        while True:
+            self._beat = time.monotonic()
+            if watchdog:
+                self._notifier.ping()
+            await asyncio.sleep(period)
+
+    def _live_check(self) -> tuple[bool, str]:
+        """/livez: the process answers, and its event loop ticked within LIVE_WITHIN seconds."""
+        age = time.monotonic() - self._beat
+        if age > LIVE_WITHIN:
+            return False, f"the event loop last ticked {age:.0f}s ago"
+        return True, f"alive (loop ticked {age:.1f}s ago)"
+
+    def _status(self, text: str, *, throttle: bool = False) -> None:
+        """STATUS= for `systemctl status`; progress at most every STATUS_EVERY seconds."""
+        now = time.monotonic()
+        if throttle and now - self._status_at < STATUS_EVERY:
+            return
+        self._status_at = now
+        self._notifier.status(text)
 
     def _health(self) -> tuple[bool, str]:
         window = (
@@ -272,6 +316,7 @@ class Daemon:
                     datetime.now(UTC), last_started=last_started, rng=self._rng
                 )
                 log.info("sweep.scheduled", at=when.isoformat())
+                self._status(f"idle: next sweep at {when.isoformat(timespec='seconds')}")
                 if not await self._wait_until(when):
                     break
                 fingerprint = config_fingerprint(self.config)  # reloaded while waiting?
@@ -325,6 +370,7 @@ class Daemon:
 
         def progress(done: int, of: int) -> None:
             self._metrics.sweep_progress(done, of)
+            self._status(f"sweeping: {done} of {of} hosts (sweep {sweep_id})", throttle=True)
 
         async def checkpoints() -> None:
             while True:
@@ -381,6 +427,9 @@ class Daemon:
         elapsed = time.monotonic() - started
         self._metrics.sweep_completed(duration=elapsed, finished_at=time.time())
         await self._refresh_gauges()
+        self._status(
+            f"sweep {sweep_id} done in {elapsed:.0f}s: {stats.hosts} hosts, {stats.relays} relay(s)"
+        )
         log.info(
             "sweep.summary",
             hosts=stats.hosts,

@@ -1,4 +1,4 @@
-"""Prometheus text metrics (a tiny dependency-free registry) and the /metrics + /healthz server.
+"""Prometheus text metrics (a tiny dependency-free registry) and the /metrics, /livez, /readyz and /healthz server.
 
 The server also answers the routes it is given (the daemon's report pages), under the same
 limits on connections and request heads, each with its own write deadline.
@@ -345,6 +345,7 @@ class MetricsServer:
         port: int,
         *,
         health: Callable[[], tuple[bool, str]],
+        live: Callable[[], tuple[bool, str]] | None = None,
         read_deadline: float = 5.0,
         write_deadline: float = 5.0,
         max_head: int = 8192,
@@ -356,6 +357,7 @@ class MetricsServer:
         self.host = host
         self.requested_port = port
         self.health = health
+        self.live = live or (lambda: (True, "alive"))
         self.read_deadline = read_deadline
         self.write_deadline = write_deadline
         self.max_head = max_head
@@ -514,13 +516,16 @@ class MetricsServer:
     def _route(self, method: str, path: str) -> tuple[int, str]:
         if path == "/metrics":
             return 200, self.metrics.render()
-        if path == "/healthz":
+        # /livez: the process and its event loop are alive (a liveness probe restarts it if not);
+        # /readyz and /healthz: a sweep completed within its interval (readiness, alerting)
+        check = {"/livez": self.live, "/readyz": self.health, "/healthz": self.health}.get(path)
+        if check is not None:
             try:
-                ok, reason = self.health()
+                ok, reason = check()
             except Exception as exc:  # a broken check is an unhealthy daemon
                 return 503, f"health check failed: {type(exc).__name__}\n"
             return (200, f"ok {reason}\n") if ok else (503, f"{reason}\n")
-        return 404, "not found: try /metrics or /healthz\n"
+        return 404, "not found: try /metrics, /livez, /readyz or /healthz\n"
 
     async def _respond(
         self, writer: asyncio.StreamWriter, status: int, body: str, *, head_only: bool

@@ -204,8 +204,10 @@ def test_probes_and_metrics_port_match_the_config(
     assert k8s_config.metrics.enabled
     assert host == "0.0.0.0", "probes and Prometheus connect to the pod IP, not loopback"
     assert port == {"name": "metrics", "containerPort": listen_port, "protocol": "TCP"}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # liveness: the loop is alive (a slow sweep must not get the pod killed); readiness: sweeps
+    # complete in time
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     svc = _find(manifests, "Service", sts["spec"]["serviceName"])
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["ports"][0]["name"] == "metrics"
@@ -387,6 +389,9 @@ def test_unit_has_the_hardening_and_lifecycle_keys(unit: dict[str, list[str]]) -
         "LogsDirectory": "relayaudit",
         "ConfigurationDirectory": "relayaudit",
         "ExecReload": "/bin/kill -HUP $MAINPID",
+        "Type": "notify",  # READY, STATUS, WATCHDOG and STOPPING from the daemon itself
+        "NotifyAccess": "main",
+        "WatchdogSec": "60s",
         "Restart": "on-failure",
         # a config error (78) or a usage error (2) is not restarted into a loop
         "RestartPreventExitStatus": f"{ExitCode.USAGE} {ExitCode.CONFIG}",

@@ -17,6 +17,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             {
                 "errors",
                 "files",
+                "sdnotify",
                 "templating",
                 "settings",
                 "evidence",
