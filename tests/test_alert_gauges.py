@@ -49,8 +49,8 @@ async def test_alert_gauges_follow_deliveries_between_sweeps(
         "backoff_max": "1s",
         "max_attempts": 3,
         "command": [
-            {"argv": [sys.executable, "-c", GATED, str(gate)]},
-            {"argv": [sys.executable, "-c", ALWAYS_FAILS]},
+            {"name": "gated", "argv": [sys.executable, "-c", GATED, str(gate)]},
+            {"name": "broken", "argv": [sys.executable, "-c", ALWAYS_FAILS]},
         ],
     }
     cfg = write_config(tmp_path / "relayaudit.toml", data)
