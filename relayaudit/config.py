@@ -737,11 +737,16 @@ class DeployConfig(_Model):
 
 
 class LoggingConfig(_Model):
-    """structlog JSON lines: a file (reopened on SIGHUP for logrotate) and/or stdout."""
+    """structlog JSON lines: a file (reopened on SIGHUP for logrotate) and/or stdout.
+
+    `format`: "json", relayaudit's own lines, or "ecs", the same events in Elastic Common
+    Schema fields (relayaudit/ecs.py, docs/logging.md).
+    """
 
     file: FilePath | None = None
     stdout: StrictBool = True
     level: str = "info"
+    format: Literal["json", "ecs"] = "json"
 
     @field_validator("level")
     @classmethod

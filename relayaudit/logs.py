@@ -1,11 +1,15 @@
-"""structlog setup: JSON lines to a file (reopenable for logrotate) and/or stdout, with secrets redacted."""
+"""structlog setup: JSON or ECS lines to a file (reopenable for logrotate) and/or stdout (with
+syslog priority prefixes when stdout is journald), with secrets redacted."""
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
+import os
 import re
+import socket
 import sys
 import threading
 from collections.abc import Mapping, MutableMapping
@@ -15,13 +19,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
+from relayaudit.ecs import EcsFormatter
 from relayaudit.errors import ConfigError
 from relayaudit.files import open_text_append
 
 if TYPE_CHECKING:
     from relayaudit.config import LoggingConfig
 
-__all__ = ["REDACTED", "LogHandle", "configure_logging", "redact_secrets"]
+__all__ = ["REDACTED", "LogHandle", "configure_logging", "journal_priority", "redact_secrets"]
 
 REDACTED = "<redacted>"
 
@@ -43,6 +48,12 @@ _MAX_DEPTH = 8  # nesting depth redaction will walk; anything deeper is replaced
 
 # The first keys of every line, in this order; the rest follow as bound/logged.
 _FIRST_KEYS = ("timestamp", "level", "event")
+
+# syslog priorities, as sd-daemon(3) writes them before a line journald reads from stdout
+SD_ERR, SD_WARNING, SD_NOTICE, SD_INFO, SD_DEBUG = 3, 4, 5, 6, 7
+_PRIORITIES = {"critical": 2, "error": SD_ERR, "warning": SD_WARNING, "info": SD_INFO}
+# normal but significant (once a sweep, or in a daemon's life): above the probes' info
+_NOTICE_EVENTS = frozenset({"sweep.summary", "daemon.start", "daemon.stop", "config.reloaded"})
 
 
 def _scrub(text: str) -> str:
@@ -95,18 +106,80 @@ def _dumps(event_dict: Any, **_: Any) -> str:
     return json.dumps(ordered, default=_json_default, ensure_ascii=False, separators=(",", ":"))
 
 
+def journal_priority(event_dict: Mapping[str, Any]) -> int:
+    """The syslog priority of an event (before the ECS mapping): its level, raised for findings.
+
+    A finding's transition is what the ISO must see: warning, and notice once resolved, so
+    `journalctl -p warning` shows findings and problems, and never the probes (info).
+    """
+    level = _PRIORITIES.get(str(event_dict.get("level")), SD_DEBUG)
+    name = event_dict.get("event")
+    if name == "finding.transition":
+        return min(level, SD_NOTICE if event_dict.get("transition") == "resolved" else SD_WARNING)
+    if name in _NOTICE_EVENTS:
+        return min(level, SD_NOTICE)
+    return level
+
+
+class _Render:
+    """The chain's last processor: the line (JSON or ECS) and its priority, for _LineWriter."""
+
+    def __init__(self, ecs: EcsFormatter | None) -> None:
+        self.ecs = ecs
+
+    def __call__(
+        self, logger: object, method: str, event_dict: MutableMapping[str, Any]
+    ) -> tuple[tuple[str], dict[str, int]]:
+        priority = journal_priority(event_dict)
+        if self.ecs is None:
+            line = _dumps(event_dict)
+        else:  # ECS orders its own keys
+            line = json.dumps(
+                self.ecs(logger, method, event_dict),
+                default=_json_default,
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+        return (line,), {"priority": priority}
+
+
+def _is_journal(journal_stream: str, stream: IO[str]) -> bool:
+    """Whether `stream` is the one systemd connected to journald: JOURNAL_STREAM names its
+    device and inode (systemd.exec(5)); an inherited variable on a redirected stdout does not
+    match, and such a stdout gets plain lines."""
+    try:
+        device, inode = (int(part) for part in journal_stream.split(":"))
+        stat = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
 class _LineWriter:
     """The structlog "logger": writes each rendered line to the file and/or stdout, flushed."""
 
-    def __init__(self, file: IO[str] | None, stdout: bool) -> None:
+    def __init__(
+        self, file: IO[str] | None, stdout: bool, *, journal_stream: str | None = None
+    ) -> None:
         # Async log methods (ainfo) and the stdlib bridge write from other threads; the lock
         # keeps lines whole and makes reopen() atomic with respect to writes.
         self.lock = threading.RLock()
         self.file = file
         self.stdout = stdout
         self.write_errors = 0
+        self.journal_stream = journal_stream
+        self._journal: tuple[object, bool] = (None, False)  # (stdout checked, is journald)
 
-    def msg(self, message: str) -> None:
+    def _prefix(self, stream: IO[str], priority: int) -> str:
+        if not self.journal_stream:
+            return ""
+        checked, journal = self._journal
+        if checked is not stream:  # a redirected sys.stdout is checked afresh
+            journal = _is_journal(self.journal_stream, stream)
+            self._journal = (stream, journal)
+        return f"<{priority}>" if journal else ""
+
+    def msg(self, message: str, priority: int = SD_INFO) -> None:
         line = message + "\n"
         with self.lock:
             if self.file is not None:
@@ -120,8 +193,9 @@ class _LineWriter:
                         sys.stderr.write(f"relayaudit: cannot write log file: {exc}\n")
             if self.stdout:
                 # Looked up per write so a redirected sys.stdout (tests, daemons) is honoured.
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                stream = sys.stdout
+                stream.write(self._prefix(stream, priority) + line)
+                stream.flush()
 
     debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
     log = msg
@@ -157,9 +231,18 @@ def _open(path: Path) -> IO[str]:
 
 
 class LogHandle:
-    """What configure_logging set up: the context bound to every event, and the open file."""
+    """What configure_logging set up: the context bound to every event, and the open file.
 
-    def __init__(self, config: LoggingConfig, bind: Mapping[str, object]) -> None:
+    `environ` (os.environ unless given) is read for JOURNAL_STREAM only.
+    """
+
+    def __init__(
+        self,
+        config: LoggingConfig,
+        bind: Mapping[str, object],
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.path: Path | None = config.file
         self.level = _LEVELS[config.level]
@@ -172,7 +255,9 @@ class LogHandle:
                 raise ConfigError(
                     f"logging.file: cannot open '{self.path}' for writing: {exc.strerror or exc}"
                 ) from None
-        self._writer = _LineWriter(file, config.stdout)
+        env = os.environ if environ is None else environ
+        self._writer = _LineWriter(file, config.stdout, journal_stream=env.get("JOURNAL_STREAM"))
+        ecs = EcsFormatter(hostname=socket.gethostname()) if config.format == "ecs" else None
         self._processors: list[Any] = [
             structlog.contextvars.merge_contextvars,
             self._add_bound,
@@ -181,7 +266,7 @@ class LogHandle:
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             redact_secrets,
-            structlog.processors.JSONRenderer(serializer=_dumps),
+            _Render(ecs),
         ]
         self._bridge = _StdlibBridge(self, max(self.level, logging.WARNING))
         self.closed = False
@@ -217,7 +302,8 @@ class LogHandle:
         result: Any = event_dict
         for processor in self._processors:
             result = processor(None, method, result)
-        self._writer.msg(result)
+        args, kwargs = result
+        self._writer.msg(*args, **kwargs)
 
     def reopen(self) -> bool:
         """Reopen the log file at its path (after logrotate moved it away); call on SIGHUP.
@@ -268,16 +354,20 @@ _active_lock = threading.Lock()
 
 
 def configure_logging(
-    config: LoggingConfig, *, bind: Mapping[str, object] | None = None
+    config: LoggingConfig,
+    *,
+    bind: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> LogHandle:
-    """Route structlog (and stdlib warnings) to JSON lines as `config` says.
+    """Route structlog (and stdlib warnings) to JSON or ECS lines as `config` says.
 
-    `bind` is context added to every event (e.g. shard). Raises ConfigError naming
+    `bind` is context added to every event (e.g. shard); `environ` (default os.environ) says
+    whether stdout is journald (JOURNAL_STREAM). Raises ConfigError naming
     `logging.file` when the file cannot be opened; the previous configuration, if any, then
     stays in force, and is otherwise replaced and closed.
     """
     global _active
-    handle = LogHandle(config, bind or {})
+    handle = LogHandle(config, bind or {}, environ=environ)
     with _active_lock:
         previous, _active = _active, handle
         handle._install()

@@ -151,9 +151,10 @@ class DaemonProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr = b""
 
-    async def start(self, *, stdout: Path | None = None) -> None:
-        """Start the child; its stdout is discarded, or appended to `stdout`."""
-        out = stdout.open("ab") if stdout is not None else None
+    async def start(self, *, stdout: Path | int | None = None) -> None:
+        """Start the child; its stdout is discarded, appended to `stdout` (a path), or written to
+        it (a file descriptor, e.g. a pipe's: the caller keeps and closes it)."""
+        out = stdout.open("ab") if isinstance(stdout, Path) else None
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.prefix,
@@ -163,7 +164,7 @@ class DaemonProcess:
                 "run",
                 "--config",
                 str(self.cfg),
-                stdout=out if out is not None else asyncio.subprocess.DEVNULL,
+                stdout=stdout if isinstance(stdout, int) else out or asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": str(ROOT), **(self.env or {})},
             )

@@ -43,7 +43,22 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("confirmation", frozenset({"confirm"})),
     ("probe", frozenset({"probe"})),
     ("engine", frozenset({"engine", "progress"})),
-    ("sinks", frozenset({"sinks", "state", "alerts", "alert_doc", "logs", "report", "canary", "canary_route"})),
+    (
+        "sinks",
+        frozenset(
+            {
+                "sinks",
+                "state",
+                "alerts",
+                "alert_doc",
+                "logs",
+                "ecs",
+                "report",
+                "canary",
+                "canary_route",
+            }
+        ),
+    ),
     ("exports", frozenset({"export", "html_page", "html_report", "live_report"})),
     ("commands", frozenset({"daemon", "demo", "cli", "deploy", "__main__", "__init__", "lab"})),
 )
