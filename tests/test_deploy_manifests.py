@@ -35,8 +35,12 @@ EXAMPLE = REPO / "config" / "relayaudit.example.toml"
 # Oldest Kubernetes the manifests support (the StatefulSet's pod-index label is 1.28+), and the
 # newest the validator ships schemas for.
 K8S_VERSIONS = ("1.28.0", "latest")
-# Custom resources: no schema in the validator; checked by hand below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# Custom resources: no schema in the validator; checked by hand below (the PrometheusRule in
+# tests/test_monitoring.py).
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 
 
 def _dockerfile_value(keyword: str) -> str:
