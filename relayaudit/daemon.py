@@ -32,7 +32,7 @@ from relayaudit.sdnotify import Notifier
 from relayaudit.sinks import FindingsFile
 from relayaudit.state import Alert, StateSink, StateStore
 from relayaudit.targets import Shard
-from relayaudit.verdict import Verdict
+from relayaudit.verdict import Verdict, VerdictStatus
 
 __all__ = ["Daemon", "raise_open_file_limit", "worker_count"]
 
@@ -140,8 +140,18 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
+        # what the store already knows, before the first sweep of this run: a restarted daemon
+        # must not read as "no sweep ever, no findings, no dead letters" for hours (false
+        # resolves of every alert rule)
+        for status in VerdictStatus:
+            self._metrics.probe(status.value, 0)  # every series present, at zero
+        if self._last_completed is not None:
+            self._metrics.last_completed_sweep_timestamp_seconds.set(
+                self._last_completed.timestamp()
+            )
         metrics_server = await self._start_metrics()
         self._start_dispatcher()
+        await self._refresh_gauges()
         heartbeat = asyncio.create_task(self._heartbeat())
         log.info(
             "daemon.start",

@@ -82,3 +82,41 @@ async def test_alert_gauges_follow_deliveries_between_sweeps(
         'relayaudit_alerts{state="dead"}': alerts / 2,
         "relayaudit_alerts_dead_total": alerts / 2,
     }, later
+
+
+async def test_a_restarted_daemon_shows_what_its_store_knows_before_its_next_sweep(
+    tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    # before: after a restart the gauges read 0 or were absent until the next sweep (hours),
+    # so "no sweep completed", "open relay" and "dead letters" alert rules resolved falsely
+    metrics_port = free_port()
+    data = base_config(tmp_path, f"{HOST}/32", PORT)
+    data["schedule"] = {"interval": "1h"}
+    data["metrics"] = {"enabled": True, "listen": f"127.0.0.1:{metrics_port}"}
+    cfg = write_config(tmp_path / "relayaudit.toml", data)
+    async with Lab([ServerSpec(host=HOST, port=PORT, behaviour=Behaviour.OPEN_RELAY)]):
+        first = DaemonProcess(cfg, tmp_path / "log.jsonl")
+        daemons.append(first)
+        await first.start()
+        await first.wait_for(lambda: bool(first.events("sweep.summary")), 30, "the sweep")
+        assert await first.stop() == 0
+    second = DaemonProcess(cfg, tmp_path / "log.jsonl")
+    daemons.append(second)
+    await second.start()
+    await second.wait_for(lambda: len(second.events("sweep.scheduled")) >= 2, 30, "the schedule")
+    body = await scrape_text(metrics_port)
+    await second.stop()
+    completed = re.search(r"^relayaudit_last_completed_sweep_timestamp_seconds (\S+)$", body, re.M)
+    assert completed is not None and float(completed[1]) > 0, body
+    assert re.search(r'^relayaudit_findings\{kind="open-relay",status="new"\} 1$', body, re.M), body
+    assert 'relayaudit_probes_total{status="internal-error"} 0' in body
+    assert len(second.events("sweep.start")) == 1  # the first daemon's: the next is an hour away
+
+
+async def scrape_text(port: int) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return (await asyncio.wait_for(reader.read(), 10)).decode()
+    finally:
+        writer.close()
