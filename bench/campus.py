@@ -66,6 +66,7 @@ class Server:
     behaviour: Behaviour
     hostname: str
     reply_delay: float = 0.0
+    flight_delay: float = 0.0
     error_limits: bool = False
     error_sleep: float = 1.0
 
@@ -82,8 +83,11 @@ def build_campus(
 ) -> list[Server]:
     """`count` servers at pseudo-random addresses of `network` (never in `avoid`), mixed per MIX.
 
-    realistic: 20-50 ms per reply (random per server), Postfix error limits with a 1 s sleep,
-    and `tarpits` TARPIT servers (default: 1 per 100 servers, at least 1) taken from CLOSED's share.
+    realistic: a network: 20-50 ms per flight of the client's bytes (random per server; the
+    replies to a pipelined group come back together, one round trip later), Postfix error
+    limits with a 1 s sleep, and `tarpits` TARPIT servers (default: 1 per 100 servers, at least
+    1) taken from CLOSED's share. slow: the same, but 20-50 ms before every single reply (a slow
+    server: pipelining cannot help there).
     """
     if network.subnet_of(LOOPBACK) is False:
         raise ValueError(f"{network} is outside 127.0.0.0/8")
@@ -101,7 +105,7 @@ def build_campus(
         behaviours += [behaviour] * round(count * share)
     behaviours = behaviours[:count]
     behaviours += [Behaviour.CLOSED] * (count - len(behaviours))
-    if profile == "realistic":
+    if profile in ("realistic", "slow"):
         n_tarpit = max(1, count // 100) if tarpits is None else tarpits
         closed = [i for i, b in enumerate(behaviours) if b is Behaviour.CLOSED]
         for i in closed[:n_tarpit]:
@@ -110,15 +114,17 @@ def build_campus(
     servers = []
     for host, behaviour in zip(chosen, behaviours, strict=True):
         octets = str(host).split(".")
-        realistic = profile == "realistic"
+        delayed = profile in ("realistic", "slow")
+        delay = round(rng.uniform(0.020, 0.050), 4) if delayed else 0.0
         servers.append(
             Server(
                 host=str(host),
                 port=port,
                 behaviour=behaviour,
                 hostname=f"mx-{octets[2]}-{octets[3]}.{CAMPUS_DOMAIN}",
-                reply_delay=round(rng.uniform(0.020, 0.050), 4) if realistic else 0.0,
-                error_limits=realistic,
+                reply_delay=delay if profile == "slow" else 0.0,
+                flight_delay=delay if profile == "realistic" else 0.0,
+                error_limits=delayed,
                 error_sleep=1.0,
             )
         )

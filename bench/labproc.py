@@ -35,6 +35,7 @@ def load_specs(path: Path) -> list[ServerSpec]:
                 behaviour=Behaviour(item["behaviour"]),
                 hostname=str(item.get("hostname", "mx.campus.test")),
                 reply_delay=float(item.get("reply_delay", 0.0)),
+                flight_delay=float(item.get("flight_delay", 0.0)),
                 error_limits=bool(item.get("error_limits", False)),
                 error_sleep=float(item.get("error_sleep", 1.0)),
             )

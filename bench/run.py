@@ -1,6 +1,6 @@
 """Benchmark: relayaudit vs nmap on a simulated loopback campus; prints a side-by-side table, writes JSON.
 
-    python bench/run.py [--profile instant|realistic|both] [--size 16] [--servers 400] [--quick]
+    python bench/run.py [--profile instant|realistic|slow|both|all] [--size 16] [--servers 400] [--quick]
 
 See bench/README.md for what is measured, how, and what is fair. Everything runs on 127.0.0.0/8
 or in network namespaces this script creates and deletes; every process it starts is stopped.
@@ -818,7 +818,10 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         self.preflight()
-        profiles = ["instant", "realistic"] if args.profile == "both" else [args.profile]
+        profiles = {
+            "both": ["instant", "realistic"],
+            "all": ["instant", "realistic", "slow"],
+        }.get(args.profile, [args.profile])
         self.doc["settings"] = {
             "mode": "quick" if args.quick else "full",
             "profiles": profiles,
@@ -1327,7 +1330,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="bench/run.py",
         description="relayaudit vs nmap on a simulated loopback campus (see bench/README.md)",
     )
-    p.add_argument("--profile", choices=["instant", "realistic", "both"], default="both")
+    p.add_argument(
+        "--profile",
+        choices=["instant", "realistic", "slow", "both", "all"],
+        default="all",
+        help="instant: replies at once; realistic: 20-50 ms per flight (network latency); slow: "
+        "20-50 ms before every reply (a slow server); both: instant and realistic; all (default)",
+    )
     p.add_argument(
         "--size",
         type=int,

@@ -3,10 +3,12 @@
 It must be reachable from campus (the canary domain's MX points at it), so it is built for
 hostile clients: at most `max_connections` at once (when full, the peer holding the most gives
 its oldest up, so one flooding host cannot lock the relays out), a total deadline and an idle
-timeout per connection, caps on bytes, lines and line length per connection, one message per
-connection, and a greeting that names no software. A token counts only if the scanner
-registered it before sending its DATA (`expect`) and still waits for it; everything else is
-only counted (`count`, the daemon's metrics).
+timeout per connection, caps on line length and on the bytes and lines of each message, at most
+MAX_MESSAGES messages per connection (relays such as OpenSMTPD send the next message over the
+connection they already have: a receiver that refused it with 421 had that canary wait for the
+relay's retry, minutes, long past the confirmation wait), and a greeting that names no software.
+A token counts only if the scanner registered it before sending its DATA (`expect`) and still
+waits for it; everything else is only counted (`count`, the daemon's metrics).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ _TOKEN = re.compile(r"relayaudit-[0-9a-f]{32}")
 # A canary is about 1 KB, and relays add a few KB of headers; nothing larger is ever a canary.
 MAX_MESSAGE = 64 * 1024
 MAX_LINE = 2048  # bytes in one line, command or message (RFC 5321 allows 1000)
-MAX_LINES = 2048  # lines per connection: bounds the per-line objects of the DATA buffer too
+MAX_LINES = 2048  # lines per message: bounds the per-line objects of the DATA buffer too
+MAX_MESSAGES = 10  # messages per connection (within its DEADLINE)
 _SLACK = 16 * 1024  # the commands around the one message
 DEADLINE = 60.0  # seconds one connection may last, whatever it does
 IDLE = 20.0  # seconds without a command before the connection is closed
@@ -59,10 +62,10 @@ class _Handler:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
-        if isinstance(server, _Connection) and server.delivered:
-            # one message per connection: a relay sends the next one on a fresh connection
+        if isinstance(server, _Connection) and server.messages >= MAX_MESSAGES:
+            # enough for one connection: a relay sends the next one on a fresh connection
             asyncio.get_running_loop().call_soon(server.close_now)
-            return "421 4.7.0 One message per connection"
+            return f"421 4.7.0 At most {MAX_MESSAGES} messages per connection"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -80,7 +83,7 @@ class _Handler:
         content = envelope.original_content or b""
         peer = session.peer[0] if session.peer else "?"
         if isinstance(server, _Connection):
-            server.delivered = True
+            server.taken()
         # A token counts only in a canary recipient (local_part+token@domain) of a message that
         # carries it: a bounce of a canary (to the canary domain's sender address) quotes the
         # token in its body but is addressed to no token, and must never confirm a relay.
@@ -113,7 +116,7 @@ class _Connection(SMTPServerProtocol):
         )
         self._receiver = receiver
         self.peer_address = ""
-        self.delivered = False  # one message taken: the next MAIL ends the connection
+        self.messages = 0  # messages taken; at MAX_MESSAGES the next MAIL ends the connection
         self._admitted = False
         self._ended = False
         self._bytes = 0
@@ -150,6 +153,11 @@ class _Connection(SMTPServerProtocol):
             self._refuse("too-large", b"552 5.3.4 Too much data\r\n")
         else:
             super().data_received(data)
+
+    def taken(self) -> None:
+        """One message taken: the byte and line caps start afresh for the next one."""
+        self.messages += 1
+        self._bytes = self._lines = 0
 
     def _refuse(self, why: str, reply: bytes) -> None:
         self._receiver.counted("connections", why)

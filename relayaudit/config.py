@@ -229,6 +229,8 @@ class RelayConfig(_Model):
     # the ISO's policy is one SMTP session per host at a time; more is the operator's opt-in
     sessions_per_host: int = Field(default=1, ge=1, le=3)
     retest_after_starttls: StrictBool = True
+    # RFC 2920: a test's RSET, MAIL and RCPT in one write where the server offers PIPELINING
+    pipelining: StrictBool = True
 
     @model_validator(mode="after")
     def _external_is_not_campus(self) -> RelayConfig:

@@ -62,6 +62,7 @@ def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSetti
         session_timeout=config.timeouts.session,
         max_tests_per_session=config.relay.max_tests_per_session,
         sessions_per_host=config.relay.sessions_per_host,
+        pipelining=config.relay.pipelining,
         retest_after_starttls=config.relay.retest_after_starttls,
         campus_domains=config.relay.campus_domains,
         external_domains=config.relay.external_domains,

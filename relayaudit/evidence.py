@@ -315,6 +315,8 @@ class ProbeResult(_Frozen):
     transcript: tuple[Exchange, ...] = ()
     confirmation: Confirmation | None = None
     sessions: int = 0
+    pipelined: bool = False  # some of the battery went in pipelined groups (RFC 2920)
+    lockstep: Text | None = None  # why the battery went on in lock-step, if pipelining stopped
 
 
 _AUTH_COMMAND = re.compile(r"^(AUTH\s+\S+)(\s.*)?$", re.IGNORECASE)

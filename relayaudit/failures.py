@@ -19,6 +19,7 @@ from relayaudit.evidence import PortState, ProbeStatus
 __all__ = [
     "OUTCOMES",
     "Broken",
+    "Confused",
     "FailureKind",
     "NoSession",
     "Rule",
@@ -55,6 +56,11 @@ class Broken(SessionFailure):
         super().__init__(reason)
         self.reason = reason
         self.fatal = fatal
+
+
+class Confused(Broken):
+    """A pipelined group went out of step (RFC 2920): the connection is closed; the battery
+    goes on in lock-step on a fresh one."""
 
 
 class Stage(StrEnum):

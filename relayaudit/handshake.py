@@ -77,13 +77,21 @@ class Handshake:
         session: SmtpSession | None = None
         try:
             session, banner = await self._greeting(conn, transport)
-            ehlo = await self._hello(session)
+            ehlo = in_use = await self._hello(session)
             if transport is Transport.STARTTLS:
-                await self._starttls(session)
+                in_use = await self._starttls(session)
             elif transport is Transport.IMPLICIT_TLS and seen.tls is None:
                 seen.tls = tls_facts(session.wire.tls_object())
             if seen.facts is None:
                 seen.facts = session_facts(banner, ehlo)
+            # RFC 2920: only where this session's EHLO offered it, and never again on a host
+            # whose earlier group got out of step
+            session.pipelining = (
+                self.settings.pipelining
+                and in_use is not None
+                and "pipelining" in in_use.extensions
+                and seen.lockstep is None
+            )
         except BaseException:
             if session is not None:
                 session.end()
@@ -170,7 +178,8 @@ class Handshake:
                 break
         raise outcome(Stage.HELLO, FailureKind.REFUSED, text=str(reply))
 
-    async def _starttls(self, session: SmtpSession) -> None:
+    async def _starttls(self, session: SmtpSession) -> Ehlo:
+        """STARTTLS, the handshake and EHLO again; that EHLO's reply (what TLS offers)."""
         seen = self.observed
         started = time.monotonic()
         try:
@@ -199,6 +208,8 @@ class Handshake:
             again = None
         if again is None or again.code != 250:
             raise Broken("EHLO after STARTTLS failed", fatal=True)
+        inside = parse_ehlo(again.text)
         if seen.after_starttls is None:
             # what the server offers inside TLS (AUTH, SIZE), kept beside the plain EHLO's
-            seen.after_starttls = capabilities(parse_ehlo(again.text))
+            seen.after_starttls = capabilities(inside)
+        return inside

@@ -117,6 +117,8 @@ class _Probe:
             transcript=tuple(seen.transcript),
             confirmation=self.confirmation,
             sessions=seen.sessions,
+            pipelined=seen.pipelined,
+            lockstep=seen.lockstep,
         )
 
     async def open(self, transport: Transport) -> Session:

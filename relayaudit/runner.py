@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from relayaudit.evidence import (
     RelayTest,
+    Reply,
     ReplyClass,
     TestOutcome,
     TestResult,
@@ -131,15 +132,33 @@ async def _session_tests(
 ) -> list[RelayTest]:
     """Run the claimed tests on one connection; the ones left unfinished are returned.
 
-    Each test is MAIL, then RCPT only after MAIL was accepted, then RSET before the next
-    test; every command waits for its reply.
+    Each test is MAIL, then RCPT, and RSET before the next test when MAIL opened a transaction.
+    In lock-step every command waits for its reply, and RCPT goes only after an accepted MAIL.
+    Pipelined (RFC 2920, where the server offers it), a test's RSET, MAIL and RCPT go in one
+    write; a refused MAIL, or any confusion, turns the rest of the host's battery to lock-step.
     """
+    transaction = False  # a MAIL was accepted: RSET before the next test
     for i, test in enumerate(claimed):
         if not session.connected:
             return claimed[i:]  # closed after the last reply (421 to RSET): not this test's try
+        pipelined = session.pipelining
+        if transaction and not pipelined:
+            try:
+                await session.command("RSET")
+            except Broken as exc:
+                state.ended(exc)
+                return claimed[i:]
+            if not session.connected:
+                return claimed[i:]
         state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
         try:
-            result = await run_test(session, test, state.transport)
+            if pipelined:
+                result = await run_test_pipelined(session, test, state.transport, rset=transaction)
+                if result is None:  # the group ended at its RSET: not this test's try
+                    state.attempts[test.id] -= 1
+                    return claimed[i:]
+            else:
+                result = await run_test(session, test, state.transport)
         except Broken as exc:
             state.ended(exc)
             if exc.fatal or attempts >= 2:
@@ -155,12 +174,7 @@ async def _session_tests(
         if closing or not session.connected:
             return claimed[i + 1 :]
         # RSET ends the transaction MAIL opened; after a refused MAIL none is open
-        if i + 1 < len(claimed) and result.rcpt is not None:
-            try:
-                await session.command("RSET")
-            except Broken as exc:
-                state.ended(exc)
-                return claimed[i + 1 :]
+        transaction = result.rcpt is not None
     return []
 
 
@@ -169,15 +183,56 @@ async def run_test(session: Session, test: RelayTest, transport: Transport) -> T
     mail = await session.command(f"MAIL FROM:<{test.mail_from}>")
     mail_class = classify_reply(mail)
     if mail_class is not ReplyClass.OK:
-        return TestResult.model_construct(
-            test=test,
-            transport=transport,
-            mail=mail,
-            rcpt=None,
-            outcome=_outcome(mail_class, sender=True),
-            error=None,
-        )
+        return _sender_refused(test, transport, mail, mail_class)
     rcpt = await session.command(f"RCPT TO:<{test.rcpt_to}>")
+    return _recipient_answered(test, transport, mail, rcpt)
+
+
+async def run_test_pipelined(
+    session: Session, test: RelayTest, transport: Transport, *, rset: bool
+) -> TestResult | None:
+    """One test as one group: [RSET,] MAIL FROM, RCPT TO; None when the group ended at its
+    RSET (the server closed, or refused it: the test goes again on a fresh connection).
+
+    The result is what lock-step would have recorded: a refused MAIL has no RCPT (its reply,
+    sent regardless, is only in the transcript), so verdicts are the same either way.
+    """
+    lines = [f"MAIL FROM:<{test.mail_from}>", f"RCPT TO:<{test.rcpt_to}>"]
+    replies = await session.pipeline(["RSET", *lines] if rset else lines)
+    if rset:
+        if len(replies) < 2 or replies[0].code // 100 != 2:
+            if replies and replies[0].code != _CLOSING:
+                session.stop_pipelining(f"RSET answered {replies[0].code}")
+            return None
+        replies = replies[1:]
+    mail = replies[0]
+    mail_class = classify_reply(mail)
+    if mail_class is not ReplyClass.OK:
+        # a server that refuses MAIL answers each pipelined RCPT with an error too: from here
+        # on, no RCPT without an accepted MAIL (as in lock-step)
+        session.stop_pipelining(f"MAIL FROM answered {mail.code}")
+        return _sender_refused(test, transport, mail, mail_class)
+    if len(replies) < 2:
+        raise Broken("server hung up after MAIL FROM")
+    return _recipient_answered(test, transport, mail, replies[1])
+
+
+def _sender_refused(
+    test: RelayTest, transport: Transport, mail: Reply, mail_class: ReplyClass
+) -> TestResult:
+    return TestResult.model_construct(
+        test=test,
+        transport=transport,
+        mail=mail,
+        rcpt=None,
+        outcome=_outcome(mail_class, sender=True),
+        error=None,
+    )
+
+
+def _recipient_answered(
+    test: RelayTest, transport: Transport, mail: Reply, rcpt: Reply
+) -> TestResult:
     rcpt_class = classify_reply(rcpt)
     outcome = (
         TestOutcome.ACCEPTED if rcpt_class is ReplyClass.OK else _outcome(rcpt_class, sender=False)

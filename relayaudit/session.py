@@ -24,6 +24,7 @@ from relayaudit.evidence import (
 )
 from relayaudit.failures import (
     Broken,
+    Confused,
     FailureKind,
     Stage,
     describe,
@@ -32,7 +33,7 @@ from relayaudit.failures import (
     reply_code,
     reply_text,
 )
-from relayaudit.wire import Wire
+from relayaudit.wire import PipelineConfused, Wire
 
 __all__ = ["Observed", "Session", "SmtpSession"]
 
@@ -45,6 +46,21 @@ class Session(Protocol):
 
     async def command(self, line: str) -> Reply:
         """Send `line`, return the reply; raises Broken when the connection fails."""
+        ...
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether commands may go in groups (RFC 2920: the server offered PIPELINING)."""
+        ...
+
+    async def pipeline(self, lines: list[str]) -> list[Reply]:
+        """Send `lines` in one write, return their replies in order (fewer if a 421 closed
+        the connection); raises Confused when the server got out of step, Broken when the
+        connection fails."""
+        ...
+
+    def stop_pipelining(self, reason: str) -> None:
+        """Lock-step from here, on this connection and the host's later ones."""
         ...
 
     async def data(self, message: bytes, *, shown_as: str) -> Reply:
@@ -68,15 +84,27 @@ class Observed:
     facts: SessionFacts | None = None
     tls: TlsFacts | None = None
     after_starttls: Capabilities | None = None  # the first EHLO reply inside STARTTLS
+    pipelined: bool = False  # some commands went in pipelined groups (RFC 2920)
+    lockstep: str | None = None  # why pipelining stopped for this host, if it did
 
 
 class SmtpSession:
     """One SMTP connection of a probe; its exchanges join the transcript as one block."""
 
-    __slots__ = ("_watchdog", "expired", "log", "observed", "timeout", "waiting_since", "wire")
+    __slots__ = (
+        "_watchdog",
+        "expired",
+        "log",
+        "observed",
+        "pipelining",
+        "timeout",
+        "waiting_since",
+        "wire",
+    )
 
     def __init__(self, wire: Wire, *, timeout: float, observed: Observed) -> None:
         self.wire = wire
+        self.pipelining = False  # set by the handshake: offered, allowed, no confusion yet
         self.timeout = timeout  # the command timeout
         self.observed = observed
         self.log: list[Exchange] = []
@@ -164,6 +192,61 @@ class SmtpSession:
         reply = Reply.model_construct(code=response.code, text=writable_text(response.message))
         self.record(line, reply, started)
         return reply
+
+    async def pipeline(self, lines: list[str]) -> list[Reply]:
+        """Send the lines in one write (RFC 2920), one exchange each in the transcript."""
+        started = time.monotonic()
+        if not self.wire.connected:
+            raise Broken(f"server hung up before {lines[0].partition(' ')[0]}")
+        encoded = [line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines]
+        self._sent()
+        try:
+            responses = await self.wire.pipeline(encoded)
+        except asyncio.CancelledError:
+            self.record(
+                " / ".join(lines), None, started, error="cancelled (session deadline or stop)"
+            )
+            raise
+        except PipelineConfused as exc:
+            self.record(" / ".join(lines), None, started, error=f"pipelining confused: {exc}")
+            self.stop_pipelining(f"confused: {exc}")
+            raise Confused(f"pipelining confused: {exc}") from None
+        except BaseException as exc:
+            kind = kind_of(exc)
+            if kind is None:
+                raise
+            if kind is FailureKind.DISCONNECTED and self.expired:
+                kind = FailureKind.TIMEOUT
+            self.record(" / ".join(lines), None, started, error=_error_text(kind, exc))
+            verb = lines[0].partition(" ")[0]
+            raise failure(Stage.COMMAND, kind, exc, verb=verb, wait=self.timeout) from None
+        finally:
+            self.waiting_since = None
+        self.expired = False
+        self.observed.pipelined = True
+        replies = []
+        for line, response in zip(lines, responses, strict=False):
+            reply = Reply.model_construct(code=response.code, text=writable_text(response.message))
+            self.record(line, reply, started)
+            replies.append(reply)
+        for line in lines[len(responses) :]:  # sent, but the server closed first (421)
+            self.record(line, None, started, error="no reply: the server closed the connection")
+        return replies
+
+    def stop_pipelining(self, reason: str) -> None:
+        """Lock-step from here, for this connection and the host's later ones; the transcript
+        says why (a line of its own, no command or reply)."""
+        self.pipelining = False
+        if self.observed.lockstep is None:
+            self.observed.lockstep = reason
+            self.log.append(
+                Exchange.model_construct(
+                    command=None,
+                    reply=None,
+                    error=writable_text(f"pipelining stopped ({reason}): lock-step from here"),
+                    elapsed_ms=0.0,
+                )
+            )
 
     async def data(self, message: bytes, *, shown_as: str) -> Reply:
         """DATA and a message (the canary); the transcript shows `shown_as`, not the body."""

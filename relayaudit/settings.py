@@ -32,3 +32,4 @@ class ProbeSettings:
     canary: CanaryTarget | None = None  # set: confirmation mode
     max_reconnects: int = 6
     sessions_per_host: int = 1  # sessions of one probe's battery at a time (opt-in: up to 3)
+    pipelining: bool = True  # group commands where the server offers PIPELINING (RFC 2920)

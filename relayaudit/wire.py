@@ -1,26 +1,51 @@
-"""SMTP framing over one connection: aiosmtplib's SMTPProtocol, used through this one wrapper.
+"""SMTP framing over one connection: replies parsed as they arrive, commands one by one or pipelined.
 
-The framing (buffering, reply parsing, the 32 KiB reply bound) is aiosmtplib's public
-`SMTPProtocol`; the commands, their order and what a reply means are relayaudit's (session.py).
-Because a Wire can sit on any asyncio transport, tests replay recorded server bytes through the
-real framing with no socket at all (tests/replay.py).
+A small asyncio Protocol of our own (not aiosmtplib's `SMTPProtocol`, which keeps one reply per
+wake-up and drops what arrives while no command waits, so it cannot pipeline): every complete
+reply in the bytes received is parsed at once and queued, and a command, or a group of them
+(RFC 2920), takes its replies from the queue in order. Failures are aiosmtplib's exception
+types (the one exception map, failures.py, reads those), with its reply bounds: a line of at
+most 8 KiB, a reply of at most 32 KiB. The commands, their order and what a reply means are
+relayaudit's (session.py). Because a Wire can sit on any asyncio transport, tests replay
+recorded server bytes through the real framing with no socket at all (tests/replay.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import socket
 import ssl
+from collections import deque
 from typing import Protocol, cast
 
+from aiosmtplib.errors import (
+    SMTPDataError,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
 from aiosmtplib.esmtp import parse_esmtp_extensions
-from aiosmtplib.protocol import SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-__all__ = ["Connection", "Ehlo", "SocketConnection", "Wire", "client_tls_context", "parse_ehlo"]
+__all__ = [
+    "Connection",
+    "Ehlo",
+    "PipelineConfused",
+    "SocketConnection",
+    "Wire",
+    "client_tls_context",
+    "parse_ehlo",
+]
 
 _CLOSING = 421  # "service not available, closing transmission channel"
+MAX_LINE = 8192  # bytes of one reply line (aiosmtplib's bound)
+MAX_REPLY = 4 * MAX_LINE  # bytes of one reply, all its lines
+_INVALID = -1  # the code of a reply that is no SMTP reply (aiosmtplib's SMTPStatus.invalid_response)
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never in a command line we send
+_PERIOD = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321, section 4.5.2)
+_LINE_ENDS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
 
 
 @functools.cache
@@ -46,21 +71,160 @@ def parse_ehlo(text: str) -> Ehlo:
     return Ehlo(text)
 
 
+class PipelineConfused(SMTPServerDisconnected):
+    """A pipelined group went out of step (a reply before the group was sent, one too many):
+    the connection is closed, and the battery goes on in lock-step (RFC 2920's client rule)."""
+
+
+class _Framing(asyncio.Protocol):
+    """Bytes in, replies out: complete replies are queued the moment their last line arrives.
+
+    Only as many replies as commands sent are kept (the greeting counts as one); what a server
+    says out of turn is dropped, as aiosmtplib does, and counted in `unsolicited`, which a
+    pipelined group reads as confusion.
+    """
+
+    __slots__ = (
+        "buffer",
+        "expected",
+        "failure",
+        "loop",
+        "replies",
+        "transport",
+        "unsolicited",
+        "waiter",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.replies: deque[SMTPResponse] = deque()
+        self.expected = 1  # replies owed: the greeting, then one per command line sent
+        self.unsolicited = 0  # bytes or replies received while none was owed
+        self.waiter: asyncio.Future[None] | None = None
+        self.failure: BaseException | None = None  # set: no reply will come any more
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        if self.expected == 0 and not self.buffer:
+            self.unsolicited += len(data)  # nothing was asked: not a reply to anything
+            return
+        self.buffer += data
+        try:
+            self._parse()
+        except SMTPResponseException as exc:
+            self._fail(exc)
+            if self.transport is not None:
+                self.transport.abort()  # the framing is out of step for good
+            return
+        if self.replies and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _parse(self) -> None:
+        """Queue every complete reply in the buffer; bounds and malformed lines raise."""
+        buffer = self.buffer
+        start = 0
+        while True:
+            lines: list[bytes] = []
+            offset = start
+            code = _INVALID
+            while True:
+                end = buffer.find(b"\n", offset)
+                if end == -1:
+                    if len(buffer) - start > MAX_REPLY:
+                        raise SMTPResponseException(_INVALID, "Response too long")
+                    del buffer[:start]
+                    return
+                line = bytes(buffer[offset : end + 1])
+                if len(line) > MAX_LINE:
+                    raise SMTPResponseException(_INVALID, "Response too long")
+                try:
+                    code = int(line[:3])
+                except ValueError:
+                    text = line.decode("utf-8", errors="ignore")
+                    raise SMTPResponseException(
+                        _INVALID, f"Malformed SMTP response line: {text}"
+                    ) from None
+                lines.append(line[4:].strip(b" \t\r\n"))
+                offset = end + 1
+                if offset - start > MAX_REPLY:
+                    raise SMTPResponseException(_INVALID, "Response too long")
+                if line[3:4] != b"-":
+                    break
+            start = offset
+            if self.expected == 0:
+                self.unsolicited += 1  # one reply too many
+                continue
+            self.expected -= 1
+            text = b"\n".join(lines).decode("utf-8", "surrogateescape")
+            self.replies.append(SMTPResponse(code, text))
+
+    def eof_received(self) -> bool:
+        self._fail(SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = SMTPServerDisconnected("Connection lost")
+        if exc is not None:
+            lost.__cause__ = exc
+        self._fail(lost)
+        self.transport = None
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def reply(self) -> SMTPResponse:
+        """The next reply, in order; raises when the connection ended before it came."""
+        while not self.replies:
+            if self.failure is not None:
+                raise self.failure
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.replies.popleft()
+
+    def write(self, data: bytes, replies: int) -> None:
+        """Send `data`, owed `replies` replies for it."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise SMTPServerDisconnected("Connection lost")
+        self.expected += replies
+        transport.write(data)
+
+
+def _line(args: tuple[bytes, ...]) -> bytes:
+    for arg in args:
+        if _CONTROL.search(arg):
+            raise ValueError("Command arg contains a prohibited control character")
+    return b" ".join(args) + b"\r\n"
+
+
 class Wire:
-    """One SMTP connection: send a command, read its reply; a 421 or a hang-up closes it."""
+    """One SMTP connection: send a command (or a pipelined group), read the replies; a 421 or
+    a hang-up closes it."""
 
-    __slots__ = ("protocol",)
+    __slots__ = ("framing",)
 
-    def __init__(self, protocol: SMTPProtocol) -> None:
-        self.protocol = protocol
+    def __init__(self, framing: _Framing) -> None:
+        self.framing = framing
 
     @classmethod
     def over(cls, transport: asyncio.BaseTransport) -> Wire:
         """A Wire on an existing transport (the replay tests' recorded server)."""
-        protocol = SMTPProtocol(loop=asyncio.get_running_loop())
-        protocol.connection_made(transport)
-        transport.set_protocol(protocol)
-        return cls(protocol)
+        framing = _Framing(asyncio.get_running_loop())
+        framing.connection_made(transport)
+        transport.set_protocol(framing)
+        return cls(framing)
 
     @classmethod
     async def open(
@@ -68,64 +232,129 @@ class Wire:
     ) -> Wire:
         """Take over a connected socket; `tls`: handshake first (implicit TLS, port 465)."""
         loop = asyncio.get_running_loop()
-        protocol = SMTPProtocol(loop=loop)
+        framing = _Framing(loop)
         await loop.create_connection(
-            lambda: protocol,
+            lambda: framing,
             sock=sock,
             ssl=client_tls_context() if tls else None,
             server_hostname=server_hostname if tls else None,
             ssl_handshake_timeout=timeout if tls else None,
         )
-        return cls(protocol)
+        return cls(framing)
 
     @property
     def connected(self) -> bool:
-        return self.protocol.is_connected
+        transport = self.framing.transport
+        return transport is not None and not transport.is_closing()
+
+    @property
+    def unsolicited(self) -> int:
+        """Bytes and replies the server sent that no command asked for, so far."""
+        return self.framing.unsolicited
 
     async def greeting(self) -> SMTPResponse:
-        return await self.protocol.read_response(timeout=None)
+        return await self.framing.reply()
 
     async def command(self, *args: bytes) -> SMTPResponse:
         """Send one command and read its reply; the caller's watchdog bounds the wait."""
+        (response,) = await self._send([_line(args)])
+        return response
+
+    async def pipeline(self, lines: list[bytes]) -> list[SMTPResponse]:
+        """Send command lines (each ending in CRLF) in one write and read one reply each, in
+        order (RFC 2920). The server said something out of turn since the last group (a reply
+        too many, or one before its command): PipelineConfused, and the connection is closed."""
+        if self.framing.unsolicited:
+            self.close()
+            raise PipelineConfused(
+                f"the server sent {self.framing.unsolicited} unrequested byte(s) or repl(ies)"
+            )
+        return await self._send(lines)
+
+    async def _send(self, lines: list[bytes]) -> list[SMTPResponse]:
+        framing = self.framing
         try:
-            response = await self.protocol.execute_command(*args, timeout=None)
+            framing.write(b"".join(lines), len(lines))
+            replies = []
+            for _ in lines:
+                response = await framing.reply()
+                replies.append(response)
+                if response.code == _CLOSING:
+                    self.close()
+                    break
         except BaseException:
             # a reply given up on (or a hang-up) leaves the framing out of step: never reuse
             self.close()
             raise
-        if response.code == _CLOSING:
-            self.close()
-        return response
+        return replies
 
     async def starttls(self, *, timeout: float) -> SMTPResponse:
+        """STARTTLS and the handshake; the plaintext read after the 220 is discarded (a
+        man-in-the-middle's injected commands must not be read as the TLS session's)."""
+        framing = self.framing
         try:
-            return await self.protocol.start_tls(client_tls_context(), timeout=timeout)
+            response = await self.command(b"STARTTLS")
+            if response.code != 220:
+                raise SMTPResponseException(response.code, response.message)
+            transport = framing.transport
+            if transport is None or transport.is_closing():
+                raise SMTPServerDisconnected("Connection lost")
+            del framing.buffer[:]
+            framing.replies.clear()
+            framing.expected = 0
+            try:
+                tls = await framing.loop.start_tls(
+                    transport,
+                    framing,
+                    client_tls_context(),
+                    server_side=False,
+                    server_hostname=None,
+                    ssl_handshake_timeout=timeout,
+                )
+            except (TimeoutError, ConnectionAbortedError) as exc:
+                raise SMTPTimeoutError("Timed out while upgrading transport") from exc
+            if tls is None:
+                raise SMTPServerDisconnected("Connection lost")
+            framing.transport = tls
+            return response
         except BaseException:
             self.close()
             raise
 
     async def data(self, message: bytes, *, timeout: float) -> SMTPResponse:
-        """DATA, the message (dot-stuffed by the framing), and the final reply."""
-        return await self.protocol.execute_data_command(message, timeout=timeout)
+        """DATA, the message (dot-stuffed here), and the final reply; a refusal raises
+        SMTPDataError (the reply is the evidence)."""
+        async with asyncio.timeout(timeout):
+            start = await self.command(b"DATA")
+        if start.code != 354:
+            raise SMTPDataError(start.code, start.message)
+        body = _PERIOD.sub(b"..", _LINE_ENDS.sub(b"\r\n", message))
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        async with asyncio.timeout(timeout):
+            (final,) = await self._send([body + b".\r\n"])
+        if final.code != 250:
+            raise SMTPDataError(final.code, final.message)
+        return final
 
     def tls_object(self) -> ssl.SSLObject | ssl.SSLSocket | None:
-        transport = self.protocol.transport
+        transport = self.framing.transport
         obj = transport.get_extra_info("ssl_object") if transport is not None else None
         return obj if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
 
     def local_address(self) -> str | None:
-        transport = self.protocol.transport
+        transport = self.framing.transport
         name = transport.get_extra_info("sockname") if transport is not None else None
         return str(name[0]) if name else None
 
     def abort(self) -> None:
         """Drop the connection now: no TLS close_notify exchange a stalled server never answers."""
-        transport = self.protocol.transport
+        transport = self.framing.transport
         if transport is not None:
-            cast(asyncio.Transport, transport).abort()  # asyncio's and uvloop's alike
+            transport.abort()  # asyncio's and uvloop's alike
 
     def close(self) -> None:
-        transport = self.protocol.transport
+        transport = self.framing.transport
         if transport is not None and not transport.is_closing():
             transport.close()
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import factories
 import pytest
 from daemon_harness import DaemonProcess
 from hypothesis import settings as hypothesis_settings
@@ -29,6 +30,14 @@ from smtp_sink import MessageSink, serve_smtp
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
+
+
+@pytest.fixture(params=[True, False], ids=["pipelined", "lock-step"])
+def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The verdict suites run twice: commands pipelined where the server offers PIPELINING
+    (RFC 2920), and in lock-step; their expected verdicts are the same either way."""
+    monkeypatch.setattr(factories, "PIPELINING", request.param)
+    return bool(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -108,12 +108,18 @@ def one_sweep(
     return alerts
 
 
+# what probe_settings() sets `pipelining` to: the `pipelining` fixture (tests/conftest.py) runs
+# the verdict suites both ways, pipelined and in lock-step, by setting this
+PIPELINING = True
+
+
 def probe_settings(**changes: Any) -> ProbeSettings:
     """Settings for probing a lab: campus.test is the campus; `changes` set any other field."""
     fields: dict[str, Any] = {
         "helo_name": "relayaudit.campus.test",
         "campus_domains": ("campus.test",),
         "external_domains": ("relay-test.example", "sender.example"),
+        "pipelining": PIPELINING,
     }
     return ProbeSettings(**{**fields, **changes})
 

@@ -59,7 +59,7 @@ SUBMISSION_PORT = 587  # the submission policy's instance listens where submissi
 
 
 def _slot_in_use(octet: int, sink_port: int) -> bool:
-    addresses = [(f"127.0.{octet}.{n}", POSTFIX_LAB_PORT) for n in range(1, 5)]
+    addresses = [(f"127.0.{octet}.{n}", POSTFIX_LAB_PORT) for n in (1, 2, 3, 4, 6)]
     addresses.append((f"127.0.{octet}.5", SUBMISSION_PORT))
     for address in [*addresses, ("127.0.0.1", sink_port)]:
         with socket.socket() as probe:
@@ -157,6 +157,22 @@ _POLICY_SETTINGS: Mapping[str, Mapping[str, str]] = {
             "permit_mynetworks, permit_sasl_authenticated, permit_auth_destination,"
             " check_recipient_access static:{530 5.7.0 Authentication required}, reject"
         ),
+    },
+    # closed, behind postscreen with its deep protocol tests on (postscreen(8)): a new client's
+    # first session is postscreen's own SMTP engine, which hides PIPELINING to catch clients
+    # that pipeline unasked, logs NON-SMTP COMMAND and BARE NEWLINE, and answers RCPT with
+    # 450 4.3.2; a client that passed reconnects and is handed to the real smtpd
+    "postscreen": {
+        "mynetworks": "127.0.0.1/32",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
+        ),
+        "postscreen_access_list": "permit_mynetworks",
+        "postscreen_dnsbl_sites": "",
+        "postscreen_greet_wait": "1s",
+        "postscreen_pipelining_enable": "yes",
+        "postscreen_non_smtp_command_enable": "yes",
+        "postscreen_bare_newline_enable": "yes",
     },
 }
 # the port of a policy's instance, where it is not POSTFIX_LAB_PORT
@@ -337,7 +353,15 @@ class PostfixInstance:
 
     def master_cf(self) -> str:
         """The full master.cf text: the shared services plus this instance's smtpd listener."""
-        listener = f"{self.host}:{self.port} inet  n       -       n       -       -       smtpd\n"
+        if self.policy == "postscreen":
+            listener = (
+                f"{self.host}:{self.port} inet  n       -       n       -       1       postscreen\n"
+                "smtpd      pass  -       -       n       -       -       smtpd\n"
+                "dnsblog    unix  -       -       n       -       0       dnsblog\n"
+                "tlsproxy   unix  -       -       n       -       0       tlsproxy\n"
+            )
+        else:
+            listener = f"{self.host}:{self.port} inet  n       -       n       -       -       smtpd\n"
         return listener + _MASTER_CF_SERVICES
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:

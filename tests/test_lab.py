@@ -742,3 +742,22 @@ async def test_stop_closes_open_connections() -> None:
             await in_thread(drain)  # returns (EOF or reset) instead of timing out
         finally:
             sock.close()
+
+
+async def test_flight_delay_holds_each_flight_once_and_answers_a_group_together() -> None:
+    """A network's latency: the replies to a pipelined group come back one flight later, together
+    (where reply_delay, a slow server, delays each reply)."""
+    spec = ServerSpec(host="127.0.0.1", port=0, behaviour=Behaviour.CLOSED, flight_delay=0.2)
+    async with Lab([spec]) as lab:
+        host, port = lab.address_of(0)
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(host, port)
+        banner = await reader.readline()
+        assert banner.startswith(b"220 ") and time.monotonic() - started >= 0.19
+        writer.write(b"EHLO a.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+        sent = time.monotonic()
+        lines = [await reader.readline() for _ in range(6)]
+        elapsed = time.monotonic() - sent
+        writer.close()
+    assert lines[-2].startswith(b"250 ") and lines[-1].startswith(b"554 "), lines
+    assert 0.19 <= elapsed < 0.39, elapsed  # one flight for the whole group, not three

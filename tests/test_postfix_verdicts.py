@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import factories
 import pytest
 from factories import canary_target, probe_settings
 from postfix_lab import POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, SCANNER_SOURCE, PostfixInstance
@@ -14,7 +15,8 @@ from relayaudit.evidence import ProbeResult, TestOutcome, Transport
 from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import Confidence, FindingKind, Verdict, VerdictStatus, judge
 
-pytestmark = pytest.mark.postfix
+# every test here runs twice: pipelined (Postfix offers PIPELINING) and in lock-step
+pytestmark = [pytest.mark.postfix, pytest.mark.usefixtures("pipelining")]
 
 CANARY_DOMAIN = "canary.test"
 
@@ -50,6 +52,8 @@ async def check(
         expect_token=canary.expect if canary is not None else None,
     )
     result = await await_confirmation(result, canary, 30.0)
+    if result.tests and result.facts is not None and result.facts.pipelining:
+        assert result.pipelined is factories.PIPELINING, result.lockstep  # it did pipeline
     return result, judge(result)
 
 

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 from typing import Any
 
 import aiosmtplib
 import pytest
-from replay import Mismatch, ReplayConnection, ReplayDial, ReplayTransport, load, recordings
+from replay import (
+    FIXED_TOKEN,
+    Mismatch,
+    ReplayConnection,
+    ReplayDial,
+    ReplayTransport,
+    load,
+    recordings,
+)
 
+from relayaudit.battery import BatteryInputs, build_battery
 from relayaudit.evidence import PortState, ProbeStatus, TestOutcome
 from relayaudit.failures import (
     OUTCOMES,
@@ -44,7 +54,8 @@ async def replay(name: str) -> tuple[dict[str, Any], Any, ReplayDial]:
     data = load(name)
     fields = data["settings"]
     domains = {k: tuple(fields[k]) for k in ("campus_domains", "external_domains")}
-    settings = ProbeSettings(**{**fields, **domains})
+    # recordings made before pipelining are lock-step conversations: replayed as such
+    settings = ProbeSettings(**{"pipelining": False, **fields, **domains})
     dial = ReplayDial(data["connections"], (data["address"], data["port"]))
     result = await probe(data["address"], data["port"], settings, dial=dial)
     return data, result, dial
@@ -78,7 +89,26 @@ def _server(*chunks: bytes, then: list[tuple[str, bytes]] | None = None) -> Repl
     return ReplayDial([events], ("127.0.0.1", 25))
 
 
-SETTINGS = ProbeSettings(helo_name="relayaudit.campus.test", session_timeout=5, command_timeout=1)
+# the scripts below are lock-step conversations; the pipelined ones set pipelining=True
+SETTINGS = ProbeSettings(
+    helo_name="relayaudit.campus.test", session_timeout=5, command_timeout=1, pipelining=False
+)
+ONE_TEST = ProbeSettings(
+    helo_name="relayaudit.campus.test",
+    session_timeout=5,
+    command_timeout=1,
+    external_domains=("outside.test",),
+    retest_after_starttls=False,
+)
+EHLO_PIPELINING = [
+    ("c", b"EHLO relayaudit.campus.test\r\n"),
+    ("s", b"250-mx.campus.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"),
+]
+
+
+def _group(*lines: str) -> tuple[str, bytes]:
+    """What a pipelined client writes at once: the lines, CRLF each, in one write."""
+    return ("c", b"".join(line.encode() + b"\r\n" for line in lines))
 
 
 @pytest.mark.usefixtures("no_sockets")
@@ -172,3 +202,110 @@ def test_every_status_without_a_session_reaches_the_verdict_of_the_same_name() -
         verdict = judge(result)
         assert verdict.status.value == status.value
         assert verdict.summary == "why"
+
+
+def _battery_lines() -> list[tuple[str, str]]:
+    """(MAIL, RCPT) of each test of ONE_TEST's battery against mx.campus.test, in order."""
+    inputs = BatteryInputs(
+        address="127.0.0.1",
+        hostname="mx.campus.test",
+        campus_domains=ONE_TEST.campus_domains,
+        external_domains=ONE_TEST.external_domains,
+        external_local_part=ONE_TEST.external_local_part,
+        sender_local_part=ONE_TEST.sender_local_part,
+    )
+    # the control recipient's random token, as the replay transport rewrites what it is sent
+    fixed = FIXED_TOKEN.decode()
+    return [
+        (f"MAIL FROM:<{t.mail_from}>", f"RCPT TO:<{t.rcpt_to}>")
+        for t in build_battery(inputs, control_token=fixed.removeprefix("nx-"))
+    ]
+
+
+GREETING = ("s", b"220 mx.campus.test ESMTP\r\n")
+GOODBYE = [("c", b"QUIT\r\n"), ("s", b"221 2.0.0 Bye\r\n")]
+OK, DENIED = b"250 2.1.0 Ok\r\n", b"554 5.7.1 Relay access denied\r\n"
+
+
+def _lockstep(tests: list[tuple[str, str]], *, first_rset: bool = False) -> list[tuple[str, bytes]]:
+    """A closed server's answers to these tests in lock-step: MAIL, RCPT, RSET between tests."""
+    events: list[tuple[str, bytes]] = []
+    for i, (mail, rcpt) in enumerate(tests):
+        if i or first_rset:
+            events += [("c", b"RSET\r\n"), ("s", b"250 2.0.0 Ok\r\n")]
+        events += [("c", mail.encode() + b"\r\n"), ("s", OK)]
+        events += [("c", rcpt.encode() + b"\r\n"), ("s", DENIED)]
+    return events
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_pipelined_battery_sends_each_test_in_one_write_to_the_same_verdict() -> None:
+    tests = _battery_lines()
+    events = [GREETING, *EHLO_PIPELINING]
+    for i, (mail, rcpt) in enumerate(tests):
+        # RSET ends the last test's transaction in the same write as this test's commands
+        events.append(_group(*(["RSET"] if i else []), mail, rcpt))
+        events.append(("s", (b"250 2.0.0 Ok\r\n" if i else b"") + OK + DENIED))
+    settings = replace(ONE_TEST, max_tests_per_session=len(tests))
+    dial = ReplayDial([[*events, *GOODBYE]], ("127.0.0.1", 25))
+    result = await probe("127.0.0.1", 25, settings, dial=dial)
+    assert result.pipelined and result.lockstep is None, result.transcript
+    assert judge(result).status is VerdictStatus.RELAY_REFUSED
+    assert [t.outcome for t in result.tests] == [TestOutcome.REFUSED] * len(tests)
+    # one write per test (and the EHLO, the QUIT), where lock-step makes three
+    transport = dial.opened[0].transport
+    assert transport is not None and len(transport.sent) == len(tests) + 2
+    # the same server in lock-step: the same results, three times the writes
+    lockstep = ReplayDial(
+        [[GREETING, *EHLO_PIPELINING, *_lockstep(tests), *GOODBYE]], ("127.0.0.1", 25)
+    )
+    plain = await probe("127.0.0.1", 25, replace(settings, pipelining=False), dial=lockstep)
+    assert not plain.pipelined
+    assert [(t.test.id, t.outcome, t.mail, t.rcpt) for t in plain.tests] == [
+        (t.test.id, t.outcome, t.mail, t.rcpt) for t in result.tests
+    ]
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_reply_too_many_turns_the_rest_of_the_battery_to_lock_step() -> None:
+    tests = _battery_lines()
+    (mail, rcpt), rest = tests[0], tests[1:]
+    first = [
+        GREETING,
+        *EHLO_PIPELINING,
+        _group(mail, rcpt),
+        ("s", OK + DENIED + b"250 2.0.0 one reply too many\r\n"),
+        _group("RSET", *rest[0]),  # what would come next: the recorded server waits for it
+    ]
+    # the next group is never sent: a fresh connection runs the rest in lock-step
+    second = [GREETING, *EHLO_PIPELINING, *_lockstep(rest), *GOODBYE]
+    settings = replace(ONE_TEST, max_tests_per_session=len(tests))
+    dial = ReplayDial([first, second], ("127.0.0.1", 25))
+    result = await probe("127.0.0.1", 25, settings, dial=dial)
+    assert result.lockstep is not None and result.lockstep.startswith("confused: "), result.lockstep
+    assert result.sessions == 2
+    assert judge(result).status is VerdictStatus.RELAY_REFUSED
+    assert [t.outcome for t in result.tests] == [TestOutcome.REFUSED] * len(tests)
+    assert any(
+        e.error and e.error.startswith("pipelining stopped (confused") for e in result.transcript
+    )
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_refused_mail_sends_no_more_rcpt_and_no_more_groups() -> None:
+    tests = _battery_lines()
+    refused = b"530 5.7.0 Authentication required\r\n"
+    events = [
+        GREETING,
+        *EHLO_PIPELINING,
+        _group(*tests[0]),
+        ("s", refused + b"503 5.5.1 Error: need MAIL command\r\n"),
+    ]
+    for mail, _ in tests[1:]:  # lock-step: MAIL alone, no RCPT after a refused one
+        events += [("c", mail.encode() + b"\r\n"), ("s", refused)]
+    settings = replace(ONE_TEST, max_tests_per_session=len(tests))
+    dial = ReplayDial([[*events, *GOODBYE]], ("127.0.0.1", 25))
+    result = await probe("127.0.0.1", 25, settings, dial=dial)
+    assert result.lockstep == "MAIL FROM answered 530"
+    assert result.tests[0].rcpt is None  # as lock-step would record it: RCPT is not evidence
+    assert judge(result).status is VerdictStatus.AUTH_REQUIRED

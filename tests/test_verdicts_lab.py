@@ -33,8 +33,9 @@ async def canary() -> AsyncIterator[CanaryReceiver]:
 
 
 @pytest.fixture
-def run_lab(canary: CanaryReceiver) -> Probe:
-    """Start one lab server with `behaviour`, probe it, judge the evidence."""
+def run_lab(canary: CanaryReceiver, pipelining: bool) -> Probe:
+    """Start one lab server with `behaviour`, probe it, judge the evidence (pipelined where the
+    server offers it, and in lock-step: each test using this runs both ways)."""
 
     async def run(
         behaviour: Behaviour,
@@ -54,6 +55,7 @@ def run_lab(canary: CanaryReceiver) -> Probe:
             **spec,  # type: ignore[arg-type]
         )
         lab = Lab([server], mx={CANARY_DOMAIN: ("127.0.0.1", canary.port)})
+        settings = dataclasses.replace(settings, pipelining=pipelining)
         if confirm:
             settings = dataclasses.replace(settings, canary=canary_target(CANARY_DOMAIN))
         async with lab:
@@ -66,6 +68,8 @@ def run_lab(canary: CanaryReceiver) -> Probe:
                 expect_token=canary.expect if confirm else None,
             )
             result = await await_confirmation(result, canary, 5.0)
+        if result.tests and result.facts is not None and result.facts.pipelining:
+            assert result.pipelined is pipelining, result.lockstep  # it did pipeline
         return result, judge(result, approved=approved)
 
     return run

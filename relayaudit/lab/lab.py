@@ -66,8 +66,8 @@ class Lab:
                 raise ConfigError(f"{where}.hostname: {spec.hostname!r} is empty or has spaces")
             if spec.banner is not None and ("\r" in spec.banner or len(spec.banner) > 2000):
                 raise ConfigError(f"{where}.banner: a carriage return or over 2000 characters")
-            if spec.reply_delay < 0 or spec.error_sleep < 0:
-                raise ConfigError(f"{where}: reply_delay and error_sleep must be >= 0")
+            if spec.reply_delay < 0 or spec.error_sleep < 0 or spec.flight_delay < 0:
+                raise ConfigError(f"{where}: reply_delay, flight_delay and error_sleep must be >= 0")
         self._mx: dict[str, tuple[str, int]] = {}
         for domain, (host, port) in mx.items():
             # The lab must never hand mail to anything but a loopback listener it was told about.

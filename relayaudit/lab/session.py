@@ -40,11 +40,12 @@ def _hop_count(data: bytes) -> int:
 class Session(LineProtocol):
     """One SMTP connection: a line-driven state machine over LineProtocol's framing."""
 
-    __slots__ = ("_helo", "_mail", "_peer", "_rcpts", "_tls")
+    __slots__ = ("_flight", "_helo", "_mail", "_peer", "_rcpts", "_tls")
 
     def __init__(self, listener: Listener) -> None:
         super().__init__(listener)
         self._tls = listener.spec.implicit_tls
+        self._flight: asyncio.TimerHandle | None = None  # the flight in the air (flight_delay)
         self._helo = ""
         self._peer = ""
         self._mail: str | None = None
@@ -64,11 +65,33 @@ class Session(LineProtocol):
             return
         if behaviour is Behaviour.NOT_SMTP:
             return
+        flight = self._listener.spec.flight_delay
+        if flight > 0:  # the connection's round trip before the greeting reaches the client
+            self._timer = asyncio.get_running_loop().call_later(
+                flight, self._reply, self._listener.banner
+            )
+            return
         self._reply(self._listener.banner)
 
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
+        flight = self._listener.spec.flight_delay
+        if flight > 0:
+            # the bytes of one flight are read one latency later, all at once: the replies to
+            # a pipelined group leave together, as over a network
+            self._buf += data
+            if self._flight is None:
+                self._flight = asyncio.get_running_loop().call_later(flight, self._landed)
+            return
+        self._receive(data)
+
+    def _landed(self) -> None:
+        self._flight = None
+        if not self._done:
+            self._receive(b"")
+
+    def _receive(self, data: bytes) -> None:
         if self._listener.spec.behaviour is Behaviour.NOT_SMTP:
             self._done = True
             self._reply(_HTTP_400, close=True)
@@ -81,6 +104,9 @@ class Session(LineProtocol):
 
     def _closed(self) -> None:
         super()._closed()
+        if self._flight is not None:
+            self._flight.cancel()
+            self._flight = None
         self._listener.lab._sessions.discard(self)
 
     # -- commands --------------------------------------------------------------------------

@@ -54,7 +54,10 @@ class ServerSpec:
     # another line of a multi-line greeting. For tests of what reports make of hostile servers.
     banner: str | None = None
     implicit_tls: bool = False  # TLS from the first byte (port-465 style)
-    reply_delay: float = 0.0  # seconds before every reply, banner included
+    reply_delay: float = 0.0  # seconds before every reply, banner included (a slow server)
+    # seconds each flight of the client's bytes takes to arrive (a network's latency): the
+    # replies to one pipelined group come back together, one round trip later; the banner too
+    flight_delay: float = 0.0
     error_limits: bool = False  # Postfix soft/hard error limits (10 / 20 refused commands)
     error_sleep: float = 1.0  # Postfix smtpd_error_sleep_time; tests shorten it
 
