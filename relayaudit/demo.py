@@ -62,23 +62,32 @@ DEMO_LAB: tuple[tuple[int, int, Behaviour, bool], ...] = (
 )
 
 
-def demo_lab() -> Lab:
-    """The lab of DEMO_LAB (not started): what `demo` sweeps, and config/lab.toml by hand."""
+def demo_lab(
+    *,
+    prefix: str = "127.0.10",
+    port: int = DEMO_PORT,
+    tls_port: int = DEMO_TLS_PORT,
+    canary: tuple[str, int] = CANARY,
+    canary_domain: str = CANARY_DOMAIN,
+) -> Lab:
+    """The lab of DEMO_LAB (not started): what `demo` sweeps, and config/lab.toml by hand; tests
+    take the same layout on addresses (`prefix`.N) and ports of their own."""
+    ports = {DEMO_PORT: port, DEMO_TLS_PORT: tls_port}
     specs = [
         ServerSpec(
-            host=f"127.0.10.{octet}",
-            port=port,
+            host=f"{prefix}.{octet}",
+            port=ports[server_port],
             behaviour=behaviour,
             implicit_tls=tls,
             hostname=f"mx{octet}.campus.test",
         )
-        for octet, port, behaviour, tls in DEMO_LAB
+        for octet, server_port, behaviour, tls in DEMO_LAB
     ]
     return Lab(
         specs,
         local_domains=("campus.test",),
         campus_domains=("campus.test",),
-        mx={CANARY_DOMAIN: CANARY},
+        mx={canary_domain: canary},
     )
 
 

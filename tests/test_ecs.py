@@ -24,9 +24,10 @@ from daemon_harness import DaemonProcess, base_config, read_jsonl, write_config
 from ecs_schema import ECS, flatten, problems
 
 from relayaudit.config import LoggingConfig, parse_config
+from relayaudit.demo import demo_lab
 from relayaudit.ecs import ECS_VERSION, EVENTS, FINDINGS
 from relayaudit.errors import ConfigError
-from relayaudit.lab import Behaviour, Lab, ServerSpec
+from relayaudit.lab import Lab
 from relayaudit.logs import REDACTED, LogHandle, configure_logging
 from relayaudit.verdict import FindingKind
 
@@ -354,40 +355,12 @@ NET = "127.0.150.0/28"
 PORT, TLS_PORT = 2750, 4750
 CANARY = ("127.0.150.14", 2751)
 CANARY_DOMAIN = "canary.iso.test"
-LAB = (  # the demo's lab (relayaudit/demo.py's DEMO_LAB) on addresses of its own
-    (1, PORT, Behaviour.OPEN_RELAY, False),
-    (2, PORT, Behaviour.CLOSED, False),
-    (3, PORT, Behaviour.CAMPUS_SENDER, False),
-    (4, PORT, Behaviour.PERCENT_HACK, False),
-    (5, PORT, Behaviour.AUTH_REQUIRED, False),
-    (5, TLS_PORT, Behaviour.AUTH_REQUIRED, True),
-    (6, PORT, Behaviour.ACCEPT_ALL_DISCARD, False),
-    (7, PORT, Behaviour.NOT_SMTP, False),
-    (8, PORT, Behaviour.RELAY_AFTER_STARTTLS, False),
-    (9, PORT, Behaviour.ODD_FORMS_LOCAL, False),
-    (10, PORT, Behaviour.GREYLIST, False),
-    (11, PORT, Behaviour.TLS_REQUIRED, False),
-    (12, PORT, Behaviour.AUTH_NO_TLS, False),
-    (13, PORT, Behaviour.TARPIT, False),
-)
 
 
 def _lab() -> Lab:
-    specs = [
-        ServerSpec(
-            host=f"127.0.150.{octet}",
-            port=port,
-            behaviour=behaviour,
-            implicit_tls=tls,
-            hostname=f"mx{octet}.campus.test",
-        )
-        for octet, port, behaviour, tls in LAB
-    ]
-    return Lab(
-        specs,
-        local_domains=("campus.test",),
-        campus_domains=("campus.test",),
-        mx={CANARY_DOMAIN: CANARY},
+    """The demo's lab (relayaudit/demo.py's DEMO_LAB) on addresses of its own."""
+    return demo_lab(
+        prefix="127.0.150", port=PORT, tls_port=TLS_PORT, canary=CANARY, canary_domain=CANARY_DOMAIN
     )
 
 
@@ -493,7 +466,7 @@ async def test_a_demo_sweep_of_the_daemon_in_ecs_form(
         assert action in actions, action
     probes = [e for e in events if e["event"].get("action") == "probe"]
     probed = {(e["destination"]["ip"], e["destination"]["port"]) for e in probes}
-    assert {(f"127.0.150.{octet}", port) for octet, port, _, _ in LAB} <= probed
+    assert {(spec.host, spec.port) for spec in _lab().specs} <= probed
     assert (CANARY[0], PORT) not in probed
     statuses = {e["relayaudit"]["probe"]["status"] for e in probes}
     assert {"open-relay", "closed", "auth-required", "no-banner", "inconclusive"} <= statuses
