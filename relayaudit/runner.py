@@ -105,19 +105,24 @@ async def _worker(state: _Battery, session: Session | None, opener: Opener, per:
     """One connection at a time: claim up to `per` tests, run them, hand back what is unfinished."""
     try:
         while state.queue and state.stop is None:
+            # the tests are claimed before a connection is opened for them: a worker never opens
+            # one only to find that the others took the rest meanwhile
+            claimed = [state.queue.popleft() for _ in range(min(per, len(state.queue)))]
             if session is None:
                 if state.sessions_left <= 0:
+                    state.queue.extendleft(reversed(claimed))
                     state.last_failure = "not run: too many reconnects"
                     return
                 state.sessions_left -= 1
                 try:
                     session = await opener(state.transport)
                 except (SessionFailure, OSError) as exc:
+                    state.queue.extendleft(reversed(claimed))
                     state.last_failure = f"not run: reconnect failed: {exc}"
                     return
-                if not state.queue or state.stop is not None:
+                if state.stop is not None:
+                    state.queue.extendleft(reversed(claimed))
                     break
-            claimed = [state.queue.popleft() for _ in range(min(per, len(state.queue)))]
             unfinished = await _session_tests(session, claimed, state)
             state.queue.extendleft(reversed(unfinished))
             await session.quit()

@@ -124,6 +124,11 @@ class SmtpSession:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_later(self.timeout, self._check)
 
+    def _replied(self) -> None:
+        """A reply of a pipelined group came: the next one has a whole timeout of its own."""
+        if self.waiting_since is not None:
+            self.waiting_since = time.monotonic()
+
     def _check(self) -> None:
         self._watchdog = None
         if self.waiting_since is None:
@@ -201,7 +206,7 @@ class SmtpSession:
         encoded = [line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines]
         self._sent()
         try:
-            responses = await self.wire.pipeline(encoded)
+            responses = await self.wire.pipeline(encoded, on_reply=self._replied)
         except asyncio.CancelledError:
             self.record(
                 " / ".join(lines), None, started, error="cancelled (session deadline or stop)"

@@ -18,6 +18,7 @@ import re
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol, cast
 
 from aiosmtplib.errors import (
@@ -260,7 +261,9 @@ class Wire:
         (response,) = await self._send([_line(args)])
         return response
 
-    async def pipeline(self, lines: list[bytes]) -> list[SMTPResponse]:
+    async def pipeline(
+        self, lines: list[bytes], *, on_reply: Callable[[], None] | None = None
+    ) -> list[SMTPResponse]:
         """Send command lines (each ending in CRLF) in one write and read one reply each, in
         order (RFC 2920). The server said something out of turn since the last group (a reply
         too many, or one before its command): PipelineConfused, and the connection is closed."""
@@ -269,9 +272,11 @@ class Wire:
             raise PipelineConfused(
                 f"the server sent {self.framing.unsolicited} unrequested byte(s) or repl(ies)"
             )
-        return await self._send(lines)
+        return await self._send(lines, on_reply)
 
-    async def _send(self, lines: list[bytes]) -> list[SMTPResponse]:
+    async def _send(
+        self, lines: list[bytes], on_reply: Callable[[], None] | None = None
+    ) -> list[SMTPResponse]:
         framing = self.framing
         try:
             framing.write(b"".join(lines), len(lines))
@@ -279,6 +284,8 @@ class Wire:
             for _ in lines:
                 response = await framing.reply()
                 replies.append(response)
+                if on_reply is not None:
+                    on_reply()  # each reply restarts the wait for the next (a per-reply timeout)
                 if response.code == _CLOSING:
                     self.close()
                     break

@@ -9,6 +9,7 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 from factories import probe_settings
@@ -108,19 +109,43 @@ def recording_server(
     return handler, reads, problems, peak
 
 
-@pytest.mark.parametrize("advertised", [False, True])
-async def test_every_command_waits_for_its_reply(advertised: bool) -> None:
-    """Issue 2: no pipelining, even where PIPELINING is advertised; RCPT only after MAIL's 250."""
+@pytest.mark.parametrize(
+    ("advertised", "pipelining"), [(False, True), (True, False)], ids=["not-offered", "off"]
+)
+async def test_every_command_waits_for_its_reply_unless_pipelining(
+    advertised: bool, pipelining: bool
+) -> None:
+    """Lock-step where the server does not offer PIPELINING, or relay.pipelining is off: one
+    command per write (a strict server calls anything else a synchronization error), and RCPT
+    only after MAIL's 250."""
     handler, reads, problems, _peak = recording_server(
         pipelining=advertised, strict_sync=True, refuse_mail_from=(b"<>",)
     )
     async with HostileServer(handler) as server:
-        result = await probe("127.0.0.1", server.port, SETTINGS)
+        result = await probe("127.0.0.1", server.port, replace(SETTINGS, pipelining=pipelining))
     assert problems == []
     assert all(chunk.count(b"\r\n") == 1 for conn in reads for chunk in conn)
+    assert not result.pipelined
     assert sum(t.rcpt is None for t in result.tests) == 1  # the refused null sender: no RCPT
     assert judge(result).status is VerdictStatus.RELAY_REFUSED
     assert len(result.tests) == 26
+    assert sum(t.outcome is TestOutcome.REFUSED for t in result.tests) == 25
+
+
+async def test_pipelined_where_offered_until_a_mail_is_refused() -> None:
+    """RFC 2920 where PIPELINING is offered: RSET, MAIL and RCPT of a test in one write; the
+    refused null sender's RCPT went with it (unavoidably), and from there on lock-step."""
+    handler, reads, problems, _peak = recording_server(pipelining=True, refuse_mail_from=(b"<>",))
+    async with HostileServer(handler) as server:
+        result = await probe("127.0.0.1", server.port, SETTINGS)
+    assert result.pipelined and result.lockstep == "MAIL FROM answered 553"
+    grouped = [chunk for conn in reads for chunk in conn if chunk.count(b"\r\n") > 1]
+    assert grouped and all(chunk.count(b"\r\n") <= 3 for chunk in grouped)
+    assert grouped[0].startswith(b"MAIL FROM:") and grouped[1].startswith(b"RSET\r\nMAIL FROM:")
+    # the one RCPT after a refused MAIL is the group's; none after the switch to lock-step
+    assert len(problems) == 1 and "RCPT without an accepted MAIL" in problems[0], problems
+    assert sum(t.rcpt is None for t in result.tests) == 1  # recorded as lock-step would
+    assert judge(result).status is VerdictStatus.RELAY_REFUSED
     assert sum(t.outcome is TestOutcome.REFUSED for t in result.tests) == 25
 
 
