@@ -18,6 +18,7 @@ from relayaudit.evidence import (
     TestOutcome,
     TestResult,
     Transport,
+    built,
     classify_reply,
 )
 from relayaudit.failures import Broken, SessionFailure
@@ -225,13 +226,16 @@ async def run_test_pipelined(
 def _sender_refused(
     test: RelayTest, transport: Transport, mail: Reply, mail_class: ReplyClass
 ) -> TestResult:
-    return TestResult.model_construct(
-        test=test,
-        transport=transport,
-        mail=mail,
-        rcpt=None,
-        outcome=_outcome(mail_class, sender=True),
-        error=None,
+    return built(
+        TestResult,
+        {
+            "test": test,
+            "transport": transport,
+            "mail": mail,
+            "rcpt": None,
+            "outcome": _outcome(mail_class, sender=True),
+            "error": None,
+        },
     )
 
 
@@ -242,8 +246,16 @@ def _recipient_answered(
     outcome = (
         TestOutcome.ACCEPTED if rcpt_class is ReplyClass.OK else _outcome(rcpt_class, sender=False)
     )
-    return TestResult.model_construct(
-        test=test, transport=transport, mail=mail, rcpt=rcpt, outcome=outcome, error=None
+    return built(
+        TestResult,
+        {
+            "test": test,
+            "transport": transport,
+            "mail": mail,
+            "rcpt": rcpt,
+            "outcome": outcome,
+            "error": None,
+        },
     )
 
 

@@ -19,6 +19,7 @@ from relayaudit.evidence import (
     Reply,
     SessionFacts,
     TlsFacts,
+    built,
     redact_command,
     writable_text,
 )
@@ -159,11 +160,14 @@ class SmtpSession:
         # built without validation: the values come typed from the framing and from us; only
         # the server's text needs what validation would do (writable_text)
         self.log.append(
-            Exchange.model_construct(
-                command=redact_command(line) if line is not None else None,
-                reply=reply,
-                error=writable_text(error) if error is not None else None,
-                elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+            built(
+                Exchange,
+                {
+                    "command": redact_command(line) if line is not None else None,
+                    "reply": reply,
+                    "error": writable_text(error) if error is not None else None,
+                    "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
+                },
             )
         )
 
@@ -194,7 +198,7 @@ class SmtpSession:
         # the reply made it, even if the watchdog ended the connection in the same instant: the
         # next command then finds a hang-up, not a timeout
         self.expired = False
-        reply = Reply.model_construct(code=response.code, text=writable_text(response.message))
+        reply = built(Reply, {"code": response.code, "text": writable_text(response.message)})
         self.record(line, reply, started)
         return reply
 
@@ -231,7 +235,7 @@ class SmtpSession:
         self.observed.pipelined = True
         replies = []
         for line, response in zip(lines, responses, strict=False):
-            reply = Reply.model_construct(code=response.code, text=writable_text(response.message))
+            reply = built(Reply, {"code": response.code, "text": writable_text(response.message)})
             self.record(line, reply, started)
             replies.append(reply)
         for line in lines[len(responses) :]:  # sent, but the server closed first (421)
