@@ -9,6 +9,7 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from relayaudit.alerts import Dispatcher, channel_names, check_templates
 from relayaudit.canary import CanaryReceiver
@@ -33,7 +34,7 @@ from relayaudit.sinks import Collector, FindingsFile
 from relayaudit.state import StateSink, StateStore
 from relayaudit.text import clip, visible
 
-__all__ = ["DEMO_LAB", "demo_config", "demo_lab", "report_text", "run_demo"]
+__all__ = ["DEMO_LAB", "demo_config", "demo_lab", "demo_settings", "report_text", "run_demo"]
 
 DEMO_NET = "127.0.10.0/28"
 DEMO_PORT = 2525
@@ -91,37 +92,43 @@ def demo_lab(
     )
 
 
-def demo_config(findings: Path) -> Config:
-    return parse_config(
-        {
-            "scope": ["127.0.10.0/24"],
-            "targets": [DEMO_NET],
-            "exclude": ["127.0.10.14/32"],  # the canary receiver is ours, not a target
-            "ports": [DEMO_PORT, DEMO_TLS_PORT],
-            "implicit_tls_ports": [DEMO_TLS_PORT],
-            "identity": {"helo_name": "relayaudit.campus.test", "contact": "iso@campus.test"},
-            "relay": {
-                "campus_domains": ["campus.test"],
-                "external_domains": ["relay-test.example", "sender.example"],
-            },
-            "canary": {
-                "enabled": True,
-                "domain": CANARY_DOMAIN,
-                "listen": f"{CANARY[0]}:{CANARY[1]}",
-                "campus_sender": "iso@campus.test",
-                "wait": "3s",
-            },
-            # short waits: the tarpit and the silent service would otherwise hold the demo for
-            # the default 30 s greeting wait
-            "timeouts": {"connect": "1s", "command": "3s", "greeting": "3s", "session": "30s"},
-            "limits": {"concurrency": 32, "rate": 500, "subnet_rate": 200},
-            "approved": [
-                {"address": "127.0.10.2", "port": DEMO_PORT, "note": "ISO-0001 campus mail hub"}
-            ],
-            "output": {"findings": str(findings)},
+def demo_settings(
+    *,
+    prefix: str = "127.0.10",
+    port: int = DEMO_PORT,
+    tls_port: int = DEMO_TLS_PORT,
+    canary: tuple[str, int] = CANARY,
+    canary_domain: str = CANARY_DOMAIN,
+) -> dict[str, Any]:
+    """The config (as TOML would give it) that sweeps demo_lab() with the same arguments."""
+    return {
+        "scope": [f"{prefix}.0/24"],
+        "targets": [f"{prefix}.0/28"],
+        "exclude": [f"{canary[0]}/32"],  # the canary receiver is ours, not a target
+        "ports": [port, tls_port],
+        "implicit_tls_ports": [tls_port],
+        "identity": {"helo_name": "relayaudit.campus.test", "contact": "iso@campus.test"},
+        "relay": {
+            "campus_domains": ["campus.test"],
+            "external_domains": ["relay-test.example", "sender.example"],
         },
-        source="(demo)",
-    )
+        "canary": {
+            "enabled": True,
+            "domain": canary_domain,
+            "listen": f"{canary[0]}:{canary[1]}",
+            "campus_sender": "iso@campus.test",
+            "wait": "3s",
+        },
+        # short waits: the tarpit and the silent service would otherwise hold the demo for
+        # the default 30 s greeting wait
+        "timeouts": {"connect": "1s", "command": "3s", "greeting": "3s", "session": "30s"},
+        "limits": {"concurrency": 32, "rate": 500, "subnet_rate": 200},
+        "approved": [{"address": f"{prefix}.2", "port": port, "note": "ISO-0001 campus mail hub"}],
+    }
+
+
+def demo_config(findings: Path) -> Config:
+    return parse_config({**demo_settings(), "output": {"findings": str(findings)}}, source="(demo)")
 
 
 def report_text(

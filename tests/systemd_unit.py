@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,3 +44,13 @@ def own_complaints(stderr: str) -> str:
         for line in stderr.splitlines()
         if line.strip() and not line.startswith(_INSTALLED_UNITS)
     )
+
+
+def verify_problems(exe: str, unit: Path) -> str:
+    """What `systemd-analyze verify` says is wrong with `unit` (and its drop-ins); "" when
+    nothing. It exits 0 on unknown keys and bad values: its messages are the verdict."""
+    proc = subprocess.run(
+        [exe, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    problems = "\n".join(p for p in (proc.stdout.strip(), own_complaints(proc.stderr)) if p)
+    return problems or ("" if proc.returncode == 0 else f"exit {proc.returncode}")

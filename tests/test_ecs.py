@@ -24,7 +24,7 @@ from daemon_harness import DaemonProcess, base_config, read_jsonl, write_config
 from ecs_schema import ECS, flatten, problems
 
 from relayaudit.config import LoggingConfig, parse_config
-from relayaudit.demo import demo_lab
+from relayaudit.demo import demo_lab, demo_settings
 from relayaudit.ecs import ECS_VERSION, EVENTS, FINDINGS
 from relayaudit.errors import ConfigError
 from relayaudit.lab import Lab
@@ -369,26 +369,14 @@ def _daemon_config(tmp: Path) -> Path:
     (tickets,) = data["alerts"]["command"]
     data.update(
         {
-            "scope": ["127.0.150.0/24"],
-            "exclude": [f"{CANARY[0]}/32"],
-            "ports": [PORT, TLS_PORT],
-            "implicit_tls_ports": [TLS_PORT],
-            "identity": {"helo_name": "relayaudit.campus.test", "contact": "iso@campus.test"},
-            "relay": {
-                "campus_domains": ["campus.test"],
-                "external_domains": ["relay-test.example", "sender.example"],
-            },
-            "canary": {
-                "enabled": True,
-                "domain": CANARY_DOMAIN,
-                "listen": f"{CANARY[0]}:{CANARY[1]}",
-                "campus_sender": "iso@campus.test",
-                "wait": "3s",
-            },
-            "timeouts": {"connect": "1s", "command": "3s", "greeting": "3s", "session": "30s"},
-            "limits": {"concurrency": 32, "rate": 500, "subnet_rate": 200},
+            **demo_settings(
+                prefix="127.0.150",
+                port=PORT,
+                tls_port=TLS_PORT,
+                canary=CANARY,
+                canary_domain=CANARY_DOMAIN,
+            ),
             "schedule": {"interval": "1h"},
-            "approved": [{"address": "127.0.150.2", "port": PORT, "note": "ISO-0001 mail hub"}],
             "logging": {"file": str(tmp / "log.jsonl"), "stdout": True, "format": "ecs"},
             "alerts": {
                 "backoff_initial": "0.1s",
