@@ -6,7 +6,7 @@ import ipaddress
 import secrets
 from dataclasses import dataclass
 
-from relayaudit.evidence import RelayTest, TestCategory, TestRole
+from relayaudit.evidence import RelayTest, TestCategory, TestRole, built
 
 __all__ = ["BatteryInputs", "address_literal", "build_battery", "canary_recipient"]
 
@@ -85,6 +85,30 @@ def canary_recipient(
     return _recipient(template, u=local_part, d=domain, host=host, literal=literal, campus=through)
 
 
+def _test(
+    test_id: str,
+    category: TestCategory,
+    role: TestRole,
+    mail_from: str,
+    rcpt_to: str,
+    *,
+    local: bool = False,
+) -> RelayTest:
+    # built, not validated: every value is ours and typed (a battery per host is on the hot path)
+    return built(
+        RelayTest,
+        {
+            "id": test_id,
+            "category": category,
+            "role": role,
+            "mail_from": mail_from,
+            "rcpt_to": rcpt_to,
+            "external_recipient": True,
+            "claims_local_sender": local,
+        },
+    )
+
+
 def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) -> list[RelayTest]:
     """Every recipient form with an external sender, every sender form with a plain recipient,
     and the control test; the plain third-party test comes first, the control second, so a short
@@ -103,33 +127,33 @@ def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) ->
     for test_id, template in _RECIPIENT_FORMS:
         plain_form = test_id == _PLAIN_FORM
         tests.append(
-            RelayTest(
-                id=test_id,
-                category=TestCategory.RECIPIENT,
-                role=TestRole.PLAIN if plain_form else TestRole.ODD_FORM,
-                mail_from=external_sender,
-                rcpt_to=_recipient(template, u=u, d=d, host=host, literal=literal),
+            _test(
+                test_id,
+                TestCategory.RECIPIENT,
+                TestRole.PLAIN if plain_form else TestRole.ODD_FORM,
+                external_sender,
+                _recipient(template, u=u, d=d, host=host, literal=literal),
             )
         )
         if plain_form:
             token = control_token or secrets.token_hex(6)
             tests.append(
-                RelayTest(
-                    id="control-invalid",
-                    category=TestCategory.CONTROL,
-                    role=TestRole.CONTROL,
-                    mail_from=external_sender,
-                    rcpt_to=f"nx-{token}@nx-{token}.invalid",
+                _test(
+                    "control-invalid",
+                    TestCategory.CONTROL,
+                    TestRole.CONTROL,
+                    external_sender,
+                    f"nx-{token}@nx-{token}.invalid",
                 )
             )
     for test_id, template, campus in _campus_forms(inputs):
         tests.append(
-            RelayTest(
-                id=test_id,
-                category=TestCategory.RECIPIENT,
-                role=TestRole.ODD_FORM,
-                mail_from=external_sender,
-                rcpt_to=_recipient(template, u=u, d=d, host=host, literal=literal, campus=campus),
+            _test(
+                test_id,
+                TestCategory.RECIPIENT,
+                TestRole.ODD_FORM,
+                external_sender,
+                _recipient(template, u=u, d=d, host=host, literal=literal, campus=campus),
             )
         )
 
@@ -145,13 +169,13 @@ def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) ->
     senders += [("sender-unqualified", f, True), ("sender-localhost", f"{f}@localhost", True)]
     for test_id, sender, local in senders:
         tests.append(
-            RelayTest(
-                id=test_id,
-                category=TestCategory.SENDER,
-                role=TestRole.LOCAL_SENDER if local else TestRole.NULL_SENDER,
-                mail_from=sender,
-                rcpt_to=plain,
-                claims_local_sender=local,
+            _test(
+                test_id,
+                TestCategory.SENDER,
+                TestRole.LOCAL_SENDER if local else TestRole.NULL_SENDER,
+                sender,
+                plain,
+                local=local,
             )
         )
     # without a host name the host forms repeat the literal forms; one copy is enough

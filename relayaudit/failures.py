@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from relayaudit.errors import ProbeError
-from relayaudit.evidence import PortState, ProbeStatus
+from relayaudit.evidence import PortState, ProbeStatus, Reply
 
 __all__ = [
     "OUTCOMES",
@@ -56,6 +56,8 @@ class Broken(SessionFailure):
         super().__init__(reason)
         self.reason = reason
         self.fatal = fatal
+        # a pipelined group's replies that came before the failure, in order
+        self.partial: list[Reply] = []
 
 
 class Confused(Broken):

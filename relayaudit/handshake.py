@@ -8,7 +8,15 @@ from collections.abc import Awaitable, Callable
 
 from relayaudit.battery import address_literal
 from relayaudit.connect import connect_socket
-from relayaudit.evidence import Exchange, PortState, Reply, TlsFacts, Transport
+from relayaudit.evidence import (
+    Exchange,
+    PortState,
+    Reply,
+    TlsFacts,
+    Transport,
+    built,
+    writable_text,
+)
 from relayaudit.facts import capabilities, session_facts, tls_facts
 from relayaudit.failures import (
     Broken,
@@ -136,7 +144,7 @@ class Handshake:
                 if seen.tls is None:  # a parallel session's failure keeps earlier good facts
                     seen.tls = TlsFacts(error=describe(exc))
             raise failure(stage, kind, exc, wait=wait) from None
-        banner = Reply(code=response.code, text=response.message)
+        banner = built(Reply, {"code": response.code, "text": writable_text(response.message)})
         session.record(None, banner, started)
         if response.code != _READY:
             session.end()

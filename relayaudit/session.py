@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from relayaudit.evidence import (
     Capabilities,
@@ -36,6 +36,9 @@ from relayaudit.failures import (
 )
 from relayaudit.wire import PipelineConfused, Wire
 
+if TYPE_CHECKING:
+    from aiosmtplib.response import SMTPResponse
+
 __all__ = ["Observed", "Session", "SmtpSession"]
 
 
@@ -54,10 +57,15 @@ class Session(Protocol):
         """Whether commands may go in groups (RFC 2920: the server offered PIPELINING)."""
         ...
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether a pipelined group was answered on this host already."""
+        ...
+
     async def pipeline(self, lines: list[str]) -> list[Reply]:
         """Send `lines` in one write, return their replies in order (fewer if a 421 closed
-        the connection); raises Confused when the server got out of step, Broken when the
-        connection fails."""
+        the connection); raises Confused when the server got out of step, Broken (with the
+        replies that came before the failure) when the connection fails."""
         ...
 
     def stop_pipelining(self, reason: str) -> None:
@@ -69,7 +77,9 @@ class Session(Protocol):
         connection fails."""
         ...
 
-    async def quit(self) -> None: ...
+    async def quit(self) -> None:
+        """QUIT (unless a pipelined group ended with it, answered) and close."""
+        ...
 
 
 @dataclass
@@ -98,6 +108,7 @@ class SmtpSession:
         "log",
         "observed",
         "pipelining",
+        "said_goodbye",
         "timeout",
         "waiting_since",
         "wire",
@@ -111,11 +122,16 @@ class SmtpSession:
         self.log: list[Exchange] = []
         self.waiting_since: float | None = None  # the command in flight was sent then
         self.expired = False  # the watchdog closed the connection: that command timed out
+        self.said_goodbye = False  # a pipelined group's QUIT was answered
         self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def connected(self) -> bool:
         return self.wire.connected
+
+    @property
+    def pipelined(self) -> bool:
+        return self.observed.pipelined
 
     # One timer per session instead of one per command (a per-command wait_for was a tenth of
     # a relay test's CPU): it fires at most once per timeout period, and ends the connection
@@ -203,17 +219,24 @@ class SmtpSession:
         return reply
 
     async def pipeline(self, lines: list[str]) -> list[Reply]:
-        """Send the lines in one write (RFC 2920), one exchange each in the transcript."""
+        """Send the lines in one write (RFC 2920), one exchange each in the transcript.
+
+        A failure part-way (a hang-up, a timeout) raises Broken with the replies that came
+        before it in `partial`: they are the server's answers, as in lock-step.
+        """
         started = time.monotonic()
         if not self.wire.connected:
             raise Broken(f"server hung up before {lines[0].partition(' ')[0]}")
-        encoded = [line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines]
         self._sent()
         try:
-            responses = await self.wire.pipeline(encoded, on_reply=self._replied)
+            responses = await self.wire.pipeline(
+                [line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines],
+                on_reply=self._replied,
+            )
         except asyncio.CancelledError:
+            rest = lines[len(self._answered(lines, started)) :]
             self.record(
-                " / ".join(lines), None, started, error="cancelled (session deadline or stop)"
+                " / ".join(rest), None, started, error="cancelled (session deadline or stop)"
             )
             raise
         except PipelineConfused as exc:
@@ -226,20 +249,35 @@ class SmtpSession:
                 raise
             if kind is FailureKind.DISCONNECTED and self.expired:
                 kind = FailureKind.TIMEOUT
-            self.record(" / ".join(lines), None, started, error=_error_text(kind, exc))
-            verb = lines[0].partition(" ")[0]
-            raise failure(Stage.COMMAND, kind, exc, verb=verb, wait=self.timeout) from None
+            partial = self._answered(lines, started)
+            rest = lines[len(partial) :]
+            self.record(" / ".join(rest), None, started, error=_error_text(kind, exc))
+            verb = rest[0].partition(" ")[0]
+            broken = failure(Stage.COMMAND, kind, exc, verb=verb, wait=self.timeout)
+            if isinstance(broken, Broken):
+                broken.partial = partial
+            raise broken from None
         finally:
             self.waiting_since = None
         self.expired = False
         self.observed.pipelined = True
+        replies = self._answered(lines, started, responses)
+        if lines[-1] == "QUIT" and len(responses) == len(lines):
+            self.said_goodbye = True
+        for line in lines[len(responses) :]:  # sent, but the server closed first (421)
+            self.record(line, None, started, error="no reply: the server closed the connection")
+        return replies
+
+    def _answered(
+        self, lines: list[str], started: float, responses: list[SMTPResponse] | None = None
+    ) -> list[Reply]:
+        """The group's replies (so far) as evidence, each in the transcript with its line."""
         replies = []
-        for line, response in zip(lines, responses, strict=False):
+        answered = self.wire.answered if responses is None else responses
+        for line, response in zip(lines, answered, strict=False):
             reply = built(Reply, {"code": response.code, "text": writable_text(response.message)})
             self.record(line, reply, started)
             replies.append(reply)
-        for line in lines[len(responses) :]:  # sent, but the server closed first (421)
-            self.record(line, None, started, error="no reply: the server closed the connection")
         return replies
 
     def stop_pipelining(self, reason: str) -> None:
@@ -283,10 +321,14 @@ class SmtpSession:
 
         Past the session deadline (the task is being cancelled) there is no goodbye at all.
         """
-        answered = False
+        answered = self.said_goodbye
         try:
             task = asyncio.current_task()
-            if self.wire.connected and not (task is not None and task.cancelling()):
+            if (
+                not answered
+                and self.wire.connected
+                and not (task is not None and task.cancelling())
+            ):
                 with contextlib.suppress(Broken, TimeoutError):
                     async with asyncio.timeout(min(2.0, self.timeout)):
                         await self.command("QUIT")

@@ -12,10 +12,13 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+# Jinja2 is imported where a template is first compiled, not with this module: the config
+# imports it to check hook templates, and every sweep would pay a tenth of a second for it
+if TYPE_CHECKING:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["TemplateError", "check_template", "render_template"]
 
@@ -26,6 +29,8 @@ class TemplateError(Exception):
 
 def _json(value: object) -> str:
     """`{{ x | json }}`: a JSON value (string, number, object) for a request body."""
+    import jinja2  # noqa: PLC0415 - loaded already: this runs inside a render
+
     if isinstance(value, jinja2.Undefined):
         str(value)  # StrictUndefined raises here: "'dict object' has no attribute 'x'"
     return json.dumps(value, ensure_ascii=False)
@@ -33,6 +38,9 @@ def _json(value: object) -> str:
 
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
+    import jinja2  # noqa: PLC0415 - see the imports above
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+
     env = ImmutableSandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=False,  # the bodies are JSON or text; `| json` quotes what goes into JSON
@@ -44,6 +52,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 @functools.lru_cache(maxsize=256)
 def _compiled(text: str, name: str) -> jinja2.Template:
+    import jinja2  # noqa: PLC0415 - see the imports above
+
     try:
         return _environment().from_string(text)
     except jinja2.TemplateSyntaxError as exc:
@@ -57,6 +67,8 @@ def check_template(text: str, name: str) -> None:
 
 def render_template(text: str, name: str, context: Mapping[str, Any]) -> str:
     """Render `text` with `context`; any failure is a TemplateError naming `name` and the line."""
+    import jinja2  # noqa: PLC0415 - see the imports above
+
     template = _compiled(text, name)
     try:
         return template.render(context)

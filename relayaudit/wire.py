@@ -214,10 +214,13 @@ class Wire:
     """One SMTP connection: send a command (or a pipelined group), read the replies; a 421 or
     a hang-up closes it."""
 
-    __slots__ = ("framing",)
+    __slots__ = ("answered", "framing")
 
     def __init__(self, framing: _Framing) -> None:
         self.framing = framing
+        # the replies the last command or group got, complete or not: a group cut short by a
+        # hang-up or a timeout still leaves the answers that came before it
+        self.answered: list[SMTPResponse] = []
 
     @classmethod
     def over(cls, transport: asyncio.BaseTransport) -> Wire:
@@ -267,20 +270,29 @@ class Wire:
         """Send command lines (each ending in CRLF) in one write and read one reply each, in
         order (RFC 2920). The server said something out of turn since the last group (a reply
         too many, or one before its command): PipelineConfused, and the connection is closed."""
+        self._in_step()
+        replies = await self._send(lines, on_reply)
+        # a reply too many in the group took a later command's place: the extra one arrives
+        # with the last (a server answers a group at once), and no reply of it can be trusted
+        self._in_step()
+        return replies
+
+    def _in_step(self) -> None:
         if self.framing.unsolicited:
+            self.answered = []
             self.close()
             raise PipelineConfused(
                 f"the server sent {self.framing.unsolicited} unrequested byte(s) or repl(ies)"
             )
-        return await self._send(lines, on_reply)
 
     async def _send(
         self, lines: list[bytes], on_reply: Callable[[], None] | None = None
     ) -> list[SMTPResponse]:
         framing = self.framing
+        replies: list[SMTPResponse] = []
+        self.answered = replies
         try:
             framing.write(b"".join(lines), len(lines))
-            replies = []
             for _ in lines:
                 response = await framing.reply()
                 replies.append(response)

@@ -24,6 +24,7 @@ from relayaudit.evidence import (
 ROOT = Path(__file__).resolve().parent.parent / "relayaudit"
 MODELS: dict[str, type[BaseModel]] = {
     "Exchange": Exchange,
+    "RelayTest": RelayTest,
     "Reply": Reply,
     "TestResult": TestResult,
 }
@@ -40,6 +41,7 @@ def test_built_equals_model_construct() -> None:
     )
     cases: list[tuple[type[BaseModel], dict[str, Any]]] = [
         (Reply, {"code": 554, "text": "5.7.1 Relay access denied"}),
+        (RelayTest, {**test.model_dump(), "category": test.category, "role": test.role}),
         (
             Exchange,
             {"command": "MAIL FROM:<a@b>", "reply": reply, "error": None, "elapsed_ms": 1.5},

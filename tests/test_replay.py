@@ -238,24 +238,35 @@ def _lockstep(tests: list[tuple[str, str]], *, first_rset: bool = False) -> list
     return events
 
 
+def _pipelined(tests: list[tuple[str, str]], answers: list[bytes]) -> list[tuple[str, bytes]]:
+    """A pipelining client's writes to a server giving each test these `answers` (MAIL's and
+    RCPT's replies): the first test alone, then every other test and QUIT in one write."""
+    (mail, rcpt), rest = tests[0], tests[1:]
+    lines = [line for pair in rest for line in ("RSET", *pair)]
+    return [
+        _group(mail, rcpt),
+        ("s", answers[0]),
+        _group(*lines, "QUIT"),
+        ("s", b"".join(b"250 2.0.0 Ok\r\n" + answer for answer in answers[1:]) + b"221 Bye\r\n"),
+    ]
+
+
 @pytest.mark.usefixtures("no_sockets")
-async def test_a_pipelined_battery_sends_each_test_in_one_write_to_the_same_verdict() -> None:
+async def test_a_pipelined_battery_sends_the_rest_in_one_write_to_the_same_verdict() -> None:
     tests = _battery_lines()
-    events = [GREETING, *EHLO_PIPELINING]
-    for i, (mail, rcpt) in enumerate(tests):
-        # RSET ends the last test's transaction in the same write as this test's commands
-        events.append(_group(*(["RSET"] if i else []), mail, rcpt))
-        events.append(("s", (b"250 2.0.0 Ok\r\n" if i else b"") + OK + DENIED))
+    events = [GREETING, *EHLO_PIPELINING, *_pipelined(tests, [OK + DENIED] * len(tests))]
     settings = replace(ONE_TEST, max_tests_per_session=len(tests))
-    dial = ReplayDial([[*events, *GOODBYE]], ("127.0.0.1", 25))
+    dial = ReplayDial([events], ("127.0.0.1", 25))
     result = await probe("127.0.0.1", 25, settings, dial=dial)
     assert result.pipelined and result.lockstep is None, result.transcript
     assert judge(result).status is VerdictStatus.RELAY_REFUSED
     assert [t.outcome for t in result.tests] == [TestOutcome.REFUSED] * len(tests)
-    # one write per test (and the EHLO, the QUIT), where lock-step makes three
+    # three writes (the EHLO, the first test, the rest with QUIT), where lock-step makes one
+    # per command
     transport = dial.opened[0].transport
-    assert transport is not None and len(transport.sent) == len(tests) + 2
-    # the same server in lock-step: the same results, three times the writes
+    assert transport is not None and len(transport.sent) == 3
+    assert result.transcript[-1].command == "QUIT" and result.transcript[-1].reply is not None
+    # the same server in lock-step: the same results
     lockstep = ReplayDial(
         [[GREETING, *EHLO_PIPELINING, *_lockstep(tests), *GOODBYE]], ("127.0.0.1", 25)
     )
@@ -264,6 +275,46 @@ async def test_a_pipelined_battery_sends_each_test_in_one_write_to_the_same_verd
     assert [(t.test.id, t.outcome, t.mail, t.rcpt) for t in plain.tests] == [
         (t.test.id, t.outcome, t.mail, t.rcpt) for t in result.tests
     ]
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_group_cut_short_keeps_the_answers_before_the_hang_up() -> None:
+    tests = _battery_lines()
+    first = [GREETING, *EHLO_PIPELINING, *_pipelined(tests, [OK + DENIED] * len(tests))]
+    # the server answers three tests of the big group, then hangs up
+    first[-1] = ("s", (b"250 2.0.0 Ok\r\n" + OK + DENIED) * 3)
+    # a fresh connection: pipelining is proven on this host, so the rest goes as one group
+    rest = tests[4:]
+    lines = [line for i, pair in enumerate(rest) for line in (["RSET"] if i else []) + [*pair]]
+    answers = b"250 2.0.0 Ok\r\n".join(OK + DENIED for _ in rest)
+    second = [GREETING, *EHLO_PIPELINING, _group(*lines, "QUIT"), ("s", answers + b"221 Bye\r\n")]
+    settings = replace(ONE_TEST, max_tests_per_session=len(tests))
+    dial = ReplayDial([first, second], ("127.0.0.1", 25))
+    result = await probe("127.0.0.1", 25, settings, dial=dial)
+    # the four tests answered before the hang-up are not asked again
+    assert [t.outcome for t in result.tests] == [TestOutcome.REFUSED] * len(tests), result.tests
+    assert result.sessions == 2 and result.lockstep is None
+    assert judge(result).status is VerdictStatus.RELAY_REFUSED
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_reply_too_many_inside_a_group_is_confusion_not_a_shifted_answer() -> None:
+    tests = _battery_lines()
+    first = [GREETING, *EHLO_PIPELINING, *_pipelined(tests, [OK + DENIED] * len(tests))]
+    # an extra "250" after the second test's MAIL reply: read in order, that test's RCPT
+    # would be "accepted", a relay; the reply left over at the end shows the group out of step
+    first[-1] = (
+        "s",
+        b"250 2.0.0 Ok\r\n" + OK + b"250 2.1.5 Ok\r\n" + DENIED
+        + b"".join(b"250 2.0.0 Ok\r\n" + OK + DENIED for _ in tests[2:]) + b"221 Bye\r\n",
+    )
+    second = [GREETING, *EHLO_PIPELINING, *_lockstep(tests[1:]), *GOODBYE]
+    settings = replace(ONE_TEST, max_tests_per_session=len(tests))
+    dial = ReplayDial([first, second], ("127.0.0.1", 25))
+    result = await probe("127.0.0.1", 25, settings, dial=dial)
+    assert result.lockstep is not None and result.lockstep.startswith("confused: ")
+    assert [t.outcome for t in result.tests] == [TestOutcome.REFUSED] * len(tests)
+    assert judge(result).status is VerdictStatus.RELAY_REFUSED
 
 
 @pytest.mark.usefixtures("no_sockets")
@@ -277,8 +328,9 @@ async def test_a_reply_too_many_turns_the_rest_of_the_battery_to_lock_step() -> 
         ("s", OK + DENIED + b"250 2.0.0 one reply too many\r\n"),
         _group("RSET", *rest[0]),  # what would come next: the recorded server waits for it
     ]
-    # the next group is never sent: a fresh connection runs the rest in lock-step
-    second = [GREETING, *EHLO_PIPELINING, *_lockstep(rest), *GOODBYE]
+    # the next group is never sent, and the answers of the confused one are not kept: a fresh
+    # connection runs the whole battery in lock-step
+    second = [GREETING, *EHLO_PIPELINING, *_lockstep(tests), *GOODBYE]
     settings = replace(ONE_TEST, max_tests_per_session=len(tests))
     dial = ReplayDial([first, second], ("127.0.0.1", 25))
     result = await probe("127.0.0.1", 25, settings, dial=dial)
