@@ -2,6 +2,7 @@
 
 import os
 from collections.abc import Iterable
+from importlib import metadata
 
 # relayaudit uses no pydantic plugins; without this, pydantic scans every installed
 # distribution's entry points when the first model class is built (30-40 ms of a sweep
@@ -28,4 +29,10 @@ def child_environment(names: Iterable[str] = ()) -> dict[str, str]:
     return env
 
 
-__version__ = "0.1.0"
+# The version is written in pyproject.toml only; an installed relayaudit (a wheel, or an editable
+# install from a checkout) carries it in its metadata. `relayaudit --version` adds the commit of a
+# checkout (cli.py).
+try:
+    __version__ = metadata.version("relayaudit")
+except metadata.PackageNotFoundError:  # the source tree on sys.path, never installed
+    __version__ = "0+unknown"

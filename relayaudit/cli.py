@@ -75,6 +75,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"relayaudit: error: {message}\n")
 
 
+class _Version(argparse.Action):
+    """--version: asks git only when given, so no other command starts a process for it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(
+            option_strings,
+            dest=dest,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show the version (and the commit, run from a git checkout) and exit",
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    """`relayaudit VERSION`; run from a git checkout, the commit too: `(git 0123456789ab)`,
+    with `, modified` when tracked files differ from it (an installed wheel has no commit)."""
+    import subprocess
+
+    plain = f"relayaudit {__version__}"
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return plain
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git, or git will not read this tree
+        return plain
+    return f"{plain} (git {head}{', modified' if changed else ''})"
+
+
 _REPORT_HELP = (
     "also write this run's report to PATH (format from its suffix: .html, .md, .csv, .json)"
 )
@@ -129,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="relayaudit", description="Find open mail relays and unapproved SMTP services."
     )
-    p.add_argument("--version", action="version", version=f"relayaudit {__version__}")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser(
@@ -177,6 +223,11 @@ def _parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     cc = cfg_sub.add_parser("check", help="validate a config and print the target counts")
     cc.add_argument("file", type=Path)
+    cfg_sub.add_parser(
+        "example",
+        help="print the commented example configuration: every key, its default, when to "
+        "change it (relayaudit config example > relayaudit.toml)",
+    )
 
     ca = sub.add_parser("canary", help="confirmation mode's canary receiver")
     ca_sub = ca.add_subparsers(dest="canary_command", required=True, parser_class=_Parser)
@@ -312,6 +363,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "sweep":
             return _sweep_main(args)
         if args.command == "config":
+            if args.config_command == "example":
+                return _config_example()
             return _config_check(args.file)
         if args.command == "canary":
             return _canary_check(args)
@@ -394,6 +447,18 @@ def _config_check(path: Path) -> int:
             "network that reaches one); listen on the address the canary domain's MX names",
             file=sys.stderr,
         )
+    return EXIT_OK
+
+
+# -- config example --------------------------------------------------------------------------
+
+EXAMPLE_CONFIG = "relayaudit.example.toml"  # package data; config/relayaudit.example.toml links to it
+
+
+def _config_example() -> int:
+    from importlib import resources
+
+    sys.stdout.write(resources.files("relayaudit").joinpath(EXAMPLE_CONFIG).read_text("utf-8"))
     return EXIT_OK
 
 

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from relayaudit import __version__
+
 __all__ = [
     "Counter",
     "Gauge",
@@ -201,6 +203,11 @@ class Metrics(Registry):
 
     def __init__(self) -> None:
         super().__init__()
+        # the Prometheus convention for "which build is this": always 1, the facts in labels
+        self.build_info = self.gauge(
+            "relayaudit_build_info", "relayaudit's version (the value is always 1).", ("version",)
+        )
+        self.build_info.set(1, version=__version__)
         self.probes_total = self.counter(
             "relayaudit_probes_total",
             "Probes of (address, port) finished, by outcome.",

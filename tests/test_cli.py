@@ -99,10 +99,6 @@ def test_check_port_not_a_number(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.endswith("relayaudit: error: argument --port: invalid int value: 'smtp'\n")
 
 
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_main(capsys, "--version") == (0, "relayaudit 0.1.0\n", "")
-
-
 # -- sweep -----------------------------------------------------------------------------------
 
 

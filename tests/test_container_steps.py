@@ -1,4 +1,4 @@
-"""Runs the Dockerfile's steps outside Docker (wheels, venv, install, run, healthcheck); fails on drift."""
+"""Runs the Dockerfile's steps outside Docker (wheel, venvs, install, SBOM, run, healthcheck); fails on drift."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lockfile
 import pytest
 from cli_runner import wait_until
 from loopback import free_port
@@ -30,7 +32,16 @@ DOCKERFILE = REPO / "Dockerfile"
 
 # Every absolute path the Dockerfile names must be one of these (or below one): the test maps
 # each into a per-stage directory. A new path in the Dockerfile fails the test until it is taught.
-IMAGE_PATHS = ("/src", "/wheels", "/opt/relayaudit", "/etc/relayaudit", "/var/lib/relayaudit")
+IMAGE_PATHS = (
+    "/src",
+    "/wheels",
+    "/opt/tools",
+    "/opt/relayaudit",
+    "/usr/share/doc/relayaudit",
+    "/etc/relayaudit",
+    "/var/lib/relayaudit",
+)
+SBOM = "/usr/share/doc/relayaudit/sbom.cdx.json"  # where the image keeps its SBOM (README)
 SYSTEM_PATHS = ("/usr/sbin/nologin",)  # named by useradd, which the test does not run
 
 LAB_HOST_RELAY, LAB_HOST_CLOSED = "127.0.61.1", "127.0.61.2"
@@ -167,6 +178,7 @@ class Built:
     """What running the Dockerfile left behind: the runtime stage and its final settings."""
 
     runtime: StageRoot
+    builder: StageRoot  # moved aside once built: the runtime cannot use what it did not copy
     env: dict[str, str]
     workdir: Path
     users: dict[str, int]  # uid/gid from groupadd/useradd, which the test cannot run
@@ -236,8 +248,13 @@ def run_dockerfile(stages: list[Stage], tmp: Path) -> Built:
             if ins.keyword == "WORKDIR":
                 workdir = root.path(ins.value)
                 workdir.mkdir(parents=True, exist_ok=True)
+            elif ins.keyword == "COPY" and ins.flags:
+                assert set(ins.flags) == {"from"}, f"{where}: COPY {ins.flags}: teach the test"
+                *sources, dest = shlex.split(ins.value)
+                other = roots[ins.flags["from"]]
+                for source in sources:
+                    _copy_between_stages(other, source, root, dest, where)
             elif ins.keyword == "COPY":
-                assert not ins.flags, f"{where}: COPY --from/--chown: teach the test"
                 *sources, dest = shlex.split(ins.value)
                 target = root.path(dest) if dest.startswith("/") else workdir / dest
                 for source in sources:
@@ -264,7 +281,36 @@ def run_dockerfile(stages: list[Stage], tmp: Path) -> Built:
                 pass  # settings of the image; the tests below use them
             else:
                 raise AssertionError(f"{where}: the test does not know how to run {ins.keyword}")
-    return Built(runtime=root, env=env, workdir=workdir, users=users, owners=owners)
+    # Each earlier stage is moved aside: a path of it that the runtime still named (rather than
+    # copied) breaks now, as it would in the image.
+    *earlier, _ = roots.values()
+    for left in earlier:
+        left.root.rename(left.root.with_name(left.root.name + "-gone"))
+    builder = StageRoot(earlier[0].root.with_name(earlier[0].root.name + "-gone"))
+    return Built(
+        runtime=root, builder=builder, env=env, workdir=workdir, users=users, owners=owners
+    )
+
+
+def _copy_between_stages(
+    source_stage: StageRoot, source: str, stage: StageRoot, dest: str, where: str
+) -> None:
+    """COPY --from: the tree, with the source stage's root in its text files (the venv's script
+    headers and activate scripts) turned into this stage's. In the image both stages see the
+    same absolute path; here each stage has a directory of its own."""
+    src, target = source_stage.path(source), stage.path(dest)
+    assert src.exists(), f"{where}: {source} was not built by that stage"
+    if src.is_dir():
+        shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+        copied = [p for p in target.rglob("*") if p.is_file() and not p.is_symlink()]
+    else:
+        target.mkdir(parents=True, exist_ok=True)
+        copied = [Path(shutil.copy2(src, target / src.name))]
+    old, new = str(source_stage.root).encode(), str(stage.root).encode()
+    for path in copied:
+        data = path.read_bytes()
+        if old in data and b"\0" not in data:  # compiled files keep the old name in tracebacks
+            path.write_bytes(data.replace(old, new))
 
 
 def _run(
@@ -350,7 +396,12 @@ def test_dockerfile_settings_match_the_code() -> None:
     assert "relayaudit" in pyproject["project"]["scripts"]
     env = dict(_env_assignments(" ".join(i.value for i in runtime.all("ENV"))))
     venv = env["PATH"].split(":")[0].removesuffix("/bin")
-    assert any(f"python -m venv {venv}" in r.value for r in runtime.all("RUN"))
+    # made without pip in the builder, copied whole to the same path
+    builder = stages[0]
+    assert any(f"python -m venv --without-pip {venv}" in r.value for r in builder.all("RUN"))
+    copies = [(c.flags, c.value) for c in runtime.all("COPY")]
+    assert ({"from": "builder"}, f"{venv} {venv}") in copies, copies
+    assert ({"from": "builder"}, f"{Path(SBOM).parent} {Path(SBOM).parent}") in copies, copies
 
     cmd = runtime.one("CMD").exec_form()
     assert cmd == ["run", "--config", "/etc/relayaudit/relayaudit.toml"]
@@ -378,6 +429,57 @@ def test_dockerfile_settings_match_the_code() -> None:
     # the stop signal the daemon handles, within its bound
     assert runtime.one("STOPSIGNAL").value == "SIGTERM"
     assert STOP_GRACE <= 10, "the Dockerfile's comment promises a 10 s stop bound"
+
+
+def _pip_commands(stage: Stage) -> list[list[str]]:
+    """Every pip command of the stage's RUN instructions, its verb (`install`, `wheel`) first,
+    then pip's general options (`--python`) and the verb's."""
+    found = []
+    for ins in stage.all("RUN"):
+        for piece in ins.value.split("&&"):
+            argv = shlex.split(piece)
+            if argv[0].endswith("/pip") or argv[:3] == ["python", "-m", "pip"]:
+                verb = next(i for i, word in enumerate(argv) if word in {"install", "wheel"})
+                start = 3 if argv[0] == "python" else 1
+                found.append([argv[verb], *argv[start:verb], *argv[verb + 1 :]])
+    return found
+
+
+def test_every_install_is_locked_and_hashed() -> None:
+    """pip installs only exported lock files, with hashes required and no dependency resolution
+    of its own, and relayaudit's wheel (built without isolation) without its dependencies."""
+    stages = dockerfile()
+    assert not any(_pip_commands(s) for s in stages[1:]), "the runtime stage installs nothing"
+    commands = _pip_commands(stages[0])
+    installs = [c for c in commands if c[0] == "install"]
+    (wheel,) = [c for c in commands if c[0] == "wheel"]
+    assert {"--no-build-isolation", "--no-deps"} <= set(wheel), wheel
+    files = []
+    for argv in installs:
+        assert "--no-deps" in argv, argv
+        if "-r" in argv:
+            assert "--require-hashes" in argv, argv
+            files.append(argv[argv.index("-r") + 1])
+        else:
+            assert "--no-index" in argv and argv[-1] == "/wheels/relayaudit-*.whl", argv
+    assert sorted(files) == ["requirements/build.txt", "requirements/runtime.txt"]
+    # the runtime venv is made without pip and gets only the runtime file and the wheel
+    into_runtime = [a for a in installs if "/opt/relayaudit/bin/python" in a]
+    assert [a[a.index("-r") + 1] for a in into_runtime if "-r" in a] == ["requirements/runtime.txt"]
+    assert len(into_runtime) == 2
+
+
+def test_the_sbom_is_made_offline_by_the_locked_tool_and_documented() -> None:
+    builder = dockerfile()[0]
+    sbom_runs = [r.value for r in builder.all("RUN") if "cyclonedx-py" in r.value]
+    assert len(sbom_runs) == 1
+    argv = shlex.split(sbom_runs[0].split("&&")[-1])
+    assert argv[0] == "/opt/tools/bin/cyclonedx-py" and argv[1] == "environment"
+    assert (
+        argv[argv.index("--output-file") + 1] == SBOM and argv[-1] == "/opt/relayaudit/bin/python"
+    )
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert SBOM in readme and SBOM in DOCKERFILE.read_text(encoding="utf-8")
 
 
 # -- the steps, run --------------------------------------------------------------------------
@@ -441,15 +543,24 @@ def _healthcheck(argv: list[str], env: dict[str, str], url: str) -> int:
     return proc.returncode
 
 
-async def test_image_steps_run_outside_docker(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The Dockerfile's steps, run once for the tests below (about half a minute, mostly pip)."""
     stages = dockerfile()
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     if stages[-1].base != f"python:{py}-slim":
         pytest.skip(f"the image's base is {stages[-1].base}; this interpreter is Python {py}")
     started = time.monotonic()
-    built = await asyncio.to_thread(run_dockerfile, stages, tmp_path)
+    result = run_dockerfile(stages, tmp_path_factory.mktemp("image"))
+    assert time.monotonic() - started < 180, "the Dockerfile's steps took too long"
+    return result
+
+
+async def test_image_steps_run_outside_docker(built: Built, tmp_path: Path) -> None:
+    stages = dockerfile()
+    started = time.monotonic()
     runtime, image = built.runtime, stages[-1]
-    assert not runtime.path("/wheels").exists(), "the bind mount must not outlive its RUN"
+    assert not runtime.path("/wheels").exists(), "the wheels stay in the builder"
     assert built.users == {"groupadd --gid": 10001, "useradd --uid": 10001, "useradd --gid": 10001}
     assert built.owners == {"/var/lib/relayaudit": "10001:10001"}
 
@@ -525,3 +636,136 @@ async def test_image_steps_run_outside_docker(tmp_path: Path) -> None:
     assert runtime.path("/var/lib/relayaudit/state.sqlite").exists()
     assert _snapshot(runtime.root, volumes) == before
     assert time.monotonic() - started < 120
+
+
+# -- what the image holds ---------------------------------------------------------------------
+
+
+def _installed(site_packages: Path) -> dict[str, str]:
+    """{canonical name: version} of every distribution in a venv's site-packages."""
+    found = {}
+    for metadata in site_packages.glob("*.dist-info/METADATA"):
+        head = metadata.read_text(encoding="utf-8").split("\n\n", 1)[0]
+        fields = dict(re.findall(r"^(Name|Version): (.+)$", head, re.MULTILINE))
+        found[lockfile.canonical(fields["Name"])] = fields["Version"]
+    return found
+
+
+def _site_packages(venv: Path) -> Path:
+    (found,) = venv.glob("lib/python3*/site-packages")
+    return found
+
+
+def test_the_runtime_venv_holds_the_lock_and_nothing_else(built: Built) -> None:
+    """Every package of relayaudit[speed]'s lock at its version, and nothing else: no pip or
+    setuptools for a scanner to flag, no SBOM tool, no build tools."""
+    venv = built.runtime.path("/opt/relayaudit")
+    assert _installed(_site_packages(venv)) == lockfile.runtime()
+    assert not list(venv.glob("bin/pip*")) and not list(venv.glob("bin/cyclonedx*"))
+    for gone in ("/opt/tools", "/wheels", "/src"):
+        assert not built.runtime.path(gone).exists(), f"{gone} must stay in the builder"
+
+
+def test_the_sbom_lists_exactly_the_runtime_lock(built: Built) -> None:
+    """The SBOM the builder wrote, read as a scanner would: relayaudit as the main component,
+    every locked runtime package present at its version with its purl, nothing unlocked."""
+    sbom = json.loads(built.runtime.path(SBOM).read_text(encoding="utf-8"))
+    assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
+    locked = lockfile.runtime()
+    main = sbom["metadata"]["component"]
+    assert (main["name"], main["version"], main["type"]) == (
+        "relayaudit",
+        locked.pop("relayaudit"),
+        "application",
+    )
+    listed = {lockfile.canonical(c["name"]): c["version"] for c in sbom["components"]}
+    assert len(listed) == len(sbom["components"]), "a package listed twice"
+    missing = {n: v for n, v in locked.items() if listed.get(n) != v}
+    unlocked = {n: v for n, v in listed.items() if locked.get(n) != v}
+    assert not missing and not unlocked, f"missing: {missing}; not in the lock: {unlocked}"
+    for component in sbom["components"]:
+        name = lockfile.canonical(component["name"])
+        assert component["purl"] == f"pkg:pypi/{name}@{component['version']}", component
+    # the tool that wrote it stays in the builder (some wheels carry SBOMs of their own,
+    # dist-info/sboms/*.cyclonedx.json: those are data, not the tool)
+    tool = {"cyclonedx", "cyclonedx_py", "cyclonedx-py"}
+    assert not [p for p in built.runtime.root.rglob("*") if p.name in tool]
+
+
+def test_the_wheel_holds_every_file_of_the_package(built: Built) -> None:
+    """Package data included: every file the builder copied under relayaudit/ is in the wheel
+    (a template, style sheet or example config missing from package-data fails here)."""
+    (wheel,) = built.builder.path("/wheels").glob("relayaudit-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        inside = {n for n in archive.namelist() if n.startswith("relayaudit/")}
+    source = built.builder.path("/src")
+    copied = {
+        str(p.relative_to(source))
+        for p in (source / "relayaudit").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert inside == copied, f"not in the wheel: {sorted(copied - inside)}"
+
+
+def _from_the_image(
+    built: Built, *args: str, cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`relayaudit ARGS` from the runtime venv, outside the source tree, in the image's env."""
+    exe = shutil.which("relayaudit", path=built.env["PATH"])
+    assert exe is not None and exe.startswith(str(built.runtime.path("/opt/relayaudit"))), exe
+    return subprocess.run(
+        [exe, *args],
+        env=built.env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_the_installed_wheel_runs_on_its_own(built: Built, tmp_path: Path) -> None:
+    """From the runtime venv, with no source tree: the version, the example config (printed
+    from package data, then checked as a copy), the demo with the shipped hook templates and
+    its HTML report (package style and script), and every report format of its state store."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    outside = tmp_path / "operator"
+    outside.mkdir()
+
+    def ok(*args: str, timeout: float = 60) -> str:
+        done = _from_the_image(built, *args, cwd=outside, timeout=timeout)
+        assert done.returncode == 0, f"relayaudit {' '.join(args)}:\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    assert ok("--version") == f"relayaudit {version}\n"  # no checkout, so no commit
+
+    example = ok("config", "example")
+    assert example == (REPO / "relayaudit" / "relayaudit.example.toml").read_text("utf-8")
+    (outside / "relayaudit.toml").write_text(example, encoding="utf-8")
+    assert ok("config", "check", "relayaudit.toml").startswith("relayaudit.toml: valid\n")
+
+    demo = outside / "demo"
+    out = ok(
+        "demo",
+        "--hooks",
+        "--output",
+        str(demo / "findings.jsonl"),
+        "--report",
+        str(demo / "report.html"),
+        timeout=120,
+    )
+    assert f"report: {demo / 'report.html'}" in out
+    sent = re.search(r"alert hooks \(--hooks\): (\d+) deliveries sent, 0 pending, 0 dead", out)
+    assert sent and int(sent.group(1)) > 0, out
+    page = (demo / "report.html").read_text(encoding="utf-8")
+    for asset in ("html_report.css", "html_report.js"):
+        assert (REPO / "relayaudit" / asset).read_text(encoding="utf-8") in page, asset
+    lines = [json.loads(x) for x in (demo / "findings.jsonl").read_text().splitlines() if x]
+    assert lines and {x["tool_version"] for x in lines} == {version}
+
+    store = str(demo / "demo-state.sqlite")
+    for fmt in ("html", "md", "csv", "json"):
+        ok("report", "--state", store, "--format", fmt, "--output", str(outside / f"r.{fmt}"))
+        assert (outside / f"r.{fmt}").stat().st_size > 0, fmt
+    report = json.loads((outside / "r.json").read_text(encoding="utf-8"))
+    assert report["tool_version"] == version and report["findings"]

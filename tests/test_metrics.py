@@ -7,10 +7,12 @@ import contextlib
 import re
 import socket
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,8 @@ from relayaudit.metrics import (
     Route,
     render_value,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # --- exposition format -------------------------------------------------------------------------
 
@@ -60,6 +64,7 @@ def test_all_relayaudit_families_are_declared() -> None:
     metrics = Metrics()
     types = check_exposition(metrics.render())
     assert types == {
+        "relayaudit_build_info": "gauge",
         "relayaudit_probes_total": "counter",
         "relayaudit_findings": "gauge",
         "relayaudit_alerts": "gauge",
@@ -253,6 +258,9 @@ async def test_get_metrics(running: Running) -> None:
     text = body.decode()
     check_exposition(text)
     assert 'relayaudit_probes_total{status="open"} 1\n' in text
+    # the version of pyproject.toml, the one place it is written (tests/test_release.py)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert f'relayaudit_build_info{{version="{version}"}} 1\n' in text
 
 
 async def test_query_string_is_ignored(running: Running) -> None:
