@@ -23,7 +23,8 @@ VERSION = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["
 BUMP = (
     "a release changes these together: pyproject.toml's version, a `## [X.Y.Z] - YYYY-MM-DD` "
     "section of CHANGELOG.md (what was under [Unreleased]), the README's `relayaudit:X.Y.Z` and "
-    "the image tags under deploy/kubernetes/; then scripts/lock"
+    "the image tags under deploy/kubernetes/; then scripts/lock (uv.lock records the version) "
+    "and python -m relayaudit.export schemas/ (the schemas' tool_version default)"
 )
 
 # Keep a Changelog 1.1.0: the kinds of change, and a release's heading
