@@ -56,9 +56,9 @@ def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice = "auto") -> T:
     as the process: it is frozen out of the collector's sight, and the first generation is
     larger, so the replies and transcript lines of a sweep, nearly all freed by reference
     counting, no longer trigger a scan of the heap every few hundred allocations
-    (docs/benchmark.md: about a fifth of a relay test's CPU).
+    (docs/benchmark.md: about a fifth of a relay test's CPU). No collection first: it would
+    cost each process 15 ms to free the few cycles start-up left.
     """
-    gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:

@@ -8,15 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from relayaudit.battery import address_literal
 from relayaudit.connect import connect_socket
-from relayaudit.evidence import (
-    Exchange,
-    PortState,
-    Reply,
-    TlsFacts,
-    Transport,
-    built,
-    writable_text,
-)
+from relayaudit.evidence import Exchange, PortState, Reply, TlsFacts, Transport
 from relayaudit.facts import capabilities, session_facts, tls_facts
 from relayaudit.failures import (
     Broken,
@@ -29,7 +21,7 @@ from relayaudit.failures import (
     reply_code,
     reply_text,
 )
-from relayaudit.session import Observed, SmtpSession
+from relayaudit.session import Observed, SmtpSession, shared_reply
 from relayaudit.settings import ProbeSettings
 from relayaudit.wire import Connection, Ehlo, SocketConnection, parse_ehlo
 
@@ -144,7 +136,7 @@ class Handshake:
                 if seen.tls is None:  # a parallel session's failure keeps earlier good facts
                     seen.tls = TlsFacts(error=describe(exc))
             raise failure(stage, kind, exc, wait=wait) from None
-        banner = built(Reply, {"code": response.code, "text": writable_text(response.message)})
+        banner = shared_reply(response.code, response.message)
         session.record(None, banner, started)
         if response.code != _READY:
             session.end()
