@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from relayaudit import canary
+from relayaudit import __version__, canary
 from relayaudit.config import ScheduleConfig
 from relayaudit.metrics import Metrics
 from relayaudit.records import FindingStatus
@@ -101,6 +101,7 @@ def exported() -> Exported:
         "kind": frozenset(k.value for k in FindingKind),
         "outcome": frozenset(counted["connections"]),
         "result": frozenset(counted["messages"]),
+        "version": frozenset({__version__}),  # relayaudit_build_info
     }
     labels: dict[str, dict[str, frozenset[str]]] = {}
     for name in types:
