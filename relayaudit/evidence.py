@@ -32,6 +32,7 @@ __all__ = [
     "classify_reply",
     "endpoint",
     "redact_command",
+    "shared_reply",
     "writable_text",
 ]
 
@@ -362,3 +363,20 @@ def redact_command(command: str, *, in_auth: bool = False) -> str:
     if match and match.group(2):
         return f"{match.group(1)} <redacted>"
     return command
+
+
+_SHARED: dict[tuple[int, str], Reply] = {}
+_SHARED_MAX = 4096
+
+
+def shared_reply(code: int, message: str) -> Reply:
+    """The Reply for a code and text, one object for each seen recently: most replies of a
+    sweep are a few dozen texts ("250 2.1.0 Ok", "554 5.7.1 Relay access denied"), and a
+    frozen Reply can be shared by every transcript that holds it."""
+    key = (code, message)
+    reply = _SHARED.get(key)
+    if reply is None:
+        if len(_SHARED) >= _SHARED_MAX:  # a server with a new text per reply: start over
+            _SHARED.clear()
+        reply = _SHARED[key] = built(Reply, {"code": code, "text": writable_text(message)})
+    return reply

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from relayaudit.battery import address_literal
 from relayaudit.connect import connect_socket
-from relayaudit.evidence import Exchange, PortState, Reply, TlsFacts, Transport
+from relayaudit.evidence import Exchange, PortState, Reply, TlsFacts, Transport, shared_reply
 from relayaudit.facts import capabilities, session_facts, tls_facts
 from relayaudit.failures import (
     Broken,
@@ -21,7 +21,7 @@ from relayaudit.failures import (
     reply_code,
     reply_text,
 )
-from relayaudit.session import Observed, SmtpSession, shared_reply
+from relayaudit.session import Observed, SmtpSession
 from relayaudit.settings import ProbeSettings
 from relayaudit.wire import Connection, Ehlo, SocketConnection, parse_ehlo
 

@@ -1,7 +1,8 @@
-"""Runs the relay battery over sessions: MAIL, RCPT, RSET per test; reconnects, 421 and retry rules.
+"""Runs the relay battery over sessions: at most N tests per connection, reconnects and retry rules.
 
-Written against the small `Session` protocol (session.py), so tests replay recorded server
-bytes through it with no socket (tests/test_replay.py).
+What one connection does with its tests is session_tests.py. Written against the small
+`Session` protocol (session.py), so tests replay recorded server bytes through it with no
+socket (tests/test_replay.py).
 """
 
 from __future__ import annotations
@@ -9,27 +10,17 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from relayaudit.evidence import (
-    RelayTest,
-    Reply,
-    ReplyClass,
-    TestOutcome,
-    TestResult,
-    Transport,
-    built,
-    classify_reply,
-)
-from relayaudit.failures import Broken, SessionFailure
+from relayaudit.evidence import RelayTest, TestResult, Transport
+from relayaudit.failures import SessionFailure
 from relayaudit.session import Session
+from relayaudit.session_tests import Battery, session_tests
 
-__all__ = ["Limits", "Opener", "run_battery", "run_test"]
+__all__ = ["Limits", "Opener", "run_battery"]
 
 Opener = Callable[[Transport], Awaitable[Session]]
 """Opens a fresh session of the given transport (greeting, EHLO, STARTTLS done)."""
-
-_CLOSING = 421
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,29 +28,6 @@ class Limits:
     tests_per_session: int
     parallel_sessions: int  # sessions of one battery at a time
     reconnects: int  # fresh connections beyond the first
-
-
-@dataclass(slots=True)
-class _Battery:
-    """The tests still to run for one transport, shared by the battery's parallel sessions."""
-
-    queue: deque[RelayTest]
-    transport: Transport
-    results: list[TestResult]
-    attempts: dict[str, int] = field(default_factory=dict)
-    sessions_left: int = 0
-    stop: str | None = None  # set: run nothing more, skip the rest with this reason
-    last_failure: str = ""
-
-    def ended(self, exc: Broken) -> None:
-        self.last_failure = f"not run: {exc.reason}"
-        if exc.fatal:
-            self.stop = self.last_failure
-
-    def error(self, test: RelayTest, reason: str) -> None:
-        self.results.append(
-            TestResult(test=test, transport=self.transport, outcome=TestOutcome.ERROR, error=reason)
-        )
 
 
 async def run_battery(
@@ -78,7 +46,7 @@ async def run_battery(
     """
     wanted = -(-len(tests) // limits.tests_per_session)  # sessions needed without failures
     parallel = max(1, min(limits.parallel_sessions, wanted))
-    state = _Battery(
+    state = Battery(
         queue=deque(tests),
         transport=transport,
         results=results,
@@ -102,7 +70,7 @@ async def run_battery(
         results[mark:] = sorted(results[mark:], key=lambda r: order.get(r.test.id, 0))
 
 
-async def _worker(state: _Battery, session: Session | None, opener: Opener, per: int) -> None:
+async def _worker(state: Battery, session: Session | None, opener: Opener, per: int) -> None:
     """One connection at a time: claim up to `per` tests, run them, hand back what is unfinished."""
     try:
         while state.queue and state.stop is None:
@@ -124,7 +92,7 @@ async def _worker(state: _Battery, session: Session | None, opener: Opener, per:
                 if state.stop is not None:
                     state.queue.extendleft(reversed(claimed))
                     break
-            unfinished = await _session_tests(session, claimed, state)
+            unfinished = await session_tests(session, claimed, state)
             state.queue.extendleft(reversed(unfinished))
             await session.quit()
             session = None
@@ -133,214 +101,3 @@ async def _worker(state: _Battery, session: Session | None, opener: Opener, per:
             await session.quit()  # at the deadline: closed at once, no goodbye
 
 
-async def _session_tests(
-    session: Session, claimed: list[RelayTest], state: _Battery
-) -> list[RelayTest]:
-    """Run the claimed tests on one connection; the ones left unfinished are returned.
-
-    Each test is MAIL, then RCPT, and RSET before the next test when MAIL opened a transaction.
-    In lock-step every command waits for its reply, and RCPT goes only after an accepted MAIL.
-    Pipelined (RFC 2920, where the server offers it), the host's first test goes as one group,
-    and once a group's MAIL was accepted, every test left on the connection goes as one group
-    (RSET between tests); a refused MAIL, or any confusion, turns the rest of the host's
-    battery to lock-step.
-    """
-    transaction = False  # a MAIL was accepted: RSET before the next test
-    i = 0
-    while i < len(claimed):
-        if not session.connected:
-            return claimed[i:]  # closed after the last reply (421 to RSET): not this test's try
-        if session.pipelining:
-            # one test first: a server that refuses MAIL meets one blind RCPT, not a group
-            group = claimed[i:] if session.pipelined else claimed[i : i + 1]
-            last = i + len(group) == len(claimed)
-            left, transaction = await _group(session, group, state, rset=transaction, goodbye=last)
-            if left is not None:
-                return left + claimed[i + len(group) :]
-            i += len(group)
-            continue
-        test = claimed[i]
-        if transaction:
-            try:
-                await session.command("RSET")
-            except Broken as exc:
-                state.ended(exc)
-                return claimed[i:]
-            if not session.connected:
-                return claimed[i:]
-        state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
-        try:
-            result = await run_test(session, test, state.transport)
-        except Broken as exc:
-            state.ended(exc)
-            if exc.fatal or attempts >= 2:
-                state.error(test, exc.reason)
-                return claimed[i + 1 :]
-            return claimed[i:]
-        settled = _settle(test, result, attempts, session, state)
-        if settled is not None:
-            return claimed[i + settled :]
-        # RSET ends the transaction MAIL opened; after a refused MAIL none is open
-        transaction = result.rcpt is not None
-        i += 1
-    return []
-
-
-def _settle(
-    test: RelayTest, result: TestResult, attempts: int, session: Session | None, state: _Battery
-) -> int | None:
-    """Keep a test's result, unless a 421 makes it a question for a fresh connection.
-
-    None: go on with the next test; else the session ends, and the tests from this one's
-    position plus the returned offset (0: this one again, 1: the next) are left unfinished.
-    `session`: ends also when it is closed (lock-step; a group's answers are all in already).
-    """
-    closing = _CLOSING in (result.mail and result.mail.code, result.rcpt and result.rcpt.code)
-    if closing and attempts < 2:
-        # 421 closes the session ("too many errors", connection limits); it is no
-        # answer about relaying: ask again on a fresh connection
-        return 0
-    state.results.append(result)
-    if closing or (session is not None and not session.connected):
-        return 1
-    return None
-
-
-async def run_test(session: Session, test: RelayTest, transport: Transport) -> TestResult:
-    """One test: MAIL FROM, and RCPT TO only if the sender was accepted."""
-    mail = await session.command(f"MAIL FROM:<{test.mail_from}>")
-    mail_class = classify_reply(mail)
-    if mail_class is not ReplyClass.OK:
-        return _sender_refused(test, transport, mail, mail_class)
-    rcpt = await session.command(f"RCPT TO:<{test.rcpt_to}>")
-    return _recipient_answered(test, transport, mail, rcpt)
-
-
-async def _group(
-    session: Session, group: list[RelayTest], state: _Battery, *, rset: bool, goodbye: bool
-) -> tuple[list[RelayTest] | None, bool]:
-    """The tests as one pipelined group: [RSET,] MAIL, RCPT, RSET, MAIL, RCPT, ... [QUIT]
-    (`goodbye`: the connection's last tests; RFC 2920 lets QUIT end a group).
-
-    Returns the group's unfinished tests (None: all done) and whether the last test left a
-    transaction open. Each result is what lock-step would have recorded: a refused MAIL has
-    no RCPT (the reply to the RCPT sent regardless is only in the transcript), a failure
-    part-way keeps the answers before it, and counts as an attempt only for the test it hit.
-    """
-    lines = ["RSET"] if rset else []
-    for test in group:
-        lines += [f"MAIL FROM:<{test.mail_from}>", f"RCPT TO:<{test.rcpt_to}>", "RSET"]
-    lines.pop()  # no RSET after the last test: the next group (or QUIT) starts with it
-    if goodbye:
-        lines.append("QUIT")
-    broken: Broken | None = None
-    try:
-        replies = await session.pipeline(lines)
-    except Broken as exc:
-        broken, replies = exc, exc.partial
-    answers = iter(replies)
-    if rset:
-        reply = next(answers, None)
-        if reply is None and broken is not None:
-            return _hit(group, 0, broken, state), False
-        if reply is None or reply.code // 100 != 2:
-            # the server closed, or refused RSET: the group goes again on a fresh connection
-            if reply is not None and reply.code != _CLOSING:
-                session.stop_pipelining(f"RSET answered {reply.code}")
-            return group, False
-    transaction = False
-    for k, test in enumerate(group):
-        mail = next(answers, None)
-        if mail is None:
-            # nothing came for this test: the failure hit it, or the server closed before it
-            return (_hit(group, k, broken, state) if broken else group[k:]), False
-        state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
-        mail_class = classify_reply(mail)
-        if mail_class is not ReplyClass.OK:
-            # a server that refuses MAIL answers each pipelined RCPT with an error too: from
-            # here on, no RCPT without an accepted MAIL (as in lock-step)
-            session.stop_pipelining(f"MAIL FROM answered {mail.code}")
-            result = _sender_refused(test, state.transport, mail, mail_class)
-            next(answers, None)  # the blind RCPT's reply
-        else:
-            rcpt = next(answers, None)
-            if rcpt is None:
-                state.attempts[test.id] -= 1  # counted again by _hit
-                hung_up = broken or Broken("server hung up after MAIL FROM")
-                return _hit(group, k, hung_up, state), False
-            result = _recipient_answered(test, state.transport, mail, rcpt)
-        left = _settle(test, result, attempts, None, state)
-        if left is not None:
-            return group[k + left :], False
-        transaction = result.rcpt is not None
-        if k + 1 < len(group):
-            between = next(answers, None)  # the RSET before the next test
-            if between is None or between.code // 100 != 2:
-                if broken is not None:
-                    state.ended(broken)
-                elif between is not None and between.code != _CLOSING:
-                    session.stop_pipelining(f"RSET answered {between.code}")
-                return group[k + 1 :], False
-    return None, transaction
-
-
-def _hit(group: list[RelayTest], k: int, broken: Broken, state: _Battery) -> list[RelayTest]:
-    """A failure hit the group's test k: an attempt for it (a second one, or a fatal failure,
-    ends it as an error); the unfinished tests are returned."""
-    test = group[k]
-    state.ended(broken)
-    state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
-    if broken.fatal or attempts >= 2:
-        state.error(test, broken.reason)
-        return group[k + 1 :]
-    return group[k:]
-
-
-def _sender_refused(
-    test: RelayTest, transport: Transport, mail: Reply, mail_class: ReplyClass
-) -> TestResult:
-    return built(
-        TestResult,
-        {
-            "test": test,
-            "transport": transport,
-            "mail": mail,
-            "rcpt": None,
-            "outcome": _outcome(mail_class, sender=True),
-            "error": None,
-        },
-    )
-
-
-def _recipient_answered(
-    test: RelayTest, transport: Transport, mail: Reply, rcpt: Reply
-) -> TestResult:
-    rcpt_class = classify_reply(rcpt)
-    outcome = (
-        TestOutcome.ACCEPTED if rcpt_class is ReplyClass.OK else _outcome(rcpt_class, sender=False)
-    )
-    return built(
-        TestResult,
-        {
-            "test": test,
-            "transport": transport,
-            "mail": mail,
-            "rcpt": rcpt,
-            "outcome": outcome,
-            "error": None,
-        },
-    )
-
-
-_REFUSAL_OUTCOME = {
-    ReplyClass.TEMPFAIL: TestOutcome.TEMPFAIL,
-    ReplyClass.DISCONNECT: TestOutcome.TEMPFAIL,
-    ReplyClass.AUTH_REQUIRED: TestOutcome.AUTH_REQUIRED,
-    ReplyClass.TLS_REQUIRED: TestOutcome.TLS_REQUIRED,
-    ReplyClass.INVALID: TestOutcome.ERROR,
-    ReplyClass.DOMAIN_UNKNOWN: TestOutcome.DOMAIN_UNKNOWN,
-}
-
-
-def _outcome(kind: ReplyClass, *, sender: bool) -> TestOutcome:
-    return _REFUSAL_OUTCOME.get(kind, TestOutcome.SENDER_REFUSED if sender else TestOutcome.REFUSED)

@@ -21,6 +21,7 @@ from relayaudit.evidence import (
     TlsFacts,
     built,
     redact_command,
+    shared_reply,
     writable_text,
 )
 from relayaudit.failures import (
@@ -39,7 +40,7 @@ from relayaudit.wire import PipelineConfused, Wire
 if TYPE_CHECKING:
     from aiosmtplib.response import SMTPResponse
 
-__all__ = ["Observed", "Session", "SmtpSession", "shared_reply"]
+__all__ = ["Observed", "Session", "SmtpSession"]
 
 
 class Session(Protocol):
@@ -351,23 +352,6 @@ class SmtpSession:
         if self.log:
             self.observed.transcript.extend(self.log)
             self.log = []
-
-
-_SHARED: dict[tuple[int, str], Reply] = {}
-_SHARED_MAX = 4096
-
-
-def shared_reply(code: int, message: str) -> Reply:
-    """The Reply for a code and text, one object for each seen recently: most replies of a
-    sweep are a few dozen texts ("250 2.1.0 Ok", "554 5.7.1 Relay access denied"), and a
-    frozen Reply can be shared by every transcript that holds it."""
-    key = (code, message)
-    reply = _SHARED.get(key)
-    if reply is None:
-        if len(_SHARED) >= _SHARED_MAX:  # a server with a new text per reply: start over
-            _SHARED.clear()
-        reply = _SHARED[key] = built(Reply, {"code": code, "text": writable_text(message)})
-    return reply
 
 
 def _error_text(kind: FailureKind, exc: BaseException) -> str:

@@ -1,13 +1,10 @@
-"""SMTP framing over one connection: replies parsed as they arrive, commands one by one or pipelined.
+"""One SMTP connection: commands sent one by one or pipelined, replies taken in order; STARTTLS, DATA.
 
-A small asyncio Protocol of our own (not aiosmtplib's `SMTPProtocol`, which keeps one reply per
-wake-up and drops what arrives while no command waits, so it cannot pipeline): every complete
-reply in the bytes received is parsed at once and queued, and a command, or a group of them
-(RFC 2920), takes its replies from the queue in order. Failures are aiosmtplib's exception
-types (the one exception map, failures.py, reads those), with its reply bounds: a line of at
-most 8 KiB, a reply of at most 32 KiB. The commands, their order and what a reply means are
-relayaudit's (session.py). Because a Wire can sit on any asyncio transport, tests replay
-recorded server bytes through the real framing with no socket at all (tests/replay.py).
+Over our own framing (framing.py; not aiosmtplib's `SMTPProtocol`, which keeps one reply per
+wake-up and drops what arrives while no command waits, so it cannot pipeline). The commands,
+their order and what a reply means are relayaudit's (session.py). Because a Wire can sit on
+any asyncio transport, tests replay recorded server bytes through the real framing with no
+socket at all (tests/replay.py).
 """
 
 from __future__ import annotations
@@ -17,9 +14,8 @@ import functools
 import re
 import socket
 import ssl
-from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Protocol
 
 from aiosmtplib.errors import (
     SMTPDataError,
@@ -29,6 +25,8 @@ from aiosmtplib.errors import (
 )
 from aiosmtplib.esmtp import parse_esmtp_extensions
 from aiosmtplib.response import SMTPResponse
+
+from relayaudit.framing import Framing
 
 __all__ = [
     "Connection",
@@ -41,9 +39,6 @@ __all__ = [
 ]
 
 _CLOSING = 421  # "service not available, closing transmission channel"
-MAX_LINE = 8192  # bytes of one reply line (aiosmtplib's bound)
-MAX_REPLY = 4 * MAX_LINE  # bytes of one reply, all its lines
-_INVALID = -1  # the code of a reply that is no SMTP reply (aiosmtplib's SMTPStatus.invalid_response)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never in a command line we send
 _PERIOD = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321, section 4.5.2)
 _LINE_ENDS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
@@ -77,132 +72,6 @@ class PipelineConfused(SMTPServerDisconnected):
     the connection is closed, and the battery goes on in lock-step (RFC 2920's client rule)."""
 
 
-class _Framing(asyncio.Protocol):
-    """Bytes in, replies out: complete replies are queued the moment their last line arrives.
-
-    Only as many replies as commands sent are kept (the greeting counts as one); what a server
-    says out of turn is dropped, as aiosmtplib does, and counted in `unsolicited`, which a
-    pipelined group reads as confusion.
-    """
-
-    __slots__ = (
-        "buffer",
-        "expected",
-        "failure",
-        "loop",
-        "replies",
-        "transport",
-        "unsolicited",
-        "waiter",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.replies: deque[SMTPResponse] = deque()
-        self.expected = 1  # replies owed: the greeting, then one per command line sent
-        self.unsolicited = 0  # bytes or replies received while none was owed
-        self.waiter: asyncio.Future[None] | None = None
-        self.failure: BaseException | None = None  # set: no reply will come any more
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.failure is not None:
-            return
-        if self.expected == 0 and not self.buffer:
-            self.unsolicited += len(data)  # nothing was asked: not a reply to anything
-            return
-        self.buffer += data
-        try:
-            self._parse()
-        except SMTPResponseException as exc:
-            self._fail(exc)
-            if self.transport is not None:
-                self.transport.abort()  # the framing is out of step for good
-            return
-        if self.replies and self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    def _parse(self) -> None:
-        """Queue every complete reply in the buffer; bounds and malformed lines raise."""
-        buffer = self.buffer
-        start = 0
-        while True:
-            lines: list[bytes] = []
-            offset = start
-            code = _INVALID
-            while True:
-                end = buffer.find(b"\n", offset)
-                if end == -1:
-                    if len(buffer) - start > MAX_REPLY:
-                        raise SMTPResponseException(_INVALID, "Response too long")
-                    del buffer[:start]
-                    return
-                line = bytes(buffer[offset : end + 1])
-                if len(line) > MAX_LINE:
-                    raise SMTPResponseException(_INVALID, "Response too long")
-                try:
-                    code = int(line[:3])
-                except ValueError:
-                    text = line.decode("utf-8", errors="ignore")
-                    raise SMTPResponseException(
-                        _INVALID, f"Malformed SMTP response line: {text}"
-                    ) from None
-                lines.append(line[4:].strip(b" \t\r\n"))
-                offset = end + 1
-                if offset - start > MAX_REPLY:
-                    raise SMTPResponseException(_INVALID, "Response too long")
-                if line[3:4] != b"-":
-                    break
-            start = offset
-            if self.expected == 0:
-                self.unsolicited += 1  # one reply too many
-                continue
-            self.expected -= 1
-            text = b"\n".join(lines).decode("utf-8", "surrogateescape")
-            self.replies.append(SMTPResponse(code, text))
-
-    def eof_received(self) -> bool:
-        self._fail(SMTPServerDisconnected("Unexpected EOF received"))
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        lost = SMTPServerDisconnected("Connection lost")
-        if exc is not None:
-            lost.__cause__ = exc
-        self._fail(lost)
-        self.transport = None
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.failure is None:
-            self.failure = exc
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def reply(self) -> SMTPResponse:
-        """The next reply, in order; raises when the connection ended before it came."""
-        while not self.replies:
-            if self.failure is not None:
-                raise self.failure
-            self.waiter = self.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.replies.popleft()
-
-    def write(self, data: bytes, replies: int) -> None:
-        """Send `data`, owed `replies` replies for it."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise SMTPServerDisconnected("Connection lost")
-        self.expected += replies
-        transport.write(data)
-
-
 def _line(args: tuple[bytes, ...]) -> bytes:
     for arg in args:
         if _CONTROL.search(arg):
@@ -216,7 +85,7 @@ class Wire:
 
     __slots__ = ("answered", "framing")
 
-    def __init__(self, framing: _Framing) -> None:
+    def __init__(self, framing: Framing) -> None:
         self.framing = framing
         # the replies the last command or group got, complete or not: a group cut short by a
         # hang-up or a timeout still leaves the answers that came before it
@@ -225,7 +94,7 @@ class Wire:
     @classmethod
     def over(cls, transport: asyncio.BaseTransport) -> Wire:
         """A Wire on an existing transport (the replay tests' recorded server)."""
-        framing = _Framing(asyncio.get_running_loop())
+        framing = Framing(asyncio.get_running_loop())
         framing.connection_made(transport)
         transport.set_protocol(framing)
         return cls(framing)
@@ -236,7 +105,7 @@ class Wire:
     ) -> Wire:
         """Take over a connected socket; `tls`: handshake first (implicit TLS, port 465)."""
         loop = asyncio.get_running_loop()
-        framing = _Framing(loop)
+        framing = Framing(loop)
         await loop.create_connection(
             lambda: framing,
             sock=sock,
