@@ -6,9 +6,17 @@ import ipaddress
 import secrets
 from dataclasses import dataclass
 
-from relayaudit.evidence import RelayTest, TestCategory, TestRole, built
+from relayaudit.evidence import Claim, ClaimKind, RelayTest, TestCategory, TestRole, built
 
-__all__ = ["BatteryInputs", "address_literal", "build_battery", "canary_recipient"]
+__all__ = [
+    "BatteryInputs",
+    "address_literal",
+    "build_battery",
+    "canary_recipient",
+    "claim_tests",
+    "helo_claims",
+    "xclient_claims",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +101,7 @@ def _test(
     rcpt_to: str,
     *,
     local: bool = False,
+    claim: Claim | None = None,
 ) -> RelayTest:
     # built, not validated: every value is ours and typed (a battery per host is on the hot path)
     return built(
@@ -105,14 +114,21 @@ def _test(
             "rcpt_to": rcpt_to,
             "external_recipient": True,
             "claims_local_sender": local,
+            "claim": claim,
         },
     )
 
 
-def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) -> list[RelayTest]:
+def build_battery(
+    inputs: BatteryInputs,
+    *,
+    control_token: str | None = None,
+    control_recipient: str | None = None,
+) -> list[RelayTest]:
     """Every recipient form with an external sender, every sender form with a plain recipient,
     and the control test; the plain third-party test comes first, the control second, so a short
-    run still holds the two tests the verdict leans on most."""
+    run still holds the two tests the verdict leans on most. `control_recipient`: the control
+    address of an earlier try (a retry after greylisting asks for the very same addresses)."""
     literal = address_literal(inputs.address)
     host = inputs.hostname or literal
     u = inputs.external_local_part
@@ -143,7 +159,7 @@ def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) ->
                     TestCategory.CONTROL,
                     TestRole.CONTROL,
                     external_sender,
-                    f"nx-{token}@nx-{token}.invalid",
+                    control_recipient or f"nx-{token}@nx-{token}.invalid",
                 )
             )
     for test_id, template, campus in _campus_forms(inputs):
@@ -186,3 +202,78 @@ def build_battery(inputs: BatteryInputs, *, control_token: str | None = None) ->
             seen.add((test.mail_from, test.rcpt_to))
             unique.append(test)
     return unique
+
+
+def helo_claims(inputs: BatteryInputs, *, own_helo: str) -> list[Claim]:
+    """The HELO names a server may trust without cause, one session each when the battery
+    found no relay: its own host name, a host under each campus domain, its address literal.
+    Names equal to one before (or to the scanner's own HELO name, tested already) are left out.
+    """
+    candidates: list[tuple[str, str, str]] = []
+    if inputs.hostname:
+        candidates.append(("helo-host", inputs.hostname, "the server's own host name"))
+    for i, domain in enumerate(inputs.campus_domains):
+        candidates.append(
+            (f"helo-campus-{i}" if i else "helo-campus", f"mail.{domain}", f"a host of {domain}")
+        )
+    candidates.append(
+        ("helo-literal", address_literal(inputs.address), "the server's own address literal")
+    )
+    seen = {own_helo.lower()}
+    claims = []
+    for claim_id, value, why in candidates:
+        if value.lower() not in seen:
+            seen.add(value.lower())
+            claims.append(Claim(id=claim_id, kind=ClaimKind.HELO, value=value, why=why))
+    return claims
+
+
+def xclient_claims(inputs: BatteryInputs) -> list[Claim]:
+    """The client addresses an XCLIENT session claims: loopback (in every mynetworks), then
+    the server's own address. Never any other: the claim goes into the server's logs."""
+    loopback = "IPV6:::1" if ipaddress.ip_address(inputs.address).version == 6 else "127.0.0.1"
+    own = ipaddress.ip_address(inputs.address)
+    own_text = f"IPV6:{own.compressed}" if own.version == 6 else str(own)
+    claims = [Claim(id="xclient-loopback", kind=ClaimKind.XCLIENT, value=loopback, why="loopback")]
+    if own_text != loopback:
+        claims.append(
+            Claim(
+                id="xclient-address",
+                kind=ClaimKind.XCLIENT,
+                value=own_text,
+                why="the server's own address",
+            )
+        )
+    return claims
+
+
+def claim_tests(inputs: BatteryInputs, claim: Claim) -> list[RelayTest]:
+    """The tests of one claimed identity's session: the plain third-party test, and for a
+    claimed HELO name the campus-sender test (the first campus domain) too."""
+    u = inputs.external_local_part
+    d = inputs.external_domains[0]
+    d2 = inputs.external_domains[1] if len(inputs.external_domains) > 1 else d
+    plain = f"{u}@{d}"
+    tests = [
+        _test(
+            f"{claim.id}-plain",
+            TestCategory.RECIPIENT,
+            TestRole.PLAIN,
+            f"{inputs.sender_local_part}@{d2}",
+            plain,
+            claim=claim,
+        )
+    ]
+    if claim.kind is ClaimKind.HELO and inputs.campus_domains:
+        tests.append(
+            _test(
+                f"{claim.id}-campus-sender",
+                TestCategory.SENDER,
+                TestRole.LOCAL_SENDER,
+                f"postmaster@{inputs.campus_domains[0]}",
+                plain,
+                local=True,
+                claim=claim,
+            )
+        )
+    return tests

@@ -41,6 +41,7 @@ from relayaudit.errors import (
 )
 from relayaudit.evidence import ProbeResult, endpoint
 from relayaudit.files import write_text
+from relayaudit.greylisting import greylisted, retry
 from relayaudit.report import (
     FindingBrief,
     FindingBriefs,
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from relayaudit.canary import CanaryReceiver
     from relayaudit.engine import Sink
     from relayaudit.html_page import Service
+    from relayaudit.settings import ProbeSettings
 
 __all__ = ["main"]
 
@@ -198,6 +200,13 @@ def _parser() -> argparse.ArgumentParser:
         "--confirm",
         action="store_true",
         help="confirmation mode: send a canary message and wait for it",
+    )
+    c.add_argument(
+        "--retry-greylisted",
+        action="store_true",
+        help="when the server defers the tests as greylisting does, wait until "
+        "relay.greylist_retry_after (default 5m) has passed and try once more with the same "
+        "addresses",
     )
     c.add_argument("--json", action="store_true", help="print the evidence and verdict as JSON")
     _fail_on_option(c)
@@ -865,6 +874,8 @@ async def _check(args: argparse.Namespace) -> int:
                     implicit_tls=port in config.implicit_tls_ports,
                     expect_token=canary.expect if canary is not None else None,
                 )
+                if args.retry_greylisted and greylisted(result):
+                    result = await _retry_greylisted(args, config, result, settings, canary)
                 if result.confirmation is not None and result.confirmation.sent and not args.json:
                     print(
                         f"waiting up to {config.canary.wait:g}s for canary {result.confirmation.token}...",
@@ -902,6 +913,38 @@ async def _check(args: argparse.Namespace) -> int:
     if any(v.status is VerdictStatus.ERROR for _, v in outcomes):
         return ExitCode.TEMPFAIL  # a network error left no verdict: try again
     return EXIT_OK
+
+
+async def _retry_greylisted(
+    args: argparse.Namespace,
+    config: Config,
+    first: ProbeResult,
+    settings: ProbeSettings,
+    canary: CanaryReceiver | None,
+) -> ProbeResult:
+    """`check --retry-greylisted`: the same tests once more, relay.greylist_retry_after after
+    the first try (greylisting lets a client through that comes back with the same addresses)."""
+    from relayaudit.probe import probe
+
+    after = config.relay.greylist_retry_after
+    if not args.json:
+        print(
+            f"{endpoint(first.address, first.port)} deferred the tests (greylisting?): trying "
+            f"again {after:g}s after the first try (relay.greylist_retry_after)...",
+            file=sys.stderr,
+        )
+
+    async def again(control: str | None) -> ProbeResult:
+        return await probe(
+            first.address,
+            first.port,
+            settings,
+            implicit_tls=first.port in config.implicit_tls_ports,
+            expect_token=canary.expect if canary is not None else None,
+            control_recipient=control,
+        )
+
+    return await retry(first, again, after=after)
 
 
 def _sweep_exit(stats: SweepStats, fail_on: str) -> int:

@@ -218,6 +218,9 @@ class Identity(_Model):
         return value
 
 
+_GREYLIST_RETRY_MAX = 3600.0
+
+
 class RelayConfig(_Model):
     """Addresses the relay battery writes into MAIL FROM and RCPT TO."""
 
@@ -231,6 +234,23 @@ class RelayConfig(_Model):
     retest_after_starttls: StrictBool = True
     # RFC 2920: a test's RSET, MAIL and RCPT in one write where the server offers PIPELINING
     pipelining: StrictBool = True
+    # no relay found: sessions that claim a HELO name (the server's own, mail.<campus domain>,
+    # its address literal) or, where offered, an XCLIENT address; the scanner does not
+    # introduce itself in them (README, "Claimed identities")
+    claimed_identity: StrictBool = True
+    # a host whose battery met greylisting is tried again near the end of the same sweep, no
+    # sooner than this after the first try (common greylisting delays are 1-5 minutes)
+    greylist_retry_after: Duration = 300.0
+
+    @field_validator("greylist_retry_after")
+    @classmethod
+    def _retry_within_an_hour(cls, value: float) -> float:
+        if value > _GREYLIST_RETRY_MAX:
+            raise ValueError(
+                f"{value:g} s is more than an hour: greylisting delays are minutes, and the "
+                "sweep waits for the retry at its end (use e.g. '5m')"
+            )
+        return value
 
     @model_validator(mode="after")
     def _external_is_not_campus(self) -> RelayConfig:

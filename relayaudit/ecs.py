@@ -95,6 +95,17 @@ FINDINGS: Mapping[FindingKind, tuple[str, str | None]] = {
         "after STARTTLS.",
         _RELAY_RFC,
     ),
+    FindingKind.RELAY_CLAIMED_HELO: (
+        "The SMTP server refuses to relay for the scanner's own HELO name but relays to outside "
+        "recipients for a client that claims a campus host name (or the server's own) in "
+        "EHLO; anyone can type that, so it is an open relay in effect.",
+        _RELAY_RFC,
+    ),
+    FindingKind.RELAY_VIA_XCLIENT: (
+        "The SMTP server honours XCLIENT from the scanner and relays to outside recipients once "
+        "the session claims a trusted client address: anyone there can relay.",
+        "https://www.postfix.org/XCLIENT_README.html",
+    ),
     FindingKind.ACCEPTS_WITHOUT_DELIVERY: (
         "The SMTP server accepted outside recipients, but the canary message never arrived: "
         "a trap or a server that accepts and discards.",
@@ -113,6 +124,11 @@ FINDINGS: Mapping[FindingKind, tuple[str, str | None]] = {
         "The SMTP server offers AUTH on a connection without TLS: passwords can cross the "
         "network in clear text.",
         "https://www.rfc-editor.org/rfc/rfc4954#section-4",
+    ),
+    FindingKind.XCLIENT_OFFERED: (
+        "The SMTP server offers XCLIENT to the scanner: a client it authorises can claim any "
+        "client address, name and HELO, and is judged and logged as that client.",
+        "https://www.postfix.org/XCLIENT_README.html",
     ),
 }
 

@@ -14,6 +14,7 @@ from relayaudit.connect import Dialer, InProgress, finish_connect, open_socket
 from relayaudit.errors import RelayAuditError
 from relayaudit.evidence import ProbeResult, ProbeStatus
 from relayaudit.failures import NoSession
+from relayaudit.greylisting import greylisted, retry
 from relayaudit.pacer import Pacer
 from relayaudit.progress import SweepStats, Watermark
 from relayaudit.settings import CanaryTarget, ProbeSettings
@@ -63,6 +64,7 @@ def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSetti
         max_tests_per_session=config.relay.max_tests_per_session,
         sessions_per_host=config.relay.sessions_per_host,
         pipelining=config.relay.pipelining,
+        claimed_identity=config.relay.claimed_identity,
         retest_after_starttls=config.relay.retest_after_starttls,
         campus_domains=config.relay.campus_domains,
         external_domains=config.relay.external_domains,
@@ -132,6 +134,8 @@ class Sweep:
         # A position counts as done (for the resume watermark) only once its results reached
         # the sinks, including those whose canary is still awaited: each holds a reference.
         self._refs: dict[int, int] = {}
+        # probes that met greylisting, with their positions: tried again at the sweep's end
+        self._greylisted: list[tuple[ProbeResult, int]] = []
 
     async def run(
         self,
@@ -157,8 +161,8 @@ class Sweep:
         try:
             async with self._group:
                 count = max(1, min(workers or self.config.limits.concurrency, self.total))
-                for _ in range(count):
-                    self._group.create_task(self._worker(work))
+                tasks = [self._group.create_task(self._worker(work)) for _ in range(count)]
+                self._group.create_task(self._retry_greylisted(tasks, count))
         except BaseExceptionGroup as failed:
             # a sink that cannot write (state store locked or full, findings file) ends the
             # sweep; the caller gets that error, with its clear message, not a group around it
@@ -175,7 +179,6 @@ class Sweep:
     # -- discover ------------------------------------------------------------------------
 
     async def _worker(self, work: Iterator[tuple[int, str]]) -> None:
-        confirming = self.settings.canary is not None
         pacer, dialer, ports = self._pacer, self._dialer, self.config.ports
         only_port = ports[0] if len(ports) == 1 else None
         in_a_row = 0
@@ -195,14 +198,12 @@ class Sweep:
                     await asyncio.sleep(0)  # let the other workers, timers and signals run
                 continue
             in_a_row = 0
-            if confirming:
-                self._refs[position] = 1
-                await self._host(addr, position, pre)
-                self._release(position)
-                self._host_done(position, mark=False)
-            else:
-                await self._host(addr, position, pre)
-                self._host_done(position)
+            # a host is done for the watermark once every result reached the sinks: a canary
+            # awaited, or a retry after greylisting, holds a reference until then
+            self._refs[position] = 1
+            await self._host(addr, position, pre)
+            self._release(position)
+            self._host_done(position, mark=False)
 
     def _settled_closed(self, pre: list[Connect | None]) -> bool:
         """Every port refused or unreachable at once, and no sink wants those: only counted."""
@@ -295,12 +296,57 @@ class Sweep:
             sock=sock,
             expect_token=self._canary.expect if self._canary is not None else None,
         )
+        if greylisted(result):
+            # tried again near the end of the sweep (_retry_greylisted), recorded only then
+            self._refs[position] += 1
+            self._greylisted.append((result, position))
+            return
+        await self._settle(result, position)
+
+    async def _settle(self, result: ProbeResult, position: int) -> None:
         if result.confirmation is not None and result.confirmation.sent:
             # waiting for the canary must not hold a worker; the task group still owns it
             self._refs[position] += 1
             self._group.create_task(self._confirm_later(result, position))
         else:
             await self._record(result, self._sinks)
+
+    # -- retry after greylisting -----------------------------------------------------------
+
+    async def _retry_greylisted(self, workers: list[asyncio.Task[None]], parallel: int) -> None:
+        """Once every worker is done, each greylisted probe once more (as many at a time as
+        there were workers), no sooner than relay.greylist_retry_after after its first try."""
+        await asyncio.wait(workers)
+        if any(not w.cancelled() and w.exception() is not None for w in workers):
+            return  # the sweep is failing: the group ends it
+        slots = asyncio.Semaphore(parallel)
+        async with asyncio.TaskGroup() as group:
+            for result, position in self._greylisted:
+                group.create_task(self._retry(result, position, slots))
+        self._greylisted.clear()
+
+    async def _retry(self, first: ProbeResult, position: int, slots: asyncio.Semaphore) -> None:
+        from relayaudit.probe import probe  # noqa: PLC0415 - see _probe
+
+        address, port = first.address, first.port
+
+        async def again(control: str | None) -> ProbeResult:
+            async with slots:
+                return await probe(
+                    address,
+                    port,
+                    self.settings,
+                    implicit_tls=port in self.config.implicit_tls_ports,
+                    gate=self._pacer,
+                    expect_token=self._canary.expect if self._canary is not None else None,
+                    control_recipient=control,
+                )
+
+        try:
+            result = await retry(first, again, after=self.config.relay.greylist_retry_after)
+            await self._settle(result, position)
+        finally:
+            self._release(position)
 
     # -- confirm -------------------------------------------------------------------------
 

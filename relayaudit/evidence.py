@@ -12,6 +12,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
 __all__ = [
     "Capabilities",
+    "Claim",
+    "ClaimKind",
     "Confirmation",
     "Exchange",
     "PortState",
@@ -162,6 +164,25 @@ class TestRole(StrEnum):
 _PLAIN_RECIPIENT = {TestRole.PLAIN, TestRole.NULL_SENDER, TestRole.LOCAL_SENDER}
 
 
+class ClaimKind(StrEnum):
+    """How a session pretends to be someone the server may trust (issue 27)."""
+
+    HELO = "helo"  # EHLO with a name that is not the scanner's: the server's own, a campus host's
+    XCLIENT = "xclient"  # XCLIENT ADDR=...: the session claims another client address
+
+
+class Claim(_Frozen):
+    """The identity a test's session claimed, instead of the scanner's own."""
+
+    id: str  # stable: "helo-host", "helo-campus", "helo-campus-1", "helo-literal", "xclient-loopback", ...
+    kind: ClaimKind
+    value: str  # the HELO name, or the address XCLIENT claimed
+    why: str  # what the value is, for people: "the server's own host name", "loopback", ...
+
+    def __str__(self) -> str:
+        return f"EHLO {self.value}" if self.kind is ClaimKind.HELO else f"XCLIENT ADDR={self.value}"
+
+
 class RelayTest(_Frozen):
     """One MAIL FROM / RCPT TO pair of the battery."""
 
@@ -172,6 +193,9 @@ class RelayTest(_Frozen):
     rcpt_to: str
     external_recipient: bool = True  # the recipient, if relayed, would leave campus
     claims_local_sender: bool = False  # the sender pretends to be campus / the server itself
+    # set: the test ran in a session that claimed this identity (a HELO name, an XCLIENT
+    # address), run only when the battery under the scanner's own identity found no relay
+    claim: Claim | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -336,6 +360,9 @@ class ProbeResult(_Frozen):
     sessions: int = 0
     pipelined: bool = False  # some of the battery went in pipelined groups (RFC 2920)
     lockstep: Text | None = None  # why the battery went on in lock-step, if pipelining stopped
+    # set: the tests are a retry after greylisting, this many seconds after the first try
+    # ended (whose exchanges begin the transcript); None: one try
+    retried_after: float | None = None
 
 
 _AUTH_COMMAND = re.compile(r"^(AUTH\s+\S+)(\s.*)?$", re.IGNORECASE)

@@ -8,7 +8,17 @@ from collections.abc import Awaitable, Callable
 
 from relayaudit.battery import address_literal
 from relayaudit.connect import connect_socket
-from relayaudit.evidence import Exchange, PortState, Reply, TlsFacts, Transport, shared_reply
+from relayaudit.evidence import (
+    Claim,
+    ClaimKind,
+    Exchange,
+    PortState,
+    Reply,
+    TlsFacts,
+    Transport,
+    built,
+    shared_reply,
+)
 from relayaudit.facts import capabilities, session_facts, tls_facts
 from relayaudit.failures import (
     Broken,
@@ -66,8 +76,15 @@ class Handshake:
         )
         return SocketConnection(sock)
 
-    async def open(self, transport: Transport, conn: Connection | None = None) -> SmtpSession:
-        """Connect (or take the discovery connection), read the greeting, EHLO or HELO, STARTTLS."""
+    async def open(
+        self, transport: Transport, conn: Connection | None = None, *, claim: Claim | None = None
+    ) -> SmtpSession:
+        """Connect (or take the discovery connection), read the greeting, EHLO or HELO, STARTTLS.
+
+        `claim`: the session pretends to be someone else (issue 27): EHLO with the claimed
+        name instead of the scanner's, or XCLIENT with the claimed address after the hello
+        (then the server greets again, and the session says EHLO anew). The transcript says so.
+        """
         seen = self.observed
         if conn is None:
             conn = await self.dial()
@@ -77,13 +94,18 @@ class Handshake:
         session: SmtpSession | None = None
         try:
             session, banner = await self._greeting(conn, transport)
-            ehlo = in_use = await self._hello(session)
+            if claim is not None:
+                session.log.append(_claim_note(claim))
+            helo = claim.value if claim is not None and claim.kind is ClaimKind.HELO else None
+            ehlo = in_use = await self._hello(session, claimed=helo)
             if transport is Transport.STARTTLS:
-                in_use = await self._starttls(session)
+                in_use = await self._starttls(session, helo or seen.helo)
             elif transport is Transport.IMPLICIT_TLS and seen.tls is None:
                 seen.tls = tls_facts(session.wire.tls_object())
             if seen.facts is None:
                 seen.facts = session_facts(banner, ehlo)
+            if claim is not None and claim.kind is ClaimKind.XCLIENT:
+                in_use = await self._xclient(session, claim)
             # RFC 2920: only where this session's EHLO offered it, and never again on a host
             # whose earlier group got out of step
             session.pipelining = (
@@ -149,36 +171,56 @@ class Handshake:
         seen.banner_seen = True
         return session, banner
 
-    async def _hello(self, session: SmtpSession) -> Ehlo | None:
+    async def _hello(self, session: SmtpSession, *, claimed: str | None = None) -> Ehlo | None:
         """EHLO, else HELO; the EHLO reply's keywords, or None when HELO was used.
 
         Servers with anti-forgery HELO rules refuse a name they consider theirs (a campus HELO
         name from outside is exactly that): then the vantage's address literal is tried, the
         RFC 5321 form for a client without a name. A server refusing both refuses the session.
+        `claimed`: a name claimed on purpose, the only one tried (and never kept as ours).
         """
         seen = self.observed
+        if claimed is not None:
+            return await self._hello_as(session, [claimed], keep=False)
         names = [seen.helo]
         if seen.vantage:
             literal = address_literal(seen.vantage)
             if literal != seen.helo:
                 names.append(literal)
+        return await self._hello_as(session, names, keep=True)
+
+    async def _hello_as(self, session: SmtpSession, names: list[str], *, keep: bool) -> Ehlo | None:
+        seen = self.observed
         reply: Reply | None = None
         for name in names:
             ehlo = await session.command(f"EHLO {name}")
             if ehlo.code == 250:
-                seen.helo = name
+                if keep:
+                    seen.helo = name
                 return parse_ehlo(ehlo.text)
             if not session.connected:
                 raise Broken("server hung up after EHLO")
             reply = await session.command(f"HELO {name}")
             if reply.code == 250:
-                seen.helo = name
+                if keep:
+                    seen.helo = name
                 return None
             if not session.connected or reply.code == 421:
                 break
         raise outcome(Stage.HELLO, FailureKind.REFUSED, text=str(reply))
 
-    async def _starttls(self, session: SmtpSession) -> Ehlo:
+    async def _xclient(self, session: SmtpSession, claim: Claim) -> Ehlo:
+        """XCLIENT ADDR=...: a server that honours it greets again (220), as if the claimed
+        client had just connected, and wants a new EHLO; that EHLO's reply."""
+        reply = await session.command(f"XCLIENT ADDR={claim.value}")
+        if reply.code != _READY:
+            raise Broken(f"XCLIENT ADDR={claim.value} not honoured: {reply}", fatal=True)
+        again = await session.command(f"EHLO {self.observed.helo}")
+        if again.code != 250:
+            raise Broken(f"EHLO after XCLIENT refused: {again}", fatal=True)
+        return parse_ehlo(again.text)
+
+    async def _starttls(self, session: SmtpSession, helo: str) -> Ehlo:
         """STARTTLS, the handshake and EHLO again; that EHLO's reply (what TLS offers)."""
         seen = self.observed
         started = time.monotonic()
@@ -203,7 +245,7 @@ class Handshake:
         session.record("STARTTLS", Reply(code=response.code, text=response.message), started)
         seen.tls = tls_facts(session.wire.tls_object())
         try:
-            again = await session.command(f"EHLO {seen.helo}")
+            again = await session.command(f"EHLO {helo}")
         except Broken:
             again = None
         if again is None or again.code != 250:
@@ -213,3 +255,12 @@ class Handshake:
             # what the server offers inside TLS (AUTH, SIZE), kept beside the plain EHLO's
             seen.after_starttls = capabilities(inside)
         return inside
+
+
+def _claim_note(claim: Claim) -> Exchange:
+    """The transcript's line before a claimed identity's session: who the scanner pretends to be."""
+    text = (
+        f"claimed identity: {claim} ({claim.why}); the scanner does not introduce itself in "
+        "this session"
+    )
+    return built(Exchange, {"command": None, "reply": None, "error": text, "elapsed_ms": 0.0})

@@ -49,6 +49,8 @@ SMTP_STATUSES = frozenset(
         VerdictStatus.OPEN_RELAY,
         VerdictStatus.RELAY_CAMPUS_SENDER,
         VerdictStatus.RELAY_AFTER_STARTTLS,
+        VerdictStatus.RELAY_CLAIMED_HELO,
+        VerdictStatus.RELAY_VIA_XCLIENT,
         VerdictStatus.ACCEPTS_WITHOUT_DELIVERY,
         VerdictStatus.REFUSES_AT_DATA,
         VerdictStatus.RELAY_REFUSED,

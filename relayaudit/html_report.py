@@ -143,10 +143,13 @@ _KIND_NAMES = {
     FindingKind.OPEN_RELAY: "open relay",
     FindingKind.RELAY_CAMPUS_SENDER: "relay for a campus sender",
     FindingKind.RELAY_AFTER_STARTTLS: "relay after STARTTLS",
+    FindingKind.RELAY_CLAIMED_HELO: "relay for a claimed HELO name",
+    FindingKind.RELAY_VIA_XCLIENT: "relay via XCLIENT",
     FindingKind.ACCEPTS_WITHOUT_DELIVERY: "accepts without delivery",
     FindingKind.REFUSES_AT_DATA: "refuses the message at DATA",
     FindingKind.UNAPPROVED_SMTP: "unapproved SMTP",
     FindingKind.AUTH_WITHOUT_TLS: "AUTH without TLS",
+    FindingKind.XCLIENT_OFFERED: "XCLIENT offered",
 }
 
 

@@ -3,8 +3,9 @@
 Every address:port reaches `judge()` as a ProbeResult from here: `settled()` for a port whose
 connect already failed (closed, filtered, error), `probe()` for every port that accepted one.
 The steps: the first session (handshake.py), the battery (runner.py), the retest after
-STARTTLS, and the canary (confirm.py). Network outcomes are values; a failure no known case
-explains becomes the status `internal-error`, never a crash.
+STARTTLS, the sessions that claim another identity (claims.py), and the canary (confirm.py).
+Network outcomes are values; a failure no known case explains becomes the status
+`internal-error`, never a crash.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from datetime import UTC, datetime
 
 import structlog
 
-from relayaudit.battery import BatteryInputs, build_battery
+from relayaudit.battery import (
+    BatteryInputs,
+    build_battery,
+    claim_tests,
+    helo_claims,
+    xclient_claims,
+)
+from relayaudit.claims import run_claims
 from relayaudit.confirm import Expect, choose, send_canary
 from relayaudit.evidence import (
+    Claim,
     Confirmation,
     ProbeResult,
     ProbeStatus,
@@ -75,8 +84,10 @@ class _Probe:
         gate: Gate | None,
         dial: Dial | None,
         expect_token: Expect | None = None,
+        control_recipient: str | None = None,
     ) -> None:
         self.address = address
+        self.control_recipient = control_recipient
         self.expect_token = expect_token
         self.port = port
         self.settings = settings
@@ -124,6 +135,9 @@ class _Probe:
     async def open(self, transport: Transport) -> Session:
         return await self.handshake.open(transport)
 
+    async def open_claiming(self, transport: Transport, claim: Claim) -> Session:
+        return await self.handshake.open(transport, claim=claim)
+
     async def first_session(self, first: Connection | None) -> Session | None:
         """The first session, on the discovery connection if there is one; None: no SMTP here."""
         try:
@@ -159,10 +173,12 @@ class _Probe:
             external_local_part=s.external_local_part,
             sender_local_part=s.sender_local_part,
         )
-        tests = build_battery(inputs)
+        tests = build_battery(inputs, control_recipient=self.control_recipient)
         await self.battery(tests, self.first_transport, session)
         if facts.starttls and self.first_transport is Transport.PLAIN:
             await self.retest_after_starttls(tests)
+        if s.claimed_identity and not self.relayed() and self.answered():
+            await self.claims(inputs)
         if s.canary is not None:
             await self.confirm(s.canary, inputs)
 
@@ -173,12 +189,53 @@ class _Probe:
             tests, transport, first, opener=self.open, limits=self.limits, results=self.tests
         )
 
-    async def retest_after_starttls(self, tests: list[RelayTest]) -> None:
-        """Plaintext refusals do not clear a server that offers STARTTLS: test again inside TLS."""
-        relayed = any(
+    def relayed(self) -> bool:
+        return any(
             t.outcome is TestOutcome.ACCEPTED and t.test.role is not TestRole.CONTROL
             for t in self.tests
         )
+
+    def answered(self) -> bool:
+        """The server answered the plain test (a refusal, a deferral): a battery cut short by
+        a failure found nothing to go on from."""
+        return any(
+            t.test.role is TestRole.PLAIN and t.outcome is not TestOutcome.ERROR
+            for t in self.tests
+        )
+
+    async def claims(self, inputs: BatteryInputs) -> None:
+        """No relay under the scanner's own name: one short session per identity a server may
+        trust without cause (XCLIENT where offered, then HELO names), each with the plain test
+        (and, for a HELO name, the campus-sender test)."""
+        facts = self.seen.facts
+        assert facts is not None
+        transport = self.first_transport
+        if transport is Transport.PLAIN and any(
+            t.transport is Transport.STARTTLS for t in self.tests
+        ):
+            # plain text was refused for want of TLS and the battery went on inside it
+            plain = [t for t in self.tests if t.transport is Transport.PLAIN]
+            if plain and all(t.outcome is TestOutcome.TLS_REQUIRED for t in plain):
+                transport = Transport.STARTTLS
+        offered = set(facts.capabilities)
+        if facts.after_starttls is not None:
+            offered |= set(facts.after_starttls.capabilities)
+        families = []
+        if "xclient" in offered:
+            families.append(xclient_claims(inputs))
+        families.append(helo_claims(inputs, own_helo=self.seen.helo))
+        for claims in families:
+            await run_claims(
+                [(c, claim_tests(inputs, c)) for c in claims],
+                transport,
+                opener=self.open_claiming,
+                limits=self.limits,
+                results=self.tests,
+            )
+
+    async def retest_after_starttls(self, tests: list[RelayTest]) -> None:
+        """Plaintext refusals do not clear a server that offers STARTTLS: test again inside TLS."""
+        relayed = self.relayed()
         try:
             session = await self.handshake.open(Transport.STARTTLS)
         except (NoSession, Broken) as exc:
@@ -195,10 +252,16 @@ class _Probe:
             return
         assert self.expect_token is not None  # checked by probe()
         best, self.confirmation = chosen  # kept if the deadline cuts the send short
+        claim = best.test.claim
+
+        async def opener(transport: Transport) -> Session:
+            # the canary goes the way the test was accepted: claiming the same identity
+            return await self.handshake.open(transport, claim=claim)
+
         self.confirmation = await send_canary(
             best,
             self.confirmation,
-            opener=self.open,
+            opener=opener,
             canary=canary,
             inputs=inputs,
             settings=self.settings,
@@ -217,13 +280,15 @@ async def probe(
     sock: socket.socket | None = None,
     dial: Dial | None = None,
     expect_token: Expect | None = None,
+    control_recipient: str | None = None,
 ) -> ProbeResult:
     """Probe one address:port within the session deadline; never raises for network outcomes.
 
     `sock`, when given, is an already connected socket (from discovery) used for the first
     session. `dial` replaces TCP for new connections (the replay tests' recorded servers).
     `expect_token` (confirmation mode: the receiver's `expect`) is told each canary token
-    before its DATA is sent.
+    before its DATA is sent. `control_recipient`: the control address of an earlier try
+    (a retry after greylisting repeats the same addresses).
     """
     if settings.canary is not None and expect_token is None:
         raise ValueError("confirmation mode needs expect_token: the receiver's expect()")
@@ -235,6 +300,7 @@ async def probe(
         gate=gate,
         dial=dial,
         expect_token=expect_token,
+        control_recipient=control_recipient,
     )
     deadline = asyncio.timeout(settings.session_timeout)
     try:

@@ -33,3 +33,5 @@ class ProbeSettings:
     max_reconnects: int = 6
     sessions_per_host: int = 1  # sessions of one probe's battery at a time (opt-in: up to 3)
     pipelining: bool = True  # group commands where the server offers PIPELINING (RFC 2920)
+    # no relay found: sessions that claim the server's trust (a HELO name, XCLIENT; issue 27)
+    claimed_identity: bool = True

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from relayaudit.evidence import (
     Capabilities,
+    ClaimKind,
     Confirmation,
     Exchange,
     ProbeResult,
@@ -41,10 +42,13 @@ class FindingKind(StrEnum):
     OPEN_RELAY = "open-relay"
     RELAY_CAMPUS_SENDER = "relay-campus-sender"
     RELAY_AFTER_STARTTLS = "relay-after-starttls"
+    RELAY_CLAIMED_HELO = "relay-claimed-helo"  # relays for a client claiming a HELO name
+    RELAY_VIA_XCLIENT = "relay-via-xclient"  # relays once XCLIENT claimed a trusted address
     ACCEPTS_WITHOUT_DELIVERY = "accepts-without-delivery"
     REFUSES_AT_DATA = "refuses-at-data"  # accepted at RCPT, but the canary refused at DATA
     UNAPPROVED_SMTP = "unapproved-smtp"
     AUTH_WITHOUT_TLS = "auth-without-tls"
+    XCLIENT_OFFERED = "xclient-offered"  # XCLIENT offered to the scanner: anyone can impersonate
 
     @property
     def is_relay(self) -> bool:
@@ -66,7 +70,9 @@ class Severity(StrEnum):
 class Confidence(StrEnum):
     CONFIRMED = "confirmed"  # the canary message arrived
     HIGH = "high"  # plain third-party recipient accepted, control recipient refused
-    MEDIUM = "medium"  # only odd recipient forms accepted (may be read as local addresses)
+    # only odd recipient forms accepted (may be read as local addresses), or a plain one with
+    # no refused control (none answered, or only temporarily: greylisting)
+    MEDIUM = "medium"
     LOW = "low"  # the server accepts even the impossible control recipient
 
     @property
@@ -78,6 +84,8 @@ class VerdictStatus(StrEnum):
     OPEN_RELAY = "open-relay"
     RELAY_CAMPUS_SENDER = "relay-campus-sender"
     RELAY_AFTER_STARTTLS = "relay-after-starttls"
+    RELAY_CLAIMED_HELO = "relay-claimed-helo"
+    RELAY_VIA_XCLIENT = "relay-via-xclient"
     ACCEPTS_WITHOUT_DELIVERY = "accepts-without-delivery"
     REFUSES_AT_DATA = "refuses-at-data"  # accepted at RCPT; the canary message refused at DATA
     RELAY_REFUSED = "relay-refused"
@@ -101,11 +109,15 @@ _RELAY_STATUSES = {
     VerdictStatus.OPEN_RELAY,
     VerdictStatus.RELAY_CAMPUS_SENDER,
     VerdictStatus.RELAY_AFTER_STARTTLS,
+    VerdictStatus.RELAY_CLAIMED_HELO,
+    VerdictStatus.RELAY_VIA_XCLIENT,
 }
 _RELAY_KINDS = {
     FindingKind.OPEN_RELAY,
     FindingKind.RELAY_CAMPUS_SENDER,
     FindingKind.RELAY_AFTER_STARTTLS,
+    FindingKind.RELAY_CLAIMED_HELO,
+    FindingKind.RELAY_VIA_XCLIENT,
 }
 
 
@@ -199,6 +211,13 @@ def _is_plain_recipient(result: TestResult) -> bool:
     return result.test.role.plain_recipient
 
 
+def _refused(result: TestResult) -> bool:
+    """The server's last answer to the test was a permanent refusal (5xx): a 4xx (greylisting,
+    a rate limit) or no answer says nothing about whether it accepts everything."""
+    reply = result.rcpt or result.mail
+    return reply is not None and 500 <= reply.code <= 599
+
+
 def _describe(result: TestResult) -> str:
     parts = [f"MAIL FROM:<{result.test.mail_from}>"]
     if result.mail is not None:
@@ -273,6 +292,8 @@ class _Context:
         what: str,
         *,
         confirmable: list[TestResult],
+        notes: Iterable[str] = (),
+        severity: Severity | None = None,
     ) -> Finding:
         """`accepted`: the tests the finding is about; `confirmable`: every accepted test of the
         same transport, any of which a delivered canary may have gone through."""
@@ -292,16 +313,20 @@ class _Context:
         if same is not None:
             control, accepts_everything = same, same.outcome is TestOutcome.ACCEPTED
         plain = [a for a in accepted if _is_plain_recipient(a)]
+        # only a control refused for good shows the server does not accept everything
+        control_refused = control is not None and _refused(control)
         if confirmed:
             confidence = Confidence.CONFIRMED
         elif accepts_everything:
             confidence = Confidence.LOW
-        elif plain:
+        elif plain and control_refused:
             confidence = Confidence.HIGH
         else:
             confidence = Confidence.MEDIUM
         lead = (plain or accepted)[0]
+        what_notes = list(notes)
         notes = [f"{len(accepted)} of the relay tests accepted, e.g. {_describe(lead)}."]
+        notes += what_notes
         if accepts_everything and control is not None:
             notes.append(
                 f"It also accepted the impossible control recipient <{control.test.rcpt_to}>: "
@@ -312,9 +337,26 @@ class _Context:
                     "An open relay that does not verify recipients, or an accept-all trap: "
                     "confirmation mode (--confirm / canary.enabled) tells them apart."
                 )
-        elif control is not None and control.rcpt is not None:
+        elif control_refused and control is not None and control.rcpt is not None:
             notes.append(f"The control recipient was refused ({control.rcpt.code}).")
-        if confidence is Confidence.MEDIUM:
+        elif control is not None and control.outcome is TestOutcome.TEMPFAIL:
+            reply = control.rcpt or control.mail
+            notes.append(
+                f"The control recipient was inconclusive ({reply.code if reply else 'no reply'}: "
+                "greylisted or rate-limited, not refused), so nothing shows the server refuses "
+                "anything: the confidence is what it would be with no control."
+            )
+        elif plain and not confirmed:
+            notes.append(
+                "No control recipient was refused, so nothing shows the server refuses anything: "
+                "the confidence is what it would be with no control."
+            )
+        if r.retried_after is not None:
+            notes.append(
+                f"Seen on a retry {r.retried_after:.0f}s after a first try that met "
+                "greylisting (its deferrals are in the transcript)."
+            )
+        if confidence is Confidence.MEDIUM and not plain:
             notes.append(
                 "Only unusual address forms were accepted; some servers read them as local mailboxes."
             )
@@ -338,7 +380,7 @@ class _Context:
         evidence = [*accepted, *([control] if control is not None else [])]
         return self.finding(
             kind,
-            severity=_SEVERITY[confidence],
+            severity=severity or _SEVERITY[confidence],
             confidence=confidence,
             title=title,
             summary=" ".join(notes),
@@ -407,8 +449,13 @@ def judge(
             )
         )
 
-    plain_group = [r for r in result.tests if r.transport is not Transport.STARTTLS]
-    tls_group = [r for r in result.tests if r.transport is Transport.STARTTLS]
+    # tests under a claimed identity (issue 27) are judged on their own, below
+    own = [r for r in result.tests if r.test.claim is None]
+    plain_group = [r for r in own if r.transport is not Transport.STARTTLS]
+    tls_group = [r for r in own if r.transport is Transport.STARTTLS]
+    offered = _offers_xclient(result)
+    if offered:
+        findings.append(_xclient_offered(ctx, result))
     conf = result.confirmation
     # Not delivered within the wait clears a relay for a server that accepts everything (a trap,
     # accept-then-discard) or only odd forms (read as local mailboxes); a server that refused the
@@ -460,6 +507,9 @@ def judge(
             )
         findings.append(ctx.relay_finding(kind, outside or accepted, what, confirmable=accepted))
 
+    if status is None:
+        status = _claimed_relay(ctx, result, findings, skip=undelivered or refused_at_data)
+
     if status is None and undelivered and conf is not None:
         status = VerdictStatus.ACCEPTS_WITHOUT_DELIVERY
         findings.append(
@@ -493,7 +543,12 @@ def judge(
         (
             f.summary
             for f in findings
-            if f.kind not in {FindingKind.UNAPPROVED_SMTP, FindingKind.AUTH_WITHOUT_TLS}
+            if f.kind
+            not in {
+                FindingKind.UNAPPROVED_SMTP,
+                FindingKind.AUTH_WITHOUT_TLS,
+                FindingKind.XCLIENT_OFFERED,
+            }
         ),
         None,
     )
@@ -504,6 +559,103 @@ def judge(
         summary=summary or status_summary or _status_summary(status, plain_group, result),
         findings=tuple(findings),
     )
+
+
+_HELO_FIX = (
+    "A HELO name is whatever the client types, so this is an open relay for anyone who claims "
+    "one. Fix: move the HELO rule (Postfix: check_helo_access) after reject_unauth_destination "
+    "in smtpd_relay_restrictions, or never answer OK for a HELO name."
+)
+_XCLIENT_FIX = (
+    "The server honours XCLIENT from the scanner's address, so any client there can claim any "
+    "client address, mynetworks included, and relay. Fix: limit smtpd_authorized_xclient_hosts "
+    "(Postfix) to the addresses of the front-end proxies that need it."
+)
+
+
+def _offers_xclient(result: ProbeResult) -> bool:
+    facts = result.facts
+    if facts is None:
+        return False
+    inside = facts.after_starttls.capabilities if facts.after_starttls is not None else ()
+    return "xclient" in facts.capabilities or "xclient" in inside
+
+
+def _xclient_offered(ctx: _Context, result: ProbeResult) -> Finding:
+    """XCLIENT offered to the scanner: anyone at its address can claim any client identity."""
+    tried = [r for r in result.tests if r.test.claim and r.test.claim.kind is ClaimKind.XCLIENT]
+    notes = [
+        f"The server offers XCLIENT to the scanner ({result.vantage}): a client it authorises "
+        "can claim any client address, name and HELO, and is then judged as that client "
+        "(mynetworks, access maps) and logged as it. XCLIENT is meant for a front-end proxy "
+        "only: limit smtpd_authorized_xclient_hosts (Postfix) to the proxies' addresses."
+    ]
+    if tried and not any(r.outcome is TestOutcome.ACCEPTED for r in tried):
+        notes.append(f"Relay tests claiming {tried[0].test.claim} and the like were not accepted.")
+    return ctx.finding(
+        FindingKind.XCLIENT_OFFERED,
+        severity=Severity.HIGH,
+        confidence=Confidence.HIGH,
+        title=f"XCLIENT offered to any client on {endpoint(result.address, result.port)}",
+        summary=" ".join(notes),
+        evidence=tried,
+    )
+
+
+def _claimed_relay(
+    ctx: _Context, result: ProbeResult, findings: list[Finding], *, skip: bool
+) -> VerdictStatus | None:
+    """No relay under the scanner's own name: a relay under a claimed identity, if any (XCLIENT
+    first: critical); None when none was accepted. `skip`: a canary through the claimed test
+    was not delivered or was refused; that verdict is made below."""
+    conf = result.confirmation
+    for kind in (ClaimKind.XCLIENT, ClaimKind.HELO):
+        accepted = [
+            a for a in _accepted(result.tests) if a.test.claim and a.test.claim.kind is kind
+        ]
+        if not accepted:
+            continue
+        if skip and conf is not None and any(a.test.id == conf.test_id for a in accepted):
+            return None
+        claim = accepted[0].test.claim
+        assert claim is not None
+        own = [
+            r for r in result.tests if r.test.claim is None and r.test.role is not TestRole.CONTROL
+        ]
+        refused = (
+            f" Under the scanner's own name all {len(own)} relay tests were refused or not accepted."
+            if own
+            else ""
+        )
+        if kind is ClaimKind.XCLIENT:
+            findings.append(
+                ctx.relay_finding(
+                    FindingKind.RELAY_VIA_XCLIENT,
+                    accepted,
+                    f"Open relay via XCLIENT ({claim})",
+                    confirmable=accepted,
+                    notes=[
+                        f"It relayed after the session claimed {claim} ({claim.why}).{refused}",
+                        _XCLIENT_FIX,
+                    ],
+                    severity=Severity.CRITICAL,
+                )
+            )
+            return VerdictStatus.RELAY_VIA_XCLIENT
+        findings.append(
+            ctx.relay_finding(
+                FindingKind.RELAY_CLAIMED_HELO,
+                accepted,
+                f"Open relay for clients that claim a campus name (EHLO {claim.value})",
+                confirmable=accepted,
+                notes=[
+                    f"It relayed for a client that said EHLO {claim.value} ({claim.why}).{refused}",
+                    _HELO_FIX,
+                ],
+            )
+        )
+        return VerdictStatus.RELAY_CLAIMED_HELO
+    return None
 
 
 def _refused_at_data(ctx: _Context, conf: Confirmation) -> Finding:
@@ -580,7 +732,12 @@ def _status_summary(status: VerdictStatus, group: list[TestResult], result: Prob
         VerdictStatus.RELAY_REFUSED: f"All {len(group)} relay tests refused{sample}{how}.",
         VerdictStatus.AUTH_REQUIRED: f"Relaying needs authentication{sample}.",
         VerdictStatus.TLS_REQUIRED: f"The server requires STARTTLS before mail{sample}.",
-        VerdictStatus.INCONCLUSIVE: f"Temporary refusals (greylisting or rate limits): retry later{sample}.",
+        VerdictStatus.INCONCLUSIVE: (
+            f"Temporary refusals (greylisting or rate limits) again on a retry "
+            f"{result.retried_after:.0f}s after the first try{sample}."
+            if result.retried_after is not None
+            else f"Temporary refusals (greylisting or rate limits): retry later{sample}."
+        ),
     }.get(status, result.error or status.value)
 
 

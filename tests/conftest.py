@@ -21,6 +21,7 @@ from postfix_lab import (
     start_lab,
     stop_lab,
 )
+from postgrey_lab import postgrey_available
 from rt_lab import RtServer, rt_available, start_rt
 from smtp_sink import MessageSink, serve_smtp
 
@@ -59,6 +60,28 @@ def postfix_lab() -> Iterator[dict[str, PostfixInstance]]:
     finally:
         stop_lab(instances)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def no_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection a replayed probe tried to make would fail the test (tests/replay.py)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a replayed probe tried to connect a socket")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.fixture
+def postgrey_ready() -> None:
+    """Skip a test that needs postgrey where it cannot run, or fail it with
+    RELAYAUDIT_REQUIRE_POSTGREY=1 (scripts/test and CI), as for Postfix."""
+    reason = postgrey_available()
+    if reason is not None:
+        if os.environ.get("RELAYAUDIT_REQUIRE_POSTGREY") == "1":
+            pytest.fail(f"RELAYAUDIT_REQUIRE_POSTGREY=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

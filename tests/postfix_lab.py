@@ -33,6 +33,7 @@ __all__ = [
     "LAB_HOSTS",
     "POLICIES",
     "POLICY_PORTS",
+    "POLICY_SERVICE",
     "POSTFIX_LAB_PORT",
     "POSTFIX_SINK_HOST",
     "POSTFIX_SINK_PORT",
@@ -56,11 +57,16 @@ _SLOT_OCTETS = (3, 4, 5, 6, 7, 8, 9, *range(30, 60))
 _SINK_BASE_PORT = 2626
 POSTFIX_LAB_PORT = 2525
 SUBMISSION_PORT = 587  # the submission policy's instance listens where submission servers do
+# the greylist policy's instance asks a policy server (postgrey, tests/postgrey_lab.py) on
+# 127.0.<slot>.10:10023; each test starts its own there, with a fresh database
+POLICY_SERVICE_PORT = 10023
+_POLICY_OCTET = 10
 
 
 def _slot_in_use(octet: int, sink_port: int) -> bool:
-    addresses = [(f"127.0.{octet}.{n}", POSTFIX_LAB_PORT) for n in (1, 2, 3, 4, 6)]
+    addresses = [(f"127.0.{octet}.{n}", POSTFIX_LAB_PORT) for n in (1, 2, 3, 4, 6, 7, 8, 9)]
     addresses.append((f"127.0.{octet}.5", SUBMISSION_PORT))
+    addresses.append((f"127.0.{octet}.{_POLICY_OCTET}", POLICY_SERVICE_PORT))
     for address in [*addresses, ("127.0.0.1", sink_port)]:
         with socket.socket() as probe:
             probe.settimeout(0.2)
@@ -93,6 +99,7 @@ def _claim_slot() -> tuple[int, int, TextIO | None]:
 
 
 _SLOT_OCTET, POSTFIX_SINK_PORT, _SLOT_LOCK = _claim_slot()
+POLICY_SERVICE = (f"127.0.{_SLOT_OCTET}.{_POLICY_OCTET}", POLICY_SERVICE_PORT)
 # One SMTP receiver address for everything the instances deliver (relayed and local mail).
 POSTFIX_SINK_HOST = "127.0.0.1"
 # The scanner's vantage point: on loopback, but outside every instance's mynetworks except `open`.
@@ -173,6 +180,34 @@ _POLICY_SETTINGS: Mapping[str, Mapping[str, str]] = {
         "postscreen_pipelining_enable": "yes",
         "postscreen_non_smtp_command_enable": "yes",
         "postscreen_bare_newline_enable": "yes",
+    },
+    # closed, but an admin "whitelisted" campus HELO names before the relay check (issue 27):
+    # any client that says EHLO <anything>.campus.test relays
+    "helo-map": {
+        "mynetworks": "127.0.0.1/32",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, check_helo_access hash:{helo_access}, reject_unauth_destination"
+        ),
+    },
+    # closed, but XCLIENT (meant for a front-end proxy) authorised for all of loopback, the
+    # scanner's source included; mynetworks holds 127.0.0.1 only (issue 27)
+    "xclient": {
+        "mynetworks": "127.0.0.1/32",
+        "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
+        ),
+    },
+    # an open relay behind a real greylisting policy server (postgrey on POLICY_SERVICE, which
+    # each test starts with a fresh database): every new client/sender/recipient triplet is
+    # deferred with 450 4.2.0 until the triplet comes back after postgrey's delay (issue 27)
+    "greylist": {
+        "mynetworks": "0.0.0.0/0",
+        "smtpd_relay_restrictions": (
+            "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
+        ),
+        "smtpd_recipient_restrictions": "check_policy_service inet:{policy_service}",
+        "smtpd_policy_service_timeout": "10s",
     },
 }
 # the port of a policy's instance, where it is not POSTFIX_LAB_PORT
@@ -341,6 +376,8 @@ class PostfixInstance:
             "{sender_access}": str(self.config_directory / "sender_access"),
             "{sasl_config}": str(self.config_directory / "sasl"),
             "{tls_dir}": str(self.config_directory / "tls"),
+            "{helo_access}": str(self.config_directory / "helo_access"),
+            "{policy_service}": f"{POLICY_SERVICE[0]}:{POLICY_SERVICE[1]}",
         }
         for name, template in _POLICY_SETTINGS[self.policy].items():
             value = template
@@ -361,7 +398,9 @@ class PostfixInstance:
                 "tlsproxy   unix  -       -       n       -       0       tlsproxy\n"
             )
         else:
-            listener = f"{self.host}:{self.port} inet  n       -       n       -       -       smtpd\n"
+            listener = (
+                f"{self.host}:{self.port} inet  n       -       n       -       -       smtpd\n"
+            )
         return listener + _MASTER_CF_SERVICES
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -417,14 +456,16 @@ class PostfixInstance:
                 "mech_list: PLAIN LOGIN\n",
                 encoding="utf-8",
             )
-        if self.policy == "campus-sender":
-            sender_access = self.config_directory / "sender_access"
-            sender_access.write_text("campus.test OK\n", encoding="utf-8")
+        access_maps = {"campus-sender": "sender_access", "helo-map": "helo_access"}
+        if self.policy in access_maps:
+            # campus.test and, by parent_domain_matches_subdomains, every name under it
+            access = self.config_directory / access_maps[self.policy]
+            access.write_text("campus.test OK\n", encoding="utf-8")
             postmap = _find_command("postmap")
             if postmap is None:
                 raise RuntimeError("`postmap` not found")
             result = subprocess.run(
-                [postmap, "-c", str(self.config_directory), f"hash:{sender_access}"],
+                [postmap, "-c", str(self.config_directory), f"hash:{access}"],
                 capture_output=True,
                 text=True,
                 timeout=COMMAND_TIMEOUT_S,

@@ -36,11 +36,21 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     (
         "rules",
         frozenset(
-            {"config", "schedule", "failures", "battery", "verdict", "records", "connect", "facts"}
+            {
+                "config",
+                "schedule",
+                "failures",
+                "battery",
+                "verdict",
+                "records",
+                "connect",
+                "facts",
+                "greylisting",
+            }
         ),
     ),
     ("session", frozenset({"session"})),
-    ("session steps", frozenset({"handshake", "session_tests", "runner"})),
+    ("session steps", frozenset({"handshake", "session_tests", "runner", "claims"})),
     ("confirmation", frozenset({"confirm"})),
     ("probe", frozenset({"probe"})),
     ("engine", frozenset({"engine", "progress"})),

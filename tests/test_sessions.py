@@ -20,7 +20,10 @@ from relayaudit.lab import server_tls_context
 from relayaudit.probe import ProbeSettings, probe
 from relayaudit.verdict import VerdictStatus, judge
 
-SETTINGS = probe_settings(connect_timeout=1.0, command_timeout=2.0, session_timeout=10.0)
+# the battery's own sessions; the claimed-identity sessions after it are tests/test_claims.py's
+SETTINGS = probe_settings(
+    connect_timeout=1.0, command_timeout=2.0, session_timeout=10.0, claimed_identity=False
+)
 
 
 def _settings(**changes: object) -> ProbeSettings:
