@@ -247,7 +247,21 @@ _DOMAIN_STATUS = {"1.2", "1.8", "1.10"}
 
 
 def classify_reply(reply: Reply) -> ReplyClass:
-    """Map one reply to what it means for a relay test; pure and total."""
+    """Map one reply to what it means for a relay test; pure and total (and so kept for the
+    few dozen codes and texts a sweep meets)."""
+    key = (reply.code, reply.text)
+    kind = _CLASSIFIED.get(key)
+    if kind is None:
+        if len(_CLASSIFIED) >= _SHARED_MAX:
+            _CLASSIFIED.clear()
+        kind = _CLASSIFIED[key] = _classify(reply)
+    return kind
+
+
+_CLASSIFIED: dict[tuple[int, str], ReplyClass] = {}
+
+
+def _classify(reply: Reply) -> ReplyClass:
     code = reply.code
     if not 200 <= code <= 599:
         return ReplyClass.INVALID
@@ -386,6 +400,8 @@ def redact_command(command: str, *, in_auth: bool = False) -> str:
     """AUTH exchanges never reach a transcript: keep the verb and mechanism only."""
     if in_auth:
         return "<redacted>"
+    if command[:4].upper() != "AUTH":  # every command of a relay test: no pattern to run
+        return command
     match = _AUTH_COMMAND.match(command)
     if match and match.group(2):
         return f"{match.group(1)} <redacted>"

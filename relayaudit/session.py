@@ -173,7 +173,11 @@ class SmtpSession:
         started: float,
         *,
         error: str | None = None,
+        elapsed: float | None = None,
     ) -> None:
+        """File one exchange; `elapsed` (ms): given when a group's replies share it."""
+        if elapsed is None:
+            elapsed = round((time.monotonic() - started) * 1000, 1)
         # built without validation: the values come typed from the framing and from us; only
         # the server's text needs what validation would do (writable_text)
         self.log.append(
@@ -183,7 +187,7 @@ class SmtpSession:
                     "command": redact_command(line) if line is not None else None,
                     "reply": reply,
                     "error": writable_text(error) if error is not None else None,
-                    "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
+                    "elapsed_ms": elapsed,
                 },
             )
         )
@@ -275,9 +279,10 @@ class SmtpSession:
         """The group's replies (so far) as evidence, each in the transcript with its line."""
         replies = []
         answered = self.wire.answered if responses is None else responses
+        elapsed = round((time.monotonic() - started) * 1000, 1)  # the group's, read at once
         for line, response in zip(lines, answered, strict=False):
             reply = shared_reply(response.code, response.message)
-            self.record(line, reply, started)
+            self.record(line, reply, started, elapsed=elapsed)
             replies.append(reply)
         return replies
 
