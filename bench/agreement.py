@@ -24,7 +24,13 @@ __all__ = [
     "read_findings",
 ]
 
-RELAY_KINDS = {"open-relay", "relay-campus-sender", "relay-after-starttls"}
+RELAY_KINDS = {
+    "open-relay",
+    "relay-campus-sender",
+    "relay-after-starttls",
+    "relay-claimed-helo",
+    "relay-via-xclient",
+}
 
 # Why a side is expected to differ from the truth, per behaviour (shown next to each miss).
 WHY: dict[tuple[str, str], str] = {

@@ -99,8 +99,10 @@ def _per_test(cpu_s: float | None, hosts: int, tests: int) -> float | None:
 
 
 def _battery_size() -> int:
-    """The relay tests relayaudit runs per lab host: its battery for the bench's relay settings
-    (one campus domain, two external ones), control included; the lab offers no STARTTLS."""
+    """The relay tests of relayaudit's battery for the bench's relay settings (one campus
+    domain, two external ones), control included; the lab offers no STARTTLS. A host where the
+    battery finds no relay gets the claimed-identity sessions too (2 tests each): the tests run
+    are counted from the transcripts (_transcript_counts), this is the fallback."""
     from relayaudit.battery import BatteryInputs, build_battery  # noqa: PLC0415
 
     inputs = BatteryInputs(
@@ -615,8 +617,19 @@ class Bench:
         out: dict[str, Any] = {"hosts": n, "relayaudit": ra.as_dict()}
         out["relayaudit"]["hosts_per_s"] = _rate(n, ra.wall_s)
         out["relayaudit"]["cpu_s_per_1k_hosts"] = _per_k(ra.cpu_s, n)
-        out["relayaudit"]["tests_per_host"] = RA_TESTS_PER_HOST
-        out["relayaudit"]["cpu_ms_per_test"] = _per_test(ra.cpu_s, n, RA_TESTS_PER_HOST)
+        # what the probes ran, counted from their transcripts: the battery, and the claimed-
+        # identity sessions on hosts where it found no relay (issue 27)
+        sessions, tests = _transcript_counts(findings)
+        smtp_hosts = len(tests) or 1
+        out["relayaudit"]["sessions_per_host"] = round(sum(sessions.values()) / smtp_hosts, 2)
+        out["relayaudit"]["tests_per_host"] = (
+            round(sum(tests.values()) / smtp_hosts, 2) if tests else RA_TESTS_PER_HOST
+        )
+        out["relayaudit"]["cpu_ms_per_test"] = (
+            round(1000.0 * ra.cpu_s / sum(tests.values()), 4)
+            if tests and ra.cpu_s is not None and sum(tests.values())
+            else _per_test(ra.cpu_s, n, RA_TESTS_PER_HOST)
+        )
         out["relayaudit"]["relays_found"] = sum(
             1 for v in read_findings(findings).values() if v.relay
         )
@@ -1094,6 +1107,13 @@ def build_table(doc: dict[str, Any]) -> list[dict[str, Any]]:
         )
         row(
             sec,
+            "SMTP sessions per host",
+            _get(r, "relayaudit", "sessions_per_host"),
+            None,
+            "info",
+        )
+        row(
+            sec,
             "CPU ms per relay test",
             _get(r, "relayaudit", "cpu_ms_per_test"),
             _get(r, "nmap", "cpu_ms_per_test"),
@@ -1258,6 +1278,31 @@ def render(doc: dict[str, Any]) -> str:
     if doc.get("notes"):
         lines += ["", "notes:"] + [f"  - {n}" for n in doc["notes"]]
     return "\n".join(lines)
+
+
+def _transcript_counts(
+    findings: Path,
+) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    """SMTP sessions (greetings) and relay tests (MAIL FROM commands) per SMTP address:port, from
+    the transcripts in the findings file (each finding of a probe carries the whole transcript)."""
+    sessions: dict[tuple[str, int], int] = {}
+    tests: dict[tuple[str, int], int] = {}
+    if not findings.exists():
+        return sessions, tests
+    for line in findings.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        exchanges = row.get("transcript") or ()
+        if not exchanges:
+            continue
+        key = (str(row.get("address")), int(row.get("port") or 0))
+        greetings = sum(1 for e in exchanges if e.get("command") is None and e.get("reply"))
+        mails = sum(1 for e in exchanges if str(e.get("command") or "").startswith("MAIL FROM"))
+        sessions[key] = max(sessions.get(key, 0), greetings)
+        tests[key] = max(tests.get(key, 0), mails)
+    return sessions, tests
 
 
 def _slowest_transcript_s(findings: Path) -> float | None:

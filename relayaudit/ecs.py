@@ -104,7 +104,7 @@ FINDINGS: Mapping[FindingKind, tuple[str, str | None]] = {
     FindingKind.RELAY_VIA_XCLIENT: (
         "The SMTP server honours XCLIENT from the scanner and relays to outside recipients once "
         "the session claims a trusted client address: anyone there can relay.",
-        "https://www.postfix.org/XCLIENT_README.html",
+        _RELAY_RFC,
     ),
     FindingKind.ACCEPTS_WITHOUT_DELIVERY: (
         "The SMTP server accepted outside recipients, but the canary message never arrived: "
@@ -128,7 +128,7 @@ FINDINGS: Mapping[FindingKind, tuple[str, str | None]] = {
     FindingKind.XCLIENT_OFFERED: (
         "The SMTP server offers XCLIENT to the scanner: a client it authorises can claim any "
         "client address, name and HELO, and is judged and logged as that client.",
-        "https://www.postfix.org/XCLIENT_README.html",
+        None,
     ),
 }
 

@@ -207,7 +207,7 @@ def not_a_database(tmp_path: Path) -> Path:
 
 CHECK_USAGE = (
     "usage: relayaudit check [-h] [--port PORT] [--config CONFIG] [--source SOURCE]\n"
-    "                        [--confirm] [--json]\n"
+    "                        [--confirm] [--retry-greylisted] [--json]\n"
     "                        [--fail-on {never,relay,critical,high,medium,low}]\n"
     "                        [--no-transcript]\n"
     "                        host\n"

@@ -346,3 +346,15 @@ async def test_check_retry_greylisted_finds_the_open_relay_behind_postgrey(
     assert plain["verdict"]["status"] == "inconclusive", plain["verdict"]["summary"]
     assert retried["verdict"]["status"] == "open-relay", retried["verdict"]["summary"]
     assert retried["result"]["retried_after"] >= GREYLIST_DELAY
+
+
+@pytest.mark.usefixtures("postgrey_ready")
+async def test_check_does_not_call_a_greylisted_control_refused(
+    postfix_lab: dict[str, PostfixInstance], tmp_path: Path
+) -> None:
+    with postgrey(*POLICY_SERVICE, delay=60, whitelist_recipients=("outside-b.test",)):
+        doc = await check_cli(postfix_lab["greylist"], tmp_path)
+    assert doc["verdict"]["status"] == "open-relay", doc["verdict"]["summary"]
+    (relay,) = [f for f in doc["verdict"]["findings"] if f["kind"] == "open-relay"]
+    assert relay["confidence"] == "medium", relay["summary"]
+    assert "control recipient was inconclusive (450" in relay["summary"]
