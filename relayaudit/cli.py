@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -28,6 +28,7 @@ from relayaudit.engine import (
     SweepStats,
     await_confirmation,
     judge_result,
+    no_source,
     probe_settings,
     sweep,
 )
@@ -53,7 +54,8 @@ from relayaudit.report import (
 )
 from relayaudit.scope import Address, normal_address, parse_address
 from relayaudit.sinks import FindingsFile, new_sweep_id
-from relayaudit.targets import Shard, TargetSpace
+from relayaudit.sources import TargetList, family_gaps, load_targets
+from relayaudit.targets import Shard
 from relayaudit.text import utc_time
 from relayaudit.verdict import Severity, Verdict, VerdictStatus
 
@@ -226,6 +228,14 @@ def _parser() -> argparse.ArgumentParser:
         help="list every finding at the end (unapproved services too), not only the relays",
     )
     s.add_argument("--report", type=Path, metavar="PATH", help=_REPORT_HELP)
+    s.add_argument(
+        "--targets-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also sweep the addresses and CIDR networks listed in PATH, one per line "
+        "(- reads standard input; repeatable); each must lie inside the config's scope",
+    )
     _fail_on_option(s)
 
     cfg = sub.add_parser("config", help="configuration tools")
@@ -436,11 +446,17 @@ def _config_check(path: Path) -> int:
 
     config = load_config(path)
     check_templates(config.alerts)
-    space = TargetSpace(config.targets, config.exclude, seed=config.seed)
+    targets = load_targets(config)  # a source that cannot be read is an error here
+    space = targets.space(config)
     print(f"{path}: valid")
     print(f"  {'target range':40} {'addresses':>12}")
     for net, count in space.count_per_range():
-        print(f"  {net!s:40} {count:>12}")
+        if net in config.targets:
+            print(f"  {net!s:40} {count:>12}")
+    if targets.sources:
+        print(f"  {'targets_from source':40} {'addresses':>12} {'out of scope':>12} {'bad lines':>9}")
+        for one in targets.sources:
+            print(f"  {one.label:40} {one.count:>12} {one.out_of_scope:>12} {one.bad:>9}")
     probes = len(space) * len(config.ports)
     print(f"  {'total (after exclusions)':40} {len(space):>12}")
     print(f"  ports {', '.join(map(str, config.ports))}: {probes} address:port probes per sweep")
@@ -448,6 +464,11 @@ def _config_check(path: Path) -> int:
         print(f"  approved services: {len(config.approved)}")
     for warning in (*config.warnings, *file_warnings(path)):
         print(f"{path}: warning: {warning}", file=sys.stderr)
+    for one in targets.sources:
+        for problem in one.problems:
+            print(f"{path}: warning: {problem}", file=sys.stderr)
+    for gap in family_gaps(config, space, targets):
+        print(f"{path}: warning: {gap}", file=sys.stderr)
     host, port = config.canary.listen
     if ipaddress.ip_address(host).is_unspecified:
         print(
@@ -825,7 +846,7 @@ def _check_config(args: argparse.Namespace, addresses: list[str]) -> Config:
                 f"has no IPv{version} address"
             )
         _source_is_local(args.source, source)
-        config = config.model_copy(update={"source_address": source})
+        config = config.model_copy(update={"source_address": (source,)})
     return config
 
 
@@ -855,7 +876,7 @@ async def _check(args: argparse.Namespace) -> int:
             f"--confirm: canary.domain {config.canary.domain!r} cannot receive mail; give a "
             "--config whose [canary] domain has its MX at canary.listen"
         )
-    from relayaudit.probe import probe
+    from relayaudit.probe import probe, settled
 
     settings = probe_settings(config, confirm=args.confirm)
     canary: CanaryReceiver | None = None
@@ -866,16 +887,23 @@ async def _check(args: argparse.Namespace) -> int:
     outcomes: list[tuple[ProbeResult, Verdict]] = []
     try:
         for address in addresses:
+            version = ipaddress.ip_address(address).version
+            source = config.source_for(version)
+            own = replace(settings, source_address=str(source) if source is not None else None)
             for port in ports:
+                if config.unsourced_family(version):  # one clear line, no connection
+                    result = settled(address, port, no_source(config, version), vantage="none")
+                    outcomes.append((result, judge_result(config, result)))
+                    continue
                 result = await probe(
                     address,
                     port,
-                    settings,
+                    own,
                     implicit_tls=port in config.implicit_tls_ports,
                     expect_token=canary.expect if canary is not None else None,
                 )
                 if args.retry_greylisted and greylisted(result):
-                    result = await _retry_greylisted(args, config, result, settings, canary)
+                    result = await _retry_greylisted(args, config, result, own, canary)
                 if result.confirmation is not None and result.confirmation.sent and not args.json:
                     print(
                         f"waiting up to {config.canary.wait:g}s for canary {result.confirmation.token}...",
@@ -1011,12 +1039,21 @@ def _sweep_main(args: argparse.Namespace) -> int:
     report_format(args.report)  # a bad suffix is an error before the sweep starts
     if config.allow_large_scope:
         print(f"relayaudit: a large scope, allowed: {config.allow_large_scope}", file=sys.stderr)
+    targets = _sweep_targets(config, args.targets_file)
     sweep_id = new_sweep_id()  # one sweep, however many processes write its lines
     run = _Run(shard=str(shard or Shard(0, 1))) if args.report is not None else None
     if processes == 1:
         listed = FindingBriefs(everything=args.all)
         stats, written = eventloop.run(
-            _sweep(config, shard, progress=_Progress(), listed=listed, sweep_id=sweep_id, run=run),
+            _sweep(
+                config,
+                shard,
+                progress=_Progress(),
+                listed=listed,
+                sweep_id=sweep_id,
+                run=run,
+                targets=targets,
+            ),
             config.limits.event_loop,
         )
         print(render_summary(stats))
@@ -1039,10 +1076,40 @@ def _sweep_main(args: argparse.Namespace) -> int:
         sweep_id=sweep_id,
         run=run,
         fail_on=args.fail_on,
+        targets=targets,
     )
     if args.report is not None and run is not None:
         sweep_report(args.report, config.output.findings, sweep_id, config=config, run=run)
     return code
+
+
+def _sweep_targets(config: Config, files: Sequence[str]) -> TargetList | None:
+    """The lists of targets_from and --targets-file, read once (before any fork), with their
+    problems (a bad or out-of-scope line: FILE:LINE) on standard error."""
+    if not config.targets_from and not files:
+        if not config.targets:
+            raise UsageError(
+                f"{config.source}: nothing to sweep: targets is empty and neither targets_from "
+                "nor --targets-file names a list"
+            )
+        return None
+    if files.count("-") > 1:
+        raise UsageError("--targets-file: - (standard input) can be given once")
+    targets = load_targets(config, files=files, stdin=sys.stdin.buffer)
+    for one in targets.sources:
+        for problem in one.problems:
+            print(f"relayaudit: warning: {problem}", file=sys.stderr)
+        print(
+            f"relayaudit: {one.label}: {one.count} addresses, {one.out_of_scope} out of scope, "
+            f"{one.bad} bad lines (sha256 {one.digest})",
+            file=sys.stderr,
+        )
+    space = targets.space(config)
+    for gap in family_gaps(config, space, targets):
+        print(f"relayaudit: warning: {gap}", file=sys.stderr)
+    if not len(space):
+        raise UsageError(f"{config.source}: nothing to sweep: the target lists hold no address")
+    return targets
 
 
 _GRAVITY = (ExitCode.SOFTWARE, ExitCode.CONFIG, ExitCode.USAGE, ExitCode.TEMPFAIL)
@@ -1074,6 +1141,7 @@ async def _sweep(
     label: Shard | None = None,
     listed: FindingBriefs,
     run: _Run | None = None,
+    targets: TargetList | None = None,
 ) -> tuple[SweepStats, int]:
     """One process's sweep; `sweep_id` and `label` (the shard a user asked for) name its lines."""
     sink = FindingsFile(
@@ -1097,7 +1165,9 @@ async def _sweep(
 
             seen = ServicesSeen()
             sinks.append(seen)
-        stats = await sweep(config, sinks=sinks, shard=shard, canary=canary, progress=progress)
+        stats = await sweep(
+            config, sinks=sinks, shard=shard, canary=canary, progress=progress, targets=targets
+        )
         if run is not None:
             run.services += seen.services
     finally:
@@ -1129,6 +1199,7 @@ def _sweep_processes(
     sweep_id: str,
     run: _Run | None = None,
     fail_on: str = "relay",
+    targets: TargetList | None = None,
 ) -> int:
     """Fork `processes` children after the config is loaded (no second interpreter start-up).
 
@@ -1166,6 +1237,7 @@ def _sweep_processes(
                         label=outer,
                         listed=listed,
                         run=run,
+                        targets=targets,
                     ),
                     config.limits.event_loop,
                 )

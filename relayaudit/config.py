@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,6 +25,7 @@ from pydantic import (
     StrictBool,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -50,6 +52,7 @@ __all__ = [
     "ReportConfig",
     "ScheduleConfig",
     "StateConfig",
+    "TargetSource",
     "WebhookHook",
     "config_fingerprint",
     "format_validation_error",
@@ -118,6 +121,8 @@ def _network(value: object) -> Network:
 
 
 def _address(value: object) -> Address:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value  # already read (source_address = "one address")
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not an IP address string")
     try:
@@ -128,6 +133,25 @@ def _address(value: object) -> Address:
         return normal_address(address)
     except ConfigError as exc:
         raise _scope_error(str(exc)) from None
+
+
+def _source_addresses(value: object) -> object:
+    """`source_address`: one address, or an array of at most one IPv4 and one IPv6 address."""
+    if value is None:
+        return ()
+    if isinstance(value, str):  # checked here, so its errors name the key, not an index
+        return (_address(value),)
+    return value
+
+
+def _one_per_family(value: tuple[Address, ...]) -> tuple[Address, ...]:
+    if len(value) > 2 or len({a.version for a in value}) != len(value):
+        shown = ", ".join(f"'{a}'" for a in value)
+        raise ValueError(
+            f"[{shown}] must be one address, or one IPv4 and one IPv6 address (each target is "
+            "probed from the source of its own family)"
+        )
+    return value
 
 
 def _hostname(value: object) -> str:
@@ -196,6 +220,9 @@ Endpoint = Annotated[tuple[str, int], BeforeValidator(_endpoint)]
 Secret = Annotated[SecretStr, BeforeValidator(_secret)]
 FilePath = Annotated[Path, BeforeValidator(_path)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+SourceAddresses = Annotated[
+    tuple[AddressField, ...], BeforeValidator(_source_addresses), AfterValidator(_one_per_family)
+]
 
 
 class _Model(BaseModel):
@@ -719,6 +746,78 @@ class AlertsConfig(_Model):
         }
 
 
+def _relative_to_config(value: object, info: ValidationInfo) -> object:
+    """A list or zone file path; a relative one is relative to the config file's directory."""
+    _path(value)
+    if isinstance(value, str) and value != "-":
+        base = (info.context or {}).get("base", Path.cwd())
+        return Path(base, value)
+    return value
+
+
+SourcePath = Annotated[Path, BeforeValidator(_relative_to_config)]
+_SOURCE_KINDS = ("file", "mx", "zone_file", "axfr")
+
+
+class TargetSource(_Model):
+    """One entry of `targets_from`: where more target addresses come from, read at each sweep.
+
+    `{ file = "PATH" }`: one address or CIDR network per line (`-`: standard input, `sweep`
+    only). `{ mx = "DOMAIN" }`: the A and AAAA records of the domain's MX hosts.
+    `{ zone_file = "PATH" }`: the A and AAAA records of every name in a zone file.
+    `{ axfr = "ZONE", server = "ADDR" }`: the same from a zone transfer.
+    """
+
+    file: SourcePath | None = None
+    mx: DomainField | None = None
+    zone_file: SourcePath | None = None
+    axfr: DomainField | None = None
+    # the DNS server to ask: required for axfr; for mx, unset means the system's resolvers
+    server: AddressField | None = None
+    port: Port = 53
+    # zone_file: the zone's name, when the file has no $ORIGIN
+    origin: DomainField | None = None
+    timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TargetSource:
+        given = [k for k in _SOURCE_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "each entry names one source: file, mx, zone_file or axfr "
+                f"(got {', '.join(given) or 'none'})"
+            )
+        kind = given[0]
+        if kind == "axfr" and self.server is None:
+            raise ValueError(
+                f"axfr {self.axfr!r} needs server = \"ADDRESS\": the DNS server that allows "
+                "this host the transfer"
+            )
+        if self.server is not None and kind in ("file", "zone_file"):
+            raise ValueError(f"server: a {kind} entry asks no DNS server")
+        if self.origin is not None and kind != "zone_file":
+            raise ValueError("origin: only a zone_file entry has one")
+        if self.file is not None and str(self.file) == "-":
+            raise ValueError(
+                'file: "-" (standard input) is for `relayaudit sweep --targets-file -` only'
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _SOURCE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def label(self) -> str:
+        """How logs, `config check` and findings name the source: `mx campus.example`."""
+        kind = self.kind
+        where = ""
+        if self.server is not None:
+            server = f"[{self.server}]" if self.server.version == 6 else str(self.server)
+            where = f" from {server}" + (f":{self.port}" if self.port != 53 else "")
+        return f"{kind} {getattr(self, kind)}{where}"
+
+
 # Kubernetes label keys ([prefix/]name) and values
 _LABEL_PREFIX = re.compile(
     r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -837,12 +936,18 @@ class Config(_Model):
     """The whole validated configuration; nothing else in relayaudit reads files or environment."""
 
     scope: tuple[NetworkField, ...]
-    targets: tuple[NetworkField, ...]
+    # required, unless targets_from names a source; `targets = []` says "lists only"
+    targets: tuple[NetworkField, ...] = ()
+    # more targets, read at each sweep: address lists, MX hosts, zone files, zone transfers
+    targets_from: tuple[TargetSource, ...] = ()
+    # a listed address or network outside scope: "skip" (reported with file and line) or "fail"
+    targets_out_of_scope: Literal["skip", "fail"] = "skip"
     exclude: tuple[NetworkField, ...] = ()
     ports: tuple[Port, ...] = (25, 465, 587)
     implicit_tls_ports: tuple[Port, ...] = (465,)
     seed: int = 0
-    source_address: AddressField | None = None
+    # one address, or one IPv4 and one IPv6 address: each target is probed from its family's
+    source_address: SourceAddresses = ()
     identity: Identity = Identity()
     relay: RelayConfig = RelayConfig()
     canary: CanaryConfig = CanaryConfig()
@@ -872,12 +977,37 @@ class Config(_Model):
                 data = {**data, "implicit_tls_ports": [p for p in ports if p == 465]}
         return data
 
-    @field_validator("scope", "targets")
+    @field_validator("scope")
     @classmethod
     def _not_empty(cls, value: tuple[Network, ...]) -> tuple[Network, ...]:
         if not value:
             raise ValueError("must list at least one network")
         return value
+
+    @field_serializer("source_address")
+    def _one_source_as_before(self, value: tuple[Address, ...]) -> str | list[str] | None:
+        # one source dumps as it did when the key took one address, so the fingerprint of such
+        # a config (which guards resuming an interrupted sweep) is the same as before
+        if not value:
+            return None
+        return str(value[0]) if len(value) == 1 else [str(a) for a in value]
+
+    @model_validator(mode="after")
+    def _something_to_sweep(self) -> Config:
+        if not self.targets and not self.targets_from and "targets" not in self.model_fields_set:
+            raise ValueError(
+                "targets: required key is missing (list networks, or name sources in "
+                "targets_from and write targets = [])"
+            )
+        return self  # `targets = []` alone sweeps only what `sweep --targets-file` gives
+
+    def source_for(self, version: int) -> Address | None:
+        """The source address for targets of IP version `version` (None: the system picks)."""
+        return next((a for a in self.source_address if a.version == version), None)
+
+    def unsourced_family(self, version: int) -> bool:
+        """Targets of this family cannot be probed: source_address is set, but not for it."""
+        return bool(self.source_address) and self.source_for(version) is None
 
     @field_validator("ports")
     @classmethod
@@ -918,13 +1048,15 @@ class Config(_Model):
                 raise ValueError(
                     f"implicit_tls_ports[{i}]: {port} is not one of ports {list(self.ports)}"
                 )
-        if self.source_address is not None and self.source_address.version not in {
-            t.version for t in self.targets
-        }:
-            raise ValueError(
-                f"source_address: '{self.source_address}' is IPv{self.source_address.version} "
-                "but no target is"
-            )
+        # with targets_from, the families of the targets are known only once the lists are read:
+        # `config check` warns then (and each unreachable target says why)
+        if not self.targets_from:
+            families = {t.version for t in self.targets}
+            for source in self.source_address:
+                if families and source.version not in families:
+                    raise ValueError(
+                        f"source_address: '{source}' is IPv{source.version} but no target is"
+                    )
         return self
 
     @model_validator(mode="after")
@@ -1228,6 +1360,9 @@ def config_fingerprint(config: Config) -> str:
     # `report` only says how the daemon serves its page: a sweep interrupted before a change
     # there (or before the upgrade that added the section) still resumes
     # nor `alerts`: where findings are sent says nothing about which addresses a sweep covers
-    return hashlib.sha256(
-        config.model_dump_json(exclude={"report", "alerts"}).encode()
-    ).hexdigest()[:16]
+    # nor targets_from while it is unset: a config without lists hashes as before the key existed
+    # (the lists' contents join the fingerprint in sources.sweep_fingerprint)
+    exclude = {"report", "alerts"}
+    if not config.targets_from and config.targets_out_of_scope == "skip":
+        exclude |= {"targets_from", "targets_out_of_scope"}
+    return hashlib.sha256(config.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]

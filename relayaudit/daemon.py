@@ -30,6 +30,7 @@ from relayaudit.metrics import Metrics, MetricsServer
 from relayaudit.schedule import Schedule, local_zone
 from relayaudit.sdnotify import Notifier
 from relayaudit.sinks import FindingsFile
+from relayaudit.sources import Loaded, SourceCache, TargetList, family_gaps, sweep_fingerprint
 from relayaudit.state import Alert, StateSink, StateStore
 from relayaudit.targets import Shard
 from relayaudit.verdict import Verdict, VerdictStatus
@@ -116,6 +117,7 @@ class Daemon:
     _findings_file: FindingsFile | None = None
     _dispatcher_stop: asyncio.Event = field(default_factory=asyncio.Event)
     _live: LiveReport | None = None  # the report pages on the metrics listener
+    _sources: SourceCache = field(default_factory=SourceCache)  # targets_from, last good kept
 
     async def run(self) -> int:
         self.config = load_config(self.config_path)
@@ -315,7 +317,8 @@ class Daemon:
             if self._reload.is_set():
                 await self._apply_reload()
             schedule = Schedule(self.config.schedule, tz=local_zone())
-            fingerprint = config_fingerprint(self.config)
+            targets = await self._read_targets()
+            fingerprint = sweep_fingerprint(self.config, targets)
             # an interrupted sweep continues at once; a fresh one waits for its slot (a daemon
             # that never swept starts at once in interval mode, cron always waits for its time)
             resumable = await asyncio.to_thread(
@@ -329,8 +332,18 @@ class Daemon:
                 self._status(f"idle: next sweep at {when.isoformat(timespec='seconds')}")
                 if not await self._wait_until(when):
                     break
-                fingerprint = config_fingerprint(self.config)  # reloaded while waiting?
-            plan = Sweep(self.config, shard=self.shard)  # the target space, built once
+                # reloaded while waiting? and the lists as they are now (an IPAM export changes)
+                targets = await self._read_targets()
+                fingerprint = sweep_fingerprint(self.config, targets)
+            # the target space, built once
+            plan = Sweep(self.config, shard=self.shard, targets=targets)
+            if plan.space.size == 0:
+                # every source failed and none has a last good copy: no empty sweep is recorded
+                # (it would resolve every finding); the next slot tries again
+                log.error("sweep.skipped", reason="no targets: no target source could be read")
+                self._status("idle: no targets (see targets.source_failed in the log)")
+                last_started = datetime.now(UTC)
+                continue
             record = store.begin_sweep(
                 shard=shard, config_fingerprint=fingerprint, total=plan.total
             )
@@ -338,6 +351,33 @@ class Daemon:
             if self._live is not None:
                 self._live.sweep_started()
             await self._sweep_once(plan, record.id, record.watermark, record.resumed, open_files)
+
+    async def _read_targets(self) -> TargetList | None:
+        """targets_from as it is now; a source that fails keeps its last good copy (SourceCache),
+        with a warning and relayaudit_target_source_failures_total."""
+        config = self.config
+        if not config.targets_from:
+            return None
+
+        def failed(label: str, error: str, kept: Loaded | None) -> None:
+            self._metrics.target_source_failures_total.inc(source=label)
+            log.warning(
+                "targets.source_failed",
+                source=label,
+                error=error,
+                kept=kept.count if kept is not None else 0,
+                note="using the last good list" if kept is not None else "no good list yet",
+            )
+
+        targets = await asyncio.to_thread(self._sources.load, config, on_failure=failed)
+        for one in targets.sources:
+            self._metrics.target_source_addresses.set(one.count, source=one.label)
+            for problem in one.problems:
+                log.warning("targets.skipped", source=one.label, problem=problem)
+        for entry in config.targets_from:
+            stale = entry.label in self._sources.stale
+            self._metrics.target_source_stale.set(1 if stale else 0, source=entry.label)
+        return targets
 
     async def _sweep_once(
         self, plan: Sweep, sweep_id: str, start: int, resumed: bool, open_files: int
@@ -347,7 +387,19 @@ class Daemon:
         config = self.config
         self._logs.bind(sweep_id=sweep_id)
         large = {"allow_large_scope": config.allow_large_scope} if config.allow_large_scope else {}
-        log.info("sweep.start", resumed=resumed, start=start, total=plan.total, **large)
+        lists: dict[str, object] = {}
+        if plan.targets is not None and plan.targets.sources:
+            # every shard logs the same hashes: the same lists, the same walk
+            lists = {
+                "targets_hash": plan.targets.digest,
+                "target_sources": {
+                    one.label: {"addresses": one.count, "sha256": one.digest}
+                    for one in plan.targets.sources
+                },
+            }
+        log.info("sweep.start", resumed=resumed, start=start, total=plan.total, **large, **lists)
+        for gap in family_gaps(config, plan.space, plan.targets):
+            log.warning("sweep.no_source", warning=gap)
         mark = Watermark(low=start)
 
         def on_alerts(alerts: list[Alert]) -> None:

@@ -1,8 +1,9 @@
 """`relayaudit deploy render`: the scope as the kernel enforces it, a systemd drop-in or a NetworkPolicy.
 
 Both are rendered from the same validated config, so the allow list is the scope relayaudit
-checks, plus what the daemon must also talk to: loopback, its DNS resolvers, its alert hooks'
-hosts, and the hosts that connect to its listeners (`deploy.allow_from`). Names are resolved
+checks, plus what the daemon must also talk to: loopback, its DNS resolvers, the DNS servers its
+target sources ask (targets_from), its alert hooks' hosts, and the hosts that connect to its
+listeners (`deploy.allow_from`). Names are resolved
 here, at render time (or taken from `deploy.hosts`), and listed in comments beside their
 addresses.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "render_kubernetes",
     "render_systemd",
     "resolve",
+    "source_servers",
     "upstreams",
 ]
 
@@ -149,6 +151,15 @@ def allow_list(
             servers = []
         source = f"{resolv_conf} where this was rendered"
     groups.append((f"DNS resolvers ({source})", [], [ipaddress.ip_network(a) for a in servers]))
+    sources = source_servers(config)
+    if sources:  # an mx entry without a server asks the resolvers above
+        groups.append(
+            (
+                "DNS servers the target sources ask (targets_from: zone transfers, MX lookups)",
+                [f"{where}: {label}" for where, label, _, _ in sources],
+                [ipaddress.ip_network(address) for _, _, address, _ in sources],
+            )
+        )
     notes, hook_nets = [], []
     for up in upstreams(config, resolver=resolver):
         port = f":{up.port}" if up.port is not None else ""
@@ -168,6 +179,16 @@ def allow_list(
         )
     )
     return groups
+
+
+def source_servers(config: Config) -> list[tuple[str, str, Address, int]]:
+    """(config key, source label, server, port) of each targets_from entry that names a DNS
+    server; an `mx` entry without one asks the resolvers of the group above."""
+    return [
+        (f"targets_from[{i}]", entry.label, entry.server, entry.port)
+        for i, entry in enumerate(config.targets_from)
+        if entry.server is not None
+    ]
 
 
 def _unique(nets: Iterable[Network]) -> list[Network]:
@@ -275,6 +296,14 @@ def render_kubernetes(config: Config, *, resolver: Resolver = resolve) -> str:
             _lines([*_ports([53], "UDP"), *_ports([53])]),
         ),
     ]
+    for where, label, server, dns_port in source_servers(config):
+        egress.append(
+            (
+                f"{where}: {label} (a DNS server of the target sources)",
+                ["to:", *_lines(_ip_blocks([ipaddress.ip_network(server)]))],
+                _lines([*_ports([dns_port], "UDP"), *_ports([dns_port])]),
+            )
+        )
     for up in upstreams(config, resolver=resolver):
         port = f":{up.port}" if up.port is not None else ""
         egress.append(

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from relayaudit.config import Config
 from relayaudit.connect import Dialer, InProgress, finish_connect, open_socket
 from relayaudit.errors import RelayAuditError
-from relayaudit.evidence import ProbeResult, ProbeStatus
+from relayaudit.evidence import PortState, ProbeResult, ProbeStatus
 from relayaudit.failures import NoSession
 from relayaudit.greylisting import greylisted, retry
 from relayaudit.pacer import Pacer
 from relayaudit.progress import SweepStats, Watermark
 from relayaudit.settings import CanaryTarget, ProbeSettings
+from relayaudit.sources import TargetList, load_targets
 from relayaudit.targets import Shard, TargetSpace
-from relayaudit.verdict import Verdict, judge, status_of
+from relayaudit.verdict import TargetOrigin, Verdict, judge, status_of
 
 if TYPE_CHECKING:  # the receiver (aiosmtpd) is imported only where confirmation mode runs
     from relayaudit.canary import CanaryReceiver
@@ -54,9 +56,10 @@ class Sink(Protocol):
 def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSettings:
     """The probe's view of the configuration."""
     use_canary = config.canary.enabled if confirm is None else confirm
+    first = config.source_address[0] if config.source_address else None
     return ProbeSettings(
         helo_name=config.identity.helo_name,
-        source_address=str(config.source_address) if config.source_address else None,
+        source_address=str(first) if first is not None else None,
         connect_timeout=config.timeouts.connect,
         command_timeout=config.timeouts.command,
         greeting_timeout=config.timeouts.greeting_wait,
@@ -93,6 +96,43 @@ def judge_result(config: Config, result: ProbeResult) -> Verdict:
     )
 
 
+def no_source(config: Config, version: int) -> NoSession:
+    """The outcome of a target whose family source_address has no address for: one clear line."""
+    sources = ", ".join(str(a) for a in config.source_address)
+    return NoSession(
+        ProbeStatus.ERROR,
+        f"not probed: source_address ({sources}) has no IPv{version} address to connect from",
+        PortState.ERROR,
+    )
+
+
+class _NoSourceDialer:
+    """The dialer of a family without a source address: every connect is that outcome, at once."""
+
+    def __init__(self, outcome: NoSession) -> None:
+        self.outcome = outcome
+
+    def connect_now(self, address: str, port: int) -> NoSession:
+        return self.outcome
+
+    def close(self) -> None:
+        pass
+
+
+class _FamilyDialer:
+    """One dialer per address family, each bound to its family's source address."""
+
+    def __init__(self, v4: Dialer | _NoSourceDialer, v6: Dialer | _NoSourceDialer) -> None:
+        self._v4, self._v6 = v4, v6
+
+    def connect_now(self, address: str, port: int) -> Connect:
+        return (self._v6 if ":" in address else self._v4).connect_now(address, port)
+
+    def close(self) -> None:
+        self._v4.close()
+        self._v6.close()
+
+
 async def await_confirmation(
     result: ProbeResult, canary: CanaryReceiver | None, wait: float
 ) -> ProbeResult:
@@ -106,6 +146,10 @@ async def await_confirmation(
     )
 
 
+def _text(address: object | None) -> str | None:
+    return str(address) if address is not None else None
+
+
 class Sweep:
     """One pass over a shard's targets; its steps are the methods below, in the order they run.
 
@@ -115,15 +159,44 @@ class Sweep:
     worker) -> record (`_record`: judge, count, hand to every sink). A Sweep runs once.
     """
 
-    def __init__(self, config: Config, *, shard: Shard | None = None, confirm: bool | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        shard: Shard | None = None,
+        confirm: bool | None = None,
+        targets: TargetList | None = None,
+    ):
         self.config = config
         self.shard = shard
-        self.space = TargetSpace(config.targets, config.exclude, seed=config.seed)
+        if targets is None and config.targets_from:
+            targets = load_targets(config)  # a one-off sweep; the daemon reads them itself
+        self.targets = targets
+        self.space = (
+            targets.space(config)
+            if targets is not None
+            else TargetSpace(config.targets, config.exclude, seed=config.seed)
+        )
+        # where each address from DNS came from, for its findings
+        self._origins: Mapping[str, tuple[TargetOrigin, ...]] = (
+            targets.origins if targets is not None else {}
+        )
         self.total = self.space.shard_size(shard)
         self.settings = probe_settings(config, confirm=confirm)
+        # with one source per family, each target goes out from its own family's source
+        self._family_settings = {
+            v: dataclasses.replace(
+                self.settings, source_address=_text(config.source_for(v))
+            )
+            for v in (4, 6)
+        }
         self.stats = SweepStats()
         self._pacer = Pacer(config.limits.rate, config.limits.subnet_rate)
-        self._dialer = Dialer(source=self.settings.source_address)
+        self._dialer: Dialer | _FamilyDialer = (
+            Dialer(source=self.settings.source_address)
+            if not config.source_address
+            else _FamilyDialer(*(self._family_dialer(v) for v in (4, 6)))
+        )
         self._group = asyncio.TaskGroup()
         self._sinks: Sequence[Sink] = ()
         self._unreachable_sinks: list[Sink] = []
@@ -136,6 +209,11 @@ class Sweep:
         self._refs: dict[int, int] = {}
         # probes that met greylisting, with their positions: tried again at the sweep's end
         self._greylisted: list[tuple[ProbeResult, int]] = []
+
+    def _family_dialer(self, version: int) -> Dialer | _NoSourceDialer:
+        if self.config.unsourced_family(version):
+            return _NoSourceDialer(no_source(self.config, version))
+        return Dialer(source=self._family_settings[version].source_address)
 
     async def run(
         self,
@@ -230,8 +308,10 @@ class Sweep:
         self, address: str, port: int, pre: Connect | None
     ) -> socket.socket | NoSession:
         """Finish discovery of one port: wait for a pacer slot, or for a handshake in flight."""
-        s = self.settings
+        s = self._family_settings[6 if ":" in address else 4]
         if pre is None:  # no free pacer slot in the worker: wait for one here
+            if self.config.unsourced_family(6 if ":" in address else 4):
+                return no_source(self.config, 6 if ":" in address else 4)
             await self._pacer(address)
             return await open_socket(
                 address, port, source=s.source_address, timeout=s.connect_timeout
@@ -278,7 +358,8 @@ class Sweep:
             return
         from relayaudit.probe import settled  # noqa: PLC0415 - see _probe
 
-        vantage = self.settings.source_address or "default"
+        settings = self._family_settings[6 if ":" in address else 4]
+        vantage = settings.source_address or "default"
         result = settled(address, port, outcome, vantage=vantage)
         await self._record(result, self._unreachable_sinks)
 
@@ -290,7 +371,7 @@ class Sweep:
         result = await probe(
             address,
             port,
-            self.settings,
+            self._family_settings[6 if ":" in address else 4],
             implicit_tls=port in self.config.implicit_tls_ports,
             gate=self._pacer,
             sock=sock,
@@ -335,7 +416,7 @@ class Sweep:
                 return await probe(
                     address,
                     port,
-                    self.settings,
+                    self._family_settings[6 if ":" in address else 4],
                     implicit_tls=port in self.config.implicit_tls_ports,
                     gate=self._pacer,
                     expect_token=self._canary.expect if self._canary is not None else None,
@@ -367,6 +448,15 @@ class Sweep:
 
     async def _record(self, result: ProbeResult, sinks: Sequence[Sink]) -> None:
         verdict = judge_result(self.config, result)
+        origin = self._origins.get(result.address) if verdict.findings else None
+        if origin:
+            verdict = verdict.model_copy(
+                update={
+                    "findings": tuple(
+                        f.model_copy(update={"origin": origin}) for f in verdict.findings
+                    )
+                }
+            )
         stats = self.stats
         stats.probes += 1
         stats.statuses[verdict.status] += 1
@@ -390,9 +480,10 @@ async def sweep(
     progress: Callable[[int, int], None] | None = None,
     watermark: Watermark | None = None,
     workers: int | None = None,
+    targets: TargetList | None = None,
 ) -> SweepStats:
-    """Plan and run one sweep (see Sweep)."""
-    return await Sweep(config, shard=shard, confirm=confirm).run(
+    """Plan and run one sweep (see Sweep); `targets`: the lists of targets_from, already read."""
+    return await Sweep(config, shard=shard, confirm=confirm, targets=targets).run(
         sinks=sinks,
         start=start,
         canary=canary,

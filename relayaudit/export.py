@@ -65,6 +65,7 @@ CSV_COLUMNS = (
     "title",
     "approved_note",
     "last_sweep_id",
+    "origin",
 )
 # a spreadsheet runs a cell that starts with one of these as a formula (CSV injection)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -91,6 +92,9 @@ class ReportFinding(_Frozen):
     summary: str
     approved_note: str | None
     last_sweep_id: str | None
+    # the DNS names the address was found under (targets_from): "mx1.campus.example A (mx
+    # campus.example)"; empty for an address from a range or a list file
+    origin: tuple[str, ...] = ()
 
 
 class Report(_Frozen):
@@ -142,6 +146,7 @@ def _listed(
         summary=f.summary,
         approved_note=f.approved_note,
         last_sweep_id=last_sweep_id,
+        origin=tuple(str(o) for o in f.origin),
     )
 
 
@@ -265,6 +270,8 @@ def render_shown(shown: Shown) -> str:
     if shown.resolved_at is not None:
         lines.append(f"  resolved:    {utc_time(shown.resolved_at)}")
     lines.append(f"  seen from:   {f.vantage}")
+    for i, origin in enumerate(f.origin):  # the DNS names the address was found under
+        lines.append(f"  {'found as:' if i == 0 else '':13}{origin}")
     lines.append(f"  approval:    {f.approved_note or 'not on the approved list'}")
     if f.fingerprint.banner:
         lines.append(f"  greeting:    {f.fingerprint.banner}")
@@ -344,6 +351,7 @@ def _csv(report: Report) -> str:
     writer.writerow(CSV_COLUMNS)
     for f in report.findings:
         row = f.model_dump()
+        row["origin"] = "; ".join(f.origin)
         writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
     return out.getvalue()
 
@@ -371,14 +379,18 @@ def _markdown(report: Report) -> str:
         "",
     ]
     if open_:
+        # a "found as" column only where targets_from named some address (DNS names)
+        named = any(f.origin for f in open_)
         lines += [
-            "| severity | confidence | address:port | kind | title | status | first seen | last seen | approval |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| severity | confidence | address:port | kind | title | status | first seen | last seen | approval |"
+            + (" found as |" if named else ""),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if named else ""),
         ]
         lines += [
             f"| {f.severity.value} | {f.confidence.value} | {endpoint(f.address, f.port)} | "
             f"{f.kind.value} | {_md(f.title)} | {f.status.value if f.status else ''} | "
             f"{_when(f.first_seen)} | {_when(f.last_seen)} | {_md(f.approved_note)} |"
+            + (f" {_md('; '.join(f.origin))} |" if named else "")
             for f in open_
         ]
     else:

@@ -251,6 +251,23 @@ class Metrics(Registry):
             "unexpected-token (any other: forged, late or replayed), no-token (e.g. bounces).",
             ("result",),
         )
+        self.target_source_failures_total = self.counter(
+            "relayaudit_target_source_failures_total",
+            "Reads of a targets_from source that failed (the sweep used its last good copy, if "
+            "any), by source.",
+            ("source",),
+        )
+        self.target_source_addresses = self.gauge(
+            "relayaudit_target_source_addresses",
+            "Addresses each targets_from source gave the last sweep (its last good copy when a "
+            "read failed), by source.",
+            ("source",),
+        )
+        self.target_source_stale = self.gauge(
+            "relayaudit_target_source_stale",
+            "1 when the last sweep used a source's last good copy because the read failed.",
+            ("source",),
+        )
         # Present from the start so dashboards and alert rules see zeros, not absent series.
         self.alerts.replace({(state,): 0 for state in self.ALERT_STATES})
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from relayaudit.addresses import AddressSet
 from relayaudit.errors import ConfigError
 
 T = TypeVar("T")
@@ -236,10 +237,13 @@ class _Feistel:
 
 
 class TargetSpace:
-    """The addresses in some target network and in no exclusion, indexable in [0, size).
+    """The addresses in some target network or list and in no exclusion, indexable in [0, size).
 
-    Nothing is materialised: targets become merged integer intervals per family, so memory is
-    O(number of ranges) however many addresses they hold.
+    Ranges are not materialised: they become merged integer intervals per family, so memory is
+    O(number of ranges) however many addresses they hold. A target list (`listed`, from
+    targets_from) is a compact sorted array (addresses.AddressSet): its addresses that no range
+    holds and no exclusion removes follow the ranges in the index space, and the same
+    permutation walks them all.
     """
 
     __slots__ = (
@@ -248,6 +252,7 @@ class TargetSpace:
         "_family_his",
         "_family_los",
         "_kinds",
+        "_listed",
         "_permute",
         "_size",
         "_starts",
@@ -260,6 +265,7 @@ class TargetSpace:
         exclude: Sequence[Network] = (),
         *,
         seed: int = 0,
+        listed: AddressSet | None = None,
     ) -> None:
         self._targets = tuple(targets)
         self._exclude = tuple(exclude)
@@ -271,7 +277,8 @@ class TargetSpace:
         # Index space: IPv4 intervals first, then IPv6, each interval a contiguous block.
         self._starts: list[int] = []
         self._bases: list[int] = []
-        self._kinds: list[type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]] = []
+        # per block: offset -> address (an address class over a range, a _ListBlock over a list)
+        self._kinds: list[Callable[[int], Address]] = []
         total = 0
         for version, kind in ((4, ipaddress.IPv4Address), (6, ipaddress.IPv6Address)):
             intervals = _subtract(wanted[version], unwanted[version])
@@ -282,6 +289,21 @@ class TargetSpace:
                 self._bases.append(lo)
                 self._kinds.append(kind)
                 total += hi - lo
+        # a listed address that a range holds is walked once, as part of the range
+        self._listed = (
+            listed.without(
+                _merge(wanted[4] + unwanted[4]), _merge(wanted[6] + unwanted[6])
+            )
+            if listed is not None
+            else AddressSet()
+        )
+        for version in (4, 6):
+            n = self._listed.count(version)
+            if n:
+                self._starts.append(total)
+                self._bases.append(0)  # an index into the list, not an address
+                self._kinds.append(_ListBlock(self._listed, version))
+                total += n
         if total > MAX_ADDRESSES:
             raise ConfigError(
                 f"targets: {total} addresses is more than relayaudit sweeps (2**32 at most); "
@@ -310,7 +332,14 @@ class TargetSpace:
         value = int(addr)
         los = self._family_los[addr.version]
         i = bisect_right(los, value) - 1
-        return i >= 0 and value < self._family_his[addr.version][i]
+        if i >= 0 and value < self._family_his[addr.version][i]:
+            return True
+        return (addr.version, value) in self._listed
+
+    @property
+    def listed_count(self) -> int:
+        """Addresses the target lists add beyond the ranges (after exclusions)."""
+        return len(self._listed)
 
     def count_per_range(self) -> list[tuple[Network, int]]:
         """Addresses each configured target contributes after exclusions, in config order.
@@ -357,7 +386,14 @@ class TargetSpace:
         self, shard: Shard | None = None, *, start: int = 0
     ) -> Iterator[tuple[int, str]]:
         """iter_shard, with each address as text: the sweep's hot path, without address objects."""
-        texts = [_v4_text if kind is ipaddress.IPv4Address else _v6_text for kind in self._kinds]
+        texts: list[Callable[[int], str]] = [
+            kind.text
+            if isinstance(kind, _ListBlock)
+            else _v4_text
+            if kind is ipaddress.IPv4Address
+            else _v6_text
+            for kind in self._kinds
+        ]
         return self._walk(shard, start, texts)
 
     def _walk(
@@ -385,6 +421,26 @@ class TargetSpace:
             yield position, convert[i](bases[i] + flat - starts[i])
             position += 1
             p += count
+
+
+class _ListBlock:
+    """One family of a target list as a block of the index space: offset -> address."""
+
+    __slots__ = ("_values", "_version")
+
+    def __init__(self, listed: AddressSet, version: int) -> None:
+        self._values = listed.v4 if version == 4 else listed.v6
+        self._version = version
+
+    def __call__(self, offset: int) -> Address:
+        value = self._values[offset]
+        if self._version == 4:
+            return ipaddress.IPv4Address(value)
+        return ipaddress.IPv6Address(value)
+
+    def text(self, offset: int) -> str:
+        value = self._values[offset]
+        return _v4_text(value) if self._version == 4 else _v6_text(value)
 
 
 def _v4_text(value: int) -> str:

@@ -30,6 +30,7 @@ __all__ = [
     "FindingKind",
     "Fingerprint",
     "Severity",
+    "TargetOrigin",
     "Verdict",
     "VerdictStatus",
     "finding_id",
@@ -138,6 +139,17 @@ class Fingerprint(_Frozen):
     after_starttls: Capabilities | None = None  # the EHLO reply inside TLS
 
 
+class TargetOrigin(_Frozen):
+    """Where a target address came from: a targets_from source, the DNS name and its record."""
+
+    source: str  # the targets_from entry: "mx campus.example", "zone_file zones/campus.zone", ...
+    name: str  # the DNS name whose record holds the address: "mx1.campus.example"
+    record: str  # the record type that gave the address: "A" or "AAAA"
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.record} ({self.source})"
+
+
 class Finding(_Frozen):
     """One problem at one address:port; `id` is the same for the same problem in every sweep."""
 
@@ -156,6 +168,8 @@ class Finding(_Frozen):
     transcript: tuple[Exchange, ...] = ()
     fingerprint: Fingerprint = Fingerprint()
     confirmation_token: str | None = None
+    # the DNS names (and records) the address was found under, when targets_from derived it
+    origin: tuple[TargetOrigin, ...] = ()
 
 
 class Verdict(_Frozen):

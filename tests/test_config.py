@@ -67,8 +67,7 @@ _DOC_NETS = [
 def test_shipped_configs_use_only_documentation_or_loopback_networks(path: Path) -> None:
     config = load_config(path)
     nets = [*config.scope, *config.targets, *config.exclude, *(a.address for a in config.approved)]
-    if config.source_address is not None:
-        nets.append(ipaddress.ip_network(config.source_address))
+    nets += [ipaddress.ip_network(a) for a in config.source_address]
     nets.append(ipaddress.ip_network(config.canary.listen[0]))
     nets.append(ipaddress.ip_network(config.metrics.listen[0]))
     nets += config.deploy.allow_from
@@ -90,7 +89,7 @@ def test_example_values() -> None:
     ]
     assert config.ports == (25, 465, 587)
     assert config.implicit_tls_ports == (465,)
-    assert config.source_address is None
+    assert config.source_address == ()
     assert config.canary.enabled is False
     assert config.canary.listen == ("198.51.100.250", 25)
     assert config.canary.campus_sender == "iso-relayaudit@campus.example"
@@ -114,7 +113,7 @@ def test_example_commented_out_values_are_valid(
     monkeypatch.setenv("RELAYAUDIT_RT_TOKEN", "t0ken")
     text = EXAMPLE.read_text(encoding="utf-8")
     for line in (
-        '# source_address = "203.0.113.10"\n',
+        '# source_address = ["203.0.113.10", "2001:db8:ffff::10"]\n',
         '# token = { env = "RELAYAUDIT_RT_TOKEN" }\n',
         '# username = "relayaudit"\n',
         '# cron = "30 1 * * *"\n',
@@ -124,7 +123,7 @@ def test_example_commented_out_values_are_valid(
         assert line in text
         text = text.replace(line, line.removeprefix("# "))
     config = load_config(write(tmp_path, text))
-    assert str(config.source_address) == "203.0.113.10"
+    assert [str(a) for a in config.source_address] == ["203.0.113.10", "2001:db8:ffff::10"]
     assert _token(config) == "t0ken"
     assert config.schedule.cron == "30 1 * * *"
     assert config.allow_large_scope == "ISO-0042: whole-university /8, approved by the CISO"

@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "scope",
                 "tomllines",
                 "text",
+                "addresses",
             }
         ),
     ),
@@ -46,6 +47,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "connect",
                 "facts",
                 "greylisting",
+                "sources",
             }
         ),
     ),

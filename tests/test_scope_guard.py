@@ -220,7 +220,7 @@ def test_ipv4_written_in_ipv6_is_read_as_ipv4(tmp_path: Path) -> None:
     assert [str(n) for n in config.scope] == ["192.0.2.0/24", "198.51.100.0/24"]
     assert [str(n) for n in config.targets] == ["192.0.2.0/28", "198.51.100.0/28"]
     assert [str(n) for n in config.exclude] == ["192.0.2.5/32", "198.51.100.7/32"]
-    assert str(config.source_address) == "192.0.2.200"
+    assert [str(a) for a in config.source_address] == ["192.0.2.200"]
     assert str(config.approved[0].address) == "192.0.2.25/32"
     walked = {str(a) for _, a in TargetSpace(config.targets, config.exclude).iter_shard()}
     assert "192.0.2.5" not in walked and "198.51.100.7" not in walked and len(walked) == 30
