@@ -166,6 +166,14 @@ class AddressSetBuilder:
                 last = value
         self._v4 = array(_V4_CODE)
         raw = self._v6
-        chunks = sorted({bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)})
-        self._v6 = bytearray()
-        return AddressSet(v4, b"".join(chunks))
+        chunks = [bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
+        self._v6 = raw = bytearray()
+        chunks.sort()  # in place: no second list
+        v6 = bytearray()
+        previous = b""
+        for chunk in chunks:
+            if chunk != previous:
+                v6 += chunk
+                previous = chunk
+        del chunks
+        return AddressSet(v4, bytes(v6))

@@ -145,13 +145,20 @@ def _intervals(nets: Iterable[Network], version: int) -> tuple[list[int], list[i
     return los, his
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_COMPAT = ipaddress.IPv6Network("::/96")
+
+
 class _Scope:
     """The scope as sorted intervals: a membership test in a bisect, for a million lines."""
 
     def __init__(self, config: Config) -> None:
         self.text = ", ".join(str(s) for s in config.scope)
         self._spans = {v: _intervals(config.scope, v) for v in (4, 6)}
-        self._unusable = {v: _intervals((n for n, _ in UNUSABLE), v) for v in (4, 6)}
+        # addresses the fast path leaves to scope.normal_address: space no host can hold, and
+        # IPv4 written in IPv6 (::ffff:0:0/96, ::/96), which is read as the IPv4 it reaches
+        special = [n for n, _ in UNUSABLE] + [_MAPPED, _COMPAT]
+        self._special = {v: _intervals(special, v) for v in (4, 6)}
 
     @staticmethod
     def _within(spans: tuple[list[int], list[int]], lo: int, hi: int) -> bool:
@@ -162,8 +169,8 @@ class _Scope:
     def holds(self, version: int, lo: int, hi: int | None = None) -> bool:
         return self._within(self._spans[version], lo, lo + 1 if hi is None else hi)
 
-    def unusable(self, version: int, value: int) -> bool:
-        return self._within(self._unusable[version], value, value + 1)
+    def special(self, version: int, value: int) -> bool:
+        return self._within(self._special[version], value, value + 1)
 
 
 # -- lists -----------------------------------------------------------------------------------
@@ -211,7 +218,7 @@ def read_list(lines: Iterable[bytes], *, where: str, label: str, config: Config)
     problems = _Problems()
     bad = out = read = 0
     fail = config.targets_out_of_scope == "fail"
-    inet_pton, af_inet = socket.inet_pton, socket.AF_INET
+    inet_pton, af_inet, af_inet6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
     for number, raw in enumerate(lines, 1):
         try:
             text = raw.decode("utf-8")
@@ -226,15 +233,21 @@ def read_list(lines: Iterable[bytes], *, where: str, label: str, config: Config)
             continue
         read += 1
         entry: Address | Network
-        try:  # the common case first: a dotted-quad IPv4 address, without an object
+        # the common case first, without an object per line: a plain IPv4 or IPv6 address
+        version, value = 4, -1
+        try:
             value = int.from_bytes(inet_pton(af_inet, text), "big")
         except OSError:
-            value = -1
-        if value >= 0 and not scope.unusable(4, value):
-            if scope.holds(4, value):
-                builder.add(4, value)
+            if ":" in text and "%" not in text and "/" not in text:
+                try:
+                    version, value = 6, int.from_bytes(inet_pton(af_inet6, text), "big")
+                except OSError:
+                    value = -1
+        if value >= 0 and not scope.special(version, value):
+            if scope.holds(version, value):
+                builder.add(version, value)
                 continue
-            entry = ipaddress.IPv4Address(value)
+            entry = ipaddress.ip_address(value) if version == 4 else ipaddress.IPv6Address(value)
         else:
             try:
                 entry = _parse_entry(text)
