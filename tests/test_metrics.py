@@ -75,6 +75,9 @@ def test_all_relayaudit_families_are_declared() -> None:
         "relayaudit_last_completed_sweep_timestamp_seconds": "gauge",
         "relayaudit_canary_connections_total": "counter",
         "relayaudit_canary_messages_total": "counter",
+        "relayaudit_target_source_failures_total": "counter",
+        "relayaudit_target_source_addresses": "gauge",
+        "relayaudit_target_source_stale": "gauge",
     }
     text = metrics.render()
     # alert states exist at zero before anything happened

@@ -19,6 +19,7 @@ from relayaudit.config import Config, config_fingerprint, load_config, parse_con
 from relayaudit.deploy import render
 from relayaudit.errors import ConfigError, ExitCode
 from relayaudit.evidence import address_order
+from relayaudit.records import RECORD_SCHEMA_VERSION
 from relayaudit.sources import (
     Loaded,
     SourceCache,
@@ -374,6 +375,24 @@ def test_an_unreadable_list_keeps_the_last_good_one(tmp_path: Path) -> None:
     ]
 
 
+async def test_the_daemon_counts_a_failed_read_and_keeps_the_list(tmp_path: Path) -> None:
+    from relayaudit.daemon import Daemon  # noqa: PLC0415
+
+    path = write(tmp_path / "ipam.txt", "127.0.160.9\n")
+    daemon = Daemon(tmp_path / "relayaudit.toml")
+    daemon.config = config(tmp_path, targets_from=[{"file": "ipam.txt"}])
+    await daemon._read_targets()
+    label = f"file {path}"
+    assert f'relayaudit_target_source_stale{{source="{label}"}} 0\n' in daemon._metrics.render()
+    path.unlink()
+    targets = await daemon._read_targets()
+    assert targets is not None and len(targets.space(daemon.config)) == 1
+    text = daemon._metrics.render()
+    assert f'relayaudit_target_source_failures_total{{source="{label}"}} 1\n' in text
+    assert f'relayaudit_target_source_stale{{source="{label}"}} 1\n' in text
+    assert f'relayaudit_target_source_addresses{{source="{label}"}} 1\n' in text
+
+
 def test_a_source_never_read_adds_nothing(tmp_path: Path) -> None:
     cfg = config(tmp_path, targets_from=[{"file": "missing.txt"}])
     failures: list[str] = []
@@ -444,7 +463,8 @@ def test_deploy_render_allows_the_dns_servers_of_the_sources(tmp_path: Path) -> 
 
 
 def test_findings_json_schema_has_the_origin(tmp_path: Path) -> None:
+    schemas = Path(__file__).parent.parent / "schemas"
     schema = json.loads(
-        (Path(__file__).parent.parent / "schemas" / "finding-record.v1.schema.json").read_text()
+        (schemas / f"finding-record.v{RECORD_SCHEMA_VERSION}.schema.json").read_text()
     )
     assert schema["properties"]["origin"]["items"]["$ref"] == "#/$defs/TargetOrigin"
