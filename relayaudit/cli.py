@@ -213,6 +213,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the evidence and verdict as JSON")
     _fail_on_option(c)
     c.add_argument("--no-transcript", action="store_true", help="leave the SMTP transcript out")
+    c.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="wait this long for the greeting and for each reply (default: the config's "
+        "timeouts.greeting and timeouts.command, else 30 and 15); the session limit grows to "
+        "fit (at least 8 times SECONDS)",
+    )
 
     s = sub.add_parser(
         "sweep", help="sweep the configured ranges once", description="Sweep once. " + _EXIT_CODES
@@ -862,9 +870,84 @@ def _source_is_local(text: str, source: Address) -> None:
             ) from None
 
 
+def _seconds(text: str) -> float:
+    from relayaudit.config import parse_duration
+
+    try:
+        return parse_duration(float(text) if text.replace(".", "", 1).isdigit() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _with_timeout(config: Config, seconds: float | None) -> Config:
+    """`check --timeout`: the greeting and command waits, and a session limit that fits them."""
+    if seconds is None:
+        return config
+    timeouts = config.timeouts.model_copy(
+        update={
+            "greeting": seconds,
+            "command": seconds,
+            "session": max(config.timeouts.session, 8 * seconds),
+        }
+    )
+    return config.model_copy(update={"timeouts": timeouts})
+
+
+class _WaitLine:
+    """`check` on a terminal: what the probe waits for, on standard error, updated at most once
+    a second and only for waits of a second or more; cleared when the probe ends."""
+
+    def __init__(self) -> None:
+        from relayaudit.session import Waiting  # the SMTP client loads only when a probe runs
+
+        self.waiting = Waiting()
+        self.waiting.idle = self.clear
+        self.shown = False
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def start(cls, args: argparse.Namespace) -> _WaitLine | None:
+        from relayaudit.session import WAITING
+
+        if args.json or not sys.stderr.isatty():
+            return None
+        line = cls()
+        WAITING.set(line.waiting)
+        line.task = asyncio.get_running_loop().create_task(line._show())
+        return line
+
+    async def _show(self) -> None:
+        last = 0.0
+        while True:
+            waiting = self.waiting
+            text = waiting.line()
+            now = time.monotonic()
+            if text is not None and now - waiting.since >= 1.0 and now - last >= 1.0:
+                sys.stderr.write("\r\x1b[K" + text)
+                sys.stderr.flush()
+                self.shown, last = True, now
+            await asyncio.sleep(0.25)
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+    async def stop(self) -> None:
+        from relayaudit.session import WAITING
+
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.clear()
+        WAITING.set(None)
+
+
 async def _check(args: argparse.Namespace) -> int:
     addresses = await _resolve(args.host, source="host")
-    config = _check_config(args, addresses)
+    config = _with_timeout(_check_config(args, addresses), args.timeout)
     ports: list[int] = args.port or (list(config.ports) if args.config else [25])
     for port in ports:
         if not 0 < port < 65536:
@@ -885,6 +968,7 @@ async def _check(args: argparse.Namespace) -> int:
 
         canary = await start_canary(config)
     outcomes: list[tuple[ProbeResult, Verdict]] = []
+    wait_line = _WaitLine.start(args)
     try:
         for address in addresses:
             version = ipaddress.ip_address(address).version
@@ -912,6 +996,8 @@ async def _check(args: argparse.Namespace) -> int:
                 result = await await_confirmation(result, canary, config.canary.wait)
                 outcomes.append((result, judge_result(config, result)))
     finally:
+        if wait_line is not None:
+            await wait_line.stop()
         if canary is not None:
             await canary.stop()
     if args.json:

@@ -9,15 +9,18 @@ that is not a known kind is a bug of ours and surfaces as `internal-error` (prob
 from __future__ import annotations
 
 import functools
+import re
 import ssl
 from dataclasses import dataclass
 from enum import StrEnum
 
 from relayaudit.errors import ProbeError
-from relayaudit.evidence import PortState, ProbeStatus, Reply
+from relayaudit.evidence import PortState, ProbeStatus, Reply, writable_text
 
 __all__ = [
     "OUTCOMES",
+    "QUIT_ANSWER_BYTES",
+    "QUIT_ANSWER_WAIT",
     "Broken",
     "Confused",
     "FailureKind",
@@ -25,6 +28,7 @@ __all__ = [
     "Rule",
     "SessionFailure",
     "Stage",
+    "answer_to_quit",
     "describe",
     "failure",
     "kind_of",
@@ -68,6 +72,9 @@ class Confused(Broken):
 class Stage(StrEnum):
     TLS_HANDSHAKE = "tls-handshake"  # implicit TLS (port 465): the handshake before the greeting
     GREETING = "greeting"  # the TCP/TLS connection is up; waiting for the 220
+    # the greeting wait ended with nothing received: QUIT sent, its answer read (a service
+    # that waits for the client to speak first, HTTP or TLS, answers that; a tarpit does not)
+    SILENCE = "after-silence"
     HELLO = "hello"  # EHLO and HELO both refused
     STARTTLS = "starttls"
     COMMAND = "command"  # EHLO, HELO, MAIL, RCPT, RSET, QUIT
@@ -80,6 +87,7 @@ class FailureKind(StrEnum):
     REFUSED = "refused"  # a well-formed SMTP error reply (5xx greeting, HELO 5xx, STARTTLS 454)
     MALFORMED = "malformed"  # bytes that are not an SMTP reply (bad code, too long, garbage)
     TRANSPORT = "transport"  # a socket or TLS error, or a command we could not even send
+    LATE_REPLY = "late-reply"  # an SMTP reply, but only after its wait had ended
 
 
 _Types = type[BaseException] | tuple[type[BaseException], ...]
@@ -152,6 +160,7 @@ class Rule:
 
 
 _NO_GREETING = Rule("hung up before the greeting: {detail}", ProbeStatus.NO_BANNER)
+_SILENT = Rule("no greeting within {wait:g}s; {detail}", ProbeStatus.NO_BANNER)
 
 OUTCOMES: dict[tuple[Stage, FailureKind], Rule] = {
     (Stage.TLS_HANDSHAKE, FailureKind.TIMEOUT): Rule(
@@ -165,6 +174,19 @@ OUTCOMES: dict[tuple[Stage, FailureKind], Rule] = {
     (Stage.GREETING, FailureKind.REFUSED): Rule("greeting {text}", ProbeStatus.SESSION_REFUSED),
     (Stage.GREETING, FailureKind.MALFORMED): Rule(
         "not an SMTP greeting: {text}", ProbeStatus.NOT_SMTP
+    ),
+    # after a silent greeting wait: what the server answered to QUIT (answer_to_quit); a
+    # MALFORMED answer is anything no SMTP server says (HTTP, a TLS record, a TLS handshake
+    # where plaintext was expected), a LATE_REPLY an SMTP reply after the wait had ended
+    (Stage.SILENCE, FailureKind.TIMEOUT): _SILENT,
+    (Stage.SILENCE, FailureKind.DISCONNECTED): _SILENT,
+    (Stage.SILENCE, FailureKind.TRANSPORT): _SILENT,
+    (Stage.SILENCE, FailureKind.MALFORMED): Rule(
+        "not SMTP: no greeting within {wait:g}s, then {detail}", ProbeStatus.NOT_SMTP
+    ),
+    (Stage.SILENCE, FailureKind.LATE_REPLY): Rule(
+        "no greeting within {wait:g}s, then {detail}: greets late; raise timeouts.greeting",
+        ProbeStatus.NO_BANNER,
     ),
     (Stage.STARTTLS, FailureKind.REFUSED): Rule("STARTTLS refused"),
     (Stage.COMMAND, FailureKind.TIMEOUT): Rule("no reply to {verb} within {wait:g}s"),
@@ -180,11 +202,14 @@ _STAGE_DEFAULT = {
     Stage.HELLO: Rule("HELO refused: {text}", ProbeStatus.SESSION_REFUSED),
     Stage.STARTTLS: Rule("STARTTLS handshake failed"),
     Stage.DATA: Rule("message not accepted: {detail}"),
+    Stage.SILENCE: _SILENT,
 }
+# a kind that belongs to one stage, met at another: a reply out of step breaks the connection
+_KIND_DEFAULT = {FailureKind.LATE_REPLY: Rule("a reply after its wait had ended: {text}")}
 
 
 def rule_for(stage: Stage, kind: FailureKind) -> Rule:
-    rule = OUTCOMES.get((stage, kind)) or _STAGE_DEFAULT.get(stage)
+    rule = OUTCOMES.get((stage, kind)) or _STAGE_DEFAULT.get(stage) or _KIND_DEFAULT.get(kind)
     assert rule is not None, f"no outcome rule for {stage} / {kind}"  # a test walks every pair
     return rule
 
@@ -214,3 +239,36 @@ def outcome(
     if rule.status is not None:
         return NoSession(rule.status, reason, PortState.OPEN)
     return Broken(reason, fatal=rule.fatal)
+
+
+# what a server that waited for the client to speak first answers to QUIT
+_HTTP = re.compile(rb"HTTP/[0-9]")
+_TLS_TYPES = {0x15: "a TLS alert record", 0x16: "a TLS handshake record"}
+_SMTP_REPLY = re.compile(rb"[2-5][0-9][0-9](?:[ -]|\r?\n|$)")
+QUIT_ANSWER_BYTES = 64  # read at most this much of the answer to QUIT
+QUIT_ANSWER_WAIT = 5.0  # seconds, at most
+
+
+def answer_to_quit(data: bytes, *, closed: bool) -> tuple[FailureKind, str]:
+    """What the answer to the QUIT sent after a silent greeting wait says, for the
+    `Stage.SILENCE` rows of `OUTCOMES`: the kind, and the `detail` of the reason, quoting the
+    bytes as other server text is kept (evidence.writable_text: control bytes and bytes that
+    are no UTF-8 as `\\xNN`).
+
+    An HTTP response, a TLS record (content type 0x15 or 0x16, version 0x03 0x00-0x04) or other
+    bytes that are no SMTP reply: not SMTP. An SMTP reply: a server that greets late. Nothing:
+    silence (`closed`: it hung up).
+    """
+    if not data:
+        if closed:
+            return FailureKind.DISCONNECTED, "hung up after QUIT without a word"
+        return FailureKind.TIMEOUT, "no answer to QUIT either"
+    text = f'"{writable_text(data.decode("utf-8", "surrogateescape"))}"'
+    if _HTTP.match(data):
+        return FailureKind.MALFORMED, f"an HTTP response in answer to QUIT: {text}"
+    if len(data) >= 3 and data[0] in _TLS_TYPES and data[1] == 0x03 and data[2] <= 0x04:
+        return FailureKind.MALFORMED, f"{_TLS_TYPES[data[0]]} in answer to QUIT: {text}"
+    if _SMTP_REPLY.match(data):
+        line = writable_text(data.split(b"\n", 1)[0].strip().decode("utf-8", "surrogateescape"))
+        return FailureKind.LATE_REPLY, f'an SMTP reply in answer to QUIT: "{line}"'
+    return FailureKind.MALFORMED, f"bytes that are no SMTP reply in answer to QUIT: {text}"

@@ -37,6 +37,7 @@ class Framing(asyncio.Protocol):
         "expected",
         "failure",
         "loop",
+        "raw",
         "replies",
         "transport",
         "unsolicited",
@@ -52,11 +53,16 @@ class Framing(asyncio.Protocol):
         self.unsolicited = 0  # bytes or replies received while none was owed
         self.waiter: asyncio.Future[None] | None = None
         self.failure: BaseException | None = None  # set: no reply will come any more
+        self.raw: bytearray | None = None  # set by keep_raw(): bytes kept as received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.raw is not None:
+            self.raw += data
+            self._wake()
+            return
         if self.failure is not None:
             return
         if self.expected == 0 and not self.buffer:
@@ -112,6 +118,27 @@ class Framing(asyncio.Protocol):
             text = b"\n".join(lines).decode("utf-8", "surrogateescape")
             self.replies.append(SMTPResponse(code, text))
 
+    def keep_raw(self) -> bytearray:
+        """From now on keep what arrives as bytes, unparsed (the answer to the QUIT sent after
+        a silent greeting wait may be anything: HTTP, a TLS record); what the buffer already
+        holds comes first."""
+        self.raw = bytearray(self.buffer)
+        del self.buffer[:]
+        return self.raw
+
+    async def more(self) -> None:
+        """Until more bytes arrive (keep_raw) or the connection ends."""
+        if self.failure is None:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
     def eof_received(self) -> bool:
         self._fail(SMTPServerDisconnected("Unexpected EOF received"))
         return False  # close the transport
@@ -126,8 +153,7 @@ class Framing(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         if self.failure is None:
             self.failure = exc
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+        self._wake()
 
     async def reply(self) -> SMTPResponse:
         """The next reply, in order; raises when the connection ended before it came."""

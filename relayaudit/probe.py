@@ -35,11 +35,12 @@ from relayaudit.evidence import (
     TestResult,
     TestRole,
     Transport,
+    endpoint,
 )
 from relayaudit.failures import Broken, NoSession, describe
 from relayaudit.handshake import Dial, Gate, Handshake
 from relayaudit.runner import Limits, run_battery
-from relayaudit.session import Observed, Session
+from relayaudit.session import WAITING, Observed, Session
 from relayaudit.settings import CanaryTarget, ProbeSettings
 from relayaudit.wire import Connection, SocketConnection
 
@@ -288,7 +289,8 @@ async def probe(
     session. `dial` replaces TCP for new connections (the replay tests' recorded servers).
     `expect_token` (confirmation mode: the receiver's `expect`) is told each canary token
     before its DATA is sent. `control_recipient`: the control address of an earlier try
-    (a retry after greylisting repeats the same addresses).
+    (a retry after greylisting repeats the same addresses). A `Waiting` in `session.WAITING`
+    is kept told what the probe waits for (`check`'s progress line on a terminal).
     """
     if settings.canary is not None and expect_token is None:
         raise ValueError("confirmation mode needs expect_token: the receiver's expect()")
@@ -302,6 +304,9 @@ async def probe(
         expect_token=expect_token,
         control_recipient=control_recipient,
     )
+    waiting = run.seen.waiting = WAITING.get()
+    if waiting is not None:
+        waiting.where = endpoint(address, port)
     deadline = asyncio.timeout(settings.session_timeout)
     try:
         async with deadline:
@@ -323,6 +328,8 @@ async def probe(
     finally:
         if sock is not None and run.seen.sessions == 0:
             sock.close()
+        if waiting is not None:
+            waiting.done()
     return run.result()
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -40,7 +42,7 @@ from relayaudit.wire import PipelineConfused, Wire
 if TYPE_CHECKING:
     from aiosmtplib.response import SMTPResponse
 
-__all__ = ["Observed", "Session", "SmtpSession"]
+__all__ = ["WAITING", "Observed", "Session", "SmtpSession", "Waiting"]
 
 
 class Session(Protocol):
@@ -83,6 +85,40 @@ class Session(Protocol):
         ...
 
 
+class Waiting:
+    """What a probe waits for right now, for `check`'s progress line on a terminal: set at the
+    connect, the greeting, the answer to QUIT and each command (only when a probe is given one)."""
+
+    __slots__ = ("idle", "limit", "since", "what", "where")
+
+    def __init__(self) -> None:
+        self.where = ""  # the address:port probed
+        self.what = ""  # "the greeting", "the reply to RCPT"; empty: nothing
+        self.since = 0.0  # time.monotonic() when the wait began
+        self.limit = 0.0  # seconds it may last
+        self.idle: Callable[[], None] | None = None  # called when a probe ends
+
+    def start(self, what: str, limit: float) -> None:
+        self.what, self.since, self.limit = what, time.monotonic(), limit
+
+    def done(self) -> None:
+        """The probe ended: nothing is waited for."""
+        self.what = ""
+        if self.idle is not None:
+            self.idle()
+
+    def line(self) -> str | None:
+        """`192.0.2.1:25: waiting for the greeting, 12 s of 30 s`, or None between waits."""
+        if not self.what:
+            return None
+        waited = min(time.monotonic() - self.since, self.limit)
+        return f"{self.where}: waiting for {self.what}, {waited:.0f} s of {self.limit:g} s"
+
+
+# set by `check` on a terminal: each probe in this context keeps it told what it waits for
+WAITING: contextvars.ContextVar[Waiting | None] = contextvars.ContextVar("WAITING", default=None)
+
+
 @dataclass
 class Observed:
     """What a probe's sessions have seen so far: a deadline still leaves all of it."""
@@ -98,6 +134,7 @@ class Observed:
     after_starttls: Capabilities | None = None  # the first EHLO reply inside STARTTLS
     pipelined: bool = False  # some commands went in pipelined groups (RFC 2920)
     lockstep: str | None = None  # why pipelining stopped for this host, if it did
+    waiting: Waiting | None = None  # told what the probe waits for (`check` on a terminal)
 
 
 class SmtpSession:
@@ -137,8 +174,10 @@ class SmtpSession:
     # One timer per session instead of one per command (a per-command wait_for was a tenth of
     # a relay test's CPU): it fires at most once per timeout period, and ends the connection
     # only if the command then in flight has waited the whole timeout.
-    def _sent(self) -> None:
+    def _sent(self, verb: str) -> None:
         self.waiting_since = time.monotonic()
+        if self.observed.waiting is not None:
+            self.observed.waiting.start(f"the reply to {verb}", self.timeout)
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_later(self.timeout, self._check)
 
@@ -200,7 +239,7 @@ class SmtpSession:
             # the server closed after its last reply (421, a hang-up after RSET): nothing is sent
             raise Broken(f"server hung up before {verb}")
         args = (verb.encode(), arg.encode("utf-8", "surrogateescape")) if arg else (verb.encode(),)
-        self._sent()
+        self._sent(verb)
         try:
             response = await self.wire.command(*args)
         except asyncio.CancelledError:
@@ -232,7 +271,7 @@ class SmtpSession:
         started = time.monotonic()
         if not self.wire.connected:
             raise Broken(f"server hung up before {lines[0].partition(' ')[0]}")
-        self._sent()
+        self._sent(f"{len(lines)} pipelined commands")
         try:
             responses = await self.wire.pipeline(
                 [line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines],

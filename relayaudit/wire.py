@@ -128,6 +128,32 @@ class Wire:
     async def greeting(self) -> SMTPResponse:
         return await self.framing.reply()
 
+    @property
+    def silent(self) -> bool:
+        """Nothing received yet, not even part of a line (asked once the greeting wait ended)."""
+        return not self.framing.buffer and not self.framing.replies
+
+    async def quit_after_silence(self, *, limit: int, timeout: float) -> tuple[bytes, bool]:
+        """After a greeting wait that received nothing: send QUIT and read at most `limit`
+        bytes of whatever comes back, raw, for at most `timeout` seconds. Returns the bytes and
+        whether the server closed. Reading stops early at the end of a line or of a TLS record:
+        enough to tell what the server speaks. The connection is not used again."""
+        framing = self.framing
+        raw = framing.keep_raw()
+        transport = framing.transport
+        if transport is None or transport.is_closing():
+            return bytes(raw), True
+        transport.write(b"QUIT\r\n")
+        try:
+            async with asyncio.timeout(timeout):
+                while len(raw) < limit and framing.failure is None and not _told(raw):
+                    await framing.more()
+        except TimeoutError:
+            pass
+        finally:
+            self.abort()
+        return bytes(raw[:limit]), framing.failure is not None
+
     async def command(self, *args: bytes) -> SMTPResponse:
         """Send one command and read its reply; the caller's watchdog bounds the wait."""
         (response,) = await self._send([_line(args)])
@@ -245,6 +271,13 @@ class Wire:
         transport = self.framing.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+
+
+def _told(raw: bytearray) -> bool:
+    """Enough of an answer to tell what it is: a whole line, or a whole TLS record."""
+    if b"\n" in raw:
+        return True
+    return len(raw) >= 5 and raw[0] in (0x15, 0x16) and len(raw) >= 5 + int.from_bytes(raw[3:5])
 
 
 class Connection(Protocol):

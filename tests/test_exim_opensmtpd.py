@@ -10,6 +10,7 @@ import fcntl
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import factories
@@ -209,6 +210,21 @@ async def test_exim_greeting_delay_is_waited_for(exim: dict[str, MtaInstance]) -
     result, verdict = await check(exim["greet-delay"])
     assert result.status is ProbeStatus.SMTP, result.error
     assert verdict.status is VerdictStatus.RELAY_REFUSED
+
+
+async def test_exim_greeting_later_than_the_wait_is_no_banner_with_the_hint(
+    exim: dict[str, MtaInstance],
+) -> None:
+    # issue 32: the greeting wait (8 s) ends before Exim's 12 s connect-ACL delay; the QUIT
+    # sent then is answered in SMTP once the delay is over (Exim's 220 greeting), within the
+    # 5 s read
+    short = replace(settings(), greeting_timeout=8.0, command_timeout=5.0)
+    result = await probe(exim["greet-delay"].host, exim["greet-delay"].port, short)
+    assert result.status is ProbeStatus.NO_BANNER, result.error
+    assert result.error is not None
+    assert result.error.startswith("no greeting within 8s, then an SMTP reply in answer to QUIT: ")
+    assert result.error.endswith(": greets late; raise timeouts.greeting"), result.error
+    assert judge(result).status is VerdictStatus.NO_BANNER
 
 
 async def test_exim_queueing_relay_that_accepts_everything_needs_a_wait_longer_than_its_queue(

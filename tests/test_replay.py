@@ -165,7 +165,7 @@ def test_every_stage_and_kind_has_one_outcome_rule() -> None:
     for (stage, _), rule in OUTCOMES.items():
         # only the stages before a session exists end without one
         assert (rule.status is not None) == (
-            stage in (Stage.TLS_HANDSHAKE, Stage.GREETING, Stage.HELLO)
+            stage in (Stage.TLS_HANDSHAKE, Stage.GREETING, Stage.HELLO, Stage.SILENCE)
         )
 
 
@@ -362,3 +362,92 @@ async def test_a_refused_mail_sends_no_more_rcpt_and_no_more_groups() -> None:
     assert result.lockstep == "MAIL FROM answered 530"
     assert result.tests[0].rcpt is None  # as lock-step would record it: RCPT is not evidence
     assert judge(result).status is VerdictStatus.AUTH_REQUIRED
+
+
+# -- a greeting wait that ends with nothing (issue 32): QUIT, and what comes back says why.
+# Each server below says nothing until the client speaks; "(silence)" is a client line the
+# probe never sends, so the recorded connection stays open without a word.
+SILENT = replace(SETTINGS, command_timeout=0.3)  # the greeting wait and the answer wait
+QUIT = ("c", b"QUIT\r\n")
+STAYS_OPEN = ("c", b"(silence)")
+# answers to "QUIT\r\n": an HTTP/1.x server's status line (the form nginx and Apache send);
+# Python's http.server, recorded on loopback, which takes "QUIT" for an HTTP/0.9 request and
+# sends the error page without a status line; a TLS stack that answers a first record that is
+# no TLS with a fatal protocol_version alert (OpenSSL 3 sends none: it hangs up, see
+# tests/test_silent_services.py)
+HTTP_400 = b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nContent-Type: text/html\r\n"
+HTTP_09_PAGE = b'<!DOCTYPE HTML>\n<html lang="en">\n    <head>\n        <meta charset="utf-8">\n'
+TLS_ALERT = b"\x15\x03\x01\x00\x02\x02\x46"
+# real Exim 4.96 after its 12 s connect-ACL delay, recorded: the first 64 bytes of its greeting
+EXIM_LATE = b"220 mx-greet-delay.campus.test ESMTP Exim 4.96 Mon, 07 Dec 2026 "
+
+
+async def _silent(*answer: tuple[str, bytes]) -> Any:
+    dial = ReplayDial([[QUIT, *answer]], ("127.0.0.1", 25))
+    return await probe("127.0.0.1", 25, SILENT, dial=dial)
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_silent_service_that_answers_quit_in_http_is_not_smtp() -> None:
+    result = await _silent(("s", HTTP_400))
+    assert result.status is ProbeStatus.NOT_SMTP, result.error
+    assert result.error.startswith(
+        "not SMTP: no greeting within 0.3s, then an HTTP response in answer to QUIT: "
+        '"HTTP/1.1 400 Bad Request\\x0d\nServer: nginx'
+    ), result.error  # the bytes as other server text is kept: \r escaped, \n for reports
+    assert judge(result).status is VerdictStatus.NOT_SMTP
+    assert [ex.command for ex in result.transcript] == [None, "QUIT"]
+    page = await _silent(("s", HTTP_09_PAGE))
+    assert page.status is ProbeStatus.NOT_SMTP
+    assert 'bytes that are no SMTP reply in answer to QUIT: "<!DOCTYPE HTML>' in page.error
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_silent_service_that_answers_quit_with_a_tls_record_is_not_smtp() -> None:
+    result = await _silent(("s", TLS_ALERT))
+    assert result.status is ProbeStatus.NOT_SMTP, result.error
+    assert result.error == (
+        "not SMTP: no greeting within 0.3s, then a TLS alert record in answer to QUIT: "
+        '"\\x15\\x03\\x01\\x00\\x02\\x02F"'
+    )
+    handshake = await _silent(("s", b"\x16\x03\x03\x00\x30" + b"\x00" * 8))
+    assert handshake.status is ProbeStatus.NOT_SMTP
+    assert "a TLS handshake record in answer to QUIT" in handshake.error
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_other_bytes_in_answer_to_quit_are_not_smtp_escaped() -> None:
+    result = await _silent(("s", b"\xff\xfe\x1b[2Jhello\n"))
+    assert result.status is ProbeStatus.NOT_SMTP
+    assert result.error.endswith(
+        'bytes that are no SMTP reply in answer to QUIT: "\\xff\\xfe\\x1b[2Jhello\n"'
+    ), result.error
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_an_smtp_reply_to_quit_is_a_server_that_greets_late() -> None:
+    for answer in (EXIM_LATE, b"554 5.5.0 you spoke before my greeting\r\n"):
+        result = await _silent(("s", answer))
+        assert result.status is ProbeStatus.NO_BANNER, result.error
+        assert result.error.endswith(": greets late; raise timeouts.greeting"), result.error
+        first = answer.split(b"\r\n")[0].decode().strip()
+        assert f'an SMTP reply in answer to QUIT: "{first}"' in result.error
+        assert judge(result).status is VerdictStatus.NO_BANNER
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_silence_after_quit_is_no_banner_and_a_hang_up_too() -> None:
+    silent = await _silent(STAYS_OPEN)
+    assert silent.status is ProbeStatus.NO_BANNER
+    assert silent.error == "no greeting within 0.3s; no answer to QUIT either"
+    # a hang-up: a second connection tries a TLS handshake; this recorded server takes none
+    hung_up = await _silent()
+    assert hung_up.status is ProbeStatus.NO_BANNER
+    assert hung_up.error == "no greeting within 0.3s; hung up after QUIT without a word"
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_the_answer_to_quit_is_read_for_at_most_64_bytes() -> None:
+    result = await _silent(("s", b"x" * 200))
+    assert result.status is ProbeStatus.NOT_SMTP
+    assert '"' + "x" * 64 + '"' in result.error and "x" * 65 not in result.error

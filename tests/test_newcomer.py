@@ -1,0 +1,111 @@
+"""A newcomer's first hour (issue 32): `check`'s progress line under a real pseudo-terminal,
+`check --timeout`, and the other commands a first-time user meets. Loopback only (127.0.233.x)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from loopback import lab_thread
+
+from relayaudit.lab import Behaviour, ServerSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+TARPIT = ServerSpec(host="127.0.233.1", port=2525, behaviour=Behaviour.TARPIT)
+
+pytestmark = pytest.mark.usefixtures("loopback_only")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"}
+
+
+def _check_under_pty(*args: str) -> tuple[int, str, str]:
+    """`relayaudit check ARGS` with standard error on a pseudo-terminal (os.openpty) and
+    standard output on a pipe: (exit code, stdout, what the terminal received)."""
+    leader, follower = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relayaudit", "check", *args],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=_env(),
+    )
+    os.close(follower)
+    seen = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        reader.join(5)
+        os.close(leader)
+    return proc.returncode, out.decode(), seen.decode(errors="replace")
+
+
+def test_check_on_a_terminal_says_what_it_waits_for_at_most_once_a_second() -> None:
+    with lab_thread(TARPIT):
+        code, out, terminal = _check_under_pty(
+            "127.0.233.1", "--port", "2525", "--timeout", "2", "--no-transcript"
+        )
+    assert code == 0, (out, terminal)
+    assert "NO-BANNER" in out
+    assert "127.0.233.1:2525: waiting for the greeting, 1 s of 2 s" in terminal, terminal
+    assert (
+        "127.0.233.1:2525: waiting for an answer to QUIT (no greeting came), 1 s of 2 s"
+    ) in terminal, terminal
+    # each update overwrites the line; the last one clears it
+    updates = terminal.count("\r\x1b[K127.0.233.1:2525: waiting for")
+    assert 2 <= updates <= 4, terminal  # about 4 s of waits, at most one line a second
+    assert terminal.rstrip("\r\n").endswith("\r\x1b[K") or "\r\x1b[K\r" in terminal, terminal
+
+
+def test_check_prints_no_progress_line_with_json_or_off_a_terminal() -> None:
+    with lab_thread(TARPIT):
+        code, out, terminal = _check_under_pty(
+            "127.0.233.1", "--port", "2525", "--timeout", "1", "--json"
+        )
+        assert code == 0
+        assert "waiting for" not in terminal
+        piped = subprocess.run(
+            [sys.executable, "-m", "relayaudit", "check", "127.0.233.1", "--port", "2525"]
+            + ["--timeout", "1", "--no-transcript"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+            check=False,
+        )
+    assert piped.returncode == 0, piped.stderr
+    assert "waiting for" not in piped.stderr
+
+
+def test_check_timeout_sets_the_greeting_and_command_waits() -> None:
+    with lab_thread(TARPIT):
+        code, out, _ = _check_under_pty("127.0.233.1", "--port", "2525", "--timeout", "1.5s")
+    assert code == 0
+    assert "no greeting within 1.5s; no answer to QUIT either" in out, out
+    bad = subprocess.run(
+        [sys.executable, "-m", "relayaudit", "check", "127.0.233.1", "--timeout", "soon"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "argument --timeout: 'soon' is not a duration" in bad.stderr
