@@ -1,9 +1,12 @@
-"""The document an alert hook receives: the compact, versioned alert v1 (the default) or the finding whole ("full").
+"""The document an alert hook receives: the compact, versioned alert v2 (the default), v1, or the finding whole.
 
 v1 is what a ticket needs, in under 4 KB: what changed, where, how bad, since when, and the first
-tests with their replies. The full evidence stays one step away: `relayaudit show FINDING_ID`
-and `GET /findings/<id>.json` on the daemon's listener. schemas/alert.v1.schema.json is generated
-from `AlertV1` (python -m relayaudit.export schemas/) and tested like the findings schema.
+tests with their replies. v2 (issue 30) is v1 and a relay's `remediation`: a reference to the
+fix for the software it seems to run (the text is relayaudit's data, rendered for templates as
+`remediation.text`). The full evidence stays one step away: `relayaudit show FINDING_ID`
+and `GET /findings/<id>.json` on the daemon's listener. schemas/alert.v1.schema.json and
+alert.v2.schema.json are generated from `AlertV1` and `AlertV2` (python -m relayaudit.export
+schemas/) and tested like the findings schema.
 """
 
 from __future__ import annotations
@@ -17,21 +20,27 @@ from pydantic import BaseModel, ConfigDict, Field
 from relayaudit import __version__
 from relayaudit.evidence import endpoint
 from relayaudit.records import EVIDENCE_LINES, FindingStatus, Transition, evidence_line
+from relayaudit.remediation import RelayWay, RemediationRef, advice_text, entries
+from relayaudit.software import GuessConfidence
 from relayaudit.state import Alert
 from relayaudit.text import utc_time
 from relayaudit.verdict import Confidence, FindingKind, Severity
 
 __all__ = [
     "ALERT_SCHEMA_VERSION",
+    "AlertFormat",
     "AlertV1",
+    "AlertV2",
     "alert_document",
     "alert_v1",
+    "alert_v2",
+    "remediation_context",
     "render_payload",
     "sample_alert",
 ]
 
-ALERT_SCHEMA_VERSION = 1
-AlertFormat = Literal["v1", "full"]
+ALERT_SCHEMA_VERSION = 2
+AlertFormat = Literal["v2", "v1", "full"]
 _SUMMARY, _TITLE = 1200, 300  # characters: a long server reply cannot push an alert past 4 KB
 
 
@@ -77,6 +86,19 @@ class AlertV1(BaseModel):
         default=(), description=f"up to {EVIDENCE_LINES} tests: what was sent, what the server said"
     )
     show: str = Field(description="the command that prints the whole finding")
+
+
+class AlertV2(AlertV1):
+    """v1 and, for a relay, which fix applies (`alerts.format = "v2"`, the default)."""
+
+    schema_version: Literal[2] = 2  # type: ignore[assignment]  # ALERT_SCHEMA_VERSION
+    remediation: RemediationRef | None = Field(
+        default=None,
+        description=(
+            "relays: the fix for the way it relayed, on the software it seems to run: id (an "
+            "entry of docs/remediation.md), software, guess_confidence, doc_url"
+        ),
+    )
 
 
 def _cut(text: str, limit: int) -> str:
@@ -138,8 +160,24 @@ def alert_v1(alert: Alert) -> AlertV1:
     )
 
 
-def alert_document(alert: Alert, fmt: AlertFormat = "v1") -> dict[str, Any]:
+def alert_v2(alert: Alert) -> AlertV2:
+    """The compact alert with the finding's remediation reference."""
+    fields = dict(alert_v1(alert))
+    del fields["schema_version"]
+    return AlertV2(**fields, remediation=alert.finding.remediation)
+
+
+def remediation_context(ref: RemediationRef | None) -> dict[str, Any] | None:
+    """What templates see as `remediation`: the reference and its text, ready to print."""
+    if ref is None:
+        return None
+    return {**ref.model_dump(mode="json"), "text": advice_text(ref, width=88)}
+
+
+def alert_document(alert: Alert, fmt: AlertFormat = "v2") -> dict[str, Any]:
     """The JSON document of `alert` in the configured format."""
+    if fmt == "v2":
+        return alert_v2(alert).model_dump(mode="json")
     if fmt == "v1":
         return alert_v1(alert).model_dump(mode="json")
     return {  # "full": relayaudit 0.1's document, evidence and transcript included
@@ -151,19 +189,20 @@ def alert_document(alert: Alert, fmt: AlertFormat = "v1") -> dict[str, Any]:
     }
 
 
-def render_payload(alert: Alert, fmt: AlertFormat = "v1") -> bytes:
+def render_payload(alert: Alert, fmt: AlertFormat = "v2") -> bytes:
     """The alert document as the bytes a hook receives when it has no template."""
     return json.dumps(
         alert_document(alert, fmt), ensure_ascii=False, separators=(",", ":")
     ).encode()
 
 
-def sample_alert(transition: Transition) -> AlertV1:
+def sample_alert(transition: Transition) -> AlertV2:
     """A made-up alert of `transition` (192.0.2.25, a documentation address): what templates are
     tried on when the config is loaded, so a missing `vars.NAME` shows then, not at resolve time."""
     when = datetime(2026, 1, 1, tzinfo=UTC)
     resolved = transition is Transition.RESOLVED
-    return AlertV1(
+    fix = entries()[f"postfix/{RelayWay.PLAIN.value}"]
+    return AlertV2(
         idempotency_key=f"ra-0000000000000000/{transition.value}/1",
         transition=transition,
         finding_id="ra-0000000000000000",
@@ -187,4 +226,10 @@ def sample_alert(transition: Transition) -> AlertV1:
         approval_note=None,
         evidence=("rcpt-plain (plain): <a@example.org> 250, <b@example.net> 250 -> accepted",),
         show="relayaudit show ra-0000000000000000",
+        remediation=RemediationRef(
+            id=fix.id,
+            software="Postfix",
+            guess_confidence=GuessConfidence.HIGH,
+            doc_url=fix.doc_url,
+        ),
     )

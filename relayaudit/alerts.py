@@ -29,6 +29,8 @@ from relayaudit.alert_doc import (
     AlertFormat,
     alert_document,
     alert_v1,
+    alert_v2,
+    remediation_context,
     render_payload,
     sample_alert,
 )
@@ -43,6 +45,7 @@ from relayaudit.config import (
 from relayaudit.errors import ConfigError, RelayAuditError, StateError
 from relayaudit.evidence import endpoint
 from relayaudit.records import Transition
+from relayaudit.remediation import advice_text
 from relayaudit.state import Alert, OutboxItem, StateStore
 from relayaudit.templating import TemplateError, render_template
 from relayaudit.text import clip, utc_time, visible
@@ -481,6 +484,8 @@ def email_message(
     ]
     if f.approved_note:
         summary += ["", f"Approved service note: {f.approved_note}"]
+    if f.remediation is not None:
+        summary += ["", *advice_text(f.remediation, width=76).splitlines()]
     summary += ["", f"The whole finding: {doc.show}"]
     try:
         pretty = json.dumps(json.loads(payload), indent=2)
@@ -557,8 +562,9 @@ class _Channel:
     def context(self, alert: Alert, tickets: Mapping[str, str]) -> dict[str, Any]:
         """What templates see (docs/alerts.md lists it)."""
         return {
-            "alert": alert_v1(alert).model_dump(mode="json"),
+            "alert": alert_v2(alert).model_dump(mode="json"),
             "document": alert_document(alert, self.format),
+            "remediation": remediation_context(alert.finding.remediation),
             "transition": alert.transition.value,
             "ticket_ref": tickets.get(self.name),
             "tickets": dict(tickets),
@@ -654,6 +660,7 @@ def check_templates(config: AlertsConfig) -> None:
                 context = {
                     "alert": sample_alert(transition).model_dump(mode="json"),
                     "document": sample_alert(transition).model_dump(mode="json"),
+                    "remediation": remediation_context(sample_alert(transition).remediation),
                     "transition": transition.value,
                     "ticket_ref": "1",
                     "tickets": _AnyTicket(),

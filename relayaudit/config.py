@@ -705,9 +705,10 @@ class AlertsConfig(_Model):
     max_attempts: int = Field(default=12, ge=1, le=1000)
     backoff_initial: Duration = 5.0
     backoff_max: Duration = 1800.0
-    # "v1": the compact, versioned alert (schemas/alert.v1.schema.json); "full": the finding
-    # whole, evidence and transcript included, as relayaudit 0.1 sent it
-    format: Literal["v1", "full"] = "v1"
+    # "v2": the compact, versioned alert with a relay's remediation reference
+    # (schemas/alert.v2.schema.json); "v1": the same without it, as relayaudit 0.1.x sent it
+    # (schemas/alert.v1.schema.json); "full": the finding whole, evidence and transcript included
+    format: Literal["v2", "v1", "full"] = "v2"
 
     @model_validator(mode="after")
     def _names(self) -> AlertsConfig:

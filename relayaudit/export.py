@@ -23,10 +23,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from relayaudit import __version__, records
-from relayaudit.alert_doc import ALERT_SCHEMA_VERSION, AlertV1
+from relayaudit.alert_doc import ALERT_SCHEMA_VERSION, AlertV1, AlertV2
 from relayaudit.errors import UsageError
 from relayaudit.evidence import address_order, endpoint
 from relayaudit.records import FindingStatus
+from relayaudit.remediation import RemediationRef, advice, advice_text
+from relayaudit.software import describe
 from relayaudit.state import Change, FindingRow, read_changes, read_findings
 from relayaudit.text import utc_time, visible, wrap
 from relayaudit.verdict import Confidence, Finding, FindingKind, Severity
@@ -95,6 +97,8 @@ class ReportFinding(_Frozen):
     # the DNS names the address was found under (targets_from): "mx1.campus.example A (mx
     # campus.example)"; empty for an address from a range or a list file
     origin: tuple[str, ...] = ()
+    # relays: the fix that applies (docs/remediation.md); the Markdown report prints its text
+    remediation: RemediationRef | None = None
 
 
 class Report(_Frozen):
@@ -147,6 +151,7 @@ def _listed(
         approved_note=f.approved_note,
         last_sweep_id=last_sweep_id,
         origin=tuple(str(o) for o in f.origin),
+        remediation=f.remediation,
     )
 
 
@@ -275,6 +280,11 @@ def render_shown(shown: Shown) -> str:
     lines.append(f"  approval:    {f.approved_note or 'not on the approved list'}")
     if f.fingerprint.banner:
         lines.append(f"  greeting:    {f.fingerprint.banner}")
+    if f.fingerprint.software_guess is not None:  # the weighed guess and its signs
+        guessed = wrap(describe(f.fingerprint.software_guess), 86)
+        lines += [f"  {'software:' if i == 0 else '':13}{part}" for i, part in enumerate(guessed)]
+    if f.remediation is not None:
+        lines += ["", *advice_text(f.remediation, width=98, indent="  ").splitlines()]
     if shown.changes:
         lines += ["", "status changes:"]
         lines += [
@@ -410,6 +420,19 @@ def _markdown(report: Report) -> str:
         ]
     else:
         lines.append("No finding was new, reopened, raised in severity or resolved.")
+    fixes = [f for f in open_ if f.remediation is not None]
+    if fixes:
+        lines += ["", "## How to fix the relays", ""]
+        lines.append(
+            "Each open relay's fix, for the software it seems to run (docs/remediation.md; the "
+            "links are the vendors' documentation)."
+        )
+        for f in fixes:
+            assert f.remediation is not None
+            lines += ["", f"### {endpoint(f.address, f.port)}: {_md(f.kind.value)}", ""]
+            for heading, text, url in advice(f.remediation).sections:
+                lines += [f"**{heading}.** {text} Documentation: <{url}>", ""]
+            lines.pop()
     if resolved:
         lines += ["", f"## Resolved findings ({len(resolved)})", ""]
         lines += ["| address:port | kind | title | resolved |", "| --- | --- | --- | --- |"]
@@ -425,13 +448,13 @@ def schema_files() -> dict[str, str]:
     schema = Report.model_json_schema(mode="serialization")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     name = f"report.v{REPORT_SCHEMA_VERSION}.schema.json"
-    alert = AlertV1.model_json_schema(mode="serialization")
-    alert["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    return records.schema_files() | {
-        name: json.dumps(schema, indent=2, sort_keys=True) + "\n",
-        f"alert.v{ALERT_SCHEMA_VERSION}.schema.json": json.dumps(alert, indent=2, sort_keys=True)
-        + "\n",
-    }
+    alerts = {}
+    # v1 is still sent where alerts.format = "v1": its schema stays committed beside v2's
+    for version, model in ((1, AlertV1), (ALERT_SCHEMA_VERSION, AlertV2)):
+        alert = model.model_json_schema(mode="serialization")
+        alert["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        alerts[f"alert.v{version}.schema.json"] = json.dumps(alert, indent=2, sort_keys=True) + "\n"
+    return records.schema_files() | {name: json.dumps(schema, indent=2, sort_keys=True) + "\n"} | alerts
 
 
 if __name__ == "__main__":  # python -m relayaudit.export schemas/

@@ -6,20 +6,12 @@ import re
 import ssl
 
 from relayaudit.evidence import Capabilities, Reply, SessionFacts, TlsFacts
+from relayaudit.software import ehlo_signs, greeting_signs, guess
 from relayaudit.wire import Ehlo
 
 __all__ = ["capabilities", "hostname_from", "session_facts", "software", "tls_facts"]
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
-_SOFTWARE = (
-    ("Postfix", re.compile(r"postfix", re.I)),
-    ("Exim", re.compile(r"\bexim\b", re.I)),
-    ("OpenSMTPD", re.compile(r"opensmtpd", re.I)),
-    ("Sendmail", re.compile(r"sendmail", re.I)),
-    ("Microsoft Exchange", re.compile(r"microsoft|exchange", re.I)),
-    ("qmail", re.compile(r"qmail", re.I)),
-    ("Haraka", re.compile(r"haraka", re.I)),
-)
 
 
 def hostname_from(text: str) -> str | None:
@@ -28,9 +20,13 @@ def hostname_from(text: str) -> str | None:
     return first.lower() if "." in first and _HOSTNAME.match(first) else None
 
 
-def software(text: str) -> str | None:
-    """A guess from the greeting and EHLO text: the first product pattern that matches."""
-    return next((name for name, rx in _SOFTWARE if rx.search(text)), None)
+def software(greeting: str, ehlo: Ehlo | None) -> str | None:
+    """The first session's guess, from the greeting's product token and the EHLO reply (the
+    verdict weighs the battery's refusals in too: `software.guess_of`)."""
+    signs = greeting_signs(greeting)
+    if ehlo is not None:
+        signs += ehlo_signs(ehlo.text, ehlo.extensions)
+    return guess(signs).name
 
 
 def tls_facts(obj: ssl.SSLObject | ssl.SSLSocket | None) -> TlsFacts:
@@ -87,5 +83,5 @@ def session_facts(banner: Reply, ehlo: Ehlo | None) -> SessionFacts:
         size=int(size_text) if size_text.isdigit() else None,
         pipelining="pipelining" in ext,
         eightbitmime="8bitmime" in ext,
-        software=software(banner.text + " " + ehlo_text),
+        software=software(banner.text, ehlo),
     )

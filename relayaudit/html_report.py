@@ -26,6 +26,8 @@ from relayaudit.evidence import endpoint
 from relayaudit.export import ReportFinding
 from relayaudit.html_page import Page
 from relayaudit.records import FindingStatus, Transition
+from relayaudit.remediation import advice
+from relayaudit.software import describe
 from relayaudit.text import span
 from relayaudit.verdict import FindingKind, Severity
 
@@ -405,7 +407,9 @@ def _finding(out: list[str], page: Page, f: ReportFinding, nets: str) -> None:
     if fp is not None:
         if fp.banner:
             out.append(f'<dt>greeting</dt><dd class="mono">{_srv(fp.banner)}</dd>\n')
-        if fp.software:
+        if fp.software_guess is not None:  # the weighed guess and the signs it rests on
+            out.append(f"<dt>software (a guess)</dt><dd>{_srv(describe(fp.software_guess))}</dd>\n")
+        elif fp.software:
             out.append(f"<dt>software (a guess)</dt><dd>{_srv(fp.software)}</dd>\n")
         if fp.tls is not None and (fp.tls.protocol or fp.tls.error):
             tls = fp.tls
@@ -423,6 +427,15 @@ def _finding(out: list[str], page: Page, f: ReportFinding, nets: str) -> None:
             )
             out.append(f"<dt>TLS</dt><dd>{_srv(text)}</dd>\n")
     out.append("</dl>\n")
+    fix = whole.remediation if whole is not None else f.remediation
+    if fix is not None:
+        # the vendors' pages as text, not links: the page points nowhere outside itself
+        out.append("<h3>How to fix it</h3>\n")
+        out += [
+            f"<p><strong>{_t(heading)}.</strong> {_t(text)} Documentation: "
+            f'<span class="mono">{_t(url)}</span></p>\n'
+            for heading, text, url in advice(fix).sections
+        ]
     changes = page.history.get(f.id, ())
     if changes:
         out.append("<h3>Status changes</h3>\n<ul>\n")

@@ -31,7 +31,7 @@ __all__ = [
     "to_record",
 ]
 
-RECORD_SCHEMA_VERSION = 1
+RECORD_SCHEMA_VERSION = 2  # 2 (issue 30): a relay's `remediation`, the weighed software guess
 EVIDENCE_LINES = 5  # a compact record's evidence: the finding's first tests and the control
 
 
@@ -80,7 +80,7 @@ class FindingRecord(Finding):
 
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
-    schema_version: Literal[1] = 1  # RECORD_SCHEMA_VERSION
+    schema_version: Literal[2] = 2  # RECORD_SCHEMA_VERSION
     tool: Literal["relayaudit"] = "relayaudit"
     tool_version: str = __version__
     sweep_id: str
@@ -109,6 +109,9 @@ def to_record(
     fields: dict[str, Any] = dict(finding)
     if compact:
         fields["evidence"] = fields["transcript"] = ()
+        # the guess's signs stay with the whole finding; `software` (and the remediation's
+        # guess_confidence) say what it concluded
+        fields["fingerprint"] = finding.fingerprint.model_copy(update={"software_guess": None})
     return FindingRecord(
         **fields,
         evidence_lines=tuple(evidence_line(r) for r in finding.evidence[:EVIDENCE_LINES]),

@@ -23,6 +23,8 @@ from relayaudit.evidence import (
     Transport,
     endpoint,
 )
+from relayaudit.remediation import RemediationRef, reference, way_of
+from relayaudit.software import SoftwareGuess, guess_of
 
 __all__ = [
     "Confidence",
@@ -137,6 +139,8 @@ class Fingerprint(_Frozen):
     starttls: bool = False
     tls: TlsFacts | None = None
     after_starttls: Capabilities | None = None  # the EHLO reply inside TLS
+    # `software` weighed from the greeting, the EHLO reply and the refusals, with its signs
+    software_guess: SoftwareGuess | None = None
 
 
 class TargetOrigin(_Frozen):
@@ -167,6 +171,8 @@ class Finding(_Frozen):
     evidence: tuple[TestResult, ...] = ()
     transcript: tuple[Exchange, ...] = ()
     fingerprint: Fingerprint = Fingerprint()
+    # relay findings: which fix applies (the text is relayaudit's data: `relayaudit show`)
+    remediation: RemediationRef | None = None
     confirmation_token: str | None = None
     # the DNS names (and records) the address was found under, when targets_from derived it
     origin: tuple[TargetOrigin, ...] = ()
@@ -249,11 +255,13 @@ class _Context:
         self.result = result
         self.approved_note = approved_note
         facts = result.facts
+        self.guess = guess_of(result)
         self.fingerprint = (
             Fingerprint(
                 banner=str(facts.banner),
                 hostname=facts.hostname,
-                software=facts.software,
+                software=self.guess.name,
+                software_guess=self.guess,
                 capabilities=facts.capabilities,
                 auth_mechanisms=facts.auth_mechanisms,
                 starttls=facts.starttls,
@@ -278,6 +286,7 @@ class _Context:
         title: str,
         summary: str,
         evidence: Iterable[TestResult] = (),
+        remediation: RemediationRef | None = None,
     ) -> Finding:
         r = self.result
         conf = r.confirmation
@@ -296,6 +305,7 @@ class _Context:
             evidence=tuple(evidence),
             transcript=r.transcript,
             fingerprint=self.fingerprint,
+            remediation=remediation,
             confirmation_token=conf.token if conf is not None else None,
         )
 
@@ -399,6 +409,7 @@ class _Context:
             title=title,
             summary=" ".join(notes),
             evidence=evidence,
+            remediation=reference(self.guess, way_of(kind.value, accepted)),
         )
 
 
@@ -575,15 +586,13 @@ def judge(
     )
 
 
-_HELO_FIX = (
-    "A HELO name is whatever the client types, so this is an open relay for anyone who claims "
-    "one. Fix: move the HELO rule (Postfix: check_helo_access) after reject_unauth_destination "
-    "in smtpd_relay_restrictions, or never answer OK for a HELO name."
+# the fixes themselves are data (relayaudit/remedies/), referenced by `Finding.remediation`
+_HELO_RISK = (
+    "A HELO name is whatever the client types, so this is an open relay for anyone who claims one."
 )
-_XCLIENT_FIX = (
+_XCLIENT_RISK = (
     "The server honours XCLIENT from the scanner's address, so any client there can claim any "
-    "client address, mynetworks included, and relay. Fix: limit smtpd_authorized_xclient_hosts "
-    "(Postfix) to the addresses of the front-end proxies that need it."
+    "client address, its trusted networks included, and relay."
 )
 
 
@@ -601,8 +610,8 @@ def _xclient_offered(ctx: _Context, result: ProbeResult) -> Finding:
     notes = [
         f"The server offers XCLIENT to the scanner ({result.vantage}): a client it authorises "
         "can claim any client address, name and HELO, and is then judged as that client "
-        "(mynetworks, access maps) and logged as it. XCLIENT is meant for a front-end proxy "
-        "only: limit smtpd_authorized_xclient_hosts (Postfix) to the proxies' addresses."
+        "(trusted networks, access maps) and logged as it. XCLIENT is meant for a front-end "
+        "proxy only."
     ]
     if tried and not any(r.outcome is TestOutcome.ACCEPTED for r in tried):
         notes.append(f"Relay tests claiming {tried[0].test.claim} and the like were not accepted.")
@@ -613,6 +622,7 @@ def _xclient_offered(ctx: _Context, result: ProbeResult) -> Finding:
         title=f"XCLIENT offered to any client on {endpoint(result.address, result.port)}",
         summary=" ".join(notes),
         evidence=tried,
+        remediation=reference(ctx.guess, way_of(FindingKind.XCLIENT_OFFERED.value, tried)),
     )
 
 
@@ -650,7 +660,7 @@ def _claimed_relay(
                     confirmable=accepted,
                     notes=[
                         f"It relayed after the session claimed {claim} ({claim.why}).{refused}",
-                        _XCLIENT_FIX,
+                        _XCLIENT_RISK,
                     ],
                     severity=Severity.CRITICAL,
                 )
@@ -664,7 +674,7 @@ def _claimed_relay(
                 confirmable=accepted,
                 notes=[
                     f"It relayed for a client that said EHLO {claim.value} ({claim.why}).{refused}",
-                    _HELO_FIX,
+                    _HELO_RISK,
                 ],
             )
         )

@@ -27,6 +27,7 @@ Every instance listens on 127.0.4.x (.31-.40 Exim, .21-.25 OpenSMTPD; the Postfi
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import ipaddress
 import os
@@ -37,10 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from loopback import read_banner
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "SINK_PORT",
     "MtaInstance",
     "lab_accounts",
+    "lab_lock",
     "make_lab_directory",
     "mta_available",
     "start_instances",
@@ -124,7 +128,7 @@ spool_directory = {dir}/spool
 log_file_path = {dir}/log/%slog
 pid_file_path = {dir}/exim.pid
 keep_environment = LD_LIBRARY_PATH
-smtp_banner = $smtp_active_hostname ESMTP Exim $version_number $tod_full
+smtp_banner = {banner}
 acl_smtp_rcpt = acl_check_rcpt
 acl_smtp_connect = acl_check_connect
 acl_smtp_helo = acl_check_helo
@@ -429,6 +433,9 @@ class MtaInstance:
     port: int = MTA_PORT
     sink: tuple[str, int] = field(default=(SINK_HOST, SINK_PORT))
     process: subprocess.Popen[bytes] | None = None
+    # placeholders over the policy's (Exim: "relay_hosts", "campus", "routers", "banner", ...;
+    # OpenSMTPD: "rules", the match lines): a variant of a policy, or a fix applied to it
+    changes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in {"exim", "opensmtpd"}:
@@ -487,9 +494,13 @@ class MtaInstance:
                 "relay_to": "",
                 "routers": "",
                 "data_acl": "",
+                "banner": "$smtp_active_hostname ESMTP Exim $version_number $tod_full",
             }
-            return _EXIM_CONF.format(**{**values, **defaults, **_EXIM_POLICY[self.policy]})
-        return _OSMTPD_HEAD.format(**values) + _OSMTPD_RULES[self.policy]
+            return _EXIM_CONF.format(
+                **{**values, **defaults, **_EXIM_POLICY[self.policy], **self.changes}
+            )
+        rules = self.changes.get("rules", _OSMTPD_RULES[self.policy])
+        return _OSMTPD_HEAD.format(**values) + rules
 
     def _write_files(self) -> None:
         if self.kind == "exim" and EXIM_BINARY.stat().st_mode & 0o4000:
@@ -567,6 +578,11 @@ class MtaInstance:
             f"(last {last!r}):\n{self.log()}"
         )
 
+    def restart(self) -> None:
+        """Stop, rewrite the configuration (with `changes` as they are now), start again."""
+        self.stop()
+        self.start()
+
     def stop(self) -> None:
         """Stop the daemon's whole process group (our own session leader); bounded."""
         process = self.process
@@ -583,6 +599,43 @@ class MtaInstance:
         # children left in the group after the leader went (exim's delivery processes)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+_REQUIRE = {"exim": "RELAYAUDIT_REQUIRE_EXIM", "opensmtpd": "RELAYAUDIT_REQUIRE_OPENSMTPD"}
+_LOCK_WAIT_S = 900.0  # a required lab waits this long for another process's to end
+
+
+@contextmanager
+def lab_lock(kind: str) -> Iterator[None]:
+    """Hold the one-per-machine lock of KIND's lab (its addresses are fixed) while the body runs.
+
+    Where KIND cannot run here, or another process holds the lock, the test skips, unless
+    RELAYAUDIT_REQUIRE_EXIM=1 / RELAYAUDIT_REQUIRE_OPENSMTPD=1 (scripts/test and .ci/run set
+    them, as for Postfix): then a missing MTA fails the test, and a held lock is waited for.
+    """
+    required = os.environ.get(_REQUIRE[kind]) == "1"
+    reason = mta_available(kind)
+    if reason is not None:
+        if required:
+            pytest.fail(f"{_REQUIRE[kind]}=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    lock = (Path(tempfile.gettempdir()) / f"relayaudit-mta-{kind}.lock").open("a")
+    try:
+        deadline = time.monotonic() + (_LOCK_WAIT_S if required else 0.0)
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    message = f"another process runs the {kind} lab (lock held)"
+                    if required:
+                        pytest.fail(f"{_REQUIRE[kind]}=1 but {message}", pytrace=False)
+                    pytest.skip(message)
+                time.sleep(1.0)
+        yield
+    finally:
+        lock.close()
 
 
 def start_instances(

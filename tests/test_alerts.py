@@ -312,8 +312,8 @@ async def test_every_alert_arrives_once_in_order_through_failures_an_outage_and_
         assert h["x-relayaudit-signature"] == f"sha256={expected}"
         doc = json.loads(request.body)
         assert doc["idempotency_key"] == h["idempotency-key"] == request.key
-        # the compact alert v1 (alerts.format's default): what a ticket needs, not the transcript
-        assert doc["schema_version"] == 1 and doc["finding_id"] == request.key.split("/")[0]
+        # the compact alert v2 (alerts.format's default): what a ticket needs, not the transcript
+        assert doc["schema_version"] == 2 and doc["finding_id"] == request.key.split("/")[0]
         assert "transcript" not in doc and doc["show"] == f"relayaudit show {doc['finding_id']}"
     assert time.monotonic() - started < 20
 

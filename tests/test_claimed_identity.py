@@ -29,6 +29,7 @@ from relayaudit.engine import await_confirmation, sweep
 from relayaudit.evidence import ClaimKind, ProbeResult, TestOutcome, TestRole
 from relayaudit.greylisting import greylisted, retry
 from relayaudit.probe import ProbeSettings, probe
+from relayaudit.remediation import advice_text
 from relayaudit.sinks import Collector
 from relayaudit.verdict import Confidence, FindingKind, Severity, Verdict, VerdictStatus, judge
 
@@ -102,7 +103,11 @@ async def test_a_helo_map_before_the_relay_check_is_an_open_relay_for_claimed_ca
     assert f"EHLO {instance.myhostname}" in finding.title
     assert finding.confidence is Confidence.CONFIRMED, finding.summary
     assert finding.severity is Severity.CRITICAL
-    assert "check_helo_access" in finding.summary and "reject_unauth_destination" in finding.summary
+    # the fix is a reference to Postfix's entry for claimed HELO names (issue 30), whose text
+    # says where the HELO rule must go
+    assert finding.remediation is not None and finding.remediation.id == "postfix/claimed-helo"
+    fix = advice_text(finding.remediation)
+    assert "check_helo_access" in fix and "reject_unauth_destination" in fix
     claimed = [t for t in finding.evidence if t.test.claim is not None]
     assert claimed and all(t.test.claim.kind is ClaimKind.HELO for t in claimed if t.test.claim)
     assert {t.test.id for t in claimed} >= {"helo-host-plain"}
@@ -163,7 +168,8 @@ async def test_xclient_offered_to_the_scanner_is_a_finding_and_a_relay_via_xclie
     kinds = {f.kind for f in verdict.findings}
     (offered,) = [f for f in verdict.findings if f.kind is FindingKind.XCLIENT_OFFERED]
     assert offered.severity is Severity.HIGH
-    assert "smtpd_authorized_xclient_hosts" in offered.summary
+    assert offered.remediation is not None and offered.remediation.id == "postfix/xclient"
+    assert "smtpd_authorized_xclient_hosts" in advice_text(offered.remediation)
     assert verdict.status is VerdictStatus.RELAY_VIA_XCLIENT, (verdict.summary, outcomes(result))
     assert FindingKind.RELAY_VIA_XCLIENT in kinds
     (relay,) = [f for f in verdict.findings if f.kind is FindingKind.RELAY_VIA_XCLIENT]

@@ -29,6 +29,7 @@ from relayaudit.demo import CANARY_DOMAIN
 from relayaudit.errors import ExitCode
 from relayaudit.evidence import Exchange, Reply
 from relayaudit.lab import Behaviour, Lab, ServerSpec
+from relayaudit.records import RECORD_SCHEMA_VERSION
 from relayaudit.state import StateStore
 from relayaudit.verdict import Confidence, FindingKind, Severity
 
@@ -419,7 +420,9 @@ def test_demo_names_each_relay_and_cuts_no_summary(
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "findings.jsonl").read_text().splitlines()]
     # every line of the demo's findings file validates against the committed schema
-    schema = json.loads((ROOT / "schemas" / "finding-record.v1.schema.json").read_text())
+    schema = json.loads(
+        (ROOT / "schemas" / f"finding-record.v{RECORD_SCHEMA_VERSION}.schema.json").read_text()
+    )
     check = jsonschema.validators.validator_for(schema)(schema)
     for r in records:
         check.validate(r)

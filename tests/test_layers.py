@@ -48,6 +48,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "facts",
                 "greylisting",
                 "sources",
+                "software",
+                "remediation",
             }
         ),
     ),

@@ -14,7 +14,7 @@ import pytest
 from alert_flow import deliver, sweep_days
 from factories import T0, make_finding
 
-from relayaudit.alert_doc import alert_v1
+from relayaudit.alert_doc import alert_v1, remediation_context
 from relayaudit.alerts import channel_names
 from relayaudit.config import SHIPPED_TEMPLATES, AlertsConfig, load_config
 from relayaudit.errors import ConfigError
@@ -38,6 +38,8 @@ from relayaudit.lab.ticket_apis import (
     thehive_hook,
 )
 from relayaudit.records import Transition
+from relayaudit.remediation import RemediationRef
+from relayaudit.software import GuessConfidence
 from relayaudit.state import Alert, StateStore
 from relayaudit.templating import render_template
 from relayaudit.verdict import Severity
@@ -351,6 +353,14 @@ def hostile_context(transition: Transition) -> dict[str, Any]:
         "tickets": {},
         "hook": "h",
         "vars": {"project": "SEC", "resolve_transition": "31"},
+        "remediation": remediation_context(
+            RemediationRef(
+                id="postfix/plain",
+                software="Postfix",
+                guess_confidence=GuessConfidence.LOW,
+                doc_url="https://www.postfix.org/SMTPD_ACCESS_README.html",
+            )
+        ),
     }
 
 
@@ -370,6 +380,13 @@ def test_server_text_stays_inside_its_block(name: str, transition: Transition) -
     elif name.startswith("chat-"):
         assert "<" not in body  # the evidence (left out of a resolved message) as &lt;!channel&gt;
         assert ("&lt;!channel&gt;" in body) == (transition is not Transition.RESOLVED)
+    # a ticket that opens (and a chat message of a relay still open) says how to fix it: the
+    # generic text first, as the guess is low, then Postfix's, marked as a guess (issue 30)
+    opens = name.endswith(("-create.json.j2", "-incident.json.j2", "-alert.json.j2"))
+    if opens or (name.startswith("chat-") and transition is not Transition.RESOLVED):
+        assert "How to fix it, on any mail server" in body, body
+        assert "If it runs Postfix (a guess, low confidence" in body, body
+        assert body.index("on any mail server") < body.index("If it runs Postfix")
 
 
 def refused(api: StandIn, method: str, path: str, body: object, **headers: str) -> tuple[int, str]:

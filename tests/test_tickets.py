@@ -29,12 +29,14 @@ from relayaudit.alerts import Dispatcher, json_pointer, ticket_ref_of
 from relayaudit.config import load_config, parse_config
 from relayaudit.errors import ConfigError, ExitCode
 from relayaudit.records import FindingRecord
+from relayaudit.remediation import entries
 from relayaudit.state import SCHEMA_VERSION, Alert, StateStore
-from relayaudit.verdict import Finding, Severity, Verdict, VerdictStatus
+from relayaudit.verdict import Finding, FindingKind, Severity, Verdict, VerdictStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 V2_STORE = Path(__file__).parent / "data" / "state-v2.sqlite"  # written at schema version 2
-ALERT_SCHEMA = ROOT / "schemas" / "alert.v1.schema.json"
+ALERT_SCHEMA = ROOT / "schemas" / "alert.v2.schema.json"
+ALERT_V1_SCHEMA = ROOT / "schemas" / "alert.v1.schema.json"
 
 
 # -- a ticket API on loopback: creates return an id, updates must name it ---------------------
@@ -317,20 +319,29 @@ def test_json_pointer_and_ticket_refs() -> None:
 
 
 def test_every_demo_alert_is_compact_valid_and_under_4_kb(tmp_path: Path) -> None:
-    schema = json.loads(ALERT_SCHEMA.read_text(encoding="utf-8"))
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = jsonschema.Draft202012Validator(json.loads(ALERT_SCHEMA.read_text("utf-8")))
+    v1 = jsonschema.Draft202012Validator(json.loads(ALERT_V1_SCHEMA.read_text("utf-8")))
     alerts = demo_alerts(tmp_path)
     assert len(alerts) >= 10
     sizes = []
     for alert in alerts:
         doc = alert_document(alert)
         validator.validate(doc)
+        assert doc["schema_version"] == 2
+        # a relay names its fix, an entry of the remediation data (issue 30)
+        relay = FindingKind(doc["kind"]).is_relay
+        assert (doc["remediation"] is not None) == relay or doc["kind"] == "xclient-offered", doc
+        if relay:
+            assert doc["remediation"]["id"] in entries(), doc["remediation"]
         assert doc == json.loads(render_payload(alert))
         sizes.append(len(render_payload(alert)))
+        old = alert_document(alert, "v1")  # alerts.format = "v1": the document of 0.1.x
+        v1.validate(old)
+        assert "remediation" not in old and old["schema_version"] == 1
         full = render_payload(alert, "full")
         assert json.loads(full)["finding"]["id"] == doc["finding_id"]
     assert max(sizes) < 4096, sizes
-    print(f"alert v1 sizes over {len(sizes)} demo findings: max {max(sizes)} B")
+    print(f"alert v2 sizes over {len(sizes)} demo findings: max {max(sizes)} B")
 
 
 def test_a_resolved_alert_says_since_when_the_problem_is_gone(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Final, Self
 
 from pydantic import ValidationError
 
-from relayaudit.alert_doc import AlertV1
+from relayaudit.alert_doc import AlertV1, AlertV2
 
 __all__ = [
     "HIVE_KEY",
@@ -663,7 +663,8 @@ class ChatStandIn(StandIn):
 
 
 class GenericStandIn(StandIn):
-    """A receiver of relayaudit's own alert (no template): each POST must be a valid alert v1."""
+    """A receiver of relayaudit's own alert (no template): each POST must be a valid alert v2
+    (or v1, where `alerts.format = "v1"`)."""
 
     name = "generic"
 
@@ -674,9 +675,11 @@ class GenericStandIn(StandIn):
 
     def _post(self, request: Request, _: re.Match[str]) -> Answer:
         try:
-            alert = AlertV1.model_validate(json_body(request))
+            body = json_body(request)
+            v2 = isinstance(body, dict) and body.get("schema_version") == 2
+            alert = (AlertV2 if v2 else AlertV1).model_validate(body)
         except ValidationError as exc:
-            raise Refused(400, f"not an alert v1: {exc.errors()[0]['msg']}") from None
+            raise Refused(400, f"not an alert v1 or v2: {exc.errors()[0]['msg']}") from None
         self.documents.append(alert)
         return 200, {"received": alert.idempotency_key}
 
