@@ -351,6 +351,15 @@ def _parser() -> argparse.ArgumentParser:
         help="'what changed' covers this long back (default 7d; e.g. 12h, 30d)",
     )
 
+    lab = sub.add_parser(
+        "lab",
+        help="start the demo's loopback lab of SMTP servers and leave it running",
+        description="Start the demo's loopback lab (127.0.10.1-13) for check, sweep and run to "
+        "try; exit 0 on Ctrl-C, SIGTERM or the end of --for, 75 when an address is taken.",
+    )
+    lab.add_argument(
+        "--for", dest="duration", type=_seconds, metavar="SECONDS", help="stop after SECONDS"
+    )
     d = sub.add_parser("demo", help="start a loopback lab of SMTP servers and sweep it")
     d.add_argument("--output", type=Path, help="findings file (default: a temporary directory)")
     d.add_argument("--report", type=Path, metavar="PATH", help=_REPORT_HELP)
@@ -417,6 +426,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return _show(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "lab":
+            from relayaudit.demo import run_lab
+
+            return eventloop.run(run_lab(args.duration))
         if args.command == "demo":
             from relayaudit.demo import run_demo
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import signal
 import sys
 import tempfile
 import tomllib
@@ -34,7 +35,16 @@ from relayaudit.sinks import Collector, FindingsFile
 from relayaudit.state import StateSink, StateStore
 from relayaudit.text import clip, visible
 
-__all__ = ["DEMO_LAB", "demo_config", "demo_lab", "demo_settings", "report_text", "run_demo"]
+__all__ = [
+    "DEMO_LAB",
+    "ROLES",
+    "demo_config",
+    "demo_lab",
+    "demo_settings",
+    "report_text",
+    "run_demo",
+    "run_lab",
+]
 
 DEMO_NET = "127.0.10.0/28"
 DEMO_PORT = 2525
@@ -60,6 +70,32 @@ DEMO_LAB: tuple[tuple[int, int, Behaviour, bool], ...] = (
     (11, DEMO_PORT, Behaviour.TLS_REQUIRED, False),
     (12, DEMO_PORT, Behaviour.AUTH_NO_TLS, False),
     (13, DEMO_PORT, Behaviour.TARPIT, False),
+)
+
+
+# what each lab server plays, as `relayaudit lab` lists them
+ROLES: dict[Behaviour, str] = {
+    Behaviour.OPEN_RELAY: "open relay",
+    Behaviour.CLOSED: "closed, approved (ISO-0001 campus mail hub)",
+    Behaviour.CAMPUS_SENDER: "relays for senders that claim the campus domain",
+    Behaviour.PERCENT_HACK: "percent-hack relay (u%d@[IP])",
+    Behaviour.AUTH_REQUIRED: "AUTH required",
+    Behaviour.ACCEPT_ALL_DISCARD: "trap: accepts everything, delivers nothing",
+    Behaviour.NOT_SMTP: "HTTP-like: silent until spoken to, then HTTP 400",
+    Behaviour.RELAY_AFTER_STARTTLS: "relays only after STARTTLS",
+    Behaviour.ODD_FORMS_LOCAL: "takes odd address forms as local (a trap)",
+    Behaviour.GREYLIST: "greylisting (451 at RCPT)",
+    Behaviour.TLS_REQUIRED: "TLS required before MAIL",
+    Behaviour.AUTH_NO_TLS: "closed, offers AUTH without TLS",
+    Behaviour.TARPIT: "tarpit: accepts, never greets",
+}
+
+# what `relayaudit lab` and `relayaudit demo` suggest next (from the source tree's root)
+TRY_NEXT = (
+    "relayaudit check 127.0.10.1 --port 2525",
+    "relayaudit check 127.0.10.3 --config config/lab.toml",
+    "relayaudit check 127.0.10.1 --port 2525 --config config/lab.toml --confirm",
+    "relayaudit sweep --config config/lab.toml --report lab-report.html",
 )
 
 
@@ -223,6 +259,47 @@ async def run_demo(output: Path | None, *, report: Path | None = None, hooks: bo
     if desk is not None:
         print("\n" + "\n".join(desk.lines))
     print("demo: lab stopped", file=sys.stderr)
+    return 0
+
+
+async def run_lab(duration: float | None) -> int:
+    """`relayaudit lab`: the demo's lab (demo_lab(), with the canary domain's mail routed to
+    config/lab.toml's canary address but no canary receiver of its own: `sweep`, `run` and
+    `check --confirm` bind that address themselves) until Ctrl-C, SIGTERM or `duration` s."""
+    lab = demo_lab()
+    print(f"lab: {len(lab.specs)} SMTP servers on loopback (relayaudit/demo.py, DEMO_LAB):")
+    for octet, port, behaviour, tls in DEMO_LAB:
+        where = f"127.0.10.{octet}:{port}"
+        print(f"  {where:18} {ROLES[behaviour]}{' (implicit TLS)' if tls else ''}")
+    print(
+        f"  mail for {CANARY_DOMAIN} goes to {CANARY[0]}:{CANARY[1]}, config/lab.toml's "
+        "canary.listen: nothing listens there until a command that confirms binds it"
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        try:
+            await lab.start()
+        except OSError as exc:  # the lab's fixed addresses: taken, or not on this host
+            raise TemporaryError(f"lab: {exc.strerror or exc}") from None
+        try:
+            print("\ntry, from the source tree's root (one command at a time may use the canary")
+            print(f"address {CANARY[0]}:{CANARY[1]}: sweep, run and check --confirm bind it):")
+            for command in TRY_NEXT:
+                print(f"  {command}")
+            until = f"for {duration:g} s" if duration is not None else "until Ctrl-C or SIGTERM"
+            print(f"\nlab ready ({until})", flush=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(duration):
+                    await stop.wait()
+        finally:
+            await lab.stop()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    print("lab stopped", flush=True)
     return 0
 
 

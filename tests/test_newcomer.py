@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from loopback import lab_thread
+from loopback import lab_thread, read_banner
 
+from relayaudit.demo import DEMO_LAB, ROLES
 from relayaudit.lab import Behaviour, ServerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,14 +80,24 @@ def test_check_on_a_terminal_says_what_it_waits_for_at_most_once_a_second() -> N
 
 def test_check_prints_no_progress_line_with_json_or_off_a_terminal() -> None:
     with lab_thread(TARPIT):
-        code, out, terminal = _check_under_pty(
+        code, _out, terminal = _check_under_pty(
             "127.0.233.1", "--port", "2525", "--timeout", "1", "--json"
         )
         assert code == 0
         assert "waiting for" not in terminal
         piped = subprocess.run(
-            [sys.executable, "-m", "relayaudit", "check", "127.0.233.1", "--port", "2525"]
-            + ["--timeout", "1", "--no-transcript"],
+            [
+                sys.executable,
+                "-m",
+                "relayaudit",
+                "check",
+                "127.0.233.1",
+                "--port",
+                "2525",
+                "--timeout",
+                "1",
+                "--no-transcript",
+            ],
             capture_output=True,
             text=True,
             env=_env(),
@@ -109,3 +123,67 @@ def test_check_timeout_sets_the_greeting_and_command_waits() -> None:
     )
     assert bad.returncode == 2
     assert "argument --timeout: 'soon' is not a duration" in bad.stderr
+
+
+# -- relayaudit lab ---------------------------------------------------------------------------
+
+
+def _lab(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "relayaudit", "lab", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+
+
+def _until_ready(proc: subprocess.Popen[str]) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("lab ready"):
+            return lines
+    raise AssertionError(f"no 'lab ready': {lines} {proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_lab_lists_its_servers_and_stops_with_0_on_a_signal(signum: int) -> None:
+    proc = _lab()
+    try:
+        lines = _until_ready(proc)
+        # every server of the demo's factory listens once "lab ready" is printed
+        for octet, port, behaviour, _ in DEMO_LAB:
+            assert any(line.startswith(f"  127.0.10.{octet}:{port} ") for line in lines), lines
+            assert any(ROLES[behaviour] in line for line in lines)
+            if behaviour is Behaviour.OPEN_RELAY:
+                assert read_banner(f"127.0.10.{octet}", port, 5) == (
+                    f"220 mx{octet}.campus.test ESMTP relaylab"
+                )
+        assert "  relayaudit sweep --config config/lab.toml --report lab-report.html" in lines
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.endswith("lab stopped\n")
+    assert read_banner("127.0.10.1", 2525, 1) is None  # stopped means stopped
+
+
+def test_lab_for_seconds_ends_with_0_and_a_taken_address_with_75() -> None:
+    started = time.monotonic()
+    proc = _lab("--for", "1")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "lab ready (for 1 s)" in out and 1.0 <= time.monotonic() - started < 20
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.10.13", 2525))
+        taken.listen()
+        proc = _lab("--for", "5")
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, (out, err)
+    assert "lab ready" not in out
+    assert err.startswith("relayaudit: lab: cannot listen on 127.0.10.13:2525: "), err
+    assert err.endswith("address already in use\n"), err
