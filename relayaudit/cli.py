@@ -43,6 +43,7 @@ from relayaudit.errors import (
 from relayaudit.evidence import ProbeResult, endpoint
 from relayaudit.files import write_text
 from relayaudit.greylisting import greylisted, retry
+from relayaudit.owners import load_owners
 from relayaudit.report import (
     FindingBrief,
     FindingBriefs,
@@ -483,6 +484,14 @@ def _config_check(path: Path) -> int:
     print(f"  ports {', '.join(map(str, config.ports))}: {probes} address:port probes per sweep")
     if config.approved:
         print(f"  approved services: {len(config.approved)}")
+    owners = load_owners(config)  # an unreadable owners_file or a bad row: exit 78
+    if owners.rows:
+        print(
+            f"  owners: {len(owners.owners)} ({len(owners.rows)} ranges; "
+            f"table {owners.digest})"
+        )
+    for warning in owners.warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     for warning in (*config.warnings, *file_warnings(path)):
         print(f"{path}: warning: {warning}", file=sys.stderr)
     for one in targets.sources:

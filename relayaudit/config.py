@@ -49,6 +49,7 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "Network",
+    "OwnerEntry",
     "ReportConfig",
     "ScheduleConfig",
     "StateConfig",
@@ -57,6 +58,7 @@ __all__ = [
     "config_fingerprint",
     "format_validation_error",
     "load_config",
+    "mailbox",
     "parse_config",
     "parse_duration",
 ]
@@ -390,6 +392,46 @@ class ApprovedService(_Model):
 
     def covers(self, address: Address, port: int) -> bool:
         return address in self.address and (self.port is None or self.port == port)
+
+
+def _one_line(value: str) -> str:
+    value = value.strip()
+    if not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{value!r} is not one line of text")
+    return value
+
+
+def _owner_range(value: object) -> object:
+    """A range of an owner: checked here, read by owners.py (host bits set: its network, warned)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a network or address string")
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network or address") from None
+    return value.strip()
+
+
+def mailbox(value: str) -> str:
+    """`local@domain` with the domain in lower case; ValueError for anything else."""
+    local, at, domain = value.strip().rpartition("@")
+    if not at or not _LOCAL_PART.match(local) or not _HOSTNAME.match(domain):
+        raise ValueError(f"{value!r} is not a plain address (local-part@domain)")
+    return f"{local}@{domain.lower()}"
+
+
+class OwnerEntry(_Model):
+    """One `[[owners]]` entry: the department that runs these ranges, where its mail goes.
+
+    On a range that owners_file lists too, this entry wins (owners.py).
+    """
+
+    name: Annotated[str, AfterValidator(_one_line), Field(max_length=100)]
+    ranges: Annotated[
+        tuple[Annotated[str, BeforeValidator(_owner_range)], ...], Field(min_length=1)
+    ]
+    contact: Annotated[str, AfterValidator(mailbox), Field(max_length=254)]
+    queue: Annotated[str, AfterValidator(_one_line), Field(max_length=100)] | None = None
 
 
 class Output(_Model):
@@ -955,6 +997,12 @@ class Config(_Model):
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     approved: tuple[ApprovedService, ...] = ()
+    # who runs which ranges (owners.py): entries here, and/or a CSV export of the IPAM read at
+    # each sweep; contacts must lie under owners_contact_domains (unset: relay.campus_domains).
+    # Left out of the fingerprint: an edit must not throw away an interrupted sweep
+    owners: tuple[OwnerEntry, ...] = ()
+    owners_file: SourcePath | None = None
+    owners_contact_domains: tuple[DomainField, ...] = ()
     # why scope or targets may be larger than scope.LARGE_SCOPE; logged with every sweep. Left
     # out of the fingerprint (as is `deploy`): neither changes what a sweep walks
     allow_large_scope: str | None = Field(default=None, min_length=1, max_length=200, exclude=True)
@@ -1142,15 +1190,59 @@ class Config(_Model):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _owner_contacts(self) -> Config:
+        # an IPAM export must not route vulnerability details to a mailbox outside campus
+        if not self.owners and self.owners_file is None:
+            return self
+        domains = self.contact_domains
+        if not domains:
+            raise ValueError(
+                "owners_contact_domains: required with [[owners]] or owners_file when "
+                "relay.campus_domains is not set (the domains an owner's contact may lie under)"
+            )
+        for i, entry in enumerate(self.owners):
+            domain = entry.contact.rpartition("@")[2]
+            if not any(_within(domain, d) for d in domains):
+                raise _scope_error(  # with its line in the file, as a scope rule's
+                    f"{entry.contact!r} is not under owners_contact_domains "
+                    f"({', '.join(domains)}): an owner's mail stays on campus",
+                    ("owners", i, "contact"),
+                )
+        first: dict[str, int] = {}
+        for i, entry in enumerate(self.owners):
+            j = first.setdefault(entry.name, i)
+            other = self.owners[j]
+            for key in ("contact", "queue"):
+                if getattr(entry, key) != getattr(other, key):
+                    raise _scope_error(
+                        f"owner {entry.name!r} has {key} {getattr(entry, key)!r} here but "
+                        f"{getattr(other, key)!r} in owners[{j}]; one owner has one {key}",
+                        ("owners", i, key),
+                    )
+        return self
+
+    @property
+    def contact_domains(self) -> tuple[str, ...]:
+        """The domains an owner's contact may lie under."""
+        return self.owners_contact_domains or self.relay.campus_domains
+
     @property
     def warnings(self) -> tuple[str, ...]:
         """Keys that still load but should change, one line each: `key.path: what to write`."""
-        return tuple(
+        starttls = tuple(
             f"alerts.email[{i}].starttls: the old name of tls; starttls = "
             f'{"true" if hook.starttls else "false"} is read as tls = "{hook.tls}" '
             "(write that instead)"
             for i, hook in enumerate(self.alerts.email)
             if hook.starttls is not None
+        )
+        return starttls + tuple(
+            f"owners[{i}].ranges[{j}]: {text!r} has host bits set; read as "
+            f"'{ipaddress.ip_network(text, strict=False)}'"
+            for i, entry in enumerate(self.owners)
+            for j, text in enumerate(entry.ranges)
+            if ipaddress.ip_network(text, strict=False) != _strict_or_none(text)
         )
 
     def is_approved(self, address: Address, port: int) -> ApprovedService | None:
@@ -1164,6 +1256,13 @@ class Config(_Model):
         except ConfigError:  # a zone id, or space no campus host can hold
             return False
         return any(address in net for net in self.scope)
+
+
+def _strict_or_none(text: str) -> Network | None:
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        return None
 
 
 def _within(domain: str, parent: str) -> bool:
@@ -1363,7 +1462,11 @@ def config_fingerprint(config: Config) -> str:
     # nor `alerts`: where findings are sent says nothing about which addresses a sweep covers
     # nor targets_from while it is unset: a config without lists hashes as before the key existed
     # (the lists' contents join the fingerprint in sources.sweep_fingerprint)
-    exclude = {"report", "alerts"}
+    # nor who runs an address or which services are approved (issue 29): both only label what
+    # a sweep finds; `approved` dumps as it did with no entries, so a config without approvals
+    # hashes as before
+    exclude = {"report", "alerts", "owners", "owners_file", "owners_contact_domains"}
     if not config.targets_from and config.targets_out_of_scope == "skip":
         exclude |= {"targets_from", "targets_out_of_scope"}
-    return hashlib.sha256(config.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
+    unlabelled = config.model_copy(update={"approved": ()})
+    return hashlib.sha256(unlabelled.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]

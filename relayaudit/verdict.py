@@ -31,6 +31,7 @@ __all__ = [
     "Finding",
     "FindingKind",
     "Fingerprint",
+    "Owner",
     "Severity",
     "TargetOrigin",
     "Verdict",
@@ -154,6 +155,17 @@ class TargetOrigin(_Frozen):
         return f"{self.name} {self.record} ({self.source})"
 
 
+class Owner(_Frozen):
+    """Who runs an address (owners.py): the department, where its mail goes, its ticket queue."""
+
+    name: str
+    contact: str
+    queue: str | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Finding(_Frozen):
     """One problem at one address:port; `id` is the same for the same problem in every sweep."""
 
@@ -176,6 +188,8 @@ class Finding(_Frozen):
     confirmation_token: str | None = None
     # the DNS names (and records) the address was found under, when targets_from derived it
     origin: tuple[TargetOrigin, ...] = ()
+    # who runs the address, from the owner table as the last sweep read it (None: nobody listed)
+    owner: Owner | None = None
 
 
 class Verdict(_Frozen):

@@ -50,6 +50,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "sources",
                 "software",
                 "remediation",
+                "owners",
             }
         ),
     ),

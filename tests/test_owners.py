@@ -1,0 +1,261 @@
+"""The owner table (issue 29): [[owners]] and owners_file, longest prefix, the rules, config check."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_runner import run_main
+
+from relayaudit.config import Config, config_fingerprint, parse_config
+from relayaudit.errors import ConfigError, ExitCode
+from relayaudit.owners import OwnerCache, OwnerTable, load_owners
+from relayaudit.verdict import Owner
+
+CHEM = {"name": "Chemistry", "contact": "it@chem.campus.example", "queue": "chem-it"}
+
+
+def config(tmp_path: Path, **extra: Any) -> Config:
+    data: dict[str, Any] = {
+        "scope": ["192.0.2.0/24", "2001:db8::/48"],
+        "targets": ["192.0.2.0/24"],
+        "relay": {"campus_domains": ["campus.example"]},
+        **extra,
+    }
+    return parse_config(data, source=str(tmp_path / "relayaudit.toml"))
+
+
+def owners_csv(tmp_path: Path, text: str, *, bom: bool = False) -> Path:
+    path = tmp_path / "owners.csv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def name_of(table: OwnerTable, address: str) -> str | None:
+    owner = table.lookup(address)
+    return owner.name if owner is not None else None
+
+
+def test_the_longest_prefix_wins_in_both_families(tmp_path: Path) -> None:
+    path = owners_csv(
+        tmp_path,
+        "# exported from IPAM\n"
+        "range,name,contact,queue\n"
+        "192.0.2.0/24,Central IT,noc@campus.example,noc\n"
+        "192.0.2.64/26,Physics,it@phys.campus.example,\n"
+        "192.0.2.70,Physics lab,lab@phys.campus.example,phys-lab\n"
+        "2001:db8::/48,Central IT,noc@campus.example,noc\n"
+        "2001:db8:0:7::/64,Physics,it@phys.campus.example,\n",
+        bom=True,
+    )
+    table = load_owners(config(tmp_path, owners_file=str(path)))
+    assert name_of(table, "192.0.2.1") == "Central IT"
+    assert name_of(table, "192.0.2.65") == "Physics"
+    assert name_of(table, "192.0.2.70") == "Physics lab"
+    assert name_of(table, "::ffff:192.0.2.70") == "Physics lab"  # IPv4-mapped read as IPv4
+    assert name_of(table, "2001:db8:0:7::25") == "Physics"
+    assert name_of(table, "2001:db8:0:8::25") == "Central IT"
+    assert name_of(table, "198.51.100.1") is None
+    assert table.lookup("192.0.2.65") == Owner(
+        name="Physics", contact="it@phys.campus.example", queue=None
+    )
+    assert [o.name for o in table.owners] == ["Central IT", "Physics", "Physics lab"]
+    assert table.warnings == ()
+
+
+def test_a_config_entry_beats_the_file_and_the_first_row_beats_later_ones(
+    tmp_path: Path,
+) -> None:
+    path = owners_csv(
+        tmp_path,
+        "range,name,contact,queue\n"
+        "192.0.2.0/25,Library,it@lib.campus.example,lib\n"
+        "192.0.2.128/25,Physics,it@phys.campus.example,\n"
+        "192.0.2.128/25,Music,it@music.campus.example,\n",
+    )
+    cfg = config(tmp_path, owners=[{**CHEM, "ranges": ["192.0.2.0/25"]}], owners_file=str(path))
+    table = load_owners(cfg)
+    assert name_of(table, "192.0.2.5") == "Chemistry"
+    assert name_of(table, "192.0.2.200") == "Physics"
+    assert any(
+        w.startswith(f"{path}:4:") and f"{path}:3" in w and "'Physics' is kept" in w
+        for w in table.warnings
+    ), table.warnings
+    assert any(w.startswith(f"{path}:2:") and "owners[0]" in w for w in table.warnings)
+
+
+def test_host_bits_are_read_as_the_network_with_a_warning(tmp_path: Path) -> None:
+    path = owners_csv(tmp_path, "range,name,contact\n192.0.2.1/24,Library,it@lib.campus.example\n")
+    table = load_owners(config(tmp_path, owners_file=str(path)))
+    assert name_of(table, "192.0.2.200") == "Library"
+    assert table.warnings == (
+        f"{path}:2: range '192.0.2.1/24' has host bits set; read as '192.0.2.0/24'",
+    )
+    cfg = config(tmp_path, owners=[{**CHEM, "ranges": ["192.0.2.9/28"]}])
+    assert name_of(load_owners(cfg), "192.0.2.1") == "Chemistry"
+    assert cfg.warnings == (
+        "owners[0].ranges[0]: '192.0.2.9/28' has host bits set; read as '192.0.2.0/28'",
+    )
+
+
+def test_ranges_outside_scope_are_kept(tmp_path: Path) -> None:
+    cfg = config(tmp_path, owners=[{**CHEM, "ranges": ["198.51.100.0/24"]}])
+    assert name_of(load_owners(cfg), "198.51.100.7") == "Chemistry"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("banana,Library,it@lib.campus.example", "range 'banana' is not an IP network"),
+        ("192.0.2.0/24,,it@lib.campus.example", "name is empty"),
+        (
+            "192.0.2.0/24,Library,it@evil.example",
+            "'it@evil.example' is not under owners_contact_domains (campus.example)",
+        ),
+        ("192.0.2.0/24,Library,nobody", "contact 'nobody' is not a plain address"),
+        ("192.0.2.0/24,Library", "2 columns where the header has 3"),
+    ],
+)
+def test_a_bad_row_names_file_line_and_value(tmp_path: Path, row: str, message: str) -> None:
+    path = owners_csv(tmp_path, f"range,name,contact\n# a comment\n{row}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_owners(config(tmp_path, owners_file=str(path)))
+    assert str(caught.value).startswith(f"{path}:3: ")
+    assert message in str(caught.value)
+
+
+def test_one_name_has_one_contact_and_queue(tmp_path: Path) -> None:
+    path = owners_csv(
+        tmp_path,
+        "range,name,contact,queue\n"
+        "192.0.2.0/25,Library,it@lib.campus.example,lib\n"
+        "192.0.2.128/25,Library,it@lib.campus.example,library\n",
+    )
+    with pytest.raises(
+        ConfigError,
+        match=f"{path}:3: owner 'Library' has queue 'library', but {path}:2 gives it 'lib'",
+    ):
+        load_owners(config(tmp_path, owners_file=str(path)))
+    with pytest.raises(ConfigError, match=r"owners\[1\].contact: .*owner 'Chemistry' has contact"):
+        config(
+            tmp_path,
+            owners=[
+                {**CHEM, "ranges": ["192.0.2.0/25"]},
+                {**CHEM, "ranges": ["192.0.2.128/25"], "contact": "x@chem.campus.example"},
+            ],
+        )
+
+
+def test_contacts_stay_under_the_contact_domains(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"owners\[0\].contact: 'it@gmail.example' is not under"):
+        config(
+            tmp_path, owners=[{**CHEM, "contact": "it@gmail.example", "ranges": ["192.0.2.0/24"]}]
+        )
+    with pytest.raises(ConfigError, match="owners_contact_domains: required"):
+        parse_config(
+            {
+                "scope": ["192.0.2.0/24"],
+                "targets": [],
+                "owners": [{**CHEM, "ranges": ["192.0.2.0/24"]}],
+            }
+        )
+    cfg = config(
+        tmp_path,
+        owners_contact_domains=["chem.campus.example"],
+        owners=[{**CHEM, "ranges": ["192.0.2.0/24"]}],
+    )
+    assert cfg.contact_domains == ("chem.campus.example",)
+
+
+def test_the_header_and_encoding_are_checked(tmp_path: Path) -> None:
+    path = owners_csv(tmp_path, "cidr,owner,email\n192.0.2.0/24,Library,it@lib.campus.example\n")
+    with pytest.raises(ConfigError, match=f"{path}:1: the header must be range,name,contact,queue"):
+        load_owners(config(tmp_path, owners_file=str(path)))
+    path.write_bytes(b"range,name,contact\n192.0.2.0/24,Libr\xe4ry,it@lib.campus.example\n")
+    with pytest.raises(ConfigError, match=f"{path}: owners_file is not UTF-8 text"):
+        load_owners(config(tmp_path, owners_file=str(path)))
+    with pytest.raises(ConfigError, match="owners_file cannot be read"):
+        load_owners(config(tmp_path, owners_file="missing.csv"))
+
+
+def test_editing_owners_or_approvals_keeps_the_resume_fingerprint(tmp_path: Path) -> None:
+    plain = config(tmp_path)
+    edited = config(
+        tmp_path,
+        owners=[{**CHEM, "ranges": ["192.0.2.0/24"]}],
+        owners_file="owners.csv",
+        approved=[{"address": "192.0.2.25", "port": 25, "note": "ISO-7"}],
+    )
+    assert config_fingerprint(edited) == config_fingerprint(plain)
+    # a config without owners or approvals hashes as before the keys existed
+    dump = plain.model_dump_json(
+        exclude={
+            "report",
+            "alerts",
+            "targets_from",
+            "targets_out_of_scope",
+            "owners",
+            "owners_file",
+            "owners_contact_domains",
+        }
+    )
+    assert '"approved":[]' in dump
+    assert config_fingerprint(plain) != config_fingerprint(config(tmp_path, ports=[25]))
+
+
+def test_the_cache_keeps_the_last_good_table(tmp_path: Path) -> None:
+    path = owners_csv(tmp_path, "range,name,contact\n192.0.2.0/24,Library,it@lib.campus.example\n")
+    cfg = config(tmp_path, owners_file=str(path))
+    failures: list[str] = []
+    cache = OwnerCache()
+    good = cache.load(cfg, on_failure=lambda error, kept: failures.append(error))
+    assert good is not None and name_of(good, "192.0.2.9") == "Library"
+    path.unlink()
+    again = cache.load(cfg, on_failure=lambda error, kept: failures.append(error))
+    assert again is good and cache.stale
+    assert len(failures) == 1 and "cannot be read" in failures[0]
+    # what the state store keeps reads back into the same table
+    assert OwnerTable.from_json(good.to_json(), where="store").digest == good.digest
+    fresh = OwnerCache()
+    assert fresh.load(cfg, on_failure=lambda error, kept: None) is None
+
+
+def test_config_check_reports_the_table_and_fails_on_a_bad_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = owners_csv(
+        tmp_path,
+        "range,name,contact,queue\n192.0.2.1/25,Library,it@lib.campus.example,lib\n"
+        "192.0.2.128/25,Physics,it@phys.campus.example,\n",
+    )
+    toml = tmp_path / "relayaudit.toml"
+    toml.write_text(
+        'scope = ["192.0.2.0/24"]\ntargets = ["192.0.2.0/28"]\nowners_file = "owners.csv"\n'
+        '[relay]\ncampus_domains = ["campus.example"]\n',
+        encoding="utf-8",
+    )
+    code, out, err = run_main(capsys, "config", "check", str(toml))
+    assert code == 0, err
+    assert "owners: 2 (2 ranges; table " in out
+    assert f"{path}:2: range '192.0.2.1/25' has host bits set" in err
+    with path.open("a", encoding="utf-8") as f:
+        f.write("192.0.2.300/32,Music,it@music.campus.example,\n")
+    code, out, err = run_main(capsys, "config", "check", str(toml))
+    assert code == ExitCode.CONFIG
+    assert f"{path}:4: range '192.0.2.300/32' is not an IP network" in err
+
+
+def test_the_index_answers_like_a_scan(tmp_path: Path) -> None:
+    nets = [ipaddress.ip_network(f"192.0.2.{i * 16}/28") for i in range(16)]
+    nets += [ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("192.0.2.32/27")]
+    owners = [
+        {"name": f"Dept {i}", "contact": f"d{i}@campus.example", "ranges": [str(n)]}
+        for i, n in enumerate(nets)
+    ]
+    table = load_owners(config(tmp_path, owners=owners))
+    for host in range(256):
+        address = ipaddress.ip_address(f"192.0.2.{host}")
+        best = max((n for n in nets if address in n), key=lambda n: n.prefixlen)
+        assert name_of(table, str(address)) == f"Dept {nets.index(best)}"
