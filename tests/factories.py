@@ -23,6 +23,7 @@ __all__ = [
     "ADDR",
     "SHARD",
     "T0",
+    "assert_names_its_fix",
     "canary_target",
     "make_finding",
     "observe",
@@ -132,3 +133,17 @@ def canary_target(domain: str) -> CanaryTarget:
         contact="iso@campus.test",
         campus_sender="iso@campus.test",
     )
+
+
+def assert_names_its_fix(finding: Finding, software: str) -> None:
+    """A relay finding against a real MTA (issue 30): the software named at high confidence, and a
+    reference to that software's fix for the way it relayed, an entry of the remediation data."""
+    from relayaudit.remediation import entries, way_of  # noqa: PLC0415 - few tests need it
+
+    guess = finding.fingerprint.software_guess
+    assert guess is not None and guess.software is not None, guess
+    assert (guess.name, guess.confidence.value) == (software, "high"), guess
+    ref = finding.remediation
+    way = way_of(finding.kind.value, finding.evidence).value
+    assert ref is not None and ref.id == f"{guess.software.value}/{way}", (ref, way)
+    assert ref.id in entries() and ref.software == software, ref

@@ -26,8 +26,10 @@ from loopback import free_port
 from relayaudit.config import MetricsConfig
 from relayaudit.daemon import STOP_GRACE
 from relayaudit.lab import Behaviour, Lab, ServerSpec
+from relayaudit.verdict import FindingKind
 
 REPO = Path(__file__).resolve().parent.parent
+RELAY_KINDS = {k.value for k in FindingKind if k.is_relay}
 DOCKERFILE = REPO / "Dockerfile"
 
 # Every absolute path the Dockerfile names must be one of these (or below one): the test maps
@@ -762,10 +764,16 @@ def test_the_installed_wheel_runs_on_its_own(built: Built, tmp_path: Path) -> No
         assert (REPO / "relayaudit" / asset).read_text(encoding="utf-8") in page, asset
     lines = [json.loads(x) for x in (demo / "findings.jsonl").read_text().splitlines() if x]
     assert lines and {x["tool_version"] for x in lines} == {version}
+    # the remediation data is package data: every relay names an entry of it (issue 30)
+    relays = [x for x in lines if x["kind"] in RELAY_KINDS]
+    assert relays and all(x["remediation"]["id"].count("/") == 1 for x in relays), relays
 
     store = str(demo / "demo-state.sqlite")
     for fmt in ("html", "md", "csv", "json"):
         ok("report", "--state", store, "--format", fmt, "--output", str(outside / f"r.{fmt}"))
         assert (outside / f"r.{fmt}").stat().st_size > 0, fmt
+    # ... and its texts are read from the installed wheel for the Markdown report
+    markdown = (outside / "r.md").read_text(encoding="utf-8")
+    assert "## How to fix the relays" in markdown and "Documentation: <https://" in markdown
     report = json.loads((outside / "r.json").read_text(encoding="utf-8"))
     assert report["tool_version"] == version and report["findings"]

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import factories
 import pytest
-from factories import canary_target, probe_settings
+from factories import assert_names_its_fix, canary_target, probe_settings
 from postfix_lab import POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, SCANNER_SOURCE, PostfixInstance
 
 from relayaudit.canary import CanaryReceiver
@@ -87,6 +87,7 @@ async def test_open_postfix_is_an_open_relay_and_confirmed(
     (finding,) = [f for f in verdict.findings if f.kind is FindingKind.OPEN_RELAY]
     assert finding.confidence is Confidence.CONFIRMED, (result.confirmation, finding.summary)
     assert result.confirmation is not None and result.confirmation.delivered is True
+    assert_names_its_fix(finding, "Postfix")  # postfix/plain (issue 30)
 
 
 async def test_campus_sender_postfix(
@@ -100,6 +101,7 @@ async def test_campus_sender_postfix(
     assert "sender-campus" in accepted and "rcpt-plain" not in accepted
     (finding,) = [f for f in verdict.findings if f.kind is FindingKind.RELAY_CAMPUS_SENDER]
     assert finding.confidence is Confidence.CONFIRMED
+    assert_names_its_fix(finding, "Postfix")  # postfix/local-sender (issue 30)
 
 
 async def test_auth_required_postfix(postfix_lab: dict[str, PostfixInstance]) -> None:
