@@ -437,7 +437,9 @@ def _main(argv: Sequence[str] | None) -> int:
             report_format(args.report)  # a bad suffix is an error before the lab starts
             return eventloop.run(run_demo(args.output, report=args.report, hooks=args.hooks))
     except RelayAuditError as exc:
-        print(f"relayaudit: {exc}", file=sys.stderr)
+        # one problem a line (a config error names them all), each line standing on its own
+        for line in str(exc).splitlines() or [""]:
+            print(f"relayaudit: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("relayaudit: interrupted", file=sys.stderr)

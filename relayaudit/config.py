@@ -9,9 +9,9 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,13 +23,14 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     StrictBool,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from relayaudit.errors import ConfigError
 from relayaudit.schedule import parse_cron
@@ -1076,36 +1077,37 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _inside_scope(self) -> Config:
-        # every network here is already normal (IPv4 written in IPv6 is IPv4), so one family
-        # comparison decides
-        def check(loc: KeyPath, networks: tuple[Network, ...]) -> None:
-            for i, net in enumerate(networks):
-                if not any(
-                    net.version == s.version and net.subnet_of(s)  # type: ignore[arg-type]
-                    for s in self.scope
-                ):
-                    raise _scope_error(
-                        f"'{net}' is outside scope ({', '.join(str(s) for s in self.scope)})",
-                        (*loc[:1], i, *loc[1:]),
-                    )
-
-        check(("targets",), self.targets)
-        check(("exclude",), self.exclude)
-        check(("approved", "address"), tuple(a.address for a in self.approved))
-        for i, port in enumerate(self.implicit_tls_ports):
-            if port not in self.ports:
-                raise ValueError(
-                    f"implicit_tls_ports[{i}]: {port} is not one of ports {list(self.ports)}"
-                )
+        # every problem at once, each at its own key (parse_config runs the scope checks alone
+        # when other keys are invalid)
+        problems = [
+            p
+            for loc in _SCOPE_CHECKS
+            for p in _outside_scope(
+                self.scope, loc, _ranges(enumerate(getattr(self, str(loc[0]))), loc)
+            )
+        ]
+        problems += (
+            _problem(
+                ("implicit_tls_ports", i), port, f"{port} is not one of ports {list(self.ports)}"
+            )
+            for i, port in enumerate(self.implicit_tls_ports)
+            if port not in self.ports
+        )
         # with targets_from, the families of the targets are known only once the lists are read:
         # `config check` warns then (and each unreachable target says why)
         if not self.targets_from:
             families = {t.version for t in self.targets}
-            for source in self.source_address:
-                if families and source.version not in families:
-                    raise ValueError(
-                        f"source_address: '{source}' is IPv{source.version} but no target is"
-                    )
+            problems += (
+                _problem(
+                    ("source_address",),
+                    str(source),
+                    f"'{source}' is IPv{source.version} but no target is",
+                )
+                for source in self.source_address
+                if families and source.version not in families
+            )
+        if problems:
+            raise ValidationError.from_exception_data("Config", problems)
         return self
 
     @model_validator(mode="after")
@@ -1277,6 +1279,76 @@ def _normal_or_self(address: Address) -> Address:
         return address
 
 
+# the keys whose ranges must lie inside scope, as key paths of the file (approved: each entry's
+# address); Config checks them, and parse_config checks those that validated when others did not
+_SCOPE_CHECKS: tuple[KeyPath, ...] = (("targets",), ("exclude",), ("approved", "address"))
+
+
+def _ranges(entries: Iterable[tuple[int, Any]], loc: KeyPath) -> list[tuple[int, Network]]:
+    """The networks of validated entries at `loc` (an [[approved]] entry's address), by index."""
+    return [(i, e.address if loc[0] == "approved" else e) for i, e in entries]
+
+
+def _problem(loc: KeyPath, value: object, message: str) -> InitErrorDetails:
+    """A broken rule across keys, at the key it is about (its line added when formatted)."""
+    return {
+        "type": PydanticCustomError("check", "{message}", {"message": message}),
+        "loc": loc,
+        "input": value,
+    }
+
+
+def _outside_scope(
+    scope: tuple[Network, ...], loc: KeyPath, networks: list[tuple[int, Network]]
+) -> list[InitErrorDetails]:
+    # every network here is already normal (IPv4 written in IPv6 is IPv4), so one family
+    # comparison decides
+    listed = ", ".join(str(s) for s in scope)
+    return [
+        _problem((*loc[:1], i, *loc[1:]), str(net), f"'{net}' is outside scope ({listed})")
+        for i, net in networks
+        if not any(
+            net.version == s.version and net.subnet_of(s)  # type: ignore[arg-type]
+            for s in scope
+        )
+    ]
+
+
+def _validated(kind: Any, value: object) -> Any:
+    """`value` validated as `kind` alone, or None if it is invalid."""
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError:
+        return None
+
+
+def _scope_despite(
+    data: Mapping[str, Any], invalid: set[str]
+) -> tuple[list[InitErrorDetails], list[str]]:
+    """The scope checks when other keys are invalid (Config's own checks then never run): each
+    valid entry of targets, exclude and approved against a valid scope; a note for each key
+    not checked because scope, or the key as a whole, is invalid."""
+    fields = Config.model_fields
+    scope = None if "scope" in invalid else _validated(fields["scope"].annotation, data["scope"])
+    problems: list[InitErrorDetails] = []
+    notes: list[str] = []
+    for loc in _SCOPE_CHECKS:
+        key = str(loc[0])
+        entries = data.get(key)
+        if entries is None:
+            continue
+        if scope is None or not isinstance(entries, list):
+            bad = "scope" if scope is None else key
+            notes.append(f"{key}: not checked against scope, as {bad} is invalid")
+            continue
+        (element,) = get_args(fields[key].annotation)[:1]
+        valid = ((i, _validated(element, e)) for i, e in enumerate(entries))
+        problems += _outside_scope(
+            scope, loc, _ranges(((i, v) for i, v in valid if v is not None), loc)
+        )
+    return problems, notes
+
+
 # pydantic's type errors in the words of TOML
 _TYPE_WORDS = {
     "tuple_type": "must be an array",
@@ -1340,34 +1412,51 @@ def _toml_loc(loc: tuple[int | str, ...]) -> KeyPath:
 def format_validation_error(
     exc: ValidationError, *, source: str, lines: Mapping[KeyPath, int] | None = None
 ) -> str:
-    """One line per problem: `SOURCE: key.path[i]: what is wrong (got VALUE)`.
+    """One line per problem: `SOURCE: key.path[i]: line N: what is wrong (got VALUE)`.
 
-    A broken scope rule also names its line in the file: `SOURCE: key.path[i]: line N: ...`
-    (`lines`: tomllines.key_lines of the file's text).
+    `lines` (tomllines.key_lines of the file's text) gives each problem its line; without it,
+    or for a key that is missing from the file, the line is left out.
     """
+    return "\n".join(_problem_lines(exc.errors(include_url=False), source, lines))
+
+
+# the key path a whole-model validator's message starts with: "relay.external_domains[1]: ..."
+_LEADING_PATH = re.compile(r"([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+|\[\d+\])*): ")
+_PATH_PART = re.compile(r"[A-Za-z0-9_-]+|\[(\d+)\]")
+
+
+def _problem_lines(
+    errors: list[ErrorDetails], source: str, lines: Mapping[KeyPath, int] | None
+) -> list[str]:
+    def at(loc: KeyPath) -> str:
+        return _at(lines, loc)
+
     out = []
-    for err in exc.errors(include_url=False):
+    for err in errors:
         path = _key_path(err["loc"])
+        loc = _toml_loc(err["loc"])
         kind = err["type"]
         msg = str(err["msg"])
-        if kind == "scope":
+        if kind in ("scope", "check"):
             ctx = err.get("ctx") or {}
             loc = _toml_loc(ctx.get("loc", err["loc"]))
-            line = line_of(lines, loc) if lines is not None else None
-            where = f"line {line}: " if line is not None else ""
-            out.append(f"{source}: {_key_path(loc)}: {where}{msg}")
+            out.append(f"{source}: {_key_path(loc)}: {at(loc)}{msg}")
             continue
         if kind == "value_error":
             msg = msg.removeprefix("Value error, ")
-            # errors raised by whole-model validators already carry their key path
-            out.append(
-                f"{source}: {msg}"
-                if not path or msg.startswith(path)
-                else f"{source}: {path}: {msg}"
-            )
+            lead = _LEADING_PATH.match(msg)
+            if lead is not None and (not path or msg.startswith(path)):
+                # errors raised by whole-model validators already carry their key path
+                where = tuple(
+                    int(m.group(1)) if m.group(1) else m.group()
+                    for m in _PATH_PART.finditer(lead.group(1))
+                )
+                out.append(f"{source}: {lead.group(1)}: {at(where)}{msg[lead.end() :]}")
+            else:
+                out.append(f"{source}: {path}: {at(loc)}{msg}" if path else f"{source}: {msg}")
             continue
         if kind == "extra_forbidden":
-            msg = "unknown key"
+            msg = f"unknown key (got {_shown(err.get('input'))})"
         elif kind in ("tuple_type", "list_type") and isinstance(err.get("input"), Mapping):
             # [alerts.webhook] written where [[alerts.webhook]] was meant
             msg = f"must be an array of tables: write [[{path}]] for each entry (got a table)"
@@ -1377,23 +1466,62 @@ def format_validation_error(
             msg = "required key is missing"
         else:
             msg = f"{msg} (got {err.get('input')!r})"
-        out.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
-    return "\n".join(out)
+        out.append(f"{source}: {path}: {at(loc)}{msg}" if path else f"{source}: {msg}")
+    return out
+
+
+def _shown(value: object) -> str:
+    """A value as an error line quotes it: a table by its kind, anything long clipped."""
+    if isinstance(value, Mapping):
+        return "a table"
+    text = _toml_repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
 
 
 def parse_config(
     data: Mapping[str, Any], *, source: str = "<memory>", text: str | None = None
 ) -> Config:
-    """Validate an already-parsed mapping; raises ConfigError naming key and value.
+    """Validate an already-parsed mapping; raises ConfigError naming every problem at once.
 
-    `text`, the TOML the mapping was read from, lets errors of the scope rules name their line.
+    Each problem is one line naming key and value, and its line when `text`, the TOML the
+    mapping was read from, is given. When keys are invalid, the scope checks still run over
+    the keys that validated, and a check skipped for an invalid key says so.
     """
+    lines = key_lines(text) if text is not None else None
+    # `source` is where the Config was read from, never a key of the file
+    extra = (
+        [f"{source}: source: {_at(lines, ('source',))}unknown key (got {_shown(data['source'])})"]
+        if "source" in data
+        else []
+    )
+    base = Path(source).parent if source not in {"<memory>", "(no config)"} else Path.cwd()
     try:
-        base = Path(source).parent if source not in {"<memory>", "(no config)"} else Path.cwd()
-        return Config.model_validate({**data, "source": source}, context={"base": base})
+        config = Config.model_validate({**data, "source": source}, context={"base": base})
     except ValidationError as exc:
-        lines = key_lines(text) if text is not None else None
-        raise ConfigError(format_validation_error(exc, source=source, lines=lines)) from None
+        errors = exc.errors(include_url=False)
+        out = extra + _problem_lines(errors, source, lines)
+        # a key that failed its own validation: the whole-model checks never ran
+        invalid = {
+            str(e["loc"][0])
+            for e in errors
+            if e["loc"] and e["type"] != "check" and "loc" not in (e.get("ctx") or {})
+        }
+        if invalid:
+            problems, notes = _scope_despite(data, invalid)
+            if problems:
+                found = ValidationError.from_exception_data("Config", problems)
+                out += _problem_lines(found.errors(include_url=False), source, lines)
+            out += (f"{source}: {note}" for note in notes)
+        raise ConfigError("\n".join(out)) from None
+    if extra:
+        raise ConfigError("\n".join(extra))
+    return config
+
+
+def _at(lines: Mapping[KeyPath, int] | None, loc: KeyPath) -> str:
+    """`line N: ` for the key at `loc` (its table's line for a missing key), or nothing."""
+    line = line_of(lines, loc) if lines is not None else None
+    return f"line {line}: " if line is not None else ""
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -1416,8 +1544,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             f"{source}: TOML syntax error: arrays or tables nested too deeply"
         ) from None
-    if "source" in data:
-        raise ConfigError(f"{source}: source: unknown key")
     return parse_config(data, source=source, text=text)
 
 

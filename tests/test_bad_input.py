@@ -38,115 +38,121 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     (
         "webhook-table-instead-of-array",
         '[alerts.webhook]\nurl = "https://tickets.campus.example/hook"\n',
-        "alerts.webhook: must be an array of tables: write [[alerts.webhook]] for each entry (got a table)",
+        "alerts.webhook: line 3: must be an array of tables: write [[alerts.webhook]] for each entry (got a table)",
     ),
     (
         "approved-inline-table",
         'approved = { address = "192.0.2.25" }\n',
-        "approved: must be an array of tables: write [[approved]] for each entry (got a table)",
+        "approved: line 3: must be an array of tables: write [[approved]] for each entry (got a table)\n"
+        "approved: not checked against scope, as approved is invalid",
     ),
-    ("ports-as-string", 'ports = "25"\n', "ports: must be an array (got '25')"),
+    ("ports-as-string", 'ports = "25"\n', "ports: line 3: must be an array (got '25')"),
     (
         "scope-as-string",
         'scope = "192.0.2.0/24"\ntargets = ["192.0.2.0/24"]\n',
-        "scope: must be an array (got '192.0.2.0/24')",
+        "scope: line 1: must be an array (got '192.0.2.0/24')\n"
+        "targets: not checked against scope, as scope is invalid",
     ),
     (
         "seed-fractional",
         "seed = 1.5\n",
-        "seed: Input should be a valid integer, got a number with a fractional part (got 1.5)",
+        "seed: line 3: Input should be a valid integer, got a number with a fractional part (got 1.5)",
     ),
     (
         "command-hook-without-argv",
         "[[alerts.command]]\nargv = []\n",
-        "alerts.command[0].argv: Tuple should have at least 1 item after validation, not 0 (got [])",
+        "alerts.command[0].argv: line 4: Tuple should have at least 1 item after validation, not 0 (got [])",
     ),
     (
         "webhook-not-http",
         '[[alerts.webhook]]\nurl = "ftp://tickets.campus.example/"\n',
-        "alerts.webhook[0].url: 'ftp://tickets.campus.example/' is not an http:// or https:// URL",
+        "alerts.webhook[0].url: line 4: 'ftp://tickets.campus.example/' is not an http:// or https:// URL",
     ),
     (
         "webhook-timeout-words",
         '[[alerts.webhook]]\nurl = "https://t.campus.example/"\ntimeout = "10 seconds"\n',
-        "alerts.webhook[0].timeout: '10 seconds' is not a duration (use e.g. 30, '30s', '5m', '1h')",
+        "alerts.webhook[0].timeout: line 5: '10 seconds' is not a duration (use e.g. 30, '30s', '5m', '1h')",
     ),
     (
         "secret-env-not-a-name",
         '[[alerts.webhook]]\nurl = "https://t.campus.example/"\ntoken = { env = 5 }\n',
-        'alerts.webhook[0].token: a secret is a string, { env = "NAME" } or { file = "/path" }',
+        'alerts.webhook[0].token: line 5: a secret is a string, { env = "NAME" } or { file = "/path" }',
     ),
     (
         "secret-with-two-sources",
         '[[alerts.webhook]]\nurl = "https://t.campus.example/"\nhmac_key = { env = "A", file = "/b" }\n',
-        'alerts.webhook[0].hmac_key: a secret is a string, { env = "NAME" } or { file = "/path" }',
+        'alerts.webhook[0].hmac_key: line 5: a secret is a string, { env = "NAME" } or { file = "/path" }',
     ),
     (
         "email-without-recipients",
         '[[alerts.email]]\nhost = "mail.campus.example"\nmail_from = "relayaudit@campus.example"\n',
-        "alerts.email[0].to: required key is missing",
+        "alerts.email[0].to: line 3: required key is missing",
     ),
     (
         "email-port-name",
         '[[alerts.email]]\nhost = "mail.campus.example"\nport = "smtp"\n'
         'mail_from = "relayaudit@campus.example"\nto = ["rt@campus.example"]\n',
-        "alerts.email[0].port: must be an integer (got 'smtp')",
+        "alerts.email[0].port: line 5: must be an integer (got 'smtp')",
     ),
     (
         "log-level-unknown",
         '[logging]\nlevel = "verbose"\n',
-        "logging.level: 'verbose' is not one of debug, info, warning, error",
+        "logging.level: line 4: 'verbose' is not one of debug, info, warning, error",
     ),
     (
         "metrics-listen-without-port",
         '[metrics]\nlisten = "0.0.0.0"\n',
-        "metrics.listen: '0.0.0.0' is not of the form ADDRESS:PORT (e.g. 127.0.0.1:2526)",
+        "metrics.listen: line 4: '0.0.0.0' is not of the form ADDRESS:PORT (e.g. 127.0.0.1:2526)",
     ),
     (
         "metrics-enabled-yes",
         '[metrics]\nenabled = "yes"\n',
-        "metrics.enabled: must be true or false (got 'yes')",
+        "metrics.enabled: line 4: must be true or false (got 'yes')",
     ),
     (
         "state-path-with-nul",
         '[state]\npath = "state\\u0000.sqlite"\n',
-        "state.path: 'state\\x00.sqlite' is not a usable file path",
+        "state.path: line 4: 'state\\x00.sqlite' is not a usable file path",
     ),
     (
         "findings-path-empty",
         '[output]\nfindings = ""\n',
-        "output.findings: '' is not a usable file path",
+        "output.findings: line 4: '' is not a usable file path",
     ),
-    ("log-file-blank", '[logging]\nfile = " "\n', "logging.file: ' ' is not a usable file path"),
+    (
+        "log-file-blank",
+        '[logging]\nfile = " "\n',
+        "logging.file: line 4: ' ' is not a usable file path",
+    ),
     (
         "resolve-after-zero",
         "[state]\nresolve_after = 0\n",
-        "state.resolve_after: Input should be greater than or equal to 1 (got 0)",
+        "state.resolve_after: line 4: Input should be greater than or equal to 1 (got 0)",
     ),
     (
         "cron-minute-61",
         '[schedule]\ncron = "61 * * * *"\n',
-        "schedule.cron: '61 * * * *': minute value 61 is outside 0-59",
+        "schedule.cron: line 4: '61 * * * *': minute value 61 is outside 0-59",
     ),
     (
         "interval-zero",
         "[schedule]\ninterval = 0\n",
-        "schedule.interval: 0 must be longer than zero",
+        "schedule.interval: line 4: 0 must be longer than zero",
     ),
     (
         "contact-with-terminal-escape",
         '[identity]\ncontact = "iso\\u001b[2J"\n',
-        "identity.contact: 'iso\\x1b[2J' contains control characters",
+        "identity.contact: line 4: 'iso\\x1b[2J' contains control characters",
     ),
     (
         "too-many-tests-per-session",
         "[relay]\nmax_tests_per_session = 51\n",
-        "relay.max_tests_per_session: Input should be less than or equal to 50 (got 51)",
+        "relay.max_tests_per_session: line 4: Input should be less than or equal to 50 (got 51)",
     ),
     (
         "approved-host-bits",
         '[[approved]]\naddress = "192.0.2.1/24"\n',
-        "approved[0].address: '192.0.2.1/24' has host bits set",
+        "approved[0].address: line 4: '192.0.2.1/24' has host bits set",
     ),
     (
         "ipv6-target-in-ipv4-scope",
@@ -156,12 +162,12 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     (
         "quoted-dotted-key",
         '"relay.campus_domains" = ["campus.example"]\n',
-        '"relay.campus_domains": unknown key',
+        "\"relay.campus_domains\": line 3: unknown key (got ['campus.example'])",
     ),
     (
         "empty-key",
         '[relay]\n"" = 1\n',
-        'relay."": unknown key',
+        'relay."": line 4: unknown key (got 1)',
     ),
     (
         "nested-too-deeply",
@@ -182,7 +188,7 @@ def test_bad_config(
     assert run_main(capsys, "config", "check", str(path)) == (
         ExitCode.CONFIG,
         "",
-        f"relayaudit: {path}: {message}\n",
+        "".join(f"relayaudit: {path}: {line}\n" for line in message.splitlines()),
     )
 
 
@@ -209,7 +215,7 @@ CHECK_USAGE = (
     "usage: relayaudit check [-h] [--port PORT] [--config CONFIG] [--source SOURCE]\n"
     "                        [--confirm] [--retry-greylisted] [--json]\n"
     "                        [--fail-on {never,relay,critical,high,medium,low}]\n"
-    "                        [--no-transcript]\n"
+    "                        [--no-transcript] [--timeout SECONDS]\n"
     "                        host\n"
 )
 FINDINGS_USAGE = (

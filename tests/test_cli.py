@@ -128,7 +128,7 @@ def test_sweep_bad_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     assert run_main(capsys, "sweep", "--config", str(path)) == (
         ExitCode.CONFIG,
         "",
-        f"relayaudit: {path}: ports: [25, 25] lists a port twice\n",
+        f"relayaudit: {path}: ports: line 3: [25, 25] lists a port twice\n",
     )
 
 
@@ -155,7 +155,10 @@ def test_config_check_bad_file_lists_every_problem(
     assert run_main(capsys, "config", "check", str(path)) == (
         ExitCode.CONFIG,
         "",
-        f"relayaudit: {path}: limits.rate: Input should be greater than 0 (got 0)\n",
+        f"relayaudit: {path}: limits.rate: line 4: Input should be greater than 0 (got 0)\n"
+        # a bad field no longer hides the scope check (issue 32): every problem, a line each
+        f"relayaudit: {path}: targets[0]: line 2: '198.51.100.0/24' is outside scope "
+        "(192.0.2.0/24)\n",
     )
 
 

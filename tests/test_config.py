@@ -235,12 +235,12 @@ BAD: list[tuple[str, str, str]] = [
         "host-bits-set",
         'scope = ["192.0.2.0/24"]\n'
         'targets = ["192.0.2.0/26", "192.0.2.64/26", "192.0.2.128/26", "192.0.2.1/16"]\n',
-        "targets[3]: '192.0.2.1/16' has host bits set",
+        "targets[3]: line 2: '192.0.2.1/16' has host bits set",
     ),
     (
         "not-a-network",
         'scope = ["192.0.2.0/24"]\ntargets = ["campus"]\n',
-        "targets[0]: 'campus' is not an IP network or address",
+        "targets[0]: line 2: 'campus' is not an IP network or address",
     ),
     (
         "exclusion-outside-scope",
@@ -253,114 +253,135 @@ BAD: list[tuple[str, str, str]] = [
         "approved[1].address: line 7: '198.51.100.25/32' is outside scope "
         "(192.0.2.0/24, 2001:db8:25::/120)",
     ),
-    ("unknown-top-level-key", BASE + 'taregts = ["192.0.2.0/24"]\n', "taregts: unknown key"),
-    ("unknown-nested-key", BASE + "[limits]\nconcurency = 5\n", "limits.concurency: unknown key"),
+    (
+        "unknown-top-level-key",
+        BASE + 'taregts = ["192.0.2.0/24"]\n',
+        "taregts: line 3: unknown key (got ['192.0.2.0/24'])",
+    ),
+    (
+        "unknown-nested-key",
+        BASE + "[limits]\nconcurency = 5\n",
+        "limits.concurency: line 4: unknown key (got 5)",
+    ),
     (
         "unknown-key-in-array-of-tables",
         BASE + '[[approved]]\naddress = "192.0.2.25"\nprot = 25\n',
-        "approved[0].prot: unknown key",
+        "approved[0].prot: line 5: unknown key (got 25)",
     ),
-    ("loader-only-key", BASE + 'source = "x"\n', "source: unknown key"),
-    ("missing-scope", 'targets = ["192.0.2.0/24"]\n', "scope: required key is missing"),
+    ("loader-only-key", BASE + 'source = "x"\n', "source: line 3: unknown key (got 'x')"),
+    (
+        "missing-scope",
+        'targets = ["192.0.2.0/24"]\n',
+        "scope: required key is missing\ntargets: not checked against scope, as scope is invalid",
+    ),
     (
         "empty-scope",
         'scope = []\ntargets = ["192.0.2.0/24"]\n',
-        "scope: must list at least one network",
+        "scope: line 1: must list at least one network\n"
+        "targets: not checked against scope, as scope is invalid",
     ),
     (
         "bad-duration",
         BASE + '[timeouts]\nconnect = "3 seconds"\n',
-        f"timeouts.connect: '3 seconds' {DURATION_HINT}",
+        f"timeouts.connect: line 4: '3 seconds' {DURATION_HINT}",
     ),
     (
         "zero-duration",
         BASE + "[timeouts]\nconnect = 0\n",
-        "timeouts.connect: 0 must be longer than zero",
+        "timeouts.connect: line 4: 0 must be longer than zero",
     ),
     (
         "zero-duration-with-unit",
         BASE + '[canary]\nwait = "0s"\n',
-        "canary.wait: '0s' must be longer than zero",
+        "canary.wait: line 4: '0s' must be longer than zero",
     ),
     (
         "negative-duration",
         BASE + "[timeouts]\nsession = -1\n",
-        "timeouts.session: -1 must be longer than zero",
+        "timeouts.session: line 4: -1 must be longer than zero",
     ),
     (
         "nan-duration",
         BASE + "[timeouts]\nconnect = nan\n",
-        f"timeouts.connect: nan {DURATION_HINT}",
+        f"timeouts.connect: line 4: nan {DURATION_HINT}",
     ),
-    ("infinite-duration", BASE + "[canary]\nwait = inf\n", f"canary.wait: inf {DURATION_HINT}"),
+    (
+        "infinite-duration",
+        BASE + "[canary]\nwait = inf\n",
+        f"canary.wait: line 4: inf {DURATION_HINT}",
+    ),
     (
         "port-out-of-range",
         BASE + "ports = [25, 70000]\n",
-        "ports[1]: Input should be less than or equal to 65535 (got 70000)",
+        "ports[1]: line 3: Input should be less than or equal to 65535 (got 70000)",
     ),
     (
         "port-zero",
         BASE + "ports = [0]\n",
-        "ports[0]: Input should be greater than or equal to 1 (got 0)",
+        "ports[0]: line 3: Input should be greater than or equal to 1 (got 0)",
     ),
-    ("duplicate-port", BASE + "ports = [25, 587, 25]\n", "ports: [25, 587, 25] lists a port twice"),
+    (
+        "duplicate-port",
+        BASE + "ports = [25, 587, 25]\n",
+        "ports: line 3: [25, 587, 25] lists a port twice",
+    ),
     (
         "implicit-tls-port-not-in-ports",
         BASE + "ports = [25, 587]\nimplicit_tls_ports = [465]\n",
-        "implicit_tls_ports[0]: 465 is not one of ports [25, 587]",
+        "implicit_tls_ports[0]: line 4: 465 is not one of ports [25, 587]",
     ),
     (
         "external-domain-is-campus",
         BASE + "[relay]\n"
         'campus_domains = ["campus.example"]\n'
         'external_domains = ["relay-test.example", "mail.campus.example"]\n',
-        "relay.external_domains[1]: 'mail.campus.example' is a campus domain; "
+        "relay.external_domains[1]: line 5: 'mail.campus.example' is a campus domain; "
         "relay tests need a domain outside campus",
     ),
     (
         "canary-listen-not-address-port",
         BASE + '[canary]\nlisten = "localhost:2526"\n',
-        "canary.listen: 'localhost:2526' is not of the form ADDRESS:PORT (e.g. 127.0.0.1:2526)",
+        "canary.listen: line 4: 'localhost:2526' is not of the form ADDRESS:PORT (e.g. 127.0.0.1:2526)",
     ),
     (
         "canary-listen-port-out-of-range",
         BASE + '[canary]\nlisten = "127.0.0.1:70000"\n',
-        "canary.listen: '127.0.0.1:70000': port 70000 is outside 1-65535",
+        "canary.listen: line 4: '127.0.0.1:70000': port 70000 is outside 1-65535",
     ),
     (
         "command-timeout-longer-than-session",
         BASE + '[timeouts]\ncommand = "5m"\nsession = "2m"\n',
-        "timeouts.command: 300s is longer than timeouts.session (120s)",
+        "timeouts.command: line 4: 300s is longer than timeouts.session (120s)",
     ),
     (
         "rate-zero",
         BASE + "[limits]\nrate = 0\n",
-        "limits.rate: Input should be greater than 0 (got 0)",
+        "limits.rate: line 4: Input should be greater than 0 (got 0)",
     ),
     (
         "rate-infinite",
         BASE + "[limits]\nrate = inf\n",
-        "limits.rate: Input should be a finite number (got inf)",
+        "limits.rate: line 4: Input should be a finite number (got inf)",
     ),
     (
         "string-for-concurrency",
         BASE + '[limits]\nconcurrency = "many"\n',
-        "limits.concurrency: must be an integer (got 'many')",
+        "limits.concurrency: line 4: must be an integer (got 'many')",
     ),
     (
         "ipv6-source-with-only-ipv4-targets",
         BASE + 'source_address = "2001:db8:25::1"\n',
-        "source_address: '2001:db8:25::1' is IPv6 but no target is",
+        "source_address: line 3: '2001:db8:25::1' is IPv6 but no target is",
     ),
     (
         "source-not-an-address",
         BASE + 'source_address = "scanner"\n',
-        "source_address: 'scanner' is not an IP address",
+        "source_address: line 3: 'scanner' is not an IP address",
     ),
     (
         "bad-helo-name",
         BASE + '[identity]\nhelo_name = "not a name"\n',
-        "identity.helo_name: 'not a name' is not a valid host or domain name",
+        "identity.helo_name: line 4: 'not a name' is not a valid host or domain name",
     ),
     (
         "toml-syntax-error",
@@ -378,15 +399,92 @@ BAD: list[tuple[str, str, str]] = [
 @pytest.mark.parametrize(("text", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_config_message(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
-    assert error_of(path) == f"{path}: {message}"
+    assert error_of(path).splitlines() == [f"{path}: {line}" for line in message.splitlines()]
 
 
 def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + "ports = [0]\n[limits]\nrate = 0\n")
     assert error_of(path).splitlines() == [
-        f"{path}: ports[0]: Input should be greater than or equal to 1 (got 0)",
-        f"{path}: limits.rate: Input should be greater than 0 (got 0)",
+        f"{path}: ports[0]: line 3: Input should be greater than or equal to 1 (got 0)",
+        f"{path}: limits.rate: line 5: Input should be greater than 0 (got 0)",
     ]
+
+
+# an unknown key, a bad duration and two targets outside scope (issue 32): four lines at once
+FOUR_ERRORS = (
+    'scope = ["192.0.2.0/24"]\n'
+    'targets = ["192.0.2.0/25", "198.51.100.0/24",\n'
+    '           "203.0.113.0/28"]\n'
+    'taregts = ["192.0.2.0/24"]\n'
+    "\n"
+    "[timeouts]\n"
+    'connect = "3 seconds"\n'
+)
+
+
+def test_every_config_error_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, FOUR_ERRORS)
+    assert main(["config", "check", str(path)]) == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"relayaudit: {path}: timeouts.connect: line 7: '3 seconds' {DURATION_HINT}",
+        f"relayaudit: {path}: taregts: line 4: unknown key (got ['192.0.2.0/24'])",
+        f"relayaudit: {path}: targets[1]: line 2: '198.51.100.0/24' is outside scope "
+        "(192.0.2.0/24)",
+        f"relayaudit: {path}: targets[2]: line 3: '203.0.113.0/28' is outside scope (192.0.2.0/24)",
+    ]
+
+
+def test_every_scope_problem_when_the_rest_is_valid(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'scope = ["192.0.2.0/24"]\n'
+        'targets = ["192.0.2.0/25", "198.51.100.0/24",\n'
+        '           "203.0.113.0/28"]\n'
+        'exclude = ["198.51.100.7"]\n'
+        '[[approved]]\naddress = "203.0.113.25"\n',
+    )
+    assert error_of(path).splitlines() == [
+        f"{path}: targets[1]: line 2: '198.51.100.0/24' is outside scope (192.0.2.0/24)",
+        f"{path}: targets[2]: line 3: '203.0.113.0/28' is outside scope (192.0.2.0/24)",
+        f"{path}: exclude[0]: line 4: '198.51.100.7/32' is outside scope (192.0.2.0/24)",
+        f"{path}: approved[0].address: line 6: '203.0.113.25/32' is outside scope "
+        "(192.0.2.0/24)",
+    ]
+
+
+def test_scope_checked_for_the_valid_entries_when_others_are_not(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'scope = ["192.0.2.0/24"]\n'
+        'targets = ["campus", "198.51.100.0/24", "192.0.2.0/25"]\n'
+        '[[approved]]\nport = 0\naddress = "192.0.2.25"\n'
+        '[[approved]]\naddress = "198.51.100.25"\n',
+    )
+    assert error_of(path).splitlines() == [
+        f"{path}: targets[0]: line 2: 'campus' is not an IP network or address",
+        f"{path}: approved[0].port: line 4: Input should be greater than or equal to 1 (got 0)",
+        f"{path}: targets[1]: line 2: '198.51.100.0/24' is outside scope (192.0.2.0/24)",
+        f"{path}: approved[1].address: line 7: '198.51.100.25/32' is outside scope (192.0.2.0/24)",
+    ]
+
+
+def test_scope_checks_skipped_for_an_invalid_scope_say_so(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'scope = ["campus"]\ntargets = ["198.51.100.0/24"]\nexclude = ["198.51.100.7"]\n',
+    )
+    assert error_of(path).splitlines() == [
+        f"{path}: scope[0]: line 1: 'campus' is not an IP network or address",
+        f"{path}: targets: not checked against scope, as scope is invalid",
+        f"{path}: exclude: not checked against scope, as scope is invalid",
+    ]
+
+
+def test_a_syntax_error_is_reported_alone(tmp_path: Path) -> None:
+    path = write(tmp_path, FOUR_ERRORS + "seed = = 1\n")
+    assert error_of(path) == (f"{path}: TOML syntax error: Invalid value (at line 8, column 8)")
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -444,7 +542,8 @@ def test_secret_from_unset_environment_variable(
     monkeypatch.delenv("RELAYAUDIT_TEST_TOKEN", raising=False)
     path = write(tmp_path, _with_secret('{ env = "RELAYAUDIT_TEST_TOKEN" }'))
     assert error_of(path) == (
-        f"{path}: alerts.webhook[0].token: environment variable 'RELAYAUDIT_TEST_TOKEN' is not set"
+        f"{path}: alerts.webhook[0].token: line 5: environment variable "
+        "'RELAYAUDIT_TEST_TOKEN' is not set"
     )
 
 
@@ -452,6 +551,6 @@ def test_secret_from_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "no-token"
     path = write(tmp_path, _with_secret(f'{{ file = "{missing}" }}'))
     assert error_of(path) == (
-        f"{path}: alerts.webhook[0].token: secret file '{missing}' cannot be read: "
+        f"{path}: alerts.webhook[0].token: line 5: secret file '{missing}' cannot be read: "
         "No such file or directory"
     )

@@ -321,11 +321,11 @@ def test_resolvers_come_from_resolv_conf_unless_configured(tmp_path: Path) -> No
     [
         (
             {"hosts": {"bad name": ["192.0.2.1"]}},
-            "deploy.hosts.\"bad name\": 'bad name' is not a valid host",
+            "deploy.hosts.\"bad name\": line 4: 'bad name' is not a valid host",
         ),
         (
             {"hosts": {"a.example": []}},
-            'deploy.hosts."a.example": Tuple should have at least 1 item',
+            'deploy.hosts."a.example": line 4: Tuple should have at least 1 item',
         ),
         (
             {"resolvers": ["fe80::1%eth0"]},
@@ -333,17 +333,18 @@ def test_resolvers_come_from_resolv_conf_unless_configured(tmp_path: Path) -> No
         ),
         (
             {"monitoring_namespace_labels": {}},
-            "deploy.monitoring_namespace_labels: must name at least one label",
+            "deploy.monitoring_namespace_labels: line 4: must name at least one label",
         ),
         (
             {"monitoring_namespace_labels": {"team": "a b"}},
-            "deploy.monitoring_namespace_labels: 'team': 'a b' is not a Kubernetes label value",
+            "deploy.monitoring_namespace_labels: line 4: 'team': 'a b' is not a Kubernetes "
+            "label value",
         ),
         (
             {"monitoring_namespace_labels": {"-bad": "x"}},
-            "deploy.monitoring_namespace_labels: '-bad' is not a Kubernetes label key",
+            "deploy.monitoring_namespace_labels: line 4: '-bad' is not a Kubernetes label key",
         ),
-        ({"allow_to": ["192.0.2.1"]}, "deploy.allow_to: unknown key"),
+        ({"allow_to": ["192.0.2.1"]}, "deploy.allow_to: line 4: unknown key (got ['192.0.2.1'])"),
     ],
 )
 def test_deploy_keys_are_validated(tmp_path: Path, deploy: dict[str, Any], message: str) -> None:
