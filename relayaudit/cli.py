@@ -58,7 +58,7 @@ from relayaudit.sinks import FindingsFile, new_sweep_id
 from relayaudit.sources import TargetList, family_gaps, load_targets
 from relayaudit.targets import Shard
 from relayaudit.text import utc_time
-from relayaudit.verdict import Severity, Verdict, VerdictStatus
+from relayaudit.verdict import Severity, Verdict, VerdictStatus, judge
 
 if TYPE_CHECKING:
     from relayaudit.canary import CanaryReceiver
@@ -76,6 +76,15 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors exit 2 with one clear line (the same code as other errors)."""
 
     def error(self, message: str) -> NoReturn:
+        if any(
+            message == f"the following arguments are required: {action.dest}"
+            for action in self._actions
+            if isinstance(action, argparse._SubParsersAction)
+        ):
+            # a command group without its subcommand: what it offers, never argparse's
+            # internal name for the missing part (config_command)
+            self.print_help(sys.stderr)
+            self.exit(EXIT_ERROR)
         self.print_usage(sys.stderr)
         self.exit(EXIT_ERROR, f"relayaudit: error: {message}\n")
 
@@ -973,6 +982,7 @@ async def _check(args: argparse.Namespace) -> int:
     addresses = await _resolve(args.host, source="host")
     config = _with_timeout(_check_config(args, addresses), args.timeout)
     ports: list[int] = args.port or (list(config.ports) if args.config else [25])
+    approvals = args.config is not None  # without a config there is no approved list
     for port in ports:
         if not 0 < port < 65536:
             raise UsageError(f"--port: {port} is outside 1-65535")
@@ -1001,7 +1011,7 @@ async def _check(args: argparse.Namespace) -> int:
             for port in ports:
                 if config.unsourced_family(version):  # one clear line, no connection
                     result = settled(address, port, no_source(config, version), vantage="none")
-                    outcomes.append((result, judge_result(config, result)))
+                    outcomes.append((result, _check_verdict(config, result, approvals)))
                     continue
                 result = await probe(
                     address,
@@ -1018,7 +1028,7 @@ async def _check(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                 result = await await_confirmation(result, canary, config.canary.wait)
-                outcomes.append((result, judge_result(config, result)))
+                outcomes.append((result, _check_verdict(config, result, approvals)))
     finally:
         if wait_line is not None:
             await wait_line.stop()
@@ -1038,6 +1048,7 @@ async def _check(args: argparse.Namespace) -> int:
                 v,
                 transcript=not args.no_transcript,
                 approved_note=_approved_note(config, r),
+                approvals=approvals,
                 width=width,
             )
             for r, v in outcomes
@@ -1097,6 +1108,12 @@ def _sweep_exit(stats: SweepStats, fail_on: str) -> int:
         return ExitCode.SOFTWARE
     severities = [s for s, n in stats.severities.items() if n]
     return EXIT_RELAY if _found(fail_on, relays=stats.relays, severities=severities) else EXIT_OK
+
+
+def _check_verdict(config: Config, result: ProbeResult, approvals: bool) -> Verdict:
+    """judge_result, or without an approved list (`check` with no --config) no unapproved-smtp
+    finding: nobody said whether the service is approved, and the output says so instead."""
+    return judge_result(config, result) if approvals else judge(result, approved=True)
 
 
 def _approved_note(config: Config, result: ProbeResult) -> str | None:

@@ -221,16 +221,22 @@ def render_check(
     *,
     transcript: bool = True,
     approved_note: str | None = None,
+    approvals: bool = True,
     width: int | None = None,
 ) -> str:
-    """One probe for `check`; `approved_note` as in `approval_text`. Each line passes `visible`,
-    so no server text in it can start another."""
+    """One probe for `check`; `approved_note` as in `approval_text` (`approvals` False: no
+    approved list was given). Each line passes `visible`, so no server text in it can start
+    another."""
     lines = [
         f"{endpoint(result.address, result.port)}  {verdict.status.value.upper()}  (seen from {result.vantage})"
     ]
     lines += wrap(visible(verdict.summary), width, indent="  ")
     if result.status in _NEEDS_APPROVAL:
-        lines.append(f"  {approval_text(approved_note)}")
+        lines.append(
+            f"  {approval_text(approved_note)}"
+            if approvals
+            else "  no approved list given (--config names one)"
+        )
     facts = result.facts
     if facts is not None:
         lines.append(f"  greeting: {facts.banner}")

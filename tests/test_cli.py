@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import ipaddress
@@ -74,23 +75,54 @@ def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     }
 
 
-def test_no_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
-    usage, _ = _top_usage()
-    assert run_main(capsys) == (
-        2,
-        "",
-        usage + "relayaudit: error: the following arguments are required: command\n",
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name (empty for a command that has none)."""
+    return next(
+        (
+            dict(action.choices)
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+        ),
+        {},
     )
+
+
+def _groups() -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """`relayaudit` and every command group under it (a command with subcommands)."""
+    top = _parser()
+    found: dict[tuple[str, ...], argparse.ArgumentParser] = {(): top}
+    for name, sub in _subparsers(top).items():
+        if _subparsers(sub):
+            found[(name,)] = sub
+    return found
+
+
+def test_every_command_group_is_found() -> None:
+    assert {(), ("config",), ("canary",), ("deploy",)} <= set(_groups())
+
+
+@pytest.mark.parametrize("group", list(_groups()), ids=lambda g: " ".join(("relayaudit", *g)))
+def test_a_bare_command_group_prints_its_help_and_exits_2(
+    capsys: pytest.CaptureFixture[str], group: tuple[str, ...]
+) -> None:
+    code, out, err = run_main(capsys, *group)
+    assert (code, out) == (2, "")
+    parser = _groups()[group]
+    assert err == parser.format_help()
+    assert "_command" not in err and "required" not in err
+    assert all(name in err for name in _subparsers(parser))  # every subcommand it has
+
+
+def _sweep_usage() -> str:
+    """sweep's usage as the parser writes it (it grows with each option, e.g. --targets-file)."""
+    return _subparsers(_parser())["sweep"].format_usage()
 
 
 def test_sweep_without_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_main(capsys, "sweep") == (
         2,
         "",
-        "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
-        "                        [--processes PROCESSES] [--all] [--report PATH]\n"
-        "                        [--fail-on {never,relay,critical,high,medium,low}]\n"
-        "relayaudit: error: the following arguments are required: --config\n",
+        _sweep_usage() + "relayaudit: error: the following arguments are required: --config\n",
     )
 
 
@@ -268,11 +300,9 @@ def test_python_m_config_check() -> None:
 def test_python_m_usage_error() -> None:
     code, out, err = run_cli_blocking("sweep")
     assert (code, out) == (2, "")
+    # the child formats for COLUMNS as this process does (the fixed_width fixture)
     assert err == (
-        "usage: relayaudit sweep [-h] --config CONFIG [--shard SHARD]\n"
-        "                        [--processes PROCESSES] [--all] [--report PATH]\n"
-        "                        [--fail-on {never,relay,critical,high,medium,low}]\n"
-        "relayaudit: error: the following arguments are required: --config\n"
+        _sweep_usage() + "relayaudit: error: the following arguments are required: --config\n"
     )
 
 

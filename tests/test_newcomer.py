@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import run_main
 from loopback import lab_thread, read_banner
 
 from relayaudit.demo import DEMO_LAB, ROLES
@@ -123,6 +125,41 @@ def test_check_timeout_sets_the_greeting_and_command_waits() -> None:
     )
     assert bad.returncode == 2
     assert "argument --timeout: 'soon' is not a duration" in bad.stderr
+
+
+CLOSED = ServerSpec(host="127.0.233.2", port=2525, behaviour=Behaviour.CLOSED)
+
+
+def test_check_without_config_calls_nothing_unapproved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --config, no approved list: no unapproved-smtp finding, and the output says why;
+    with a config that approves nothing, the same server is not on the approved list."""
+    config = tmp_path / "campus.toml"
+    config.write_text(
+        'scope = ["127.0.233.0/24"]\ntargets = ["127.0.233.0/28"]\nports = [2525]\n',
+        encoding="utf-8",
+    )
+    with lab_thread(CLOSED):
+        bare = run_main(capsys, "check", "127.0.233.2", "--port", "2525", "--no-transcript")
+        configured = run_main(
+            capsys, "check", "127.0.233.2", "--config", str(config), "--no-transcript"
+        )
+        as_json = run_main(capsys, "check", "127.0.233.2", "--port", "2525", "--json")
+    code, out, _ = bare
+    assert code == 0, out
+    lines = out.splitlines()
+    # the address it connected from, not "default"
+    assert lines[0] == "127.0.233.2:2525  RELAY-REFUSED  (seen from 127.0.0.1)"
+    assert "  no approved list given (--config names one)" in lines
+    assert "unapproved" not in out and "not on the approved list" not in out
+    code, out, _ = configured
+    assert code == 0, out
+    assert "  not on the approved list" in out.splitlines()
+    assert "unapproved-smtp" in out
+    code, out, _ = as_json
+    kinds = [f["kind"] for f in json.loads(out)["verdict"]["findings"]]
+    assert "unapproved-smtp" not in kinds
 
 
 # -- relayaudit lab ---------------------------------------------------------------------------
