@@ -24,7 +24,7 @@ from relayaudit.remediation import RelayWay, RemediationRef, advice_text, entrie
 from relayaudit.software import GuessConfidence
 from relayaudit.state import Alert
 from relayaudit.text import utc_time
-from relayaudit.verdict import Confidence, FindingKind, Severity
+from relayaudit.verdict import Confidence, FindingKind, Owner, Severity
 
 __all__ = [
     "ALERT_SCHEMA_VERSION",
@@ -99,6 +99,11 @@ class AlertV2(AlertV1):
             "entry of docs/remediation.md), software, guess_confidence, doc_url"
         ),
     )
+    owner: Owner | None = Field(
+        default=None,
+        description="who runs the address (name, contact, queue), from the owner table; null: "
+        "nobody listed",
+    )
 
 
 def _cut(text: str, limit: int) -> str:
@@ -164,7 +169,7 @@ def alert_v2(alert: Alert) -> AlertV2:
     """The compact alert with the finding's remediation reference."""
     fields = dict(alert_v1(alert))
     del fields["schema_version"]
-    return AlertV2(**fields, remediation=alert.finding.remediation)
+    return AlertV2(**fields, remediation=alert.finding.remediation, owner=alert.finding.owner)
 
 
 def remediation_context(ref: RemediationRef | None) -> dict[str, Any] | None:
@@ -232,4 +237,5 @@ def sample_alert(transition: Transition) -> AlertV2:
             guess_confidence=GuessConfidence.HIGH,
             doc_url=fix.doc_url,
         ),
+        owner=Owner(name="Chemistry", contact="it-support@chem.campus.example", queue="chem-it"),
     )

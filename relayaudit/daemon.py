@@ -27,6 +27,7 @@ from relayaudit.evidence import ProbeResult
 from relayaudit.live_report import LiveReport
 from relayaudit.logs import LogHandle, configure_logging
 from relayaudit.metrics import Metrics, MetricsServer
+from relayaudit.owners import OwnerCache, OwnerTable
 from relayaudit.schedule import Schedule, local_zone
 from relayaudit.sdnotify import Notifier
 from relayaudit.sinks import FindingsFile
@@ -118,6 +119,7 @@ class Daemon:
     _dispatcher_stop: asyncio.Event = field(default_factory=asyncio.Event)
     _live: LiveReport | None = None  # the report pages on the metrics listener
     _sources: SourceCache = field(default_factory=SourceCache)  # targets_from, last good kept
+    _owners: OwnerCache = field(default_factory=OwnerCache)  # owner table, last good kept
 
     async def run(self) -> int:
         self.config = load_config(self.config_path)
@@ -131,6 +133,8 @@ class Daemon:
         store.open()
         self._store = store
         self._last_completed = store.last_completed()
+        # a restart with an unreadable owners_file still routes findings
+        self._owners = OwnerCache(store.owner_table())
         self._live = LiveReport(
             store.path,
             config=lambda: self.config,
@@ -335,8 +339,10 @@ class Daemon:
                 # reloaded while waiting? and the lists as they are now (an IPAM export changes)
                 targets = await self._read_targets()
                 fingerprint = sweep_fingerprint(self.config, targets)
-            # the target space, built once
-            plan = Sweep(self.config, shard=self.shard, targets=targets)
+            # the target space, built once; the owner table as it is now (the last good one
+            # when owners_file cannot be read)
+            owners = await self._read_owners()
+            plan = Sweep(self.config, shard=self.shard, targets=targets, owners=owners)
             if plan.space.size == 0:
                 # every source failed and none has a last good copy: no empty sweep is recorded
                 # (it would resolve every finding); the next slot tries again
@@ -379,6 +385,28 @@ class Daemon:
             self._metrics.target_source_stale.set(1 if stale else 0, source=entry.label)
         return targets
 
+    async def _read_owners(self) -> OwnerTable:
+        """The owner table as the config and owners_file say now; when that read fails, the
+        last good table (kept in the state store), with a warning and a metric."""
+        config = self.config
+
+        def failed(error: str, kept: OwnerTable | None) -> None:
+            self._metrics.owners_failures_total.inc()
+            log.warning(
+                "owners.failed",
+                error=error,
+                kept=kept.digest if kept is not None else None,
+                note="using the last good owner table" if kept else "no good owner table yet",
+            )
+
+        table = await asyncio.to_thread(self._owners.load, config, on_failure=failed)
+        self._metrics.owners_stale.set(1 if self._owners.stale else 0)
+        table = table if table is not None else OwnerTable()
+        self._metrics.owner_ranges.set(len(table.rows))
+        for warning in table.warnings:
+            log.warning("owners.warning", warning=warning)
+        return table
+
     async def _sweep_once(
         self, plan: Sweep, sweep_id: str, start: int, resumed: bool, open_files: int
     ) -> None:
@@ -397,6 +425,8 @@ class Daemon:
                     for one in plan.targets.sources
                 },
             }
+        if plan.owners is not None and plan.owners.rows:
+            lists["owners_hash"] = plan.owners.digest  # every shard logs the table it used
         log.info("sweep.start", resumed=resumed, start=start, total=plan.total, **large, **lists)
         for gap in family_gaps(config, plan.space, plan.targets):
             log.warning("sweep.no_source", warning=gap)
@@ -476,6 +506,11 @@ class Daemon:
         if stats is None:
             return
         await asyncio.to_thread(store.complete_sweep, sweep_id, stats)
+        if plan.owners is not None and (plan.owners.rows or not self._owners.stale):
+            # every stored finding, resolved ones too, now names its owner in this table
+            restamped = await asyncio.to_thread(store.restamp_owners, plan.owners)
+            if restamped:
+                log.info("owners.restamped", findings=restamped, owners_hash=plan.owners.digest)
         self._last_completed = datetime.now(UTC)
         if self._live is not None:
             self._live.sweep_ended()

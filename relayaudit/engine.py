@@ -16,6 +16,7 @@ from relayaudit.errors import RelayAuditError
 from relayaudit.evidence import PortState, ProbeResult, ProbeStatus
 from relayaudit.failures import NoSession
 from relayaudit.greylisting import greylisted, retry
+from relayaudit.owners import OwnerTable, load_owners
 from relayaudit.pacer import Pacer
 from relayaudit.progress import SweepStats, Watermark
 from relayaudit.settings import CanaryTarget, ProbeSettings
@@ -166,12 +167,16 @@ class Sweep:
         shard: Shard | None = None,
         confirm: bool | None = None,
         targets: TargetList | None = None,
+        owners: OwnerTable | None = None,
     ):
         self.config = config
         self.shard = shard
         if targets is None and config.targets_from:
             targets = load_targets(config)  # a one-off sweep; the daemon reads them itself
         self.targets = targets
+        if owners is None and (config.owners or config.owners_file is not None):
+            owners = load_owners(config)  # likewise: a bad owners_file is a config error here
+        self.owners = owners
         self.space = (
             targets.space(config)
             if targets is not None
@@ -448,15 +453,19 @@ class Sweep:
 
     async def _record(self, result: ProbeResult, sinks: Sequence[Sink]) -> None:
         verdict = judge_result(self.config, result)
-        origin = self._origins.get(result.address) if verdict.findings else None
-        if origin:
-            verdict = verdict.model_copy(
-                update={
-                    "findings": tuple(
-                        f.model_copy(update={"origin": origin}) for f in verdict.findings
-                    )
-                }
-            )
+        if verdict.findings:
+            labels: dict[str, object] = {}
+            origin = self._origins.get(result.address)
+            if origin:
+                labels["origin"] = origin
+            if self.owners is not None:
+                labels["owner"] = self.owners.lookup(result.address)
+            if labels:
+                verdict = verdict.model_copy(
+                    update={
+                        "findings": tuple(f.model_copy(update=labels) for f in verdict.findings)
+                    }
+                )
         stats = self.stats
         stats.probes += 1
         stats.statuses[verdict.status] += 1
@@ -481,9 +490,11 @@ async def sweep(
     watermark: Watermark | None = None,
     workers: int | None = None,
     targets: TargetList | None = None,
+    owners: OwnerTable | None = None,
 ) -> SweepStats:
-    """Plan and run one sweep (see Sweep); `targets`: the lists of targets_from, already read."""
-    return await Sweep(config, shard=shard, confirm=confirm, targets=targets).run(
+    """Plan and run one sweep (see Sweep); `targets`: the lists of targets_from, already read;
+    `owners`: the owner table its findings are stamped with (None: read from the config)."""
+    return await Sweep(config, shard=shard, confirm=confirm, targets=targets, owners=owners).run(
         sinks=sinks,
         start=start,
         canary=canary,

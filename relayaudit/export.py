@@ -31,7 +31,7 @@ from relayaudit.remediation import RemediationRef, advice, advice_text
 from relayaudit.software import describe
 from relayaudit.state import Change, FindingRow, read_changes, read_findings
 from relayaudit.text import utc_time, visible, wrap
-from relayaudit.verdict import Confidence, Finding, FindingKind, Severity
+from relayaudit.verdict import Confidence, Finding, FindingKind, Owner, Severity
 
 __all__ = [
     "REPORT_SCHEMA_VERSION",
@@ -68,6 +68,9 @@ CSV_COLUMNS = (
     "approved_note",
     "last_sweep_id",
     "origin",
+    "owner",
+    "owner_contact",
+    "owner_queue",
 )
 # a spreadsheet runs a cell that starts with one of these as a formula (CSV injection)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -99,6 +102,8 @@ class ReportFinding(_Frozen):
     origin: tuple[str, ...] = ()
     # relays: the fix that applies (docs/remediation.md); the Markdown report prints its text
     remediation: RemediationRef | None = None
+    # who runs the address (owners.py); null: nobody listed
+    owner: Owner | None = None
 
 
 class Report(_Frozen):
@@ -111,6 +116,31 @@ class Report(_Frozen):
     findings: tuple[ReportFinding, ...]  # open findings first, most severe first
     changes: tuple[Change, ...]  # new, reopened, severity-raised and resolved, oldest first
     changes_note: str | None = None  # why "what changed" is empty, when it cannot be known
+    # `report --owner NAME` (the name) or `--unowned` ("(no owner)"); null: every finding
+    owner_filter: str | None = None
+
+
+UNOWNED = "(no owner)"
+
+
+def for_owner(report: Report, *, name: str | None = None, unowned: bool = False) -> Report:
+    """The report of one owner's findings (`name`), or of those nobody owns (`unowned`): every
+    section, what changed included, so a department's report shows no other's hosts."""
+    if name is None and not unowned:
+        return report
+    kept = tuple(
+        f
+        for f in report.findings
+        if (f.owner is None if unowned else f.owner is not None and f.owner.name == name)
+    )
+    ids = {f.id for f in kept}
+    return report.model_copy(
+        update={
+            "findings": kept,
+            "changes": tuple(c for c in report.changes if c.finding_id in ids),
+            "owner_filter": UNOWNED if unowned else name,
+        }
+    )
 
 
 def _order(f: ReportFinding) -> tuple[int, int, int, tuple[int, int], int, str]:
@@ -152,6 +182,7 @@ def _listed(
         last_sweep_id=last_sweep_id,
         origin=tuple(str(o) for o in f.origin),
         remediation=f.remediation,
+        owner=f.owner,
     )
 
 
@@ -259,6 +290,13 @@ def find(paths: Sequence[Path], finding_id: str) -> Shown | None:
     )
 
 
+def _owner_text(owner: Owner | None) -> str:
+    if owner is None:
+        return "none listed (no [[owners]] range or owners_file row holds the address)"
+    queue = f", queue {owner.queue}" if owner.queue else ""
+    return f"{owner.name} <{owner.contact}>{queue}"
+
+
 def render_shown(shown: Shown) -> str:
     """A finding whole, for a person: what, why, every test and reply, the transcript. Each
     line passes `visible`, so no server text in it can start another."""
@@ -278,6 +316,7 @@ def render_shown(shown: Shown) -> str:
     for i, origin in enumerate(f.origin):  # the DNS names the address was found under
         lines.append(f"  {'found as:' if i == 0 else '':13}{origin}")
     lines.append(f"  approval:    {f.approved_note or 'not on the approved list'}")
+    lines.append(f"  owner:       {_owner_text(f.owner)}")
     if f.fingerprint.banner:
         lines.append(f"  greeting:    {f.fingerprint.banner}")
     if f.fingerprint.software_guess is not None:  # the weighed guess and its signs
@@ -362,6 +401,9 @@ def _csv(report: Report) -> str:
     for f in report.findings:
         row = f.model_dump()
         row["origin"] = "; ".join(f.origin)
+        row["owner"] = f.owner.name if f.owner else None
+        row["owner_contact"] = f.owner.contact if f.owner else None
+        row["owner_queue"] = f.owner.queue if f.owner else None
         writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
     return out.getvalue()
 
@@ -384,6 +426,13 @@ def _markdown(report: Report) -> str:
         "",
         f"Generated {_when(report.generated_at)} by relayaudit {report.tool_version} from "
         f"{', '.join(report.sources)}.",
+        *(
+            ["", f"Only the findings of owner {_md(report.owner_filter)}."]
+            if report.owner_filter not in (None, UNOWNED)
+            else ["", "Only the findings nobody owns."]
+            if report.owner_filter == UNOWNED
+            else []
+        ),
         "",
         f"## Open findings ({len(open_)})",
         "",
@@ -392,14 +441,16 @@ def _markdown(report: Report) -> str:
         # a "found as" column only where targets_from named some address (DNS names)
         named = any(f.origin for f in open_)
         lines += [
-            "| severity | confidence | address:port | kind | title | status | first seen | last seen | approval |"
-            + (" found as |" if named else ""),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if named else ""),
+            "| severity | confidence | address:port | kind | title | status | first seen "
+            "| last seen | approval | owner |" + (" found as |" if named else ""),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+            + (" --- |" if named else ""),
         ]
         lines += [
             f"| {f.severity.value} | {f.confidence.value} | {endpoint(f.address, f.port)} | "
             f"{f.kind.value} | {_md(f.title)} | {f.status.value if f.status else ''} | "
-            f"{_when(f.first_seen)} | {_when(f.last_seen)} | {_md(f.approved_note)} |"
+            f"{_when(f.first_seen)} | {_when(f.last_seen)} | {_md(f.approved_note)} | "
+            f"{_md(f.owner.name if f.owner else '')} |"
             + (f" {_md('; '.join(f.origin))} |" if named else "")
             for f in open_
         ]

@@ -268,6 +268,20 @@ class Metrics(Registry):
             "1 when the last sweep used a source's last good copy because the read failed.",
             ("source",),
         )
+        self.owners_failures_total = self.counter(
+            "relayaudit_owners_file_failures_total",
+            "Reads of owners_file that failed (unreadable, or a bad row); the sweep used the "
+            "last good owner table, if any.",
+        )
+        self.owners_stale = self.gauge(
+            "relayaudit_owners_file_stale",
+            "1 when the last sweep used the last good owner table because owners_file could "
+            "not be read.",
+        )
+        self.owner_ranges = self.gauge(
+            "relayaudit_owner_ranges",
+            "Ranges in the owner table the last sweep used ([[owners]] and owners_file).",
+        )
         # Present from the start so dashboards and alert rules see zeros, not absent series.
         self.alerts.replace({(state,): 0 for state in self.ALERT_STATES})
 

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict
 from relayaudit.errors import ExitCode, StateError
 from relayaudit.evidence import address_order
 from relayaudit.files import create_private
+from relayaudit.owners import OwnerTable
 from relayaudit.records import FindingStatus, Lifecycle, Transition
-from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, VerdictStatus
+from relayaudit.verdict import Confidence, Finding, FindingKind, Owner, Severity, VerdictStatus
 
 if TYPE_CHECKING:
     from relayaudit.evidence import ProbeResult
@@ -53,7 +54,7 @@ __all__ = [
     "read_sweeps",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Every statement of version 1; a later version adds a migration step (_MIGRATIONS), never edits
 # these.
@@ -150,6 +151,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "    ref        TEXT NOT NULL,"
         "    created    TEXT NOT NULL,"
         "    PRIMARY KEY (finding_id, hook)"
+        ")",
+    ),
+    # 4 (issue 29): who runs each finding's address (the name, for filters; the whole owner is
+    # in the finding's JSON), and the daemon's last good owner table, so a restart with an
+    # unreadable owners_file still routes findings
+    4: (
+        "ALTER TABLE findings ADD COLUMN owner TEXT",
+        "UPDATE findings SET owner = json_extract(finding, '$.owner.name')",
+        "CREATE TABLE owner_table ("
+        "    id     INTEGER PRIMARY KEY CHECK (id = 1),"
+        "    digest TEXT NOT NULL,"
+        "    rows   TEXT NOT NULL,"
+        "    saved  TEXT NOT NULL"
         ")",
     ),
 }
@@ -761,12 +775,19 @@ class StateStore:
         now: datetime,
     ) -> Lifecycle:
         seen = _ts(finding.observed_at)
+        if row is not None:
+            # a known finding keeps its owner: only restamp_owners changes it, after the sweep,
+            # where a change between owners becomes one owner-changed transition
+            kept = json.loads(row["finding"]).get("owner")
+            finding = finding.model_copy(
+                update={"owner": Owner.model_validate(kept) if kept else None}
+            )
         body = finding.model_dump_json()
         if row is None:
             db.execute(
                 "INSERT INTO findings (id, kind, address, port, severity, confidence, title, "
-                "approved_note, status, first_seen, last_seen, seen_sweep, missed, seq, finding) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'new', ?, ?, ?, 0, 1, ?)",
+                "approved_note, status, first_seen, last_seen, seen_sweep, missed, seq, finding, "
+                "owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'new', ?, ?, ?, 0, 1, ?, ?)",
                 (
                     finding.id,
                     finding.kind.value,
@@ -780,6 +801,7 @@ class StateStore:
                     seen,
                     sweep_id,
                     body,
+                    finding.owner.name if finding.owner is not None else None,
                 ),
             )
             return Lifecycle(finding, FindingStatus.NEW, Transition.NEW, 1)
@@ -915,6 +937,45 @@ class StateStore:
                 ).rowcount
                 db.execute("DELETE FROM deliveries WHERE channel = ?", (old,))
         return moved
+
+    def restamp_owners(self, owners: OwnerTable) -> int:
+        """Set every stored finding's owner, resolved ones included, from `owners` (the table
+        the sweep just used); how many changed. A corrected row shows everywhere at once."""
+        changed = 0
+        with self._write("restamp owners") as db:
+            rows = db.execute("SELECT id, address, finding FROM findings").fetchall()
+            for r in rows:
+                body = json.loads(r["finding"])
+                owner = owners.lookup(r["address"])
+                new = owner.model_dump(mode="json") if owner is not None else None
+                if body.get("owner") == new:
+                    continue
+                body["owner"] = new
+                db.execute(
+                    "UPDATE findings SET finding = ?, owner = ? WHERE id = ?",
+                    (
+                        json.dumps(body, separators=(",", ":")),
+                        owner.name if owner is not None else None,
+                        r["id"],
+                    ),
+                )
+                changed += 1
+            self._save_owners(db, owners)
+        return changed
+
+    def _save_owners(self, db: sqlite3.Connection, owners: OwnerTable) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO owner_table (id, digest, rows, saved) VALUES (1, ?, ?, ?)",
+            (owners.digest, owners.to_json(), _ts(self._clock())),
+        )
+
+    def owner_table(self) -> OwnerTable | None:
+        """The last good owner table a sweep used (None: none yet)."""
+        with self._read("read the owner table") as db:
+            row = db.execute("SELECT digest, rows FROM owner_table WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return OwnerTable.from_json(row["rows"], where=f"{self.path} (last good table)")
 
     def ticket_refs(self, finding_id: str) -> dict[str, str]:
         """The tickets the hooks opened for a finding: {hook name: ticket reference}."""

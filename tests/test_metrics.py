@@ -78,6 +78,9 @@ def test_all_relayaudit_families_are_declared() -> None:
         "relayaudit_target_source_failures_total": "counter",
         "relayaudit_target_source_addresses": "gauge",
         "relayaudit_target_source_stale": "gauge",
+        "relayaudit_owners_file_failures_total": "counter",
+        "relayaudit_owners_file_stale": "gauge",
+        "relayaudit_owner_ranges": "gauge",
     }
     text = metrics.render()
     # alert states exist at zero before anything happened

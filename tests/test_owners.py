@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import ipaddress
+import json
+import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_runner import run_main
+from factories import make_finding, observe, one_sweep
 
 from relayaudit.config import Config, config_fingerprint, parse_config
 from relayaudit.errors import ConfigError, ExitCode
 from relayaudit.owners import OwnerCache, OwnerTable, load_owners
-from relayaudit.verdict import Owner
+from relayaudit.state import SCHEMA_VERSION, StateStore
+from relayaudit.verdict import FindingKind, Owner
 
 CHEM = {"name": "Chemistry", "contact": "it@chem.campus.example", "queue": "chem-it"}
 
@@ -259,3 +266,113 @@ def test_the_index_answers_like_a_scan(tmp_path: Path) -> None:
         address = ipaddress.ip_address(f"192.0.2.{host}")
         best = max((n for n in nets if address in n), key=lambda n: n.prefixlen)
         assert name_of(table, str(address)) == f"Dept {nets.index(best)}"
+
+
+# -- every finding knows its owner (item 2) ---------------------------------------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+def two_departments(tmp_path: Path) -> OwnerTable:
+    return load_owners(
+        config(
+            tmp_path,
+            owners=[
+                {**CHEM, "ranges": ["192.0.2.0/25"]},
+                {
+                    "name": "Physics",
+                    "contact": "it@phys.campus.example",
+                    "ranges": ["192.0.2.128/26"],
+                },
+            ],
+        )
+    )
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_stores_of_every_earlier_version_upgrade_and_take_owners(
+    tmp_path: Path, version: int
+) -> None:
+    path = tmp_path / "state.sqlite"
+    shutil.copy(DATA / f"state-v{version}.sqlite", path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == version
+        before = sorted(r[0] for r in db.execute("SELECT id FROM findings"))
+    with StateStore(path) as store:
+        assert [r.finding.owner for r in store.findings()] == [None] * len(before)
+        assert store.owner_table() is None
+        table = two_departments(tmp_path)
+        store.restamp_owners(table)
+        assert sorted(r.id for r in store.findings()) == before  # every row kept
+        kept = store.owner_table()  # the daemon's last good table, for a restart
+        assert kept is not None and kept.digest == table.digest
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        owners = dict(db.execute("SELECT address, owner FROM findings").fetchall())
+    if version == 3:  # the committed v3 store holds 192.0.2.7 and 192.0.2.70
+        assert owners["192.0.2.7"] == "Chemistry" and owners["192.0.2.70"] == "Chemistry"
+
+
+def test_every_stored_finding_is_restamped_resolved_ones_too(tmp_path: Path) -> None:
+    table = two_departments(tmp_path)
+    relay = make_finding(address="192.0.2.7").model_copy(
+        update={"owner": table.lookup("192.0.2.7")}
+    )
+    gone = make_finding(FindingKind.UNAPPROVED_SMTP, address="192.0.2.130")
+    with StateStore(tmp_path / "state.sqlite", resolve_after=1) as store:
+        one_sweep(store, observe(relay, address="192.0.2.7"), observe(gone, address="192.0.2.130"))
+        one_sweep(store, observe(relay, address="192.0.2.7"), observe(address="192.0.2.130"))
+        assert {r.address: r.status.value for r in store.findings()}["192.0.2.130"] == "resolved"
+        assert store.restamp_owners(table) == 1  # the resolved one; the relay had its owner
+        owners = {r.address: r.finding.owner for r in store.findings()}
+        assert owners["192.0.2.130"] is not None and owners["192.0.2.130"].name == "Physics"
+        # a known finding keeps its owner when seen again: only the restamp changes it
+        moved = relay.model_copy(update={"owner": Owner(name="X", contact="x@campus.example")})
+        one_sweep(store, observe(moved, address="192.0.2.7"))
+        assert {r.address: r.finding.owner for r in store.findings()}["192.0.2.7"] == table.lookup(
+            "192.0.2.7"
+        )
+        assert store.restamp_owners(OwnerTable()) == 2  # an emptied table: nobody owns them
+        assert all(r.finding.owner is None for r in store.findings())
+
+
+def test_report_by_owner_and_unowned_in_every_text_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = two_departments(tmp_path)
+    state = tmp_path / "state.sqlite"
+    found = [
+        make_finding(address="192.0.2.7"),
+        make_finding(FindingKind.UNAPPROVED_SMTP, address="192.0.2.130"),
+        make_finding(FindingKind.UNAPPROVED_SMTP, address="192.0.2.250"),
+    ]
+    with StateStore(state) as store:
+        one_sweep(store, *(observe(f, address=f.address) for f in found))
+        store.restamp_owners(table)
+    code, out, err = run_main(
+        capsys, "report", "--state", str(state), "--format", "csv", "--owner", "Chemistry"
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["address"], r["owner"], r["owner_contact"], r["owner_queue"]) for r in rows] == [
+        ("192.0.2.7", "Chemistry", "it@chem.campus.example", "chem-it")
+    ]
+    code, out, _ = run_main(capsys, "report", "--state", str(state), "--format", "csv", "--unowned")
+    assert [r["address"] for r in csv.DictReader(io.StringIO(out))] == ["192.0.2.250"]
+    code, out, _ = run_main(
+        capsys, "report", "--state", str(state), "--format", "md", "--owner", "Physics"
+    )
+    assert "Only the findings of owner Physics." in out
+    assert "192.0.2.130" in out and "192.0.2.7" not in out and "192.0.2.250" not in out
+    code, out, _ = run_main(
+        capsys, "report", "--state", str(state), "--format", "json", "--unowned"
+    )
+    doc = json.loads(out)
+    assert doc["owner_filter"] == "(no owner)" and [f["address"] for f in doc["findings"]] == [
+        "192.0.2.250"
+    ]
+    assert {c["address"] for c in doc["changes"]} <= {"192.0.2.250"}
+    code, out, _ = run_main(capsys, "findings", "--state", str(state))
+    assert "Chemistry" in out and "Physics" in out
+    code, out, _ = run_main(capsys, "show", "--state", str(state), found[0].id)
+    assert "owner:       Chemistry <it@chem.campus.example>, queue chem-it" in out
