@@ -398,6 +398,8 @@ def _finding(out: list[str], page: Page, f: ReportFinding, nets: str) -> None:
         + (_srv(f.approved_note) if f.approved_note else "not on the approved list")
         + "</dd>\n"
     )
+    if f.origin:  # the DNS names the address was found under (a target source, issue 26)
+        out.append(f"<dt>found as</dt><dd>{_srv('; '.join(f.origin))}</dd>\n")
     if whole is not None:
         out.append(f"<dt>seen from</dt><dd>{_t(whole.vantage)}</dd>\n")
         if whole.confirmation_token:

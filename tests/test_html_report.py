@@ -18,7 +18,7 @@ from relayaudit.html_page import Service, page_from_stores, page_from_sweep
 from relayaudit.html_report import content_security_policy, render_html
 from relayaudit.progress import SweepStats
 from relayaudit.state import StateStore
-from relayaudit.verdict import FindingKind, Fingerprint, Severity, VerdictStatus
+from relayaudit.verdict import FindingKind, Fingerprint, Severity, TargetOrigin, VerdictStatus
 
 HOSTILE = "mx <script>alert(1)</script></td></bdi><!-- \"dq\" 'sq' &amp; line1\nline2 \u202eevil"
 
@@ -229,3 +229,15 @@ def test_a_sweeps_page_has_no_history_but_its_services(tmp_path: Path) -> None:
     assert "A single sweep keeps no state store" in text
     assert "Not enough history" in text
     assert "seen: 127.0.9.9:25 relay-refused" in text and "one-off sweep: no daemon" in text
+
+
+def test_a_finding_found_through_dns_names_its_name(tmp_path: Path) -> None:
+    """A target source's DNS name (issue 26) is shown with the finding, escaped as server text."""
+    origin = TargetOrigin(source="mx campus.test", name="mx1.campus.test<b>", record="A")
+    relay = make_finding(address="127.0.9.7").model_copy(update={"origin": (origin,)})
+    page = page_from_sweep(
+        [relay], sweep_id="abc123", stats=_stats(), config=config(), services=[]
+    )
+    html = render_html(page)
+    assert "found as" in "".join(parse(html).text)
+    assert "mx1.campus.test&lt;b&gt; A (mx campus.test)" in html
