@@ -376,7 +376,18 @@ def _parser() -> argparse.ArgumentParser:
         "--for", dest="duration", type=_seconds, metavar="SECONDS", help="stop after SECONDS"
     )
     d = sub.add_parser("demo", help="start a loopback lab of SMTP servers and sweep it")
-    d.add_argument("--output", type=Path, help="findings file (default: a temporary directory)")
+    where = d.add_mutually_exclusive_group()
+    where.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("relayaudit-demo"),
+        metavar="DIR",
+        help="write each run into DIR/<UTC time>/ (findings, report, state store) and keep the "
+        "5 newest runs there (default: ./relayaudit-demo)",
+    )
+    where.add_argument(
+        "--output", type=Path, help="findings file instead (its state store beside it; no run dir)"
+    )
     d.add_argument("--report", type=Path, metavar="PATH", help=_REPORT_HELP)
     d.add_argument(
         "--hooks",
@@ -449,7 +460,11 @@ def _main(argv: Sequence[str] | None) -> int:
             from relayaudit.demo import run_demo
 
             report_format(args.report)  # a bad suffix is an error before the lab starts
-            return eventloop.run(run_demo(args.output, report=args.report, hooks=args.hooks))
+            return eventloop.run(
+                run_demo(
+                    args.output, report=args.report, hooks=args.hooks, output_dir=args.output_dir
+                )
+            )
     except RelayAuditError as exc:
         # one problem a line (a config error names them all), each line standing on its own
         for line in str(exc).splitlines() or [""]:

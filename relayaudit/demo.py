@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import re
+import shutil
 import signal
 import sys
-import tempfile
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -187,10 +189,57 @@ def report_text(
     return render_html(page)
 
 
-async def run_demo(output: Path | None, *, report: Path | None = None, hooks: bool = False) -> int:
-    findings_path = output or Path(tempfile.mkdtemp(prefix="relayaudit-demo-")) / "findings.jsonl"
-    if report is None and output is None:
-        report = findings_path.with_name("report.html")  # beside the findings, in the temp dir
+#: the demo's state store, beside its findings (`show` and `report` read it)
+STATE_FILE = "demo-state.sqlite"
+#: how many runs `demo` keeps in its output directory, the newest
+KEEP_RUNS = 5
+_RUN_NAME = re.compile(r"\d{8}T\d{6}Z(?:-\d+)?")  # 20250102T030405Z, -2 for a second run that second
+
+
+def new_run_dir(parent: Path, *, keep: int = KEEP_RUNS) -> Path:
+    """`parent/<UTC time>/`, made; of the runs in `parent`, only the `keep` newest are left.
+
+    Only directories named as a run are ever removed, and never the new one, so the paths a
+    run prints stay valid."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        run = parent / stamp
+        for n in range(2, 1000):
+            try:
+                run.mkdir()
+                break
+            except FileExistsError:
+                run = parent / f"{stamp}-{n}"
+        runs = sorted(
+            (d for d in parent.iterdir() if _RUN_NAME.fullmatch(d.name) and d.is_dir()),
+            key=lambda d: (d.name[:16], int(d.name[17:] or 1)),
+        )
+        for old in runs[: max(0, len(runs) - keep)]:
+            if old != run:
+                shutil.rmtree(old)
+    except OSError as exc:
+        raise UsageError(
+            f"--output-dir: cannot write into {str(parent)!r}: {exc.strerror}"
+        ) from None
+    return run
+
+
+async def run_demo(
+    output: Path | None,
+    *,
+    report: Path | None = None,
+    hooks: bool = False,
+    output_dir: Path = Path("relayaudit-demo"),
+) -> int:
+    if output is None:
+        run = new_run_dir(output_dir)
+        findings_path = run / "findings.jsonl"
+        if report is None:
+            report = run / "report.html"
+        print(f"demo: writing into {run}/ (keeping the {KEEP_RUNS} newest runs of {output_dir}/)")
+    else:
+        findings_path = output
     config = demo_config(findings_path)
     lab = demo_lab()
     specs = lab.specs
@@ -208,10 +257,19 @@ async def run_demo(output: Path | None, *, report: Path | None = None, hooks: bo
                 CanaryReceiver(*CANARY, domain=CANARY_DOMAIN)
             )
         except OSError as exc:  # the lab's fixed addresses: taken, or not on this host
+            if output is None:  # no run to keep: leave no empty run behind
+                with contextlib.suppress(OSError):
+                    findings_path.parent.rmdir()
             raise TemporaryError(f"demo: {exc.strerror or exc}") from None
         desk = (
             await started.enter_async_context(TicketDesks(findings_path.parent)) if hooks else None
         )
+        # a state store beside the findings, so `show` and `report` can read this run
+        store = desk.store if desk is not None else StateStore(findings_path.parent / STATE_FILE)
+        assert store is not None
+        if desk is None:
+            store.open()
+            started.callback(store.close)
         print(
             "demo: sweeping with confirmation mode on (canary messages go only to the receiver above)\n"
         )
@@ -219,11 +277,18 @@ async def run_demo(output: Path | None, *, report: Path | None = None, hooks: bo
             sinks: list[Sink] = [collector, sink]
             if desk is not None:
                 sinks.append(desk.begin(config))
+            else:
+                record = store.begin_sweep(
+                    shard="0/1", config_fingerprint=config_fingerprint(config), total=len(DEMO_LAB)
+                )
+                sinks.append(StateSink(store, record.id))
             stats = await sweep(config, sinks=sinks, canary=canary)
         finally:
             sink.close()
         if desk is not None:
             await desk.deliver(stats)
+        else:
+            store.complete_sweep(record.id, stats)
     width = terminal_width()
     lead = " " * 50  # the summary column: 22 + 1 + 26 + 1
     room = None if width is None else max(24, width - len(lead))
@@ -258,8 +323,24 @@ async def run_demo(output: Path | None, *, report: Path | None = None, hooks: bo
         print(f"report: {report}")
     if desk is not None:
         print("\n" + "\n".join(desk.lines))
+    print("\n" + "\n".join(next_commands(findings_path.parent / STATE_FILE, collector)))
     print("demo: lab stopped", file=sys.stderr)
     return 0
+
+
+def next_commands(state: Path, collector: Collector) -> list[str]:
+    """What to try after the demo, each with the arguments that work on this run."""
+    relay = next((f for f in collector.findings if f.kind.is_relay), None)
+    shown = relay.id if relay is not None else "ID"
+    return [
+        "try next (relayaudit is .venv/bin/relayaudit in a source tree; README, \"Try it by hand\"):",
+        "  relayaudit lab                                  "
+        "the same servers, left running (Ctrl-C stops them)",
+        "  relayaudit check 127.0.10.1 --port 2525         "
+        "one host, its whole conversation (while the lab runs)",
+        f"  relayaudit show {shown} --state {state}",
+        f"  relayaudit report --state {state} --format md",
+    ]
 
 
 async def run_lab(duration: float | None) -> int:
@@ -322,7 +403,7 @@ class TicketDesks:
             {"scope": ["127.0.0.0/8"], "targets": [DEMO_NET], **data}, source="(demo --hooks)"
         ).alerts
         check_templates(self.alerts)
-        self.store = StateStore(self.directory / "demo-state.sqlite")
+        self.store = StateStore(self.directory / STATE_FILE)
         self.store.open()
         self.store.set_channels(channel_names(self.alerts))
         return self

@@ -17,7 +17,7 @@ import pytest
 from cli_runner import run_main
 from loopback import lab_thread, read_banner
 
-from relayaudit.demo import DEMO_LAB, ROLES
+from relayaudit.demo import DEMO_LAB, ROLES, new_run_dir
 from relayaudit.lab import Behaviour, ServerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +160,50 @@ def test_check_without_config_calls_nothing_unapproved(
     code, out, _ = as_json
     kinds = [f["kind"] for f in json.loads(out)["verdict"]["findings"]]
     assert "unapproved-smtp" not in kinds
+
+
+# -- relayaudit demo --------------------------------------------------------------------------
+
+
+def test_demo_runs_keep_the_five_newest_and_nothing_else(tmp_path: Path) -> None:
+    old = [tmp_path / f"2024010{d}T000000Z" for d in range(1, 7)]
+    for d in old:
+        (d / "sub").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("mine\n", encoding="utf-8")
+    (tmp_path / "20240101T000000Z.bak").mkdir()  # not named as a run: never removed
+    run = new_run_dir(tmp_path)
+    assert run.parent == tmp_path and run.is_dir() and not any(run.iterdir())
+    kept = sorted(d.name for d in tmp_path.iterdir())
+    assert kept == sorted(
+        [*(d.name for d in old[-4:]), run.name, "notes.txt", "20240101T000000Z.bak"]
+    )
+    # a second run in the same second gets a name of its own, and sorts after the first
+    again = new_run_dir(tmp_path)
+    assert again.is_dir() and again.name > run.name
+    assert run.is_dir()  # still among the five newest
+    assert not old[2].exists()
+
+
+def test_demo_writes_a_run_directory_and_says_what_to_try_next(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(capsys, "demo", "--output-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").iterdir()
+    assert f"demo: writing into {run}/ (keeping the 5 newest runs of {tmp_path / 'runs'}/)" in out
+    assert f"report: {run / 'report.html'}" in out and (run / "report.html").is_file()
+    assert (run / "findings.jsonl").stat().st_size > 0
+    tail = out[out.index("try next") :].splitlines()
+    assert [line.split()[1] for line in tail[1:]] == ["lab", "check", "show", "report"]
+    # the show and report commands it prints work on this run's state store as written
+    show = tail[3].split()[1:]
+    assert show[2:] == ["--state", str(run / "demo-state.sqlite")] and show[1].startswith("ra-")
+    code, shown, err = run_main(capsys, *show)
+    assert code == 0, err
+    assert show[1] in shown and "127.0.10." in shown
+    code, report, err = run_main(capsys, *tail[4].split()[1:])
+    assert code == 0, err
+    assert "open-relay" in report
 
 
 # -- relayaudit lab ---------------------------------------------------------------------------
