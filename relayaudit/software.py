@@ -211,16 +211,36 @@ def ehlo_signs(text: str, keywords: Iterable[str]) -> list[SoftwareSign]:
 def refusal_signs(texts: Iterable[str]) -> list[SoftwareSign]:
     """The first refusal wording that names a product, per product."""
     signs: dict[Software, SoftwareSign] = {}
-    for text in texts:
-        for software, pattern, exchange in _REFUSALS:
-            if software not in signs and (match := pattern.search(_without_status(text))):
-                signs[software] = SoftwareSign(
-                    source=SignSource.REFUSAL,
-                    software=software,
-                    seen=_seen(match.group() if exchange else text.splitlines()[0]),
-                    exchange_only=exchange,
-                )
+    # a battery's refusals are mostly one text said over and over: each read once, in order
+    for text in dict.fromkeys(texts):
+        for sign in _named_in(text):
+            signs.setdefault(sign.software, sign)
     return list(signs.values())
+
+
+_NAMED: dict[str, tuple[SoftwareSign, ...]] = {}  # refusal text -> the signs it holds
+
+
+def _named_in(text: str) -> tuple[SoftwareSign, ...]:
+    """The signs one refusal text holds, one per product, in _REFUSALS order; kept for the
+    few hundred texts a sweep meets (every host refuses with the same few wordings)."""
+    found = _NAMED.get(text)
+    if found is None:
+        bare = _without_status(text)
+        found = tuple(
+            SoftwareSign(
+                source=SignSource.REFUSAL,
+                software=software,
+                seen=_seen(match.group() if exchange else text.splitlines()[0]),
+                exchange_only=exchange,
+            )
+            for software, pattern, exchange in _REFUSALS
+            if (match := pattern.search(bare))
+        )
+        if len(_NAMED) >= 4096:  # a server with a new wording per reply: start over
+            _NAMED.clear()
+        _NAMED[text] = found
+    return found
 
 
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\s+")
