@@ -1332,10 +1332,12 @@ async def _sweep(
     return stats, sink.written
 
 
-def _load_probing() -> None:
+def _load_probing(event_loop: eventloop.EventLoopChoice) -> None:
     """Load, before the fork, what each child would load at its first open port: the SMTP
-    client and the schemas of the result, the verdict and the findings line. Forked children
-    share it, instead of each paying for it (about 50 ms of CPU per process)."""
+    client, the schemas of the result, the verdict and the findings line, and the event loop
+    (uvloop). Forked children share it, instead of each paying for it (about 50 ms of CPU per
+    process)."""
+    eventloop.loop_factory(event_loop)  # imports uvloop where it is chosen
     from relayaudit import probe  # noqa: F401 - imported for its side effect
     from relayaudit.evidence import ProbeResult, SessionFacts
     from relayaudit.records import FindingRecord
@@ -1373,7 +1375,7 @@ def _sweep_processes(
         }
     )
     child_config = config.model_copy(update={"limits": limits})
-    _load_probing()
+    _load_probing(config.limits.event_loop)
     children: list[tuple[int, int]] = []
     for p in range(processes):
         read_end, write_end = os.pipe()
