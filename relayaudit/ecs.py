@@ -62,6 +62,14 @@ EVENTS: Mapping[str, EventClass] = {
         category=("configuration",), type=("change",), outcome="failure"
     ),
     "config.warning": EventClass(category=("configuration",), type=("info",)),
+    # target sources (issue 26) and the owner table (issue 29), read before each sweep
+    "sweep.skipped": EventClass(category=("network",), type=("end",), outcome="failure"),
+    "sweep.no_source": EventClass(category=("configuration",), type=("info",)),
+    "targets.source_failed": EventClass(category=("file",), type=("access",), outcome="failure"),
+    "targets.skipped": EventClass(category=("configuration",), type=("info",)),
+    "owners.failed": EventClass(category=("file",), type=("access",), outcome="failure"),
+    "owners.warning": EventClass(category=("configuration",), type=("info",)),
+    "owners.restamped": EventClass(category=("database",), type=("change",), outcome="success"),
     # alert hooks are API calls of ticket systems (or a command, or mail): ECS's `api`
     "alert.delivered": EventClass(category=("api",), type=("change",), outcome="success"),
     "alert.retry": EventClass(category=("api",), type=("change",), outcome="failure"),
