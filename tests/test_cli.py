@@ -515,7 +515,8 @@ def test_findings_times_carry_their_zone(
     assert (code, err) == (0, "")
     rows = out.splitlines()[1:-1]
     assert len(rows) == 2
-    assert all(r.endswith("2025-01-06 12:00:00 UTC 2025-01-06 12:00:00 UTC") for r in rows)
+    # first seen, last seen, then the owner column (none in this store: "-")
+    assert all(r.endswith("2025-01-06 12:00:00 UTC 2025-01-06 12:00:00 UTC -") for r in rows)
 
 
 def test_outbox_list_shows_every_delivery_in_every_state(
