@@ -142,7 +142,7 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
             lambda: bool(d.events("config.reload_rejected")), 10, "the reload to be rejected"
         )
         (rejected,) = d.events("config.reload_rejected")
-        assert "targets[0]: '10.1.2.3/8' has host bits set" in rejected["error"]
+        assert "targets[0]: line 2: '10.1.2.3/8' has host bits set" in rejected["error"]
         n = len(d.events("sweep.summary"))
         await d.wait_for(
             lambda: len(d.events("sweep.summary")) > n, 30, "a sweep after the bad reload"

@@ -174,7 +174,11 @@ def test_fail_on(
 ) -> None:
     extra = ["--fail-on", fail_on] if fail_on else []
     with lab_thread(ServerSpec(host=HOST, port=PORT, behaviour=behaviour)):
-        checked = run_main(capsys, "check", HOST, "--port", str(PORT), *extra)
+        # with --config: the approved list it names (empty) makes an SMTP service "unapproved"
+        # (medium); without one, check calls nothing unapproved (issue 32)
+        checked = run_main(
+            capsys, "check", HOST, "--port", str(PORT), "--config", str(config), *extra
+        )
         swept = run_main(capsys, "sweep", "--config", str(config), *extra)
     assert checked[0] == code, checked
     assert swept[0] == code, swept
