@@ -44,6 +44,9 @@ SWEEP_WINDOW = 46800
 TARGET_LABELS = frozenset(
     {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
 )
+# Labels whose values the operator's config names (a target source's label: issue 26), so any
+# value may appear; a rule may still match them, by name, on metrics that have them.
+CONFIG_LABELS = frozenset({"source"})
 # Series Prometheus itself writes for every scrape target (not the daemon's).
 SCRAPE_SERIES = frozenset({"up"})
 # The classic dashboard model's last schemaVersion: what Grafana 12 and 13 save.
@@ -112,6 +115,8 @@ def exported() -> Exported:
                 labels[name][label] = frozenset(s.value for s in FindingStatus)
             elif name == "relayaudit_alerts" and label == "state":
                 labels[name][label] = frozenset(Metrics.ALERT_STATES)
+            elif label in CONFIG_LABELS:
+                labels[name][label] = frozenset()  # any value: see CONFIG_LABELS
             else:
                 labels[name][label] = values[label]
     return Exported(frozenset(names), labels)
@@ -231,7 +236,7 @@ def problems_of(expr: str, where: str, known: Exported, recorded: frozenset[str]
             if label not in own:
                 problems.append(f"{where}: {sel.metric} has no label {label!r}")
                 continue
-            if "$" in value:  # a Grafana variable
+            if "$" in value or label in CONFIG_LABELS:  # a Grafana variable, a config's name
                 continue
             alternatives = value.split("|") if op in ("=~", "!~") else [value]
             for alt in alternatives:
