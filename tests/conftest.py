@@ -15,15 +15,20 @@ import pytest
 from daemon_harness import DaemonProcess
 from hypothesis import settings as hypothesis_settings
 from postfix_lab import (
+    CANARY_DOMAIN,
+    POSTFIX_SINK_HOST,
+    POSTFIX_SINK_PORT,
     PostfixInstance,
     make_lab_directory,
-    postfix_available,
+    require_postfix,
     start_lab,
     stop_lab,
 )
 from postgrey_lab import postgrey_available
 from rt_lab import RtServer, rt_available, start_rt
 from smtp_sink import MessageSink, serve_smtp
+
+from relayaudit.canary import CanaryReceiver
 
 # CI (which sets CI=true, as .ci/run does) runs the property tests on a fixed example sequence, so
 # a red run is reproducible from the commit alone; a local run explores new random examples each
@@ -48,11 +53,7 @@ def postfix_lab() -> Iterator[dict[str, PostfixInstance]]:
     With RELAYAUDIT_REQUIRE_POSTFIX=1 (set by scripts/test, hence CI) a missing Postfix is an
     error, so a broken install can never turn into a green run of skipped tests.
     """
-    reason = postfix_available()
-    if reason is not None:
-        if os.environ.get("RELAYAUDIT_REQUIRE_POSTFIX") == "1":
-            pytest.fail(f"RELAYAUDIT_REQUIRE_POSTFIX=1 but {reason}", pytrace=False)
-        pytest.skip(reason)
+    require_postfix()
     base = make_lab_directory()
     instances = start_lab(base)  # on failure it stops what it started and keeps BASE's logs
     try:
@@ -60,6 +61,16 @@ def postfix_lab() -> Iterator[dict[str, PostfixInstance]]:
     finally:
         stop_lab(instances)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def canary() -> AsyncIterator[CanaryReceiver]:
+    """The canary receiver at the lab Postfix instances' relayhost: whatever they relay
+    arrives here and nowhere else (tests/postfix_lab.py)."""
+    async with CanaryReceiver(
+        POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, domain=CANARY_DOMAIN
+    ) as receiver:
+        yield receiver
 
 
 @pytest.fixture

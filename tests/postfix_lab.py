@@ -263,6 +263,22 @@ def _find_command(name: str) -> str | None:
     return shutil.which(name, path=f"{path}:{_SBIN_PATHS}" if path else _SBIN_PATHS)
 
 
+CANARY_DOMAIN = "canary.test"  # the canary receiver at the relayhost takes mail for this domain
+
+
+def require_postfix() -> None:
+    """Skip the calling test or fixture when Postfix instances cannot run here; fail instead
+    under RELAYAUDIT_REQUIRE_POSTFIX=1 (set by scripts/test, hence CI), so a broken install can
+    never turn into a green run of skipped tests."""
+    import pytest  # noqa: PLC0415 - only the tests need it, not the lab's other users
+
+    reason = postfix_available()
+    if reason is not None:
+        if os.environ.get("RELAYAUDIT_REQUIRE_POSTFIX") == "1":
+            pytest.fail(f"RELAYAUDIT_REQUIRE_POSTFIX=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
 def postfix_available() -> str | None:
     """Return None when lab instances can run here, else the reason they cannot."""
     if not sys.platform.startswith("linux"):

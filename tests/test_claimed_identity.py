@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,8 @@ import pytest
 from cli_runner import run_cli
 from factories import canary_target, probe_settings
 from postfix_lab import (
+    CANARY_DOMAIN,
     POLICY_SERVICE,
-    POSTFIX_SINK_HOST,
-    POSTFIX_SINK_PORT,
     SCANNER_SOURCE,
     PostfixInstance,
 )
@@ -35,7 +33,6 @@ from relayaudit.verdict import Confidence, FindingKind, Severity, Verdict, Verdi
 
 pytestmark = [pytest.mark.postfix, pytest.mark.usefixtures("pipelining")]
 
-CANARY_DOMAIN = "canary.test"
 # the scanner's own name, outside campus.test (the HELO map's domain), as the default
 # relayaudit.invalid is: under its own name it is refused like any outsider
 OWN_HELO = "relayaudit.invalid"
@@ -55,14 +52,6 @@ def settings(*, confirm: bool = False, **changes: object) -> ProbeSettings:
         canary=canary_target(CANARY_DOMAIN) if confirm else None,
         **changes,
     )
-
-
-@pytest.fixture
-async def canary() -> AsyncIterator[CanaryReceiver]:
-    async with CanaryReceiver(
-        POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, domain=CANARY_DOMAIN
-    ) as receiver:
-        yield receiver
 
 
 async def check(

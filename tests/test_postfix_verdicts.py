@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import factories
 import pytest
 from factories import assert_names_its_fix, canary_target, probe_settings
-from postfix_lab import POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, SCANNER_SOURCE, PostfixInstance
+from postfix_lab import CANARY_DOMAIN, SCANNER_SOURCE, PostfixInstance
 
 from relayaudit.canary import CanaryReceiver
 from relayaudit.engine import await_confirmation
@@ -18,7 +16,6 @@ from relayaudit.verdict import Confidence, FindingKind, Verdict, VerdictStatus, 
 # every test here runs twice: pipelined (Postfix offers PIPELINING) and in lock-step
 pytestmark = [pytest.mark.postfix, pytest.mark.usefixtures("pipelining")]
 
-CANARY_DOMAIN = "canary.test"
 
 
 def settings(*, confirm: bool = False) -> ProbeSettings:
@@ -31,15 +28,6 @@ def settings(*, confirm: bool = False) -> ProbeSettings:
         external_domains=("outside-b.test", "outside-a.test"),
         canary=canary_target(CANARY_DOMAIN) if confirm else None,
     )
-
-
-@pytest.fixture
-async def canary() -> AsyncIterator[CanaryReceiver]:
-    # every instance's relayhost is this sink: whatever Postfix relays arrives here and nowhere else
-    async with CanaryReceiver(
-        POSTFIX_SINK_HOST, POSTFIX_SINK_PORT, domain=CANARY_DOMAIN
-    ) as receiver:
-        yield receiver
 
 
 async def check(

@@ -11,7 +11,6 @@ RELAYAUDIT_REQUIRE_EXIM=1 and RELAYAUDIT_REQUIRE_OPENSMTPD=1 (.ci/run sets all t
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from postfix_lab import (
     PostfixInstance,
     lab_host,
     make_lab_directory,
-    postfix_available,
+    require_postfix,
 )
 
 from relayaudit.evidence import ProbeResult
@@ -233,11 +232,7 @@ def assert_refused(result: ProbeResult, verdict: Verdict) -> None:
 
 @pytest.fixture(scope="module")
 def postfix_base() -> Iterator[Path]:
-    reason = postfix_available()
-    if reason is not None:
-        if os.environ.get("RELAYAUDIT_REQUIRE_POSTFIX") == "1":
-            pytest.fail(f"RELAYAUDIT_REQUIRE_POSTFIX=1 but {reason}", pytrace=False)
-        pytest.skip(reason)
+    require_postfix()
     base = make_lab_directory()
     yield base
     shutil.rmtree(base, ignore_errors=True)
