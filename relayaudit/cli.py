@@ -43,7 +43,7 @@ from relayaudit.errors import (
 from relayaudit.evidence import ProbeResult, endpoint
 from relayaudit.files import write_text
 from relayaudit.greylisting import greylisted, retry
-from relayaudit.owners import load_owners
+from relayaudit.owners import OwnerTable, load_owners
 from relayaudit.report import (
     FindingBrief,
     FindingBriefs,
@@ -644,16 +644,15 @@ def _report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--since: {exc}") from None
     paths = _state_paths(args)
-    by_owner = args.owner is not None or args.unowned
-    if args.format == "html" and by_owner:
-        # the page's charts, subnets and services are not split by owner yet (issue 29)
-        raise UsageError("--owner and --unowned: use --format csv, md or json for now")
     if args.format == "html":
         from relayaudit.html_page import page_from_stores
         from relayaudit.html_report import render_html
 
         config = load_config(args.config) if args.config is not None else None
-        text = render_html(page_from_stores(paths, since=since, config=config))
+        page = page_from_stores(
+            paths, since=since, config=config, owner=args.owner, unowned=args.unowned
+        )
+        text = render_html(page)
     else:
         report = from_stores(paths, since=since)
         text = render(for_owner(report, name=args.owner, unowned=args.unowned), args.format)
@@ -1011,6 +1010,8 @@ async def _check(args: argparse.Namespace) -> int:
     config = _with_timeout(_check_config(args, addresses), args.timeout)
     ports: list[int] = args.port or (list(config.ports) if args.config else [25])
     approvals = args.config is not None  # without a config there is no approved list
+    # the config's owner table, read before any probe (an unreadable owners_file: exit 78)
+    owners = load_owners(config) if _has_owners(config) else None
     for port in ports:
         if not 0 < port < 65536:
             raise UsageError(f"--port: {port} is outside 1-65535")
@@ -1039,7 +1040,7 @@ async def _check(args: argparse.Namespace) -> int:
             for port in ports:
                 if config.unsourced_family(version):  # one clear line, no connection
                     result = settled(address, port, no_source(config, version), vantage="none")
-                    outcomes.append((result, _check_verdict(config, result, approvals)))
+                    outcomes.append((result, _check_verdict(config, result, approvals, owners)))
                     continue
                 result = await probe(
                     address,
@@ -1056,7 +1057,7 @@ async def _check(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                 result = await await_confirmation(result, canary, config.canary.wait)
-                outcomes.append((result, _check_verdict(config, result, approvals)))
+                outcomes.append((result, _check_verdict(config, result, approvals, owners)))
     finally:
         if wait_line is not None:
             await wait_line.stop()
@@ -1138,10 +1139,22 @@ def _sweep_exit(stats: SweepStats, fail_on: str) -> int:
     return EXIT_RELAY if _found(fail_on, relays=stats.relays, severities=severities) else EXIT_OK
 
 
-def _check_verdict(config: Config, result: ProbeResult, approvals: bool) -> Verdict:
+def _has_owners(config: Config) -> bool:
+    return bool(config.owners) or config.owners_file is not None
+
+
+def _check_verdict(
+    config: Config, result: ProbeResult, approvals: bool, owners: OwnerTable | None = None
+) -> Verdict:
     """judge_result, or without an approved list (`check` with no --config) no unapproved-smtp
-    finding: nobody said whether the service is approved, and the output says so instead."""
-    return judge_result(config, result) if approvals else judge(result, approved=True)
+    finding: nobody said whether the service is approved, and the output says so instead.
+    Each finding names its owner from `owners` (the config's table), as a sweep's would."""
+    verdict = judge_result(config, result) if approvals else judge(result, approved=True)
+    if owners is None or not verdict.findings:
+        return verdict
+    owner = owners.lookup(result.address)
+    findings = tuple(f.model_copy(update={"owner": owner}) for f in verdict.findings)
+    return verdict.model_copy(update={"findings": findings})
 
 
 def _approved_note(config: Config, result: ProbeResult) -> str | None:
@@ -1213,7 +1226,7 @@ def _sweep_main(args: argparse.Namespace) -> int:
         )
         print(render_summary(stats))
         print(f"\n{written} findings written to {config.output.findings}")
-        _print_findings_table(listed.briefs, everything=args.all)
+        _print_findings_table(listed.briefs, everything=args.all, owners=_has_owners(config))
         if args.report is not None and run is not None:
             run.stats = stats
             sweep_report(args.report, config.output.findings, sweep_id, config=config, run=run)
@@ -1277,14 +1290,17 @@ def _gravest(codes: Sequence[int]) -> int:
     return min(codes, key=lambda c: _GRAVITY.index(ExitCode(c)))
 
 
-def _print_findings_table(briefs: Sequence[FindingBrief], *, everything: bool) -> None:
-    """The end of a sweep: the findings that name their hosts, most severe first."""
+def _print_findings_table(
+    briefs: Sequence[FindingBrief], *, everything: bool, owners: bool
+) -> None:
+    """The end of a sweep: the findings that name their hosts, most severe first (with an
+    owner column when the config has an owner table)."""
     what = "findings" if everything else "relay findings"
     if not briefs:
         print(f"\nno {what}" + ("" if everything else " (--all lists every finding)"))
         return
     print(f"\n{len(briefs)} {what}, most severe first:")
-    print("\n".join(render_table(briefs, width=terminal_width())))
+    print("\n".join(render_table(briefs, width=terminal_width(), owners=owners)))
 
 
 async def _sweep(
@@ -1452,5 +1468,5 @@ def _sweep_processes(
         f"{config.output.findings} by {processes} processes"
     )
     briefs = [FindingBrief.from_json(b) for part in parts for b in part["listed"]]
-    _print_findings_table(briefs, everything=everything)
+    _print_findings_table(briefs, everything=everything, owners=_has_owners(config))
     return EXIT_RELAY if stats.relays else EXIT_OK

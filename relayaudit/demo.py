@@ -164,6 +164,21 @@ def demo_settings(
         "timeouts": {"connect": "1s", "command": "3s", "greeting": "3s", "session": "30s"},
         "limits": {"concurrency": 32, "rate": 500, "subnet_rate": 200},
         "approved": [{"address": f"{prefix}.2", "port": port, "note": "ISO-0001 campus mail hub"}],
+        # two departments run the lab; .12 is in nobody's range, so one finding names no owner
+        "owners": [
+            {
+                "name": "Central IT",
+                "ranges": [f"{prefix}.0/29"],
+                "contact": "noc@campus.test",
+                "queue": "noc",
+            },
+            {
+                "name": "Chemistry",
+                "ranges": [f"{prefix}.8/30", f"{prefix}.13/32"],
+                "contact": "it@chem.campus.test",
+                "queue": "chem-it",
+            },
+        ],
     }
 
 
@@ -306,7 +321,8 @@ async def run_demo(
         if approved is not None:
             print(lead + clip(approval_text(approved.note), room))
     print("\nfindings, most severe first:")
-    print("\n".join(render_table(map(FindingBrief.of, collector.findings), width=width)))
+    briefs = map(FindingBrief.of, collector.findings)
+    print("\n".join(render_table(briefs, width=width, owners=True)))
     print()
     print(render_summary(stats))
     print(

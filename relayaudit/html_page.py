@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from relayaudit.config import Config, ScheduleConfig
 from relayaudit.evidence import ProbeResult
-from relayaudit.export import Report, from_sweep, report_of
+from relayaudit.export import UNOWNED, Report, for_owner, from_sweep, report_of
+from relayaudit.owners import OwnerTable, load_owners
 from relayaudit.progress import SweepStats
 from relayaudit.records import Transition
 from relayaudit.schedule import Schedule
@@ -25,6 +26,7 @@ from relayaudit.state import (
     read_changes,
     read_findings,
     read_observations,
+    read_owner_table,
     read_sweeps,
 )
 from relayaudit.text import span
@@ -39,6 +41,7 @@ __all__ = [
     "ShardView",
     "page_from_stores",
     "page_from_sweep",
+    "page_owners",
     "store_health",
 ]
 
@@ -93,6 +96,22 @@ class Page:
     config: Config | None  # scope, targets, approved services; None: not given
     health: tuple[bool, str]
     served_by: str | None = None  # the live page: which daemon (shard) serves it
+    # who runs each address (docs/owners.md): the SMTP services nobody owns, the owner of an
+    # approved service; None: no owner table is known
+    owners: OwnerTable | None = None
+
+    def owner_of(self, address: str) -> str | None:
+        """The name of the address's owner; None: nobody, or no table."""
+        owner = self.owners.lookup(address) if self.owners is not None else None
+        return owner.name if owner is not None else None
+
+    def shows(self, address: str) -> bool:
+        """Whether the page's owner filter (`report --owner/--unowned`) keeps this address."""
+        wanted = self.report.owner_filter
+        if wanted is None:
+            return True
+        name = self.owner_of(address)
+        return name is None if wanted == UNOWNED else name == wanted
 
 
 class ServicesSeen:
@@ -182,14 +201,22 @@ def page_from_stores(
     health: tuple[bool, str] | None = None,
     served_by: str | None = None,
     chart_points: int = CHART_POINTS,
+    owner: str | None = None,
+    unowned: bool = False,
 ) -> Page:
-    """The page of the state files (shards merged as `findings` merges them), read-only."""
+    """The page of the state files (shards merged as `findings` merges them), read-only;
+    `owner`/`unowned`: only that owner's (or nobody's) findings, in every section."""
     now = now or datetime.now(UTC)
     rows = read_findings(paths)
     changes = read_changes(paths)
-    report = report_of(
-        rows, changes, sources=tuple(str(p) for p in paths), since=now - since, now=now
+    report = for_owner(
+        report_of(rows, changes, sources=tuple(str(p) for p in paths), since=now - since, now=now),
+        name=owner,
+        unowned=unowned,
     )
+    kept = {f.id for f in report.findings}
+    rows = [r for r in rows if r.id in kept]
+    changes = [c for c in changes if c.finding_id in kept]
     shards, completed = _shard_views(paths)
     history: dict[str, list[Change]] = defaultdict(list)
     for c in changes:
@@ -203,7 +230,7 @@ def page_from_stores(
     )
     if health is None:
         health = store_health(shards, config.schedule if config else ScheduleConfig(), now)
-    return Page(
+    page = Page(
         report=report,
         details={r.id: r.finding for r in rows},
         history={k: tuple(v) for k, v in history.items()},
@@ -214,7 +241,24 @@ def page_from_stores(
         config=config,
         health=health,
         served_by=served_by,
+        # the table the findings were stamped with; else the config's
+        owners=read_owner_table(paths) or page_owners(config),
     )
+    return _only_shown(page)
+
+
+def page_owners(config: Config | None) -> OwnerTable | None:
+    """The config's owner table (an unreadable owners_file: ConfigError), or None."""
+    if config is None or not (config.owners or config.owners_file is not None):
+        return None
+    return load_owners(config)
+
+
+def _only_shown(page: Page) -> Page:
+    """The page with only the SMTP services its owner filter keeps."""
+    if page.report.owner_filter is None or page.services is None:
+        return page
+    return replace(page, services=tuple(s for s in page.services if page.shows(s.address)))
 
 
 def page_from_sweep(
@@ -226,8 +270,10 @@ def page_from_sweep(
     services: Iterable[Service] | None,
     shard: str = "0/1",
     now: datetime | None = None,
+    owners: OwnerTable | None = None,
 ) -> Page:
-    """The page of one `sweep` or `demo` run, which keeps no state store."""
+    """The page of one `sweep` or `demo` run, which keeps no state store; `owners`: the table
+    its findings were stamped with (None: the config's)."""
     now = now or datetime.now(UTC)
     found = list(findings)
     report = from_sweep(found, sweep_id=sweep_id, now=now)
@@ -260,4 +306,5 @@ def page_from_sweep(
         services=tuple(services) if services is not None else None,
         config=config,
         health=health,
+        owners=owners if owners is not None else page_owners(config),
     )

@@ -9,13 +9,14 @@
   const sev = document.getElementById("f-sev");
   const status = document.getElementById("f-status");
   const net = document.getElementById("f-net");
+  const owner = document.getElementById("f-owner");
   const text = document.getElementById("f-text");
   const shown = document.getElementById("shown");
   const none = document.getElementById("none");
   // what each finding is filtered on, read once: the filter loop touches no attribute
   const keys = items.map(function (el) {
     const d = el.dataset;
-    return { el: el, kind: d.kind, sev: d.sev, status: d.status, nets: " " + d.nets + " ", text: d.text };
+    return { el: el, kind: d.kind, sev: d.sev, status: d.status, nets: " " + d.nets + " ", owner: d.owner, text: d.text };
   });
 
   function statusOk(value, wanted) {
@@ -25,13 +26,13 @@
   }
 
   function apply() {
-    const k = kind.value, s = sev.value, st = status.value, n = net.value;
+    const k = kind.value, s = sev.value, st = status.value, n = net.value, o = owner.value;
     const q = text.value.trim().toLowerCase();
     const nt = " " + n + " ";
     let count = 0;
     for (const it of keys) {
       const ok = (!k || it.kind === k) && (!s || it.sev === s) && statusOk(it.status, st) &&
-        (!n || it.nets.includes(nt)) && (!q || it.text.includes(q));
+        (!n || it.nets.includes(nt)) && (!o || it.owner === o) && (!q || it.text.includes(q));
       if (it.el.hidden === ok) it.el.hidden = !ok;
       if (ok) count++;
     }
@@ -40,7 +41,8 @@
   }
 
   function reset(wanted) {
-    kind.value = ""; sev.value = ""; status.value = wanted; net.value = ""; text.value = "";
+    kind.value = ""; sev.value = ""; status.value = wanted; net.value = ""; owner.value = "";
+    text.value = "";
   }
 
   // a link to #ra-… opens that finding, clearing the filters if they hide it
@@ -59,6 +61,14 @@
   form.addEventListener("change", apply);
   form.addEventListener("submit", function (e) { e.preventDefault(); });
   form.addEventListener("reset", function (e) { e.preventDefault(); reset("open"); apply(); });
+  for (const b of document.querySelectorAll("button[data-owner]")) {
+    b.addEventListener("click", function () {
+      owner.value = b.dataset.owner;
+      if (status.value !== "all") status.value = "open";
+      apply();
+      document.getElementById("findings").scrollIntoView({ block: "start" });
+    });
+  }
   for (const b of document.querySelectorAll("button[data-net]")) {
     b.addEventListener("click", function () {
       net.value = b.dataset.net;

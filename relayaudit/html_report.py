@@ -23,7 +23,7 @@ from functools import cache
 from importlib import resources
 
 from relayaudit.evidence import endpoint
-from relayaudit.export import ReportFinding
+from relayaudit.export import UNOWNED, ReportFinding
 from relayaudit.html_page import Page
 from relayaudit.records import FindingStatus, Transition
 from relayaudit.remediation import advice
@@ -155,6 +155,10 @@ _KIND_NAMES = {
 }
 
 
+# the owner filter's value for a finding nobody owns (an owner's name is never empty)
+_NOBODY = "-"
+
+
 def render_html(page: Page) -> str:
     """The whole page as one string."""
     r = page.report
@@ -181,6 +185,7 @@ def render_html(page: Page) -> str:
     _trend(out, page)
     _subnets(out, page)
     _approved(out, page)
+    _unowned(out, page)
     out.append("</main>\n")
     out.append(
         "<footer><p>Made by relayaudit "
@@ -208,6 +213,16 @@ def _header(out: list[str], page: Page) -> None:
     )
     if page.served_by:
         out.append(f'<p class="warn">{_t(page.served_by)}</p>\n')
+    if r.owner_filter is not None:  # report --owner / --unowned: every section is filtered
+        who = (
+            "nobody owns"
+            if r.owner_filter == UNOWNED
+            else f"owner <b>{_t(r.owner_filter)}</b> runs"
+        )
+        out.append(
+            f'<p class="warn">Only the findings and SMTP services that {who} '
+            "(docs/owners.md): every section below is filtered.</p>\n"
+        )
     out.append('<dl class="facts">\n')
     cfg = page.config
     if cfg is not None:
@@ -327,6 +342,12 @@ def _findings(out: list[str], page: Page) -> None:
         '<option value="reopened">reopened</option><option value="resolved">resolved</option>'
         '<option value="all">all</option></select></label>\n'
     )
+    out.append('<label>Owner <select id="f-owner"><option value="">any owner</option>')
+    names = sorted({f.owner.name for f in findings if f.owner is not None})
+    out += [f'<option value="{_a(name)}">{_t(name)}</option>' for name in names]
+    if any(f.owner is None for f in findings):
+        out.append(f'<option value="{_a(_NOBODY)}">no owner</option>')
+    out.append("</select></label>\n")
     out.append('<label>Subnet <select id="f-net"><option value="">any subnet</option>')
     for i, net in enumerate(ranges):
         out.append(f'<option value="r{i}">{_t(net)} (range)</option>')
@@ -342,7 +363,7 @@ def _findings(out: list[str], page: Page) -> None:
     out.append(
         '<div class="list" id="list">\n<div class="row head" aria-hidden="true">'
         "<span>severity</span><span>confidence</span><span>address:port</span><span>kind</span>"
-        "<span>title</span><span>status</span><span>last seen</span></div>\n"
+        "<span>owner</span><span>title</span><span>status</span><span>last seen</span></div>\n"
     )
     for f in findings:
         _finding(out, page, f, tokens.get(f.id, ""))
@@ -366,6 +387,7 @@ def _finding(out: list[str], page: Page, f: ReportFinding, nets: str) -> None:
             f.title,
             f.summary,
             f.approved_note or "",
+            f.owner.name if f.owner is not None else "",
             (fp.banner or "") if fp else "",
             (fp.hostname or "") if fp else "",
             (fp.software or "") if fp else "",
@@ -375,11 +397,13 @@ def _finding(out: list[str], page: Page, f: ReportFinding, nets: str) -> None:
     out.append(
         f'<details class="f" id="{_a(f.id)}" data-kind="{f.kind.value}" '
         f'data-sev="{f.severity.value}" data-status="{status}" data-nets="{_a(nets)}" '
+        f'data-owner="{_a(f.owner.name if f.owner is not None else _NOBODY)}" '
         f'data-text="{_a(search)}">\n<summary class="row">'
         f'<span class="sev sev-{f.severity.value}">{f.severity.value}</span>'
         f"<span>{f.confidence.value}</span>"
         f'<span class="mono">{_t(endpoint(f.address, f.port))}</span>'
         f"<span>{_t(f.kind.value)}</span>"
+        f"<span>{_t(f.owner.name) if f.owner is not None else '<i>no owner</i>'}</span>"
         f'<span class="t">{_line(f.title)}</span>'
         f'<span><span class="st st-{status}">{status}</span></span>'
         f"<span>{_when(f.last_seen)}</span></summary>\n"
@@ -398,6 +422,13 @@ def _finding(out: list[str], page: Page, f: ReportFinding, nets: str) -> None:
         + (_srv(f.approved_note) if f.approved_note else "not on the approved list")
         + "</dd>\n"
     )
+    if f.owner is not None:
+        queue = f", queue {f.owner.queue}" if f.owner.queue else ""
+        out.append(
+            f"<dt>owner</dt><dd>{_t(f.owner.name)} &lt;{_t(f.owner.contact)}&gt;{_t(queue)}</dd>\n"
+        )
+    else:
+        out.append("<dt>owner</dt><dd>none listed (no owner range holds the address)</dd>\n")
     if f.origin:  # the DNS names the address was found under (a target source, issue 26)
         out.append(f"<dt>found as</dt><dd>{_srv('; '.join(f.origin))}</dd>\n")
     if whole is not None:
@@ -740,6 +771,8 @@ def _approved(out: list[str], page: Page) -> None:
     )
     stale = 0
     for entry in cfg.approved:
+        if not page.shows(str(entry.address.network_address)):
+            continue  # another owner's service (report --owner / --unowned)
         seen = [
             s
             for s in page.services or ()
@@ -766,3 +799,58 @@ def _approved(out: list[str], page: Page) -> None:
             "service may be gone, and its approval stale.</p>\n"
         )
     out.append("</section>\n")
+
+
+def _unowned(out: list[str], page: Page) -> None:
+    """The SMTP services of the last sweep that no owner range holds (else the open findings'
+    services): nobody can be sent their tickets until the owner table names someone."""
+    if page.services is not None:
+        services = sorted(
+            {(s.address, s.port): s.status.value for s in page.services}.items(),
+            key=lambda item: (_addr_key(item[0][0]), item[0][1]),
+        )
+        if page.owners is not None:
+            services = [s for s in services if page.owner_of(s[0][0]) is None]
+        where = "the last sweep saw"
+    else:
+        seen = {
+            (f.address, f.port): f.kind.value
+            for f in page.report.findings
+            if f.owner is None and _open(f)
+        }
+        services = sorted(seen.items(), key=lambda item: (_addr_key(item[0][0]), item[0][1]))
+        where = "with an open finding"
+    out.append(
+        '<section id="unowned" aria-labelledby="h-unowned">\n<h2 id="h-unowned">SMTP services '
+        f"with no owner: {len(services):,}</h2>\n"
+    )
+    if page.owners is None and page.services is not None:
+        out.append(
+            '<p class="warn">No owner table is known (<code>[[owners]]</code> or '
+            "<code>owners_file</code>, docs/owners.md): nobody owns any service.</p>\n"
+        )
+    if not services:
+        out.append(f"<p>Every SMTP service {where} has an owner.</p>\n</section>\n")
+        return
+    out.append(
+        f'<p class="muted">SMTP services {where} that no owner range holds: add their ranges '
+        "to the owner table so their findings reach someone.</p>\n"
+        '<div class="scroll"><table><thead><tr><th>address:port</th><th>seen as</th>'
+        "</tr></thead><tbody>\n"
+    )
+    for (address, port), what in services:
+        out.append(
+            f'<tr><td class="mono">{_t(endpoint(address, port))}</td><td>{_t(what)}</td></tr>\n'
+        )
+    out.append("</tbody></table></div>\n")
+    if any(f.owner is None for f in page.report.findings):
+        out.append(
+            f'<p><button type="button" class="link" data-owner="{_NOBODY}">show the findings '
+            "nobody owns</button></p>\n"
+        )
+    out.append("</section>\n")
+
+
+def _addr_key(address: str) -> tuple[int, int]:
+    ip = _ip(address)
+    return (ip.version, int(ip)) if ip is not None else (9, 0)

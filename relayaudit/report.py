@@ -24,12 +24,21 @@ from relayaudit.evidence import (
     endpoint,
 )
 from relayaudit.text import clip, visible, wrap
-from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, Verdict, VerdictStatus
+from relayaudit.verdict import (
+    Confidence,
+    Finding,
+    FindingKind,
+    Owner,
+    Severity,
+    Verdict,
+    VerdictStatus,
+)
 
 __all__ = [
     "FindingBrief",
     "FindingBriefs",
     "approval_text",
+    "owner_text",
     "render_check",
     "render_findings",
     "render_summary",
@@ -63,6 +72,7 @@ class FindingBrief:
     port: int
     title: str
     approved_note: str | None = None
+    owner: str | None = None  # the owner's name (docs/owners.md); None: nobody listed
 
     @classmethod
     def of(cls, finding: Finding) -> FindingBrief:
@@ -75,6 +85,7 @@ class FindingBrief:
             port=finding.port,
             title=finding.title,
             approved_note=finding.approved_note,
+            owner=finding.owner.name if finding.owner is not None else None,
         )
 
     def order(self) -> tuple[int, int, tuple[int, int], int, str, str]:
@@ -98,6 +109,7 @@ class FindingBrief:
             "port": self.port,
             "title": self.title,
             "approved_note": self.approved_note,
+            "owner": self.owner,
         }
 
     @classmethod
@@ -111,6 +123,7 @@ class FindingBrief:
             port=int(data["port"]),
             title=str(data["title"]),
             approved_note=data.get("approved_note"),
+            owner=data.get("owner"),
         )
 
 
@@ -163,12 +176,16 @@ def table(
     return lines
 
 
-def render_table(briefs: Iterable[FindingBrief], *, width: int | None = None) -> list[str]:
+def render_table(
+    briefs: Iterable[FindingBrief], *, width: int | None = None, owners: bool = False
+) -> list[str]:
     """One line per finding, in `FindingBrief.order`; an approved service's note follows on a
-    line of its own."""
+    line of its own. `owners` (the config has an owner table): an owner column, "-" for an
+    address nobody owns."""
     rows = sorted(briefs, key=FindingBrief.order)
+    header = ("severity", "confidence", "address:port", "kind", "finding id")
     return table(
-        ("severity", "confidence", "address:port", "kind", "finding id", "title"),
+        (*header, *(("owner",) if owners else ()), "title"),
         [
             (
                 b.severity.value,
@@ -176,6 +193,7 @@ def render_table(briefs: Iterable[FindingBrief], *, width: int | None = None) ->
                 endpoint(b.address, b.port),
                 b.kind.value,
                 b.id,
+                *((b.owner or "-",) if owners else ()),
                 b.title,
             )
             for b in rows
@@ -212,7 +230,15 @@ def render_findings(findings: Iterable[Finding], *, width: int | None = None) ->
         lines += wrap(visible(f.summary), width, indent=indent)
         if f.approved_note is not None:
             lines += wrap(visible(approval_text(f.approved_note)), width, indent=indent)
+        if f.owner is not None:
+            lines += wrap(visible(f"owner: {owner_text(f.owner)}"), width, indent=indent)
     return lines
+
+
+def owner_text(owner: Owner) -> str:
+    """`Chemistry <it@chem.campus.example>, queue chem-it`, as `show` names an owner."""
+    queue = f", queue {owner.queue}" if owner.queue else ""
+    return f"{owner.name} <{owner.contact}>{queue}"
 
 
 def render_check(

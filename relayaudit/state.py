@@ -51,6 +51,7 @@ __all__ = [
     "read_findings",
     "read_history",
     "read_observations",
+    "read_owner_table",
     "read_sweeps",
 ]
 
@@ -1293,6 +1294,12 @@ def read_observations(paths: Sequence[Path], sweep_ids: Iterable[str]) -> list[O
     return _read_each(
         paths, lambda store: [row for sid in wanted for row in store.observations(sid)]
     )
+
+
+def read_owner_table(paths: Sequence[Path]) -> OwnerTable | None:
+    """The owner table the last sweep of the first shard file that has one used, read-only."""
+    tables = _read_each(paths, lambda store: [store.owner_table()])
+    return next((t for t in tables if t is not None), None)
 
 
 class StateSink:

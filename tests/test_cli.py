@@ -26,10 +26,12 @@ from loopback import free_port
 
 from relayaudit import demo
 from relayaudit.cli import _parser
+from relayaudit.config import load_config
 from relayaudit.demo import CANARY_DOMAIN
 from relayaudit.errors import ExitCode
 from relayaudit.evidence import Exchange, Reply
 from relayaudit.lab import Behaviour, Lab, ServerSpec
+from relayaudit.owners import load_owners
 from relayaudit.records import RECORD_SCHEMA_VERSION
 from relayaudit.state import StateStore
 from relayaudit.verdict import Confidence, FindingKind, Severity
@@ -219,6 +221,7 @@ def test_config_check_lab_counts(capsys: pytest.CaptureFixture[str]) -> None:
         "  total (after exclusions)                           15\n"
         "  ports 2525, 4650: 30 address:port probes per sweep\n"
         "  approved services: 1\n"
+        f"  owners: 2 (3 ranges; table {load_owners(load_config(LAB)).digest})\n"
     )
 
 
@@ -331,6 +334,9 @@ async def test_sweep_lab_config_against_the_demo_lab(demo_lab: Lab, tmp_path: Pa
     relays = {json.loads(line)["id"] for line in lines if json.loads(line)["kind"] in RELAY_KINDS}
     assert sorted(r[4] for r in rows) == sorted(relays)
     assert {r[2] for r in rows} >= {"127.0.10.1:2525", "127.0.10.3:2525", "127.0.10.8:2525"}
+    # lab.toml's owner table: the owner column names the department of each relay
+    owners = {r[2]: r[5] for r in rows}
+    assert owners["127.0.10.1:2525"] == "Central" and owners["127.0.10.8:2525"] == "Chemistry"
     # canary messages went through the lab's relays to the receiver the sweep started itself
     assert any(CANARY_DOMAIN in d.rcpt for d in demo_lab.delivered)
     assert demo_lab.forward_failures == []
@@ -392,7 +398,9 @@ async def test_check_lists_relays_first_and_shows_the_approval(tmp_path: Path) -
         '[relay]\ncampus_domains = ["campus.test"]\n'
         'external_domains = ["relay-test.example", "sender.example"]\n'
         f'[[approved]]\naddress = "127.0.88.1"\nport = {approved_port}\n'
-        'note = "ISO-0042 department mail hub"\n',
+        'note = "ISO-0042 department mail hub"\n'
+        '[[owners]]\nname = "Chemistry"\nranges = ["127.0.88.0/25"]\n'
+        'contact = "it@chem.campus.test"\nqueue = "chem-it"\n',
         encoding="utf-8",
     )
     specs = [
@@ -417,6 +425,9 @@ async def test_check_lists_relays_first_and_shows_the_approval(tmp_path: Path) -
     # the relay (high) before the unapproved service (medium), as in the sweep's table
     kinds = [line.split("]")[1].split()[0] for line in relay.splitlines() if line.startswith("  [")]
     assert kinds == ["relay-campus-sender", "unapproved-smtp"]
+    # each finding names its owner from the config's table, as a sweep's would (issue 29)
+    owner_lines = [line.strip() for line in relay.splitlines() if "owner:" in line]
+    assert owner_lines == ["owner: Chemistry <it@chem.campus.test>, queue chem-it"] * 2
     assert approved.splitlines()[0].startswith(f"127.0.88.1:{approved_port}  RELAY-REFUSED  ")
     assert approved.splitlines()[2] == "  approved: ISO-0042 department mail hub"
 
@@ -475,6 +486,13 @@ def test_demo_names_each_relay_and_cuts_no_summary(
     rows = table_after(out, "findings, most severe first:")
     assert_table_order(rows)
     assert sorted(r[4] for r in rows) == sorted(r["id"] for r in records)
+    # two departments run the lab, and 127.0.10.12 nobody (issue 29): every finding but that
+    # address's names its owner, in the file and in the table's owner column
+    owner = {r["id"]: (r["owner"] or {}).get("name") for r in records}
+    assert {r["address"] for r in records if owner[r["id"]] is None} == {"127.0.10.12"}
+    assert {owner[r["id"]] for r in records} == {"Central IT", "Chemistry", None}
+    # (a cell is split at spaces: "Central IT" shows as "Central")
+    assert {(r[4], r[5]) for r in rows} == {(i, (name or "-").split()[0]) for i, name in owner.items()}
 
 
 # -- state queries: tables with a header, times with their zone --------------------------------

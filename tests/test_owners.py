@@ -6,6 +6,7 @@ import csv
 import io
 import ipaddress
 import json
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -13,10 +14,14 @@ from typing import Any
 
 import pytest
 from cli_runner import run_main
+from daemon_harness import DaemonProcess, base_config, write_config
 from factories import make_finding, observe, one_sweep
+from loopback import free_port
+from test_alert_gauges import scrape_text
 
 from relayaudit.config import Config, config_fingerprint, parse_config
 from relayaudit.errors import ConfigError, ExitCode
+from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.owners import OwnerCache, OwnerTable, load_owners
 from relayaudit.state import SCHEMA_VERSION, StateStore
 from relayaudit.verdict import FindingKind, Owner
@@ -376,3 +381,121 @@ def test_report_by_owner_and_unowned_in_every_text_format(
     assert "Chemistry" in out and "Physics" in out
     code, out, _ = run_main(capsys, "show", "--state", str(state), found[0].id)
     assert "owner:       Chemistry <it@chem.campus.example>, queue chem-it" in out
+
+
+def _owned_store(tmp_path: Path) -> tuple[Path, Config]:
+    """A completed sweep: a Chemistry relay, a Physics service, one nobody owns."""
+    cfg = config(
+        tmp_path,
+        owners=[
+            {**CHEM, "ranges": ["192.0.2.0/25"]},
+            {"name": "Physics", "contact": "it@phys.campus.example", "ranges": ["192.0.2.128/26"]},
+        ],
+        approved=[{"address": "192.0.2.9", "port": 25, "note": "ISO-7 chem hub"}],
+    )
+    state = tmp_path / "state.sqlite"
+    table = load_owners(cfg)
+    found = [
+        make_finding(address="192.0.2.7"),
+        make_finding(FindingKind.UNAPPROVED_SMTP, address="192.0.2.130"),
+        make_finding(FindingKind.UNAPPROVED_SMTP, address="192.0.2.250"),
+    ]
+    with StateStore(state) as store:
+        one_sweep(store, *(observe(f, address=f.address) for f in found))
+        store.restamp_owners(table)
+    return state, cfg
+
+
+def test_html_report_shows_owners_and_filters_every_section_by_owner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, _ = _owned_store(tmp_path)
+    (tmp_path / "relayaudit.toml").write_text(
+        'scope = ["192.0.2.0/24"]\ntargets = ["192.0.2.0/24"]\n'
+        '[relay]\ncampus_domains = ["campus.example"]\n'
+        '[[approved]]\naddress = "192.0.2.9"\nport = 25\nnote = "ISO-7 chem hub"\n'
+        '[[owners]]\nname = "Chemistry"\nranges = ["192.0.2.0/25"]\n'
+        'contact = "it@chem.campus.example"\nqueue = "chem-it"\n'
+        '[[owners]]\nname = "Physics"\nranges = ["192.0.2.128/26"]\n'
+        'contact = "it@phys.campus.example"\n',
+        encoding="utf-8",
+    )
+    args = ("report", "--state", str(state), "--config", str(tmp_path / "relayaudit.toml"))
+    code, whole, err = run_main(capsys, *args)
+    assert code == 0, err
+    # each finding names its owner; the filter offers each owner and "no owner"
+    assert 'data-owner="Chemistry"' in whole and 'data-owner="Physics"' in whole
+    assert 'data-owner="-"' in whole and '<option value="-">no owner</option>' in whole
+    assert "it@chem.campus.example" in whole
+    # the unowned section counts the services no range holds (192.0.2.250 here)
+    unowned = whole.split('id="h-unowned">', 1)[1].split("</section>", 1)[0]
+    assert unowned.startswith("SMTP services with no owner: 1</h2>")
+    assert "192.0.2.250:25" in unowned and "192.0.2.130" not in unowned
+    code, chem, err = run_main(capsys, *args, "--owner", "Chemistry")
+    assert code == 0, err
+    assert "192.0.2.7" in chem and "ISO-7 chem hub" in chem  # its approval too
+    assert "192.0.2.130" not in chem and "192.0.2.250" not in chem
+    assert "SMTP services with no owner: 0" in chem
+    code, phys, err = run_main(capsys, *args, "--owner", "Physics")
+    assert code == 0, err
+    assert "192.0.2.130" in phys and "192.0.2.7" not in phys and "ISO-7" not in phys
+    code, nobody, err = run_main(capsys, *args, "--unowned")
+    assert code == 0, err
+    assert "192.0.2.250" in nobody and "192.0.2.7:" not in nobody and "192.0.2.130" not in nobody
+    assert "SMTP services with no owner: 1" in nobody
+
+
+# -- the daemon keeps the last good table across a restart ------------------------------------
+
+LAB_HOST, LAB_PORT = "127.0.136.1", 2836  # this test's lab: 127.0.136.0/30
+
+
+async def test_a_restart_with_an_unreadable_owners_file_stamps_from_the_stored_table(
+    tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    owners = owners_csv(
+        tmp_path, "range,name,contact\n127.0.136.0/30,Chemistry,it@chem.campus.test\n"
+    )
+    metrics_port = free_port()
+    data = base_config(tmp_path, "127.0.136.0/30", LAB_PORT)
+    data["schedule"] = {"interval": "2s"}
+    data["metrics"] = {"enabled": True, "listen": f"127.0.0.1:{metrics_port}"}
+    data["owners_file"] = str(owners)
+    cfg = write_config(tmp_path / "relayaudit.toml", data)
+    state = tmp_path / "state.sqlite"
+    relay = ServerSpec(host=LAB_HOST, port=LAB_PORT, behaviour=Behaviour.OPEN_RELAY)
+    async with Lab([relay]):
+        first = DaemonProcess(cfg, tmp_path / "log.jsonl")
+        daemons.append(first)
+        await first.start()
+        await first.wait_for(lambda: bool(first.events("sweep.summary")), 30, "a sweep")
+        assert await first.stop() == 0
+    with StateStore(state) as store:
+        assert {r.finding.owner.name for r in store.findings() if r.finding.owner} == {"Chemistry"}
+    owners.unlink()  # the IPAM export is gone when the daemon restarts
+    second_relay = ServerSpec(host="127.0.136.2", port=LAB_PORT, behaviour=Behaviour.OPEN_RELAY)
+    before = len(first.events("sweep.summary"))
+    async with Lab([relay, second_relay]):
+        second = DaemonProcess(cfg, tmp_path / "log.jsonl")
+        daemons.append(second)
+        await second.start()
+        await second.wait_for(
+            lambda: any(e["address"] == "127.0.136.2" for e in second.events("probe"))
+            and len(second.events("sweep.summary")) > before,
+            30,
+            "a sweep that saw the new relay",
+        )
+        body = await scrape_text(metrics_port)
+        assert await second.stop() == 0
+    failed = second.events("owners.failed")
+    assert failed and "cannot be read" in failed[0]["error"] and failed[0]["kept"]
+    failures = re.search(r"^relayaudit_owners_file_failures_total (\S+)$", body, re.M)
+    assert failures is not None and float(failures[1]) >= 1, body
+    assert re.search(r"^relayaudit_owners_file_stale 1(\.0)?$", body, re.M), body
+    with StateStore(state) as store:
+        owned = {r.address: r.finding.owner for r in store.findings()}
+    # the new relay, first seen after the restart, is stamped from the table the store kept
+    assert {a: o.name if o else None for a, o in owned.items()} == {
+        LAB_HOST: "Chemistry",
+        "127.0.136.2": "Chemistry",
+    }

@@ -185,6 +185,19 @@ def test_each_filter_narrows_the_list(opened: Any, reports: Reports) -> None:
             )
         page.select_option(control, "")
         expect(shown(o)).to_have_count(everything)
+    # the owner filter (issue 29): each of the demo's two departments, and nobody (.12)
+    owners = Counter((f["owner"] or {}).get("name", "-") for f in reports.demo_findings)
+    assert set(owners) == {"Central IT", "Chemistry", "-"}
+    for value, n in owners.items():
+        page.select_option("#f-owner", value)
+        expect(shown(o)).to_have_count(n)
+        assert all(el.get_attribute("data-owner") == value for el in shown(o).all())
+    page.select_option("#f-owner", "")
+    # the unowned section's button shows the findings nobody owns
+    page.click("#unowned button[data-owner]")
+    expect(shown(o)).to_have_count(owners["-"])
+    page.select_option("#f-owner", "")
+    expect(shown(o)).to_have_count(everything)
     page.select_option("#f-status", "new")  # a one-off sweep keeps no lifecycle
     expect(shown(o)).to_have_count(0)
     expect(page.locator("#none")).to_be_visible()
@@ -270,7 +283,7 @@ def test_hostile_banners_render_inert_and_in_place(
     assert {"open-relay", "unapproved-smtp"} <= kinds
     for i in range(findings.count()):
         finding = findings.nth(i)
-        assert finding.locator("> summary > span").count() == 7  # the row kept its cells
+        assert finding.locator("> summary > span").count() == 8  # the row kept its cells
         finding.locator("> summary").click()
         greeting = finding.locator("dt", has_text="greeting").locator(
             "xpath=following-sibling::dd[1]"

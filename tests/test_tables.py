@@ -18,7 +18,7 @@ from relayaudit.report import (
     table,
     terminal_width,
 )
-from relayaudit.verdict import Confidence, Finding, FindingKind, Severity, VerdictStatus
+from relayaudit.verdict import Confidence, Finding, FindingKind, Owner, Severity, VerdictStatus
 
 
 def finding(
@@ -82,6 +82,19 @@ def test_table_shows_the_approval_note_under_its_finding() -> None:
     assert lines[2].split()[4] == approved.id
     title_column = lines[0].index("title")
     assert lines[3] == " " * title_column + "approved: ISO-0042 department hub"
+
+
+def test_table_has_an_owner_column_when_the_config_has_owners() -> None:
+    owned = ORDERED[0].model_copy(
+        update={"owner": Owner(name="Chemistry", contact="it@chem.campus.example")}
+    )
+    briefs = [FindingBrief.of(owned), FindingBrief.of(ORDERED[2])]
+    assert "owner" not in render_table(briefs)[0].split()
+    lines = render_table(briefs, owners=True)
+    assert lines[0].split()[6:] == ["owner", "title"]  # "finding id" is two words
+    assert [line.split()[5] for line in lines[1:]] == ["Chemistry", "-"]
+    # and the owner survives the pipe from a sweep process
+    assert FindingBrief.from_json(briefs[0].to_json()).owner == "Chemistry"
 
 
 def test_check_lists_findings_in_the_table_order() -> None:
