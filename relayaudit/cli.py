@@ -19,6 +19,7 @@ import time
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -26,6 +27,7 @@ from relayaudit import __version__, eventloop
 from relayaudit.config import Config, file_warnings, load_config, parse_config
 from relayaudit.engine import (
     SweepStats,
+    approval_day,
     await_confirmation,
     judge_result,
     no_source,
@@ -47,12 +49,14 @@ from relayaudit.owners import OwnerTable, load_owners
 from relayaudit.report import (
     FindingBrief,
     FindingBriefs,
+    expiry_lines,
     render_check,
     render_summary,
     render_table,
     table,
     terminal_width,
 )
+from relayaudit.schedule import local_zone
 from relayaudit.scope import Address, normal_address, parse_address
 from relayaudit.sinks import FindingsFile, new_sweep_id
 from relayaudit.sources import TargetList, family_gaps, load_targets
@@ -515,6 +519,9 @@ def _config_check(path: Path) -> int:
     print(f"  ports {', '.join(map(str, config.ports))}: {probes} address:port probes per sweep")
     if config.approved:
         print(f"  approved services: {len(config.approved)}")
+        today = approval_day(datetime.now(UTC), local_zone())
+        for line in expiry_lines(config, today):
+            print(f"    {line}")
     owners = load_owners(config)  # an unreadable owners_file or a bad row: exit 78
     if owners.rows:
         print(
@@ -1149,17 +1156,21 @@ def _check_verdict(
     """judge_result, or without an approved list (`check` with no --config) no unapproved-smtp
     finding: nobody said whether the service is approved, and the output says so instead.
     Each finding names its owner from `owners` (the config's table), as a sweep's would."""
-    verdict = judge_result(config, result) if approvals else judge(result, approved=True)
+    today = approval_day(datetime.now(UTC), local_zone())  # check judges approvals now
+    verdict = (
+        judge_result(config, result, day=today) if approvals else judge(result, approved=True)
+    )
     if owners is None or not verdict.findings:
         return verdict
-    owner = owners.lookup(result.address)
+    owner = owners.lookup(result.address, result.port)
     findings = tuple(f.model_copy(update={"owner": owner}) for f in verdict.findings)
     return verdict.model_copy(update={"findings": findings})
 
 
 def _approved_note(config: Config, result: ProbeResult) -> str | None:
     """The note of the [[approved]] entry covering the result's address:port; None: not approved."""
-    entry = config.is_approved(ipaddress.ip_address(result.address), result.port)
+    today = approval_day(datetime.now(UTC), local_zone())
+    entry = config.is_approved(ipaddress.ip_address(result.address), result.port, day=today)
     return entry.note if entry is not None else None
 
 

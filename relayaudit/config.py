@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -385,14 +386,30 @@ class Limits(_Model):
 
 
 class ApprovedService(_Model):
-    """An SMTP service the ISO approved; findings about it are not 'unapproved'."""
+    """An SMTP service the ISO approved; findings about it are not 'unapproved'.
+
+    `owner` names the owner (of `[[owners]]` or owners_file) that runs this service, over the
+    range's owner; `expires`: the approval holds through that day, in the schedule's zone (the
+    host's), judged at a sweep's recorded start (docs/owners.md)."""
 
     address: NetworkField
     port: Port | None = None
     note: str = ""
+    owner: Annotated[str, AfterValidator(_one_line), Field(max_length=100)] | None = None
+    expires: date | None = None
 
     def covers(self, address: Address, port: int) -> bool:
         return address in self.address and (self.port is None or self.port == port)
+
+    def valid_on(self, day: date | None) -> bool:
+        """Whether the approval holds on `day` (None: expiry not considered)."""
+        return day is None or self.expires is None or day <= self.expires
+
+    def describe(self) -> str:
+        """`127.0.88.1/32 port 25 ("ISO-0042 hub")`: which approval, for a summary."""
+        port = f" port {self.port}" if self.port is not None else ""
+        note = f" ({self.note!r})" if self.note else ""
+        return f"{self.address}{port}{note}"
 
 
 def _one_line(value: str) -> str:
@@ -1193,6 +1210,19 @@ class Config(_Model):
         return self
 
     @model_validator(mode="after")
+    def _approval_owners(self) -> Config:
+        # the name is looked up in the owner table (owners.py); without a table it names nobody
+        if self.owners or self.owners_file is not None:
+            return self
+        for i, entry in enumerate(self.approved):
+            if entry.owner is not None:
+                raise ValueError(
+                    f"approved[{i}].owner: {entry.owner!r} names an owner, but there is no "
+                    "owner table ([[owners]] or owners_file)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _owner_contacts(self) -> Config:
         # an IPAM export must not route vulnerability details to a mailbox outside campus
         if not self.owners and self.owners_file is None:
@@ -1247,9 +1277,32 @@ class Config(_Model):
             if ipaddress.ip_network(text, strict=False) != _strict_or_none(text)
         )
 
-    def is_approved(self, address: Address, port: int) -> ApprovedService | None:
+    def is_approved(
+        self, address: Address, port: int, *, day: date | None = None
+    ) -> ApprovedService | None:
+        """The first approval covering address:port that holds on `day` (None: any approval,
+        expired or not). A still-valid approval wins over an expired one for the same service."""
         address = _normal_or_self(address)
-        return next((a for a in self.approved if a.covers(address, port)), None)
+        return next(
+            (a for a in self.approved if a.covers(address, port) and a.valid_on(day)), None
+        )
+
+    def expired_approval(self, address: Address, port: int, *, day: date) -> ApprovedService | None:
+        """The approval covering address:port that expired last before `day`, when none holds."""
+        if self.is_approved(address, port, day=day) is not None:
+            return None
+        address = _normal_or_self(address)
+        gone = [a for a in self.approved if a.covers(address, port) and not a.valid_on(day)]
+        return max(gone, key=lambda a: a.expires or date.min, default=None)
+
+    def expiring(self, day: date, *, within: int = 30) -> list[ApprovedService]:
+        """Approvals that hold on `day` and expire within `within` days of it, soonest first."""
+        soon = [
+            a
+            for a in self.approved
+            if a.expires is not None and day <= a.expires <= day + timedelta(days=within)
+        ]
+        return sorted(soon, key=lambda a: a.expires or date.max)
 
     def in_scope(self, address: Address) -> bool:
         """Whether `address` (in any form: ::ffff:192.0.2.1 is 192.0.2.1) lies in the scope."""

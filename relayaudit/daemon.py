@@ -20,7 +20,7 @@ import relayaudit.probe  # noqa: F401
 from relayaudit.alerts import Dispatcher, check_templates
 from relayaudit.canary import CanaryReceiver, start_canary
 from relayaudit.config import Config, config_fingerprint, file_warnings, load_config
-from relayaudit.engine import Sweep, SweepStats, Watermark
+from relayaudit.engine import Sweep, SweepStats, Watermark, approval_day
 from relayaudit.errors import ConfigError, RelayAuditError, StateError, listen_error
 from relayaudit.eventloop import loop_name
 from relayaudit.evidence import ProbeResult
@@ -353,6 +353,8 @@ class Daemon:
             record = store.begin_sweep(
                 shard=shard, config_fingerprint=fingerprint, total=plan.total
             )
+            # approvals are judged at the sweep's recorded start: a resumed sweep as it began
+            plan.started, plan.zone = record.started, schedule.tz or plan.zone
             last_started = datetime.now(UTC)
             if self._live is not None:
                 self._live.sweep_started()
@@ -545,6 +547,8 @@ class Daemon:
         assert store is not None
         # off the event loop: the store lock is shared with the sink's writer threads
         self._metrics.set_findings(await asyncio.to_thread(store.finding_counts))
+        today = approval_day(datetime.now(UTC), local_zone())
+        self._metrics.approvals_expiring.set(len(self.config.expiring(today)))
         await self._refresh_alerts()
 
     async def _refresh_alerts(self) -> None:

@@ -7,10 +7,10 @@ import dataclasses
 import ipaddress
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, tzinfo
 from typing import TYPE_CHECKING, Protocol
 
-from relayaudit.config import Config
+from relayaudit.config import ApprovedService, Config
 from relayaudit.connect import Dialer, InProgress, finish_connect, open_socket
 from relayaudit.errors import RelayAuditError
 from relayaudit.evidence import PortState, ProbeResult, ProbeStatus
@@ -19,6 +19,7 @@ from relayaudit.greylisting import greylisted, retry
 from relayaudit.owners import OwnerTable, load_owners
 from relayaudit.pacer import Pacer
 from relayaudit.progress import SweepStats, Watermark
+from relayaudit.schedule import local_zone
 from relayaudit.settings import CanaryTarget, ProbeSettings
 from relayaudit.sources import TargetList, load_targets
 from relayaudit.targets import Shard, TargetSpace
@@ -33,6 +34,8 @@ __all__ = [
     "Sweep",
     "SweepStats",
     "Watermark",
+    "approval_day",
+    "expired_text",
     "judge_result",
     "probe_settings",
     "sweep",
@@ -85,16 +88,35 @@ def probe_settings(config: Config, *, confirm: bool | None = None) -> ProbeSetti
     )
 
 
-def judge_result(config: Config, result: ProbeResult) -> Verdict:
-    """judge() with the approval that applies to the result's address:port."""
+def judge_result(config: Config, result: ProbeResult, *, day: date | None = None) -> Verdict:
+    """judge() with the approval that applies to the result's address:port on `day` (the
+    sweep's start, in the schedule's zone: `approval_day`); None: expiry not considered."""
     if result.status not in _NEEDS_APPROVAL:  # closed, filtered, ...: no finding either way
         return judge(result)
-    approved = config.is_approved(ipaddress.ip_address(result.address), result.port)
+    address = ipaddress.ip_address(result.address)
+    approved = config.is_approved(address, result.port, day=day)
+    gone = (
+        config.expired_approval(address, result.port, day=day)
+        if approved is None and day is not None
+        else None
+    )
     return judge(
         result,
         approved=approved is not None,
         approved_note=approved.note if approved is not None else None,
+        expired=expired_text(gone) if gone is not None else None,
     )
+
+
+def expired_text(entry: ApprovedService) -> str:
+    """`the approval 192.0.2.7/32 port 25 ('ISO-0042') expired after 2027-03-31`."""
+    last = entry.expires.isoformat() if entry.expires is not None else "?"
+    return f"the approval {entry.describe()} expired after {last}"
+
+
+def approval_day(at: datetime, zone: tzinfo) -> date:
+    """The day an approval is judged on: `at` (a sweep's recorded start) in `zone`."""
+    return at.astimezone(zone).date()
 
 
 def no_source(config: Config, version: int) -> NoSession:
@@ -168,9 +190,16 @@ class Sweep:
         confirm: bool | None = None,
         targets: TargetList | None = None,
         owners: OwnerTable | None = None,
+        started: datetime | None = None,
+        zone: tzinfo | None = None,
     ):
         self.config = config
         self.shard = shard
+        # approvals are judged at the sweep's recorded start, in the schedule's zone: a sweep
+        # across midnight, or a resumed one, judges every host alike (the daemon sets `started`
+        # to the stored sweep's start)
+        self.started = started or datetime.now(UTC)
+        self.zone = zone or local_zone()
         if targets is None and config.targets_from:
             targets = load_targets(config)  # a one-off sweep; the daemon reads them itself
         self.targets = targets
@@ -452,14 +481,15 @@ class Sweep:
     # -- record --------------------------------------------------------------------------
 
     async def _record(self, result: ProbeResult, sinks: Sequence[Sink]) -> None:
-        verdict = judge_result(self.config, result)
+        day = approval_day(self.started, self.zone)
+        verdict = judge_result(self.config, result, day=day)
         if verdict.findings:
             labels: dict[str, object] = {}
             origin = self._origins.get(result.address)
             if origin:
                 labels["origin"] = origin
             if self.owners is not None:
-                labels["owner"] = self.owners.lookup(result.address)
+                labels["owner"] = self.owners.lookup(result.address, result.port)
             if labels:
                 verdict = verdict.model_copy(
                     update={

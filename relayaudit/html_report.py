@@ -22,11 +22,13 @@ from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 
+from relayaudit.engine import approval_day
 from relayaudit.evidence import endpoint
 from relayaudit.export import UNOWNED, ReportFinding
 from relayaudit.html_page import Page
 from relayaudit.records import FindingStatus, Transition
 from relayaudit.remediation import advice
+from relayaudit.schedule import local_zone
 from relayaudit.software import describe
 from relayaudit.text import span
 from relayaudit.verdict import FindingKind, Severity
@@ -663,13 +665,14 @@ def _subnets(out: list[str], page: Page) -> None:
         return blocks.setdefault(name, _Block(index))
 
     cfg = page.config
+    today = approval_day(page.report.generated_at, local_zone())
     for s in page.services or ():
         b = block(s.address)
         if b is None:
             continue
         b.services.add((s.address, s.port))
         ip = _ip(s.address)
-        if cfg is not None and ip is not None and cfg.is_approved(ip, s.port):
+        if cfg is not None and ip is not None and cfg.is_approved(ip, s.port, day=today):
             b.approved.add((s.address, s.port))
     for f in page.report.findings:
         if not _open(f):
@@ -766,12 +769,16 @@ def _approved(out: list[str], page: Page) -> None:
             "answers is not known.</p>\n"
         )
     out.append(
-        '<div class="scroll"><table><thead><tr><th>address</th><th>port</th><th>note</th>'
-        "<th>last sweep</th></tr></thead><tbody>\n"
+        '<div class="scroll"><table><thead><tr><th>address</th><th>port</th><th>owner</th>'
+        "<th>note</th><th>expires</th><th>last sweep</th></tr></thead><tbody>\n"
     )
     stale = 0
+    today = approval_day(page.report.generated_at, local_zone())
     for entry in cfg.approved:
-        if not page.shows(str(entry.address.network_address)):
+        first = str(entry.address.network_address)
+        owner = entry.owner or page.owner_of(first)
+        wanted = page.report.owner_filter
+        if wanted is not None and owner != (None if wanted == UNOWNED else wanted):
             continue  # another owner's service (report --owner / --unowned)
         seen = [
             s
@@ -787,10 +794,25 @@ def _approved(out: list[str], page: Page) -> None:
         else:
             stale += 1
             state = '<b class="sev-high">not seen: stale?</b> No SMTP service answered here'
+        if entry.expires is None:
+            expires = "never"
+        elif entry.valid_on(today):
+            days = (entry.expires - today).days
+            soon = f' <b class="sev-medium">({days} days left)</b>' if days <= 30 else ""
+            expires = f"{_t(entry.expires.isoformat())}{soon}"
+        else:
+            expires = (
+                f'<b class="sev-high">expired after {_t(entry.expires.isoformat())}</b>: its '
+                "service is reported unapproved"
+            )
+        who = _t(owner) if owner is not None else "<i>no owner</i>"
+        if entry.owner is None and owner is not None:
+            who += " (the range's)"
         out.append(
             f'<tr><td class="mono">{_t(entry.address)}</td>'
             f"<td>{_t(entry.port if entry.port is not None else 'any')}</td>"
-            f"<td>{_t(entry.note)}</td><td>{state}</td></tr>\n"
+            f"<td>{who}</td><td>{_t(entry.note)}</td><td>{expires}</td>"
+            f"<td>{state}</td></tr>\n"
         )
     out.append("</tbody></table></div>\n")
     if stale:

@@ -282,6 +282,11 @@ class Metrics(Registry):
             "relayaudit_owner_ranges",
             "Ranges in the owner table the last sweep used ([[owners]] and owners_file).",
         )
+        self.approvals_expiring = self.gauge(
+            "relayaudit_approvals_expiring",
+            "[[approved]] entries that still hold but expire within 30 days (expires = DATE), "
+            "counted at start and after each sweep: nobody runs config check daily.",
+        )
         # Present from the start so dashboards and alert rules see zeros, not absent series.
         self.alerts.replace({(state,): 0 for state in self.ALERT_STATES})
 

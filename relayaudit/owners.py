@@ -16,7 +16,7 @@ import io
 import ipaddress
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +29,7 @@ __all__ = [
     "OwnerCache",
     "OwnerRow",
     "OwnerTable",
+    "ServiceOwner",
     "load_owners",
     "read_owners_file",
 ]
@@ -49,6 +50,15 @@ class OwnerRow:
     where: str
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceOwner:
+    """An approved service's own owner (`[[approved]]` `owner`): over the range's owner."""
+
+    network: Network
+    port: int | None
+    owner: Owner
+
+
 @dataclass(frozen=True)
 class OwnerTable:
     """Ranges to owners, indexed by prefix length per family (a lookup costs at most 33 or 129
@@ -56,6 +66,8 @@ class OwnerTable:
 
     rows: tuple[OwnerRow, ...] = ()
     warnings: tuple[str, ...] = ()
+    # approved services with an owner of their own: few, so a scan (before the index)
+    services: tuple[ServiceOwner, ...] = ()
     _index: dict[int, dict[int, dict[int, Owner]]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -71,13 +83,18 @@ class OwnerTable:
         for version, by_length in self._index.items():
             self._lengths[version] = tuple(sorted(by_length, reverse=True))
 
-    def lookup(self, address: Address | str) -> Owner | None:
-        """The owner of the longest range holding `address` (IPv4 in IPv6 read as IPv4)."""
+    def lookup(self, address: Address | str, port: int | None = None) -> Owner | None:
+        """The owner of the service at address:port (an approval's `owner`), else of the
+        longest range holding `address` (IPv4 in IPv6 read as IPv4)."""
         ip = ipaddress.ip_address(address) if isinstance(address, str) else address
         try:
             ip = normal_address(ip)
         except ConfigError:  # a zone id or unusable space: nobody owns it
             return None
+        if port is not None:
+            for service in self.services:
+                if ip in service.network and service.port in (None, port):
+                    return service.owner
         by_length = self._index.get(ip.version)
         if not by_length:
             return None
@@ -102,20 +119,29 @@ class OwnerTable:
         return tuple(seen[name] for name in sorted(seen))
 
     def to_json(self) -> str:
-        """The table as the state store keeps it: `[[range, name, contact, queue], ...]`."""
-        rows = sorted(
+        """The table as the state store keeps it: `[[range, name, contact, queue], ...]`, then
+        an approved service's owner as `[range, name, contact, queue, port or "any"]`."""
+        rows: list[list[str | int | None]] = sorted(
             [str(r.network), r.owner.name, r.owner.contact, r.owner.queue] for r in self.rows
         )
+        rows += [
+            [str(s.network), s.owner.name, s.owner.contact, s.owner.queue, s.port or "any"]
+            for s in self.services
+        ]
         return json.dumps(rows, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str, *, where: str) -> OwnerTable:
         """The table `to_json` wrote (the daemon's last good table, from the state store)."""
-        rows = []
-        for net, name, contact, queue in json.loads(text):
+        rows, services = [], []
+        for net, name, contact, queue, *port in json.loads(text):
             owner = Owner(name=name, contact=contact, queue=queue)
-            rows.append(OwnerRow(ipaddress.ip_network(net), owner, where))
-        return cls(tuple(rows))
+            if port:
+                number = None if port[0] == "any" else int(port[0])
+                services.append(ServiceOwner(ipaddress.ip_network(net), number, owner))
+            else:
+                rows.append(OwnerRow(ipaddress.ip_network(net), owner, where))
+        return cls(tuple(rows), services=tuple(services))
 
 
 class _Problems:
@@ -307,7 +333,26 @@ def load_owners(config: Config) -> OwnerTable:
     if config.owners_file is not None:
         theirs, file_warnings = read_owners_file(config.owners_file, domains=config.contact_domains)
         warnings += file_warnings
-    return build(mine, theirs, warnings)
+    table = build(mine, theirs, warnings)
+    return replace(table, services=_service_owners(config, table))
+
+
+def _service_owners(config: Config, table: OwnerTable) -> tuple[ServiceOwner, ...]:
+    """`[[approved]]` entries that name their owner, by name in the table (else ConfigError)."""
+    by_name = {owner.name: owner for owner in table.owners}
+    services = []
+    for i, entry in enumerate(config.approved):
+        if entry.owner is None:
+            continue
+        owner = by_name.get(entry.owner)
+        if owner is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise ConfigError(
+                f"{config.source}: approved[{i}].owner: {entry.owner!r} is no owner of "
+                f"[[owners]] or owners_file (owners: {known})"
+            )
+        services.append(ServiceOwner(entry.address, entry.port, owner))
+    return tuple(services)
 
 
 class OwnerCache:

@@ -12,8 +12,10 @@ import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
+from relayaudit.config import Config
 from relayaudit.engine import SweepStats
 from relayaudit.evidence import (
     ProbeResult,
@@ -38,6 +40,7 @@ __all__ = [
     "FindingBrief",
     "FindingBriefs",
     "approval_text",
+    "expiry_lines",
     "owner_text",
     "render_check",
     "render_findings",
@@ -140,6 +143,22 @@ class FindingBriefs:
         for f in verdict.findings:
             if self.everything or f.kind.is_relay:
                 self.briefs.append(FindingBrief.of(f))
+
+
+def expiry_lines(config: Config, today: date, *, within: int = 30) -> list[str]:
+    """`config check`: the approvals that expired (their services are findings again) and
+    those that expire within `within` days of `today`, soonest first."""
+    lines = [
+        f"expired after {a.expires}: {a.describe()}"
+        for a in sorted(config.approved, key=lambda a: a.expires or date.max)
+        if a.expires is not None and a.expires < today
+    ]
+    for a in config.expiring(today, within=within):
+        assert a.expires is not None
+        days = (a.expires - today).days
+        when = "today is its last day" if days == 0 else f"{days} day{'s' * (days != 1)} left"
+        lines.append(f"expires {a.expires} ({when}): {a.describe()}")
+    return lines
 
 
 def approval_text(approved_note: str | None) -> str:

@@ -944,10 +944,10 @@ class StateStore:
         the sweep just used); how many changed. A corrected row shows everywhere at once."""
         changed = 0
         with self._write("restamp owners") as db:
-            rows = db.execute("SELECT id, address, finding FROM findings").fetchall()
+            rows = db.execute("SELECT id, address, port, finding FROM findings").fetchall()
             for r in rows:
                 body = json.loads(r["finding"])
-                owner = owners.lookup(r["address"])
+                owner = owners.lookup(r["address"], int(r["port"]))
                 new = owner.model_dump(mode="json") if owner is not None else None
                 if body.get("owner") == new:
                     continue

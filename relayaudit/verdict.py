@@ -447,9 +447,14 @@ def _refusal_status(results: list[TestResult]) -> VerdictStatus:
 
 
 def judge(
-    result: ProbeResult, *, approved_note: str | None = None, approved: bool = False
+    result: ProbeResult,
+    *,
+    approved_note: str | None = None,
+    approved: bool = False,
+    expired: str | None = None,
 ) -> Verdict:
-    """The verdict for one probe. `approved`: the ISO approved an SMTP service here."""
+    """The verdict for one probe. `approved`: the ISO approved an SMTP service here;
+    `expired`: which approval of it expired, and when (its unapproved-smtp summary says so)."""
     if result.status is not ProbeStatus.SMTP:
         session_status = _NON_SMTP[result.status]
         unapproved = result.status is ProbeStatus.SESSION_REFUSED and not approved
@@ -459,14 +464,16 @@ def judge(
             port=result.port,
             status=session_status,
             summary=result.error or session_status.value,
-            findings=(_unapproved(_Context(result, approved_note)),) if unapproved else (),
+            findings=(_unapproved(_Context(result, approved_note), expired),)
+            if unapproved
+            else (),
         )
 
     ctx = _Context(result, approved_note)
     findings: list[Finding] = []
 
     if not approved:
-        findings.append(_unapproved(ctx))
+        findings.append(_unapproved(ctx, expired))
     facts = result.facts
     # the facts come from the first EHLO, which is in clear text unless the port is implicit TLS
     if facts is not None and facts.auth_mechanisms and not _implicit(result):
@@ -736,8 +743,9 @@ def _implicit(result: ProbeResult) -> bool:
     return any(r.transport is Transport.IMPLICIT_TLS for r in result.tests)
 
 
-def _unapproved(ctx: _Context) -> Finding:
+def _unapproved(ctx: _Context, expired: str | None = None) -> Finding:
     r = ctx.result
+    why = "the ISO has not approved it." if expired is None else f"its approval ran out: {expired}."
     return ctx.finding(
         FindingKind.UNAPPROVED_SMTP,
         severity=Severity.MEDIUM,
@@ -745,7 +753,7 @@ def _unapproved(ctx: _Context) -> Finding:
         title=f"SMTP service not on the approved list: {endpoint(r.address, r.port)}",
         summary=(
             f"An SMTP server answers on {endpoint(r.address, r.port)} "
-            f"({ctx.fingerprint.banner or 'no banner'}) and the ISO has not approved it."
+            f"({ctx.fingerprint.banner or 'no banner'}) and {why}"
         ),
     )
 

@@ -81,6 +81,7 @@ def test_all_relayaudit_families_are_declared() -> None:
         "relayaudit_owners_file_failures_total": "counter",
         "relayaudit_owners_file_stale": "gauge",
         "relayaudit_owner_ranges": "gauge",
+        "relayaudit_approvals_expiring": "gauge",
     }
     text = metrics.render()
     # alert states exist at zero before anything happened
