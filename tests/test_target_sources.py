@@ -133,18 +133,18 @@ def test_a_missing_list_file_names_the_entry_and_the_file(tmp_path: Path) -> Non
 
 def test_a_list_is_walked_once_with_the_ranges_by_the_same_permutation() -> None:
     builder = AddressSetBuilder()
-    for text in ["10.0.0.5", "10.0.0.200", "10.0.1.1", "10.0.2.2", "2001:db8::1", "10.0.2.2"]:
+    for text in ["192.0.2.5", "192.0.2.200", "198.51.100.1", "198.51.100.2", "2001:db8::1", "198.51.100.2"]:
         address = ipaddress.ip_address(text)
         builder.add(address.version, int(address))
     addresses = builder.build()
     space = TargetSpace(
-        [ipaddress.ip_network("10.0.0.0/25")],
-        [ipaddress.ip_network("10.0.1.1/32")],
+        [ipaddress.ip_network("192.0.2.0/25")],
+        [ipaddress.ip_network("198.51.100.1/32")],
         seed=7,
         listed=addresses,
     )
     walked = [a for _, a in space.iter_shard_text()]
-    expected = {f"10.0.0.{i}" for i in range(128)} | {"10.0.0.200", "10.0.2.2", "2001:db8::1"}
+    expected = {f"192.0.2.{i}" for i in range(128)} | {"192.0.2.200", "198.51.100.2", "2001:db8::1"}
     assert len(walked) == len(space) == len(expected) == 131
     assert set(walked) == expected
     assert walked != sorted(walked, key=address_order)  # a pseudo-random order
@@ -152,8 +152,8 @@ def test_a_list_is_walked_once_with_the_ranges_by_the_same_permutation() -> None
     shards = [a for i in range(3) for _, a in space.iter_shard_text(Shard(i, 3))]
     assert sorted(shards) == sorted(walked)
     assert [a for _, a in space.iter_shard_text(start=100)] == walked[100:]
-    assert ipaddress.ip_address("10.0.2.2") in space
-    assert ipaddress.ip_address("10.0.1.1") not in space
+    assert ipaddress.ip_address("198.51.100.2") in space
+    assert ipaddress.ip_address("198.51.100.1") not in space
 
 
 def test_the_list_is_compact_and_its_digest_is_its_contents() -> None:
