@@ -54,7 +54,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("session", frozenset({"session"})),
+    ("session", frozenset({"observed", "session"})),
     ("session steps", frozenset({"handshake", "session_tests", "runner", "claims"})),
     ("confirmation", frozenset({"confirm"})),
     ("probe", frozenset({"probe"})),
