@@ -21,13 +21,10 @@ from relayaudit.evidence import (
 )
 from relayaudit.facts import capabilities, session_facts, tls_facts
 from relayaudit.failures import (
-    QUIT_ANSWER_BYTES,
     QUIT_ANSWER_WAIT,
     Broken,
     FailureKind,
-    NoSession,
     Stage,
-    answer_to_quit,
     describe,
     failure,
     kind_of,
@@ -37,6 +34,7 @@ from relayaudit.failures import (
 )
 from relayaudit.session import Observed, SmtpSession
 from relayaudit.settings import ProbeSettings
+from relayaudit.silence import quit_after_silence
 from relayaudit.wire import Connection, Ehlo, SocketConnection, parse_ehlo
 
 __all__ = ["Dial", "Gate", "Handshake"]
@@ -155,7 +153,15 @@ class Handshake:
             if session is not None:
                 session.record(None, None, started, error=error)
                 if kind is FailureKind.TIMEOUT and session.wire.silent:
-                    raise await self._quit_after_silence(session, wait, tls=implicit) from None
+                    raise await quit_after_silence(
+                        session,
+                        wait,
+                        tls=implicit,
+                        answer_wait=min(QUIT_ANSWER_WAIT, s.command_timeout),
+                        observed=seen,
+                        dial=self.dial,
+                        address=self.address,
+                    ) from None
                 session.end()
             else:  # the TLS handshake failed: the caller closes the socket
                 elapsed = round((time.monotonic() - started) * 1000, 1)
@@ -180,68 +186,6 @@ class Handshake:
             raise outcome(Stage.GREETING, kind, text=str(banner)) from None
         seen.banner_seen = True
         return session, banner
-
-    async def _quit_after_silence(
-        self, session: SmtpSession, wait: float, *, tls: bool
-    ) -> NoSession:
-        """The greeting wait ended with nothing: QUIT, and what comes back says why (a service
-        that waits for its client to speak first answers it: HTTP, TLS; a server that greets
-        late answers in SMTP; a tarpit stays silent). The outcome is a row of OUTCOMES."""
-        started = time.monotonic()
-        answer_wait = min(QUIT_ANSWER_WAIT, self.settings.command_timeout)
-        if self.observed.waiting is not None:
-            self.observed.waiting.start("an answer to QUIT (no greeting came)", answer_wait)
-        try:
-            data, closed = await session.wire.quit_after_silence(
-                limit=QUIT_ANSWER_BYTES, timeout=answer_wait
-            )
-            kind, detail = answer_to_quit(data, closed=closed)
-            session.record("QUIT", None, started, error=detail)
-        finally:
-            session.end()
-        if kind is FailureKind.DISCONNECTED and not tls:
-            version = await self._tls_on_a_new_connection(answer_wait)
-            if version is not None:
-                kind = FailureKind.MALFORMED
-                detail += (
-                    f", and a new connection completed a TLS handshake ({version}): the port "
-                    "speaks TLS from the first byte (if that is SMTP, list it in "
-                    "implicit_tls_ports)"
-                )
-        found = outcome(Stage.SILENCE, kind, wait=wait, detail=detail)
-        assert isinstance(found, NoSession)  # every SILENCE row ends without a session
-        return found
-
-    async def _tls_on_a_new_connection(self, wait: float) -> str | None:
-        """A service silent until spoken to that hung up on QUIT may be a TLS server (OpenSSL 3
-        closes on a first record that is no TLS without sending an alert): one more connection
-        (through the gate) and a TLS handshake. The protocol version agreed, or None."""
-        try:
-            conn = await self.dial()
-        except NoSession:
-            return None
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(wait):
-                wire = await conn.wire(tls=True, server_hostname=self.address, timeout=wait)
-        except Exception as exc:
-            if kind_of(exc) is None:
-                raise
-            conn.close()
-            return None
-        tls = wire.tls_object()
-        version = (tls.version() if tls is not None else None) or "TLS"
-        wire.abort()
-        elapsed = round((time.monotonic() - started) * 1000, 1)
-        self.observed.transcript.append(
-            Exchange(
-                command=None,
-                reply=None,
-                error=f"a new connection: TLS handshake completed ({version})",
-                elapsed_ms=elapsed,
-            )
-        )
-        return version
 
     async def _hello(self, session: SmtpSession, *, claimed: str | None = None) -> Ehlo | None:
         """EHLO, else HELO; the EHLO reply's keywords, or None when HELO was used.

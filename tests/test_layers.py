@@ -55,7 +55,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         ),
     ),
     ("session", frozenset({"observed", "session"})),
-    ("session steps", frozenset({"handshake", "session_tests", "runner", "claims"})),
+    ("session steps", frozenset({"silence", "handshake", "session_tests", "runner", "claims"})),
     ("confirmation", frozenset({"confirm"})),
     ("probe", frozenset({"probe"})),
     ("engine", frozenset({"engine", "progress"})),
