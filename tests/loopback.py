@@ -1,16 +1,17 @@
-"""Plain loopback helpers: a port nobody listens on, the first line an SMTP server says, a lab in a thread."""
+"""Plain loopback helpers: a free port, an SMTP banner, a lab in a thread, a test server process stopped."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 
 from relayaudit.lab import Lab, ServerSpec
 
-__all__ = ["free_port", "lab_thread", "read_banner"]
+__all__ = ["free_port", "lab_thread", "read_banner", "stop_process"]
 
 
 def free_port() -> int:
@@ -67,3 +68,13 @@ def lab_thread(*specs: ServerSpec) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(10)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """Stop a server a test started (NSD, postgrey): SIGTERM, then SIGKILL after 5 s."""
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from loopback import stop_process
 
 __all__ = ["NSD", "Nsd", "nsd_server", "require_nsd"]
 
@@ -118,11 +119,6 @@ def nsd_server(directory: Path, zones: Mapping[str, str], *, xfr: bool = True) -
             time.sleep(0.05)
         yield Nsd(port=port, directory=directory)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         if proc.stderr is not None:
             proc.stderr.close()

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from loopback import stop_process
+
 __all__ = ["POSTGREY", "postgrey", "postgrey_available"]
 
 POSTGREY = "/usr/sbin/postgrey"
@@ -81,12 +83,7 @@ def postgrey(
         _wait_listening(host, port, proc, directory)
         yield directory
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()
         shutil.rmtree(directory, ignore_errors=True)
 
