@@ -1,9 +1,11 @@
 """The document an alert hook receives: the compact, versioned alert v2 (the default), v1, or the finding whole.
 
 v1 is what a ticket needs, in under 4 KB: what changed, where, how bad, since when, and the first
-tests with their replies. v2 (issue 30) is v1 and a relay's `remediation`: a reference to the
-fix for the software it seems to run (the text is relayaudit's data, rendered for templates as
-`remediation.text`). The full evidence stays one step away: `relayaudit show FINDING_ID`
+tests with their replies. v2 (issues 29 and 30, released together) is v1 and a relay's
+`remediation`: a reference to the fix for the software it seems to run (the text is relayaudit's
+data, rendered for templates as `remediation.text`), the finding's `owner`, and the transition
+v1 cannot say, `owner-changed`, with `previous_owner`. The full evidence stays one step away:
+`relayaudit show FINDING_ID`
 and `GET /findings/<id>.json` on the daemon's listener. schemas/alert.v1.schema.json and
 alert.v2.schema.json are generated from `AlertV1` and `AlertV2` (python -m relayaudit.export
 schemas/) and tested like the findings schema.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +37,7 @@ __all__ = [
     "alert_document",
     "alert_v1",
     "alert_v2",
+    "carries",
     "remediation_context",
     "render_payload",
     "sample_alert",
@@ -42,6 +46,25 @@ __all__ = [
 ALERT_SCHEMA_VERSION = 2
 AlertFormat = Literal["v2", "v1", "full"]
 _SUMMARY, _TITLE = 1200, 300  # characters: a long server reply cannot push an alert past 4 KB
+
+
+class _V1:
+    """Alert v1's own vocabulary: its committed schema (schemas/alert.v1.schema.json) stays as it
+    was, byte for byte, for receivers that validate against it."""
+
+    class Transition(StrEnum):
+        """The changes of a finding that raise an alert; nothing else does."""
+
+        NEW = "new"
+        REOPENED = "reopened"
+        SEVERITY_RAISED = "severity-raised"
+        RESOLVED = "resolved"
+
+
+def carries(fmt: AlertFormat, transition: Transition) -> bool:
+    """Whether the document of `fmt` can say `transition`: v1 and full (relayaudit 0.1's) know
+    nothing of owners, so an owner-changed alert exists in v2 only."""
+    return fmt == "v2" or transition is not Transition.OWNER_CHANGED
 
 
 class AlertV1(BaseModel):
@@ -53,7 +76,7 @@ class AlertV1(BaseModel):
     tool: Literal["relayaudit"] = "relayaudit"
     tool_version: str = __version__
     idempotency_key: str = Field(description="the same for every delivery of this alert")
-    transition: Transition
+    transition: _V1.Transition
     finding_id: str
     kind: FindingKind
     severity: Severity
@@ -92,6 +115,7 @@ class AlertV2(AlertV1):
     """v1 and, for a relay, which fix applies (`alerts.format = "v2"`, the default)."""
 
     schema_version: Literal[2] = 2  # type: ignore[assignment]  # ALERT_SCHEMA_VERSION
+    transition: Transition  # type: ignore[assignment]  # v1's and owner-changed
     remediation: RemediationRef | None = Field(
         default=None,
         description=(
@@ -103,6 +127,9 @@ class AlertV2(AlertV1):
         default=None,
         description="who runs the address (name, contact, queue), from the owner table; null: "
         "nobody listed",
+    )
+    previous_owner: Owner | None = Field(
+        default=None, description="for owner-changed: who owned it before (name, contact, queue)"
     )
 
 
@@ -126,18 +153,37 @@ def _summary(alert: Alert, first_seen: datetime, last_seen: datetime) -> str:
         case Transition.SEVERITY_RAISED:
             before = alert.previous_severity.value if alert.previous_severity else "lower"
             return f"Severity raised from {before} to {f.severity.value}. {f.summary}"
+        case Transition.OWNER_CHANGED:
+            return (
+                f"Owner changed from {_owner_text(alert.previous_owner)} to "
+                f"{_owner_text(f.owner)}: the owner table now lists the address under another "
+                f"owner. {f.summary}"
+            )
         case _:
             return f.summary
 
 
+def _owner_text(owner: Owner | None) -> str:
+    if owner is None:
+        return "nobody"
+    return f"{owner.name} (queue {owner.queue})" if owner.queue else owner.name
+
+
 def alert_v1(alert: Alert) -> AlertV1:
     """The compact alert of `alert` (alerts stored by relayaudit 0.1 fall back to the finding's
-    time where they lack the lifecycle)."""
+    time where they lack the lifecycle); ValueError for an owner-changed alert (see `carries`)."""
+    if not carries("v1", alert.transition):
+        raise ValueError(f"alert {alert.key}: the alert v1 has no {alert.transition.value}")
+    return AlertV1(**_fields(alert))
+
+
+def _fields(alert: Alert) -> dict[str, Any]:
+    """What the v1 and v2 alerts share, but `schema_version`."""
     f = alert.finding
     first_seen = alert.first_seen or f.observed_at
     last_seen = alert.last_seen or f.observed_at
     tls = f.fingerprint.tls
-    return AlertV1(
+    return dict(
         idempotency_key=alert.key,
         transition=alert.transition,
         finding_id=f.id,
@@ -166,10 +212,13 @@ def alert_v1(alert: Alert) -> AlertV1:
 
 
 def alert_v2(alert: Alert) -> AlertV2:
-    """The compact alert with the finding's remediation reference."""
-    fields = dict(alert_v1(alert))
-    del fields["schema_version"]
-    return AlertV2(**fields, remediation=alert.finding.remediation, owner=alert.finding.owner)
+    """The compact alert with the finding's remediation reference and owners."""
+    return AlertV2(
+        **_fields(alert),
+        remediation=alert.finding.remediation,
+        owner=alert.finding.owner,
+        previous_owner=alert.previous_owner,
+    )
 
 
 def remediation_context(ref: RemediationRef | None) -> dict[str, Any] | None:
@@ -180,7 +229,10 @@ def remediation_context(ref: RemediationRef | None) -> dict[str, Any] | None:
 
 
 def alert_document(alert: Alert, fmt: AlertFormat = "v2") -> dict[str, Any]:
-    """The JSON document of `alert` in the configured format."""
+    """The JSON document of `alert` in the configured format (ValueError where the format
+    cannot say the transition: see `carries`)."""
+    if not carries(fmt, alert.transition):
+        raise ValueError(f"alert {alert.key}: the {fmt} document has no {alert.transition.value}")
     if fmt == "v2":
         return alert_v2(alert).model_dump(mode="json")
     if fmt == "v1":
@@ -206,6 +258,7 @@ def sample_alert(transition: Transition) -> AlertV2:
     tried on when the config is loaded, so a missing `vars.NAME` shows then, not at resolve time."""
     when = datetime(2026, 1, 1, tzinfo=UTC)
     resolved = transition is Transition.RESOLVED
+    moved = transition is Transition.OWNER_CHANGED
     fix = entries()[f"postfix/{RelayWay.PLAIN.value}"]
     return AlertV2(
         idempotency_key=f"ra-0000000000000000/{transition.value}/1",
@@ -238,4 +291,7 @@ def sample_alert(transition: Transition) -> AlertV2:
             doc_url=fix.doc_url,
         ),
         owner=Owner(name="Chemistry", contact="it-support@chem.campus.example", queue="chem-it"),
+        previous_owner=Owner(name="Central IT", contact="noc@campus.example", queue="noc")
+        if moved
+        else None,
     )

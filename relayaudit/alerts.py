@@ -28,8 +28,8 @@ from relayaudit import child_environment
 from relayaudit.alert_doc import (
     AlertFormat,
     alert_document,
-    alert_v1,
     alert_v2,
+    carries,
     remediation_context,
     render_payload,
     sample_alert,
@@ -49,6 +49,7 @@ from relayaudit.remediation import advice_text
 from relayaudit.state import Alert, OutboxItem, StateStore
 from relayaudit.templating import TemplateError, render_template
 from relayaudit.text import clip, utc_time, visible
+from relayaudit.verdict import Owner
 
 __all__ = [
     "DeliveryError",
@@ -59,6 +60,7 @@ __all__ = [
     "deliver_webhook",
     "email_message",
     "email_subject",
+    "owner_copy",
     "render_payload",
     "sign",
 ]
@@ -451,6 +453,9 @@ def email_message(
     msg = EmailMessage(policy=_MAIL_POLICY)
     msg["From"] = hook.mail_from
     msg["To"] = ", ".join(hook.to)
+    copied = owner_copy(hook, alert)
+    if copied is not None:
+        msg["Cc"] = copied
     msg["Subject"] = " ".join(visible(subject).split()) if subject else email_subject(alert)
     msg["Date"] = format_datetime(alert.created.astimezone(UTC))
     root = thread_id(f.id, domain)
@@ -467,13 +472,19 @@ def email_message(
     if body is not None:
         msg.set_content(body)
         return msg
-    doc = alert_v1(alert)
+    doc = alert_v2(alert)
     summary = [
         f"{alert.transition.value.upper()}: {doc.title}",
         "",
         f"Finding:     {f.id} ({f.kind.value})",
         f"Where:       {doc.endpoint} (seen from {f.vantage})",
         f"Severity:    {f.severity.value} (confidence {f.confidence.value})",
+        *([f"Owner:       {_owner_line(f.owner)}"] if f.owner else []),
+        *(
+            [f"Owner until now: {_owner_line(alert.previous_owner)}"]
+            if alert.previous_owner
+            else []
+        ),
         f"First seen:  {utc_time(doc.first_seen)}",
         f"Last seen:   {utc_time(doc.last_seen)}",
         *([f"Resolved:    {utc_time(doc.resolved_at)}"] if doc.resolved_at else []),
@@ -496,6 +507,22 @@ def email_message(
     return msg
 
 
+def _owner_line(owner: Owner) -> str:
+    queue = f", queue {owner.queue}" if owner.queue else ""
+    return f"{owner.name} <{owner.contact}>{queue}"
+
+
+def owner_copy(hook: EmailHook, alert: Alert) -> str | None:
+    """The owner's contact, when the hook copies owners (`cc_owner`), the finding has one, and
+    the hook does not already mail it."""
+    owner = alert.finding.owner
+    if not hook.cc_owner or owner is None:
+        return None
+    if owner.contact.lower() in {to.lower() for to in hook.to}:
+        return None
+    return owner.contact
+
+
 async def deliver_email(
     hook: EmailHook,
     alert: Alert,
@@ -508,6 +535,8 @@ async def deliver_email(
     where = f"email {endpoint(hook.host, hook.port)}"
     secrets = _hook_secrets(hook)
     message = email_message(hook, alert, payload, subject=subject, body=body)
+    copied = owner_copy(hook, alert)
+    recipients = [*hook.to, *([copied] if copied is not None else [])]
     failure: str | None
     try:
         async with asyncio.timeout(hook.timeout):
@@ -515,7 +544,7 @@ async def deliver_email(
                 # flattened here: aiosmtplib would refold the headers at 78 characters
                 message.as_bytes(policy=_MAIL_POLICY.clone(linesep="\r\n")),
                 sender=hook.mail_from,
-                recipients=list(hook.to),
+                recipients=recipients,
                 hostname=hook.host,
                 port=hook.port,
                 use_tls=hook.tls == "implicit",
@@ -563,7 +592,10 @@ class _Channel:
         """What templates see (docs/alerts.md lists it)."""
         return {
             "alert": alert_v2(alert).model_dump(mode="json"),
-            "document": alert_document(alert, self.format),
+            # null where the format cannot say the transition (owner-changed in v1 or full)
+            "document": alert_document(alert, self.format)
+            if carries(self.format, alert.transition)
+            else None,
             "remediation": remediation_context(alert.finding.remediation),
             "transition": alert.transition.value,
             "ticket_ref": tickets.get(self.name),
@@ -585,6 +617,15 @@ class _Channel:
             return render_payload(alert, self.format)
         return self.render(template.text, template.path, context).encode()
 
+    def skips(self, alert: Alert, tickets: Mapping[str, str]) -> bool:
+        """Whether the hook is not sent `alert`: it would send the v1 or full document as it is
+        (no template for this call), and that document cannot say the transition."""
+        if carries(self.format, alert.transition) or isinstance(self.hook, EmailHook):
+            return False  # a mail is read by people: its JSON part is the v2 alert then
+        if isinstance(self.hook, CommandHook):
+            return self.hook.template is None
+        return self._call(self.hook, alert, tickets)[3] is None
+
     async def send(self, alert: Alert, tickets: Mapping[str, str]) -> str | None:
         """Deliver `alert`; the ticket reference a create call returned, if the hook keeps one."""
         hook = self.hook
@@ -603,7 +644,8 @@ class _Channel:
                 if hook.template
                 else None
             )
-            payload = render_payload(alert, self.format)
+            fmt = self.format if carries(self.format, alert.transition) else "v2"
+            payload = render_payload(alert, fmt)
             await deliver_email(hook, alert, payload, subject=subject, body=body)
             return None
         return await self._webhook(hook, alert, tickets, context)
@@ -615,17 +657,7 @@ class _Channel:
         tickets: Mapping[str, str],
         context: Mapping[str, Any],
     ) -> str | None:
-        ref = tickets.get(self.name)
-        creating = hook.ticket_ref is not None and ref is None
-        method, url, template = hook.method, hook.url, hook.template
-        if not creating and ref is not None:
-            # the ticket exists: a resolved finding resolves it, any other transition updates it
-            if alert.transition is Transition.RESOLVED and hook.resolve_url:
-                method, url = hook.resolve_method, hook.resolve_url
-                template = hook.resolve_template or hook.update_template or hook.template
-            elif hook.update_url:
-                method, url = hook.update_method, hook.update_url
-                template = hook.update_template or hook.template
+        creating, method, url, template = self._call(hook, alert, tickets)
         if "{" in url:
             url = self.render(url, f"{self.name} url", context)
         answer = await webhook_request(
@@ -640,6 +672,27 @@ class _Channel:
             # created: a retry would open a second ticket. Later alerts create again instead
             log.error("alert.ticket_ref_missing", key=alert.key, channel=self.name, error=str(exc))
             return None
+
+    def _call(
+        self, hook: WebhookHook, alert: Alert, tickets: Mapping[str, str]
+    ) -> tuple[bool, str, str, HookTemplate | None]:
+        """(whether it creates the ticket, method, URL, template) of the call `alert` makes."""
+        ref = tickets.get(self.name)
+        creating = hook.ticket_ref is not None and ref is None
+        method, url, template = hook.method, hook.url, hook.template
+        if not creating and ref is not None:
+            # the ticket exists: a resolved finding resolves it, an owner-changed one moves it,
+            # any other transition updates it
+            if alert.transition is Transition.RESOLVED and hook.resolve_url:
+                method, url = hook.resolve_method, hook.resolve_url
+                template = hook.resolve_template or hook.update_template or hook.template
+            elif alert.transition is Transition.OWNER_CHANGED and hook.move_url:
+                method, url = hook.move_method, hook.move_url
+                template = hook.move_template or hook.update_template or hook.template
+            elif hook.update_url:
+                method, url = hook.update_method, hook.update_url
+                template = hook.update_template or hook.template
+        return creating, method, url, template
 
 
 class _AnyTicket(dict[str, str]):
@@ -693,11 +746,11 @@ def check_templates(config: AlertsConfig) -> None:
 def _templates_of(hook: CommandHook | WebhookHook | EmailHook) -> list[tuple[str, str, str]]:
     """(config key, text, name) of every template a hook has, URL templates included."""
     found = []
-    for key in ("template", "update_template", "resolve_template"):
+    for key in ("template", "update_template", "resolve_template", "move_template"):
         template = getattr(hook, key, None)
         if isinstance(template, HookTemplate):
             found.append((key, template.text, template.path))
-    for key in ("url", "update_url", "resolve_url", "subject_template"):
+    for key in ("url", "update_url", "resolve_url", "move_url", "subject_template"):
         text = getattr(hook, key, None)
         if isinstance(text, str) and "{" in text:
             found.append((key, text, key))
@@ -781,6 +834,16 @@ class Dispatcher:
         alert = item.alert
         try:
             tickets = await asyncio.to_thread(self.store.ticket_refs, alert.finding.id)
+            if send.skips(alert, tickets):
+                await asyncio.to_thread(self.store.delivered, item)
+                log.info(
+                    "alert.skipped",
+                    key=alert.key,
+                    channel=channel,
+                    transition=alert.transition.value,
+                    reason=f"the {send.format} document cannot say {alert.transition.value}",
+                )
+                return True
             ref = await send.send(alert, tickets)
             if ref is not None:
                 # kept before the delivery is marked sent: a crash in between resends the

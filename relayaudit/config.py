@@ -618,12 +618,30 @@ def _checked_url(value: str, what: str) -> str:
     return value
 
 
+def _refuse_clear_text(url: object, key: str, secret: str = "") -> None:
+    """ValueError when `url` is http:// to a host that is not loopback: a request with a
+    token, password or HMAC signature must not cross the network in clear text."""
+    if not isinstance(url, str):
+        return
+    parts = urlsplit(url.split("{", 1)[0])
+    host = parts.hostname or ""
+    if parts.scheme == "http" and not _is_loopback(host):
+        shown = f"[{host}]" if ":" in host else host
+        which = "" if key == "url" else f" ({key})"
+        raise ValueError(
+            f"{secret}refused over http://{shown}{which}: the request would carry it in clear "
+            "text; use an https:// url (http:// only to a loopback host: 127.0.0.0/8, "
+            "::1, localhost)"
+        )
+
+
 class WebhookHook(_Hook):
     """HTTP POST of the alert as JSON, or a ticket system's API: create a ticket, then update it.
 
     With `ticket_ref` (a JSON pointer into the create call's response, e.g. "/id"), the ticket's
-    id is kept per finding and hook; later transitions go to `update_url` (and a resolved one to
-    `resolve_url`, if given) with their own method and template, and get `ticket_ref`.
+    id is kept per finding and hook; later transitions go to `update_url` (a resolved one to
+    `resolve_url`, an owner-changed one to `move_url`, if given) with their own method and
+    template, and get `ticket_ref`.
     """
 
     url: str
@@ -642,8 +660,13 @@ class WebhookHook(_Hook):
     resolve_url: str | None = None
     resolve_method: HttpMethod = "POST"
     resolve_template: TemplateFile | None = None
+    # an owner-changed alert: the call that moves the ticket to the new owner's queue (RT's
+    # PUT /ticket/ID with Queue); unset, it goes to update_url like any other transition
+    move_url: str | None = None
+    move_method: HttpMethod = "PUT"
+    move_template: TemplateFile | None = None
 
-    @field_validator("url", "update_url", "resolve_url")
+    @field_validator("url", "update_url", "resolve_url", "move_url")
     @classmethod
     def _http(cls, value: str | None, info: ValidationInfo) -> str | None:
         return None if value is None else _checked_url(value, str(info.field_name))
@@ -653,22 +676,8 @@ class WebhookHook(_Hook):
     def _not_in_clear(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         # a bearer token read on the wire is a working credential; an HMAC key sent beside its
         # body is not sent, but a receiver reached over plain HTTP is not the one it was meant for
-        if value is None:
-            return value
-        for key in ("url", "update_url", "resolve_url"):
-            url = info.data.get(key)
-            if not isinstance(url, str):
-                continue
-            parts = urlsplit(url.split("{", 1)[0])
-            host = parts.hostname or ""
-            if parts.scheme == "http" and not _is_loopback(host):
-                shown = f"[{host}]" if ":" in host else host
-                which = "" if key == "url" else f" ({key})"
-                raise ValueError(
-                    f"refused over http://{shown}{which}: the request would carry it in clear "
-                    "text; use an https:// url (http:// only to a loopback host: 127.0.0.0/8, "
-                    "::1, localhost)"
-                )
+        if value is not None:
+            _refuse_clear_text(info.data.get("url"), "url")  # the later URLs: _ticket_calls
         return value
 
     @model_validator(mode="after")
@@ -677,7 +686,14 @@ class WebhookHook(_Hook):
             raise ValueError("username and password go together (HTTP Basic authentication)")
         if self.password is not None and self.token is not None:
             raise ValueError("token and username/password: give one way to authenticate")
-        uses_ref = [k for k in ("update_url", "resolve_url") if getattr(self, k) is not None]
+        secrets = [k for k in ("token", "hmac_key", "password") if getattr(self, k) is not None]
+        if secrets:
+            # these URLs come after the secrets, whose field validator cannot see them
+            for key in ("update_url", "resolve_url", "move_url"):
+                _refuse_clear_text(getattr(self, key), key, f"{secrets[0]}: ")
+        uses_ref = [
+            k for k in ("update_url", "resolve_url", "move_url") if getattr(self, k) is not None
+        ]
         if uses_ref and self.ticket_ref is None:
             raise ValueError(
                 f"{uses_ref[0]} needs ticket_ref: a JSON pointer to the ticket's id in the "
@@ -710,6 +726,9 @@ class EmailHook(_Hook):
     # the Subject, rendered like `template`; it may name another hook's ticket, e.g.
     # "[rt.campus.example #{{ tickets.rt }}] {{ alert.title }}" for RT's mail gateway
     subject_template: str | None = None
+    # copy the finding's owner (its contact, which owners_contact_domains keeps on campus) on
+    # each of that finding's mails: a Cc header and an envelope recipient
+    cc_owner: StrictBool = False
 
     @field_validator("subject_template")
     @classmethod

@@ -509,10 +509,23 @@ class Daemon:
             return
         await asyncio.to_thread(store.complete_sweep, sweep_id, stats)
         if plan.owners is not None and (plan.owners.rows or not self._owners.stale):
-            # every stored finding, resolved ones too, now names its owner in this table
-            restamped = await asyncio.to_thread(store.restamp_owners, plan.owners)
-            if restamped:
-                log.info("owners.restamped", findings=restamped, owners_hash=plan.owners.digest)
+            # every stored finding, resolved ones too, now names its owner in this table; an
+            # open one moved between owners raises owner-changed, but never from the table kept
+            # because owners_file could not be read (that is no news about who runs a host)
+            restamped = await asyncio.to_thread(
+                store.restamp_owners,
+                plan.owners,
+                sweep_id=None if self._owners.stale else sweep_id,
+            )
+            if restamped.changed:
+                log.info(
+                    "owners.restamped",
+                    findings=restamped.changed,
+                    owner_changed=len(restamped.alerts),
+                    owners_hash=plan.owners.digest,
+                )
+            on_alerts(restamped.alerts)
+            state_sink.transitions.update(a.transition for a in restamped.alerts)
         self._last_completed = datetime.now(UTC)
         if self._live is not None:
             self._live.sweep_ended()

@@ -74,6 +74,8 @@ EVENTS: Mapping[str, EventClass] = {
     "alert.delivered": EventClass(category=("api",), type=("change",), outcome="success"),
     "alert.retry": EventClass(category=("api",), type=("change",), outcome="failure"),
     "alert.dead": EventClass(category=("api",), type=("change",), outcome="failure"),
+    # an owner-changed alert a hook is not sent: its v1 or full document cannot say it
+    "alert.skipped": EventClass(category=("api",), type=("change",)),
     "alert.ticket": EventClass(category=("api",), type=("creation",), outcome="success"),
     "alert.ticket_ref_missing": EventClass(
         category=("api",), type=("creation",), outcome="unknown"

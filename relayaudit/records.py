@@ -42,6 +42,9 @@ class Transition(StrEnum):
     REOPENED = "reopened"
     SEVERITY_RAISED = "severity-raised"
     RESOLVED = "resolved"
+    # an open finding's owner changed from one owner to another (issue 29): raised after the
+    # sweep, by the state store's restamp, never on a findings file line
+    OWNER_CHANGED = "owner-changed"
 
 
 class FindingStatus(StrEnum):

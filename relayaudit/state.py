@@ -42,6 +42,7 @@ __all__ = [
     "Folded",
     "ObservationRow",
     "OutboxItem",
+    "Restamped",
     "StateSink",
     "StateStore",
     "SweepRecord",
@@ -205,6 +206,7 @@ class Alert(_Frozen):
     resolved_at: datetime | None = None
     previous_severity: Severity | None = None  # for SEVERITY_RAISED: what it was before
     shard: str | None = None
+    previous_owner: Owner | None = None  # for OWNER_CHANGED: who owned it before
 
     @property
     def seq(self) -> int:
@@ -265,6 +267,17 @@ class Folded:
     def __init__(self) -> None:
         self.alerts: list[Alert] = []
         self.lines: list[Lifecycle] = []
+
+
+class Restamped:
+    """What one restamp did: how many findings changed owner, and the owner-changed alerts
+    it raised (one per open finding moved from one owner to another)."""
+
+    __slots__ = ("alerts", "changed")
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+        self.changed = 0
 
 
 class FindingRow(_Frozen):
@@ -728,7 +741,7 @@ class StateStore:
         folded = Folded()
         alerts = folded.alerts
         with self._write("record") as db:
-            if db.execute("SELECT 1 FROM sweeps WHERE id = ?", (sweep_id,)).fetchone() is None:
+            if not _has_sweep(db, sweep_id):
                 raise StateError(f"state file {self.path}: record: no sweep {sweep_id!r}")
             stored = {
                 row["id"]: row
@@ -873,6 +886,8 @@ class StateStore:
         sweep_id: str,
         now: datetime,
         before: sqlite3.Row | None,
+        *,
+        previous_owner: Owner | None = None,
     ) -> Alert:
         """The alert of a transition, keyed by the finding's transition count (its `seq`), with
         the finding's lifecycle as the transition left it (`before`: its row until then)."""
@@ -895,6 +910,7 @@ class StateStore:
             resolved_at=_dt(row["resolved_at"]) if row["resolved_at"] else None,
             previous_severity=Severity(before["severity"]) if raised and before else None,
             shard=row["shard"],
+            previous_owner=previous_owner,
         )
 
     def _enqueue(self, db: sqlite3.Connection, alert: Alert) -> bool:
@@ -939,30 +955,58 @@ class StateStore:
                 db.execute("DELETE FROM deliveries WHERE channel = ?", (old,))
         return moved
 
-    def restamp_owners(self, owners: OwnerTable) -> int:
+    def restamp_owners(self, owners: OwnerTable, *, sweep_id: str | None = None) -> Restamped:
         """Set every stored finding's owner, resolved ones included, from `owners` (the table
-        the sweep just used); how many changed. A corrected row shows everywhere at once."""
-        changed = 0
+        the sweep just used), so a corrected row shows everywhere at once.
+
+        An open finding moved from one owner to another (another name or another queue: where
+        its ticket belongs) raises one owner-changed alert in `sweep_id`, in this transaction.
+        The rest is re-stamped silently: resolved findings, a first owner (none to some, as
+        when a table is loaded for the first time), an owner dropped, a corrected contact, and
+        every change when no `sweep_id` is given (the daemon gives none when `owners` is the
+        last good table it kept because owners_file could not be read).
+        """
+        done = Restamped()
+        now = self._clock()
         with self._write("restamp owners") as db:
-            rows = db.execute("SELECT id, address, port, finding FROM findings").fetchall()
+            if sweep_id is not None and not _has_sweep(db, sweep_id):
+                raise StateError(f"state file {self.path}: restamp owners: no sweep {sweep_id!r}")
+            rows = db.execute("SELECT * FROM findings ORDER BY id").fetchall()
             for r in rows:
                 body = json.loads(r["finding"])
                 owner = owners.lookup(r["address"], int(r["port"]))
                 new = owner.model_dump(mode="json") if owner is not None else None
-                if body.get("owner") == new:
+                old = body.get("owner")
+                if old == new:
                     continue
                 body["owner"] = new
-                db.execute(
-                    "UPDATE findings SET finding = ?, owner = ? WHERE id = ?",
-                    (
-                        json.dumps(body, separators=(",", ":")),
-                        owner.name if owner is not None else None,
-                        r["id"],
-                    ),
+                status = FindingStatus(r["status"])
+                moved = (
+                    sweep_id is not None
+                    and status.open
+                    and old is not None
+                    and new is not None
+                    and (old["name"], old.get("queue")) != (new["name"], new["queue"])
                 )
-                changed += 1
+                seq = int(r["seq"]) + moved
+                text = json.dumps(body, separators=(",", ":"))
+                db.execute(
+                    "UPDATE findings SET finding = ?, owner = ?, seq = ? WHERE id = ?",
+                    (text, owner.name if owner is not None else None, seq, r["id"]),
+                )
+                done.changed += 1
+                if moved:
+                    assert sweep_id is not None
+                    line = Lifecycle(
+                        Finding.model_validate_json(text), status, Transition.OWNER_CHANGED, seq
+                    )
+                    alert = self._alert(
+                        db, line, sweep_id, now, r, previous_owner=Owner.model_validate(old)
+                    )
+                    if self._enqueue(db, alert):
+                        done.alerts.append(alert)
             self._save_owners(db, owners)
-        return changed
+        return done
 
     def _save_owners(self, db: sqlite3.Connection, owners: OwnerTable) -> None:
         db.execute(
@@ -1210,6 +1254,10 @@ class StateStore:
                 (address,),
             ).fetchall()
         return [_observation_row(r) for r in rows]
+
+
+def _has_sweep(db: sqlite3.Connection, sweep_id: str) -> bool:
+    return db.execute("SELECT 1 FROM sweeps WHERE id = ?", (sweep_id,)).fetchone() is not None
 
 
 def _observation_row(r: sqlite3.Row) -> ObservationRow:

@@ -386,6 +386,23 @@ def test_a_webhook_secret_over_plain_http_is_refused_at_load(key: str) -> None:
     assert "refused over http://[2001:db8::80]:" in v6
 
 
+@pytest.mark.parametrize("later", ["update_url", "resolve_url", "move_url"])
+def test_a_webhook_secret_is_refused_for_a_later_call_over_plain_http(later: str) -> None:
+    # before: only `url` was checked (the later URLs were not yet validated when the secret's
+    # validator ran), so a ticket's update could carry the token in clear text
+    hook = {
+        "url": "https://tickets.campus.example/api",
+        "token": TOKEN,
+        "ticket_ref": "/id",
+        later: "http://tickets.campus.example/api/{{ ticket_ref }}?sig=s3cret-query",
+    }
+    error = error_of({"webhook": [hook]})
+    assert f"token: refused over http://tickets.campus.example ({later}): " in error, error
+    assert "s3cret" not in error and TOKEN not in error
+    hook[later] = "http://127.0.0.1:8080/api/{{ ticket_ref }}"  # loopback: a local agent
+    config_of({"webhook": [hook]})
+
+
 def test_a_webhook_secret_over_http_to_loopback_or_https_loads() -> None:
     urls = [
         "http://127.0.0.1:8080/h",

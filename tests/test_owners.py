@@ -23,6 +23,7 @@ from relayaudit.config import Config, config_fingerprint, parse_config
 from relayaudit.errors import ConfigError, ExitCode
 from relayaudit.lab import Behaviour, Lab, ServerSpec
 from relayaudit.owners import OwnerCache, OwnerTable, load_owners
+from relayaudit.records import Transition
 from relayaudit.state import SCHEMA_VERSION, StateStore
 from relayaudit.verdict import FindingKind, Owner
 
@@ -328,7 +329,7 @@ def test_every_stored_finding_is_restamped_resolved_ones_too(tmp_path: Path) -> 
         one_sweep(store, observe(relay, address="192.0.2.7"), observe(gone, address="192.0.2.130"))
         one_sweep(store, observe(relay, address="192.0.2.7"), observe(address="192.0.2.130"))
         assert {r.address: r.status.value for r in store.findings()}["192.0.2.130"] == "resolved"
-        assert store.restamp_owners(table) == 1  # the resolved one; the relay had its owner
+        assert store.restamp_owners(table).changed == 1  # the resolved one; the relay had its owner
         owners = {r.address: r.finding.owner for r in store.findings()}
         assert owners["192.0.2.130"] is not None and owners["192.0.2.130"].name == "Physics"
         # a known finding keeps its owner when seen again: only the restamp changes it
@@ -337,7 +338,7 @@ def test_every_stored_finding_is_restamped_resolved_ones_too(tmp_path: Path) -> 
         assert {r.address: r.finding.owner for r in store.findings()}["192.0.2.7"] == table.lookup(
             "192.0.2.7"
         )
-        assert store.restamp_owners(OwnerTable()) == 2  # an emptied table: nobody owns them
+        assert store.restamp_owners(OwnerTable()).changed == 2  # an emptied table: nobody owns them
         assert all(r.finding.owner is None for r in store.findings())
 
 
@@ -480,8 +481,10 @@ async def test_a_restart_with_an_unreadable_owners_file_stamps_from_the_stored_t
         daemons.append(second)
         await second.start()
         await second.wait_for(
-            lambda: any(e["address"] == "127.0.136.2" for e in second.events("probe"))
-            and len(second.events("sweep.summary")) > before,
+            lambda: (
+                any(e["address"] == "127.0.136.2" for e in second.events("probe"))
+                and len(second.events("sweep.summary")) > before
+            ),
             30,
             "a sweep that saw the new relay",
         )
@@ -494,6 +497,9 @@ async def test_a_restart_with_an_unreadable_owners_file_stamps_from_the_stored_t
     assert re.search(r"^relayaudit_owners_file_stale 1(\.0)?$", body, re.M), body
     with StateStore(state) as store:
         owned = {r.address: r.finding.owner for r in store.findings()}
+        # the unreadable file moved nobody: no owner-changed alert, whatever was restamped
+        transitions = {a.transition for a in store.alerts()}
+        assert transitions == {Transition.NEW}, transitions
     # the new relay, first seen after the restart, is stamped from the table the store kept
     assert {a: o.name if o else None for a, o in owned.items()} == {
         LAB_HOST: "Chemistry",

@@ -14,7 +14,7 @@ import pytest
 from alert_flow import deliver, sweep_days
 from factories import T0, make_finding
 
-from relayaudit.alert_doc import alert_v1, remediation_context
+from relayaudit.alert_doc import alert_v2, remediation_context
 from relayaudit.alerts import channel_names
 from relayaudit.config import SHIPPED_TEMPLATES, AlertsConfig, load_config
 from relayaudit.errors import ConfigError
@@ -42,7 +42,7 @@ from relayaudit.remediation import RemediationRef
 from relayaudit.software import GuessConfidence
 from relayaudit.state import Alert, StateStore
 from relayaudit.templating import render_template
-from relayaudit.verdict import Severity
+from relayaudit.verdict import Owner, Severity
 
 pytestmark = pytest.mark.time_limit(30)
 
@@ -336,15 +336,18 @@ def test_each_template_names_its_api_documentation_and_how_it_was_checked(name: 
 def hostile_context(transition: Transition) -> dict[str, Any]:
     """What a template sees for an alert whose evidence quotes a hostile server."""
     finding = make_finding(severity=Severity.HIGH, title="Open relay on 127.0.9.7:25")
+    chem = Owner(name="Chemistry", contact="it@chem.campus.test", queue="chem-it")
+    moved = transition is Transition.OWNER_CHANGED
     alert = Alert(
         key=f"{finding.id}/{transition.value}/1",
         transition=transition,
-        finding=finding,
+        finding=finding.model_copy(update={"owner": chem}),
         sweep_id="s1",
         created=T0,
         resolved_at=T0 if transition is Transition.RESOLVED else None,
+        previous_owner=Owner(name="Central IT", contact="noc@campus.test") if moved else None,
     )
-    doc = alert_v1(alert).model_dump(mode="json")
+    doc = alert_v2(alert).model_dump(mode="json")  # templates see the v2 alert (docs/alerts.md)
     doc["evidence"] = [
         "rcpt-plain (plain): <a@b> 250, <c@d> 250 {noformat} [code]<img src=x> ``` <!channel>",
     ]

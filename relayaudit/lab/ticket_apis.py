@@ -369,11 +369,20 @@ _JIRA_ISSUE: Final = obj(
                 "description": text(_JIRA_TEXT),
                 "labels": strings(spaces=False),
                 "priority": named("name", "id"),
+                "components": items(named("name", "id")),
             },
         )
     }
 )
 _JIRA_COMMENT: Final = obj({"body": text(_JIRA_TEXT)})
+# "Edit issue": fields set as a whole, update's operations (here: add a comment)
+_JIRA_EDIT: Final = obj(
+    {},
+    {
+        "fields": obj({}, {"components": items(named("name", "id"))}),
+        "update": obj({}, {"comment": items(obj({"add": _JIRA_COMMENT}))}),
+    },
+)
 _JIRA_TRANSITION: Final = obj(
     {"transition": obj({"id": text(20, one_line=True)})},
     {
@@ -384,7 +393,7 @@ _JIRA_TRANSITION: Final = obj(
 
 
 class JiraStandIn(StandIn):
-    """Jira REST API v2: create an issue, comment on it, apply a workflow transition."""
+    """Jira REST API v2: create an issue, comment on it, edit it, apply a workflow transition."""
 
     name = "jira"
 
@@ -405,6 +414,7 @@ class JiraStandIn(StandIn):
         self.route("POST", issue, self._create)
         self.route("POST", issue + "/(?P<ref>[^/]+)/comment", self._comment)
         self.route("POST", issue + "/(?P<ref>[^/]+)/transitions", self._transition)
+        self.route("PUT", issue + "/(?P<ref>[^/]+)", self._edit)
 
     def error_body(self, refused: Refused) -> object:
         return {"errorMessages": [refused.reason], "errors": {}}
@@ -436,6 +446,18 @@ class JiraStandIn(StandIn):
         issue.comments.append(doc["body"])
         issue.history.append("comment")
         return 201, {"id": str(len(issue.comments)), "body": doc["body"]}
+
+    def _edit(self, request: Request, match: re.Match[str]) -> Answer:
+        issue = self.ticket(match["ref"])
+        doc = json_body(request)
+        _JIRA_EDIT(doc, "body")
+        if not doc:
+            raise Refused(400, "Nothing to edit: give fields or update")
+        issue.fields.update(doc.get("fields", {}))
+        for change in doc.get("update", {}).get("comment", []):
+            issue.comments.append(change["add"]["body"])
+        issue.history.append("edit")
+        return 204, None
 
     def _transition(self, request: Request, match: re.Match[str]) -> Answer:
         issue = self.ticket(match["ref"])
@@ -707,6 +729,8 @@ update_url = "{issue}/{{{{ ticket_ref }}}}/comment"
 update_template = "jira-comment.json.j2"
 resolve_url = "{issue}/{{{{ ticket_ref }}}}/transitions"
 resolve_template = "jira-resolve.json.j2"
+move_url = "{issue}/{{{{ ticket_ref }}}}"
+move_template = "jira-move.json.j2"
 """
 
 
