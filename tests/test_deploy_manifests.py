@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import shlex
@@ -17,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from cli_runner import wait_until
+from cli_runner import run_main, wait_until
 from systemd_unit import unit_copy, verify_problems
 
 from relayaudit.config import parse_config
@@ -155,14 +156,47 @@ def _check_pod(workload: dict[str, Any], manifests: list[tuple[Path, dict[str, A
     assert mounts["config"]["mountPath"] == str(config_file.parent)
     assert mounts["config"]["readOnly"] is True
     items = volumes["config"]["configMap"]["items"]
-    assert items == [{"key": config_file.name, "path": config_file.name}]
-    _find(manifests, "ConfigMap", volumes["config"]["configMap"]["name"])
+    # the owner table (issue 29): the config's owners_file is the ConfigMap key mounted beside it
+    owners_file = Path(tomllib.loads(_config_toml(manifests))["owners_file"])
+    assert owners_file.parent == config_file.parent
+    assert items == [
+        {"key": config_file.name, "path": config_file.name},
+        {"key": "owners.csv", "path": owners_file.name},
+    ]
+    config_map = _find(manifests, "ConfigMap", volumes["config"]["configMap"]["name"])
+    assert set(config_map["data"]) == {item["key"] for item in items}
     # the webhook token comes from the Secret, under the name the config reads
     ref = _env(c)["RELAYAUDIT_WEBHOOK_TOKEN"]["valueFrom"]["secretKeyRef"]
     secret = _find(manifests, "Secret", ref["name"])
     assert ref["key"] in secret["stringData"]
     assert 'token = { env = "RELAYAUDIT_WEBHOOK_TOKEN" }' in _config_toml(manifests)
     assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}  # hooks, read-only root
+
+
+def test_the_configmap_passes_config_check_with_its_owner_table(
+    manifests: list[tuple[Path, dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # the ConfigMap's two keys as the pod sees them, under tmp_path instead of /etc/relayaudit
+    data = _find(manifests, "ConfigMap", "relayaudit-config")["data"]
+    mounted = tmp_path / "etc"
+    mounted.mkdir()
+    for key, text in data.items():
+        local = text.replace("/etc/relayaudit/", f"{mounted}/")
+        (mounted / key).write_text(local.replace("/var/lib/relayaudit/", f"{tmp_path}/"), "utf-8")
+    monkeypatch.setenv("RELAYAUDIT_WEBHOOK_TOKEN", "test-token")
+    code, out, err = run_main(capsys, "config", "check", str(mounted / "relayaudit.toml"))
+    assert code == 0, err
+    assert re.search(r"owners: 3 \(4 ranges; table [0-9a-f]{16}\)", out), out
+    # only documentation ranges in the example rows
+    rows = [r for r in data["owners.csv"].splitlines()[2:] if r.strip()]
+    documentation = ("192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32")
+    docs = [ipaddress.ip_network(d) for d in documentation]
+    for row in rows:
+        net = ipaddress.ip_network(row.split(",")[0])
+        assert any(net.network_address in d and net.broadcast_address in d for d in docs), row
 
 
 def test_statefulset_shards_by_ordinal(
