@@ -28,6 +28,7 @@ from relayaudit.owners import load_owners
 from relayaudit.progress import SweepStats
 from relayaudit.report import expiry_lines
 from relayaudit.sinks import Collector
+from relayaudit.state import StateSink, StateStore
 from relayaudit.verdict import FindingKind, VerdictStatus
 
 HOST, PORT = "127.0.137.1", 2837  # this file's lab: 127.0.137.0/24
@@ -157,6 +158,43 @@ async def test_a_sweep_judges_every_host_at_its_recorded_start_in_the_schedules_
     assert "expired after 2027-03-31" in finding.summary and "ISO-0042" in finding.summary
     # the expired approval's owner still names who runs the service
     assert finding.owner is not None and finding.owner.name == "Physics"
+
+
+async def test_a_sweep_resumed_after_midnight_judges_at_its_recorded_start(
+    tmp_path: Path,
+) -> None:
+    # the approval's last day ends while the sweep is interrupted: the part resumed after
+    # midnight must judge its hosts as the part before it did, at the start the store recorded
+    now = [datetime(2027, 3, 31, 23, 50, tzinfo=UTC)]
+    hubs = {"address": "127.0.137.0/30", "port": PORT, "note": "ISO-0042", "expires": LAST_DAY}
+    cfg = config(hubs, targets=["127.0.137.1/32", "127.0.137.2/32"])
+    servers = [
+        ServerSpec(host=h, port=PORT, behaviour=Behaviour.CLOSED)
+        for h in ("127.0.137.1", "127.0.137.2")
+    ]
+    with StateStore(tmp_path / "state.sqlite", clock=lambda: now[0]) as store:
+        async with Lab(servers):
+            first = store.begin_sweep(shard="0/1", config_fingerprint="fp", total=2)
+            before = Sweep(cfg, started=first.started, zone=UTC)
+            await before.run(sinks=[StateSink(store, first.id)])
+            store.checkpoint(first.id, 1)  # interrupted with one host done, before midnight
+            now[0] = datetime(2027, 4, 1, 0, 10, tzinfo=UTC)  # restarted after midnight
+            resumed = store.begin_sweep(shard="0/1", config_fingerprint="fp", total=2)
+            assert resumed.resumed and resumed.id == first.id
+            assert resumed.started == datetime(2027, 3, 31, 23, 50, tzinfo=UTC)
+            after = Sweep(cfg, started=resumed.started, zone=UTC)
+            collector = Collector()
+            await after.run(sinks=[StateSink(store, resumed.id), collector], start=1)
+            # what judging at the wall clock would have done to the resumed part
+            wall = Collector()
+            await Sweep(cfg, started=now[0], zone=UTC).run(sinks=[wall], start=1)
+        store.complete_sweep(resumed.id, SweepStats(finished=now[0]))
+        assert len(collector.results) == 1  # the resumed part: the second host only
+        assert collector.findings == []  # still approved: judged on March 31
+        kinds = {r.kind for r in store.findings()}
+        assert FindingKind.UNAPPROVED_SMTP not in kinds
+    (expired,) = [f for f in wall.findings if f.kind is FindingKind.UNAPPROVED_SMTP]
+    assert "expired after 2027-03-31" in expired.summary
 
 
 def test_expiry_lines_list_the_expired_and_those_within_30_days() -> None:
