@@ -1301,6 +1301,8 @@ class Config(_Model):
     ) -> ApprovedService | None:
         """The first approval covering address:port that holds on `day` (None: any approval,
         expired or not). A still-valid approval wins over an expired one for the same service."""
+        if not self.approved:
+            return None
         address = _normal_or_self(address)
         return next(
             (a for a in self.approved if a.covers(address, port) and a.valid_on(day)), None
@@ -1308,7 +1310,7 @@ class Config(_Model):
 
     def expired_approval(self, address: Address, port: int, *, day: date) -> ApprovedService | None:
         """The approval covering address:port that expired last before `day`, when none holds."""
-        if self.is_approved(address, port, day=day) is not None:
+        if not self.approved or self.is_approved(address, port, day=day) is not None:
             return None
         address = _normal_or_self(address)
         gone = [a for a in self.approved if a.covers(address, port) and not a.valid_on(day)]
@@ -1345,6 +1347,8 @@ def _within(domain: str, parent: str) -> bool:
 
 
 def _normal_or_self(address: Address) -> Address:
+    if isinstance(address, ipaddress.IPv4Address):
+        return address  # already normal (judged for every host a sweep finds: no parse)
     try:
         return normal_address(address)
     except ConfigError:
