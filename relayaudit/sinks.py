@@ -122,16 +122,15 @@ class FindingsFile:
             if self._fd is None:
                 self.open()
             assert self._fd is not None
-            wrote = False
-            for record in records:
-                data = (record.model_dump_json() + "\n").encode()
-                line = memoryview(data)
-                while line:  # a short write happens only as the disk fills: finish, or fail below
-                    line = line[os.write(self._fd, line) :]
-                self.written += 1
+            # one probe's lines in one write (O_APPEND: together, after any other writer's)
+            lines = [record.model_dump_json() for record in records]
+            if lines:
+                data = ("\n".join(lines) + "\n").encode()
+                rest = memoryview(data)
+                while rest:  # a short write happens only as the disk fills: finish, or fail below
+                    rest = rest[os.write(self._fd, rest) :]
+                self.written += len(lines)
                 self.bytes += len(data)
-                wrote = True
-            if wrote:
                 self._dirty = True
                 if time.monotonic() - self._synced >= SYNC_EVERY:
                     self._sync()
