@@ -100,17 +100,18 @@ class Page:
     # approved service; None: no owner table is known
     owners: OwnerTable | None = None
 
-    def owner_of(self, address: str) -> str | None:
-        """The name of the address's owner; None: nobody, or no table."""
-        owner = self.owners.lookup(address) if self.owners is not None else None
+    def owner_of(self, address: str, port: int | None = None) -> str | None:
+        """The name of the owner of address:port (an approval's `owner`, else the range's);
+        None: nobody, or no table."""
+        owner = self.owners.lookup(address, port) if self.owners is not None else None
         return owner.name if owner is not None else None
 
-    def shows(self, address: str) -> bool:
-        """Whether the page's owner filter (`report --owner/--unowned`) keeps this address."""
+    def shows(self, address: str, port: int | None = None) -> bool:
+        """Whether the page's owner filter (`report --owner/--unowned`) keeps this service."""
         wanted = self.report.owner_filter
         if wanted is None:
             return True
-        name = self.owner_of(address)
+        name = self.owner_of(address, port)
         return name is None if wanted == UNOWNED else name == wanted
 
 
@@ -258,7 +259,7 @@ def _only_shown(page: Page) -> Page:
     """The page with only the SMTP services its owner filter keeps."""
     if page.report.owner_filter is None or page.services is None:
         return page
-    return replace(page, services=tuple(s for s in page.services if page.shows(s.address)))
+    return replace(page, services=tuple(s for s in page.services if page.shows(s.address, s.port)))
 
 
 def page_from_sweep(

@@ -832,7 +832,7 @@ def _unowned(out: list[str], page: Page) -> None:
             key=lambda item: (_addr_key(item[0][0]), item[0][1]),
         )
         if page.owners is not None:
-            services = [s for s in services if page.owner_of(s[0][0]) is None]
+            services = [s for s in services if page.owner_of(*s[0]) is None]
         where = "the last sweep saw"
     else:
         seen = {

@@ -446,6 +446,47 @@ def test_html_report_shows_owners_and_filters_every_section_by_owner(
     assert "SMTP services with no owner: 1" in nobody
 
 
+def test_an_approvals_owner_owns_its_service_in_the_html_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """192.0.2.250 lies in no owner range, but its approval names Physics: the service is
+    Physics's in every section (not "no owner"), as its findings are."""
+    state, _ = _owned_store(tmp_path)
+    approved = {"address": "192.0.2.250", "port": 25, "owner": "Physics", "note": "ISO-9 phys"}
+    cfg = config(
+        tmp_path,
+        owners=[
+            {**CHEM, "ranges": ["192.0.2.0/25"]},
+            {"name": "Physics", "contact": "it@phys.campus.example", "ranges": ["192.0.2.128/26"]},
+        ],
+        approved=[approved],
+    )
+    with StateStore(state) as store:  # the table the daemon's next sweep stores
+        store.restamp_owners(load_owners(cfg))
+    (tmp_path / "relayaudit.toml").write_text(
+        'scope = ["192.0.2.0/24"]\ntargets = ["192.0.2.0/24"]\n'
+        '[relay]\ncampus_domains = ["campus.example"]\n'
+        '[[approved]]\naddress = "192.0.2.250"\nport = 25\nowner = "Physics"\n'
+        'note = "ISO-9 phys"\n'
+        '[[owners]]\nname = "Chemistry"\nranges = ["192.0.2.0/25"]\n'
+        'contact = "it@chem.campus.example"\n'
+        '[[owners]]\nname = "Physics"\nranges = ["192.0.2.128/26"]\n'
+        'contact = "it@phys.campus.example"\n',
+        encoding="utf-8",
+    )
+    args = ("report", "--state", str(state), "--config", str(tmp_path / "relayaudit.toml"))
+    code, whole, err = run_main(capsys, *args)
+    assert code == 0, err
+    unowned = whole.split('id="h-unowned">', 1)[1].split("</section>", 1)[0]
+    assert unowned.startswith("SMTP services with no owner: 0</h2>")
+    code, phys, err = run_main(capsys, *args, "--owner", "Physics")
+    assert code == 0, err
+    assert "192.0.2.250" in phys and "ISO-9 phys" in phys
+    code, nobody, err = run_main(capsys, *args, "--unowned")
+    assert code == 0, err
+    assert "192.0.2.250" not in nobody
+
+
 # -- the daemon keeps the last good table across a restart ------------------------------------
 
 LAB_HOST, LAB_PORT = "127.0.136.1", 2836  # this test's lab: 127.0.136.0/30
