@@ -355,23 +355,23 @@ class Bench:
         self.doc["relayaudit_code"] = _git_state()
 
     def compile_bytecode(self) -> None:
-        """Byte-compile relayaudit as pip does when it installs a package.
+        """Byte-compile the relayaudit the runs use (this checkout's, on PYTHONPATH), as pip
+        does when it installs a package.
 
         A checkout run in place with PYTHONDONTWRITEBYTECODE set (as in CI and many dev shells),
         or with stale bytecode, compiles every module from source at each start: ~90 ms more per
-        relayaudit run on this kind of machine, which the discovery figure would count.
+        relayaudit process on this kind of machine, which every figure would count. The tree is
+        named by path: the runs import this checkout's package, whatever an editable install in
+        the interpreter's environment points at.
         """
-        spec = importlib.util.find_spec("relayaudit")
-        if spec is None or not spec.submodule_search_locations:
-            self.note("relayaudit not found to byte-compile")
-            return
-        package = Path(next(iter(spec.submodule_search_locations)))
+        package = REPO / "relayaudit"
         done = subprocess.run(
             [sys.executable, "-m", "compileall", "-q", str(package)],
             capture_output=True,
             text=True,
             check=False,
             timeout=120,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
         )
         if done.returncode != 0:
             self.note(f"could not byte-compile {package}: {done.stdout[-300:]}{done.stderr[-300:]}")
