@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -273,7 +274,17 @@ class RtServer:
     # -- the server -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start rt-server on this port (a new free one if it is taken) and wait until it serves."""
+        """Start rt-server on this port (a new free one if it is taken) and wait until it serves.
+
+        Only from the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked the
+        server exits (prctl(2)), so a server started from asyncio.to_thread died with the
+        event loop's executor at the end of that test, and the next test met a reset connection.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RtLabError(
+                "start rt-server from the main thread: it gets SIGTERM when the thread that "
+                f"started it exits (this is {threading.current_thread().name})"
+            )
         started = time.monotonic()
         for _attempt in range(5):
             self._write_config()
@@ -366,7 +377,7 @@ class RtServer:
                 if not self.tickets():
                     self.timings["last reset"] = time.monotonic() - started
                     return
-            except RtLabError:
+            except (RtLabError, OSError):  # OSError: the server went away; start it again
                 pass
         self.stop()
         shutil.copyfile(self.pristine, self.database)

@@ -225,5 +225,6 @@ move_template = "rt-move.json.j2"
             queues["phys-it"],
         )
     finally:
-        # queues were added: the next test gets RT restarted on its pristine database
-        await asyncio.to_thread(rt.reset, restart=True)
+        # queues were added: the next test gets RT restarted on its pristine database. In this
+        # thread, not asyncio.to_thread: the server dies with the thread that started it.
+        rt.reset(restart=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 import pytest
-from rt_lab import RtServer
+from rt_lab import RtLabError, RtServer
 
 pytestmark = pytest.mark.rt
 
@@ -142,3 +144,12 @@ def test_reset_brings_back_an_empty_rt(rt_server: RtServer) -> None:
     print(
         f"\nRT lab: {timings}; reset {fast_reset:.3f} s; reset(restart=True) {restart_reset:.2f} s"
     )
+
+
+async def test_rt_server_is_started_from_the_main_thread_only(tmp_path: Path) -> None:
+    """A server forked from asyncio.to_thread got SIGTERM when the executor's thread exited
+    (PR_SET_PDEATHSIG follows the thread), and the next test's reset met a dead server."""
+    server = RtServer(tmp_path)
+    with pytest.raises(RtLabError, match="main thread"):
+        await asyncio.to_thread(server.start)
+    assert not server.running
