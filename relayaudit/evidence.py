@@ -54,12 +54,15 @@ def built(cls: type[_M], values: dict[str, Any]) -> _M:
     evidence (every exchange and reply, every test result) is built this way on the hot path;
     tests/test_evidence_built.py holds it equal to `model_construct` for each model it is used on.
     """
-    obj = cls.__new__(cls)
-    object.__setattr__(obj, "__dict__", values)
-    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
-    object.__setattr__(obj, "__pydantic_extra__", None)
-    object.__setattr__(obj, "__pydantic_private__", None)
+    obj = _new(cls)
+    _set(obj, "__dict__", values)
+    _set(obj, "__pydantic_fields_set__", set(values))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
     return obj
+
+
+_new, _set = object.__new__, object.__setattr__  # built()'s, looked up once
 
 
 # C0 controls but tab and newline (multi-line replies are joined by newlines), DEL, C1 controls

@@ -63,7 +63,10 @@ class Ehlo:
         self.extensions, self.auth = parse_esmtp_extensions(text)
 
 
+@functools.lru_cache(maxsize=256)  # at most 256 x MAX_REPLY bytes held
 def parse_ehlo(text: str) -> Ehlo:
+    """The EHLO reply's keywords; one object per text (a host answers each of its sessions'
+    EHLO alike): read-only, shared."""
     return Ehlo(text)
 
 
