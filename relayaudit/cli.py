@@ -651,11 +651,13 @@ def _report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--since: {exc}") from None
     paths = _state_paths(args)
+    config = load_config(args.config) if args.config is not None else None
+    if args.owner is not None:
+        _check_owner_name(args.owner, paths, config, args.config)
     if args.format == "html":
         from relayaudit.html_page import page_from_stores
         from relayaudit.html_report import render_html
 
-        config = load_config(args.config) if args.config is not None else None
         page = page_from_stores(
             paths, since=since, config=config, owner=args.owner, unowned=args.unowned
         )
@@ -665,6 +667,30 @@ def _report(args: argparse.Namespace) -> int:
         text = render(for_owner(report, name=args.owner, unowned=args.unowned), args.format)
     _write_text(args.output, text, what="--output")
     return EXIT_OK
+
+
+def _check_owner_name(
+    name: str, paths: Sequence[Path], config: Config | None, config_path: Path | None
+) -> None:
+    """`report --owner NAME`: a name no stored finding and no owner of the config knows is
+    a typo until shown otherwise; a department with no findings (yet) is named in the table."""
+    from difflib import get_close_matches
+
+    from relayaudit.owners import load_owners
+    from relayaudit.state import read_findings
+
+    known = {r.finding.owner.name for r in read_findings(paths) if r.finding.owner is not None}
+    where = "the state store"
+    if config is not None:
+        known.update(o.name for o in load_owners(config).owners)
+        known.update(a.owner for a in config.approved if a.owner is not None)
+        where = f"the state store or the owners of {config_path}"
+    if name in known:
+        return
+    close = get_close_matches(name, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    names = ", ".join(repr(n) for n in sorted(known)) or "none"
+    raise UsageError(f"--owner {name!r}: no owner of that name in {where} (known: {names}){hint}")
 
 
 def sweep_report(

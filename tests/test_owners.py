@@ -342,6 +342,36 @@ def test_every_stored_finding_is_restamped_resolved_ones_too(tmp_path: Path) -> 
         assert all(r.finding.owner is None for r in store.findings())
 
 
+def test_report_owner_names_a_known_owner_or_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt --owner used to print an empty report and exit 0, as if the department were
+    clean; now it is exit 2 naming the value and the owners known. A department of the table
+    with no findings still gets its (empty) report."""
+    state = tmp_path / "state.sqlite"
+    with StateStore(state) as store:
+        one_sweep(store, observe(make_finding(address="192.0.2.7"), address="192.0.2.7"))
+        store.restamp_owners(two_departments(tmp_path))
+    args = ("report", "--state", str(state), "--format", "csv")
+    code, out, err = run_main(capsys, *args, "--owner", "Chemisty")
+    assert code == 2 and out == ""
+    assert "--owner 'Chemisty': no owner of that name in the state store" in err
+    assert "(known: 'Chemistry'); did you mean 'Chemistry'?" in err
+    (tmp_path / "relayaudit.toml").write_text(
+        'scope = ["192.0.2.0/24"]\ntargets = ["192.0.2.0/24"]\n'
+        '[relay]\ncampus_domains = ["campus.example"]\n'
+        '[[owners]]\nname = "Physics"\nranges = ["192.0.2.128/26"]\n'
+        'contact = "it@phys.campus.example"\n',
+        encoding="utf-8",
+    )
+    with_config = (*args, "--config", str(tmp_path / "relayaudit.toml"))
+    code, out, err = run_main(capsys, *with_config, "--owner", "Physics")
+    assert code == 0, err
+    assert list(csv.DictReader(io.StringIO(out))) == []  # Physics runs nothing found
+    code, _, err = run_main(capsys, *with_config, "--owner", "Biology")
+    assert code == 2 and "known: 'Chemistry', 'Physics'" in err
+
+
 def test_report_by_owner_and_unowned_in_every_text_format(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
