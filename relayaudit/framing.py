@@ -82,6 +82,8 @@ class Framing(asyncio.Protocol):
     def _parse(self) -> None:
         """Queue every complete reply in the buffer; bounds and malformed lines raise."""
         buffer = self.buffer
+        if buffer[-1:] == b"\n" and len(buffer) <= MAX_REPLY and self._single_lines(buffer):
+            return
         start = 0
         while True:
             lines: list[bytes] = []
@@ -117,6 +119,30 @@ class Framing(asyncio.Protocol):
             self.expected -= 1
             text = b"\n".join(lines).decode("utf-8", "surrogateescape")
             self.replies.append(SMTPResponse(code, text))
+
+    def _single_lines(self, buffer: bytearray) -> bool:
+        """The usual case in one pass: the buffer holds whole one-line replies only (a reply,
+        or a pipelined group's); queue them and empty it. False, touching nothing, for
+        anything else (a continuation line, a malformed or too long line): _parse reads it."""
+        lines = bytes(buffer).split(b"\n")
+        lines.pop()  # after the last newline: empty
+        codes = []
+        for line in lines:
+            if line[3:4] == b"-" or len(line) >= MAX_LINE:
+                return False
+            try:
+                codes.append(int(line[:3]))
+            except ValueError:
+                return False
+        del buffer[:]
+        for code, line in zip(codes, lines, strict=True):
+            if self.expected == 0:
+                self.unsolicited += 1  # one reply too many
+                continue
+            self.expected -= 1
+            text = line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape")
+            self.replies.append(SMTPResponse(code, text))
+        return True
 
     def keep_raw(self) -> bytearray:
         """From now on keep what arrives as bytes, unparsed (the answer to the QUIT sent after
