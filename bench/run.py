@@ -679,11 +679,14 @@ class Bench:
         raw = self.work / f"{profile}-pyspy.raw"
         # blocking mode (the default): --nonblocking truncates many stacks while the process runs
         base = [py_spy, "record", "--rate", "200"]
-        if self.args.ra_processes and self.args.ra_processes > 1:
-            base.append("--subprocesses")
-        ra = ["--", *self.ra_argv(config)]
-        # the profiled sweep takes seconds; a py-spy run once hung at exit for the whole
-        # 300 s bound (not reproduced in 15 tries), so these get a shorter one
+        # one sweep process, profiled whole: with --subprocesses py-spy held the sweep's
+        # parent at exit (its forked children left as zombies) until the bound stopped it,
+        # in 2 of 3 full runs of 2026-12-07; a process's profile per host is the same either way
+        argv = self.ra_argv(config)
+        if "--processes" in argv:
+            at = argv.index("--processes")
+            del argv[at : at + 2]
+        ra = ["--", *argv, "--processes", "1"]
         bound = min(120.0, self.args.run_timeout)
         m1 = self.run(
             f"{profile}-pyspy-svg",
