@@ -1331,6 +1331,39 @@ def _slowest_transcript_s(findings: Path) -> float | None:
     return round(max(longest.values()), 3) if longest else None
 
 
+def _client_cpu_bound(
+    doc: dict[str, Any], instant: dict[str, Any], nmap_rate: Any
+) -> dict[str, Any] | None:
+    """instant hosts/s at most: the machine's cores over the CPU one host costs relayaudit and
+    the lab together (the instant lab answers at once, so CPU is all a run waits for), with the
+    profile's heaviest frames: where that CPU goes."""
+    ra = instant.get("relayaudit") or {}
+    cpu, lab, hosts = ra.get("cpu_s"), ra.get("lab_cpu_s"), instant.get("hosts")
+    cores = ((doc.get("machine") or {}).get("cpus")) or os.cpu_count() or 1
+    if not (cpu and hosts and isinstance(lab, int | float)):
+        return None
+    if not isinstance(nmap_rate, int | float) or nmap_rate <= 0:
+        return None
+    best = hosts * cores / (cpu + lab)
+    spy = ((doc.get("profiles") or {}).get("instant") or {}).get("py_spy") or {}
+    top = spy.get("top_own") or []
+    where = "; ".join(f"{t['frame']} {t['pct']:g} %" for t in top[:3])
+    return {
+        "client_cpu_s": cpu,
+        "lab_cpu_s": lab,
+        "cores": cores,
+        "best_hosts_per_s": round(best, 1),
+        "best_ratio": round(best / nmap_rate, 2),
+        "profile_top_own": top[:3],
+        "text": (
+            f"instant: relayaudit's client took {cpu:.2f} s of CPU for {hosts} hosts "
+            f"({1000 * cpu / hosts:.2f} ms a host) and the lab {lab:.2f} s, so {cores} cores "
+            f"allow at most {best:,.0f} hosts/s, {best / nmap_rate:.2f}x nmap"
+            + (f"; py-spy, own time: {where}" if where else "")
+        ),
+    }
+
+
 def bounds(doc: dict[str, Any]) -> dict[str, Any]:
     """What this machine and campus allow at best, whatever relayaudit does.
 
@@ -1350,11 +1383,16 @@ def bounds(doc: dict[str, Any]) -> dict[str, Any]:
             "lab_ceiling_hosts_per_s": ceiling,
             "best_ratio": round(ceiling / nmap_rate, 2),
             "text": (
-                f"instant: the lab can serve relayaudit's {RA_TESTS_PER_HOST}-test battery at "
+                f"instant: the lab can serve relayaudit's battery "
+                f"({_get(instant, 'relayaudit', 'tests_per_host') or RA_TESTS_PER_HOST} tests a "
+                "host) at "
                 f"most {ceiling:,.0f} hosts/s (its core at 100 %), so {ceiling / nmap_rate:.2f}x "
                 "nmap is the most any client could show here"
             ),
         }
+    client_cpu = _client_cpu_bound(doc, instant, nmap_rate)
+    if client_cpu is not None:
+        out["instant_client_cpu"] = client_cpu
     realistic = profiles.get("realistic") or {}
     relay = realistic.get("relay") or {}
     tarpits = (realistic.get("mix") or {}).get("tarpit", 0)

@@ -5,6 +5,7 @@ The benchmark is not a test; this only keeps it working. No timing is asserted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -74,3 +75,32 @@ def test_bench_quick_writes_the_report(tmp_path: Path) -> None:
     rows = doc["table"]
     assert rows and {"section", "metric", "relayaudit", "nmap", "ratio"} <= set(rows[0])
     assert "relayaudit vs nmap" in proc.stdout  # the printed table
+
+
+def test_the_client_cpu_bound_divides_the_cores_by_a_hosts_cpu() -> None:
+    """The instant bound line: cores x hosts / (client CPU + lab CPU), with the profile's
+    heaviest frames named; no line without nmap's rate to compare with."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = run  # its dataclasses look their module up
+    sys.path.insert(0, str(REPO / "bench"))  # its own imports (agreement, lab) are beside it
+    try:
+        spec.loader.exec_module(run)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    relay = {
+        "hosts": 1000,
+        "relayaudit": {"cpu_s": 3.0, "lab_cpu_s": 1.0, "hosts_per_s": 400.0},
+        "nmap": {"hosts_per_s": 800.0},
+    }
+    top = [{"frame": "record (relayaudit/session.py)", "samples": 90, "pct": 9.0}]
+    doc = {
+        "machine": {"cpus": 2},
+        "profiles": {"instant": {"relay": relay, "py_spy": {"top_own": top}}},
+    }
+    bound = run.bounds(doc)["instant_client_cpu"]
+    assert bound["best_hosts_per_s"] == 500.0 and bound["best_ratio"] == 0.62
+    assert bound["text"].endswith("py-spy, own time: record (relayaudit/session.py) 9 %")
+    del relay["nmap"]
+    assert "instant_client_cpu" not in run.bounds(doc)
