@@ -596,7 +596,7 @@ class Bench:
         out["agreement"]["relay_only_run_relays"] = relay_out["relayaudit"]["relays_found"]
         # 4. where relayaudit's time goes (instant profile only: CPU cost, not waiting)
         if profile == "instant" and args.py_spy:
-            out["py_spy"] = self.phase_py_spy(profile, campus)
+            out["py_spy"] = self.phase_py_spy(profile, [f"{s.host}/32" for s in servers])
 
     def _relay_pair(
         self, name: str, servers: list[Server], hosts_file: Path, repeat: int
@@ -662,15 +662,16 @@ class Bench:
         out["nmap"]["relays_found"] = sum(1 for v in hosts.values() if v.relay)
         return out, hosts
 
-    def phase_py_spy(self, profile: str, campus: str) -> dict[str, Any]:
+    def phase_py_spy(self, profile: str, targets: list[str]) -> dict[str, Any]:
+        """The relay run's sweep (the lab hosts' /32s, as the CPU-per-test figure) under py-spy."""
         py_spy = shutil.which("py-spy")
         if py_spy is None:
             self.note("py-spy not installed (pip install py-spy): no profile")
             return {"error": "py-spy not installed"}
         config = self.ra_config(
             f"{profile}-pyspy",
-            [campus],
-            [campus],
+            targets,
+            [str(self.campus_net)],
             concurrency=self.args.concurrency,
             rate=UNLIMITED_RATE,
             subnet_rate=UNLIMITED_RATE,
@@ -695,8 +696,8 @@ class Bench:
         )
         self.ra_config(
             f"{profile}-pyspy",
-            [campus],
-            [campus],
+            targets,
+            [str(self.campus_net)],
             concurrency=self.args.concurrency,
             rate=UNLIMITED_RATE,
             subnet_rate=UNLIMITED_RATE,
@@ -1241,7 +1242,8 @@ def render(doc: dict[str, Any]) -> str:
         if spy and spy.get("top_own"):
             lines += [
                 "",
-                f"{name}: py-spy, top 15 frames by own time ({spy['samples']} samples;"
+                f"{name}: py-spy of the relay run (one process), top 15 frames by own time "
+                f"({spy['samples']} samples;"
                 f" flamegraph {spy.get('flamegraph_svg')})",
             ]
             lines += [f"  {t['pct']:5.1f}%  {t['frame']}" for t in spy["top_own"]]
