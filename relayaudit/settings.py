@@ -23,7 +23,7 @@ class ProbeSettings:
     command_timeout: float = 15.0
     greeting_timeout: float = 0.0  # the wait for the 220; never less than command_timeout
     session_timeout: float = 120.0
-    max_tests_per_session: int = 8
+    max_tests_per_session: int = 9
     retest_after_starttls: bool = True
     campus_domains: tuple[str, ...] = ()
     external_domains: tuple[str, ...] = ("relayaudit-test.example",)

@@ -145,9 +145,9 @@ async def test_pipelined_where_offered_until_a_mail_is_refused() -> None:
     assert result.pipelined and result.lockstep == "MAIL FROM answered 553"
     grouped = [chunk for conn in reads for chunk in conn if chunk.count(b"\r\n") > 1]
     assert grouped[0].startswith(b"MAIL FROM:") and grouped[0].count(b"\r\n") == 2
-    # the session's other 7 tests: RSET, MAIL and RCPT each, and QUIT
+    # the session's other 8 tests: RSET, MAIL and RCPT each, and QUIT
     assert grouped[1].startswith(b"RSET\r\nMAIL FROM:") and grouped[1].endswith(b"QUIT\r\n")
-    assert grouped[1].count(b"\r\n") == 7 * 3 + 1
+    assert grouped[1].count(b"\r\n") == 8 * 3 + 1
     # the one RCPT after a refused MAIL is the group's; none after the switch to lock-step
     assert len(problems) == 1 and "RCPT without an accepted MAIL" in problems[0], problems
     assert sum(t.rcpt is None for t in result.tests) == 1  # recorded as lock-step would
@@ -171,15 +171,15 @@ async def test_three_sessions_run_side_by_side_and_results_keep_battery_order() 
     async with HostileServer(handler) as server:
         result = await probe("127.0.0.1", server.port, _settings(sessions_per_host=3))
         one = await probe("127.0.0.1", server.port, SETTINGS)  # the default: one at a time
-    assert one.sessions == 4  # 26 tests, 8 per session, one after the other
+    assert one.sessions == 3  # 26 tests, 9 per session, one after the other
     assert problems == []
-    assert result.sessions == 4  # three side by side, then the last 2 tests in a fourth
+    assert result.sessions == 3  # three side by side (9, 9 and 8 tests)
     assert peak == [3]  # side by side, not one after the other
     assert [t.test.id for t in result.tests] == [t.test.id for t in one.tests]
     assert [t.outcome for t in result.tests] == [t.outcome for t in one.tests]
     # each session's exchanges stay together in the transcript: a greeting starts each block
     greetings = [i for i, e in enumerate(result.transcript) if e.command is None]
-    assert len(greetings) == 4
+    assert len(greetings) == 3
     for start, end in zip(greetings, [*greetings[1:], len(result.transcript)], strict=True):
         block = [e.command for e in result.transcript[start:end]]
         assert str(block[1]).startswith("EHLO") and block[-1] == "QUIT", block
@@ -266,5 +266,5 @@ async def test_by_default_one_session_at_a_time_per_host() -> None:
     async with HostileServer(handler) as server:
         result = await probe("127.0.0.1", server.port, SETTINGS)
     assert problems == []
-    assert result.sessions == 4 and peak == [1]
+    assert result.sessions == 3 and peak == [1]
     assert len(result.tests) == 26

@@ -281,8 +281,12 @@ async def test_postfix_error_limits_reconnect_and_continue(run_lab: Probe) -> No
 
 
 async def test_short_sessions_stay_under_postfix_error_limits(run_lab: Probe) -> None:
+    """Nine tests a session (the default): a closed server's nine refusals never take it past
+    the soft limit (more than 10 errors), so no reply is slowed down and none hangs up."""
     result, verdict = await run_lab(Behaviour.CLOSED, error_limits=True, error_sleep=0.5)
     assert not any(ex.reply is not None and ex.reply.code == 421 for ex in result.transcript)
+    assert max(ex.elapsed_ms for ex in result.transcript) < 500  # no error sleep
+    assert result.sessions == 3 + 3  # 26 tests: 9, 9 and 8; then the 3 claimed HELO names
     assert verdict.status is VerdictStatus.RELAY_REFUSED
 
 
