@@ -38,6 +38,11 @@ class Session(Protocol):
         """Whether a pipelined group was answered on this host already."""
         ...
 
+    @property
+    def refusals(self) -> int:
+        """The error replies (4xx, 5xx) this connection has had so far, its hello's included."""
+        ...
+
     async def pipeline(self, lines: list[str]) -> list[Reply]:
         """Send `lines` in one write, return their replies in order (fewer if a 421 closed
         the connection); raises Confused when the server got out of step, Broken (with the

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from relayaudit.evidence import RelayTest, TestResult, Transport
 from relayaudit.failures import SessionFailure
 from relayaudit.session import Session
-from relayaudit.session_tests import Battery, session_tests
+from relayaudit.session_tests import ERROR_BUDGET, Battery, session_tests
 
 __all__ = ["Limits", "Opener", "run_battery"]
 
@@ -52,6 +52,8 @@ async def run_battery(
         results=results,
         # as many connections as before parallel sessions: the first plus the reconnects
         sessions_left=limits.reconnects + (first is None),
+        # more tests per session than the budget allows: the operator's choice, no budget
+        error_budget=ERROR_BUDGET if limits.tests_per_session <= ERROR_BUDGET else None,
     )
     order = {t.id: i for i, t in enumerate(tests)}
     mark = len(results)

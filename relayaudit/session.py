@@ -48,6 +48,7 @@ class SmtpSession:
         "log",
         "observed",
         "pipelining",
+        "refusals",
         "said_goodbye",
         "timeout",
         "waiting_since",
@@ -60,6 +61,7 @@ class SmtpSession:
         self.timeout = timeout  # the command timeout
         self.observed = observed
         self.log: list[Exchange] = []
+        self.refusals = 0  # error replies (4xx, 5xx) on this connection so far
         self.waiting_since: float | None = None  # the command in flight was sent then
         self.expired = False  # the watchdog closed the connection: that command timed out
         self.said_goodbye = False  # a pipelined group's QUIT was answered
@@ -119,6 +121,8 @@ class SmtpSession:
         """File one exchange; `elapsed` (ms): given when a group's replies share it."""
         if elapsed is None:
             elapsed = round((time.monotonic() - started) * 1000, 1)
+        if reply is not None and reply.code >= 400:
+            self.refusals += 1
         # built without validation: the values come typed from the framing and from us; only
         # the server's text needs what validation would do (writable_text)
         self.log.append(

@@ -23,9 +23,14 @@ from relayaudit.evidence import (
 from relayaudit.failures import Broken
 from relayaudit.session import Session
 
-__all__ = ["Battery", "run_test", "session_tests"]
+__all__ = ["ERROR_BUDGET", "Battery", "run_test", "session_tests"]
 
 _CLOSING = 421
+# Postfix slows every reply down once a client has made smtpd_soft_error_limit (10) errors
+# (refused commands, a refused hello's included). A connection starts no test that could make
+# its tenth: even its QUIT is answered at once, and the tests left go to a fresh connection.
+# (An operator who sets more tests per session than this opts out of the budget: runner.py.)
+ERROR_BUDGET = 9
 
 
 @dataclass(slots=True)
@@ -37,6 +42,8 @@ class Battery:
     results: list[TestResult]
     attempts: dict[str, int] = field(default_factory=dict)
     sessions_left: int = 0
+    # error replies one connection may have before a test; None: no budget
+    error_budget: int | None = ERROR_BUDGET
     stop: str | None = None  # set: run nothing more, skip the rest with this reason
     last_failure: str = ""
 
@@ -61,21 +68,33 @@ async def session_tests(
     Pipelined (RFC 2920, where the server offers it), the host's first test goes as one group,
     and once a group's MAIL was accepted, every test left on the connection goes as one group
     (RSET between tests); a refused MAIL, or any confusion, turns the rest of the host's
-    battery to lock-step.
+    battery to lock-step. No test starts that could make the connection's error replies more
+    than the battery's error budget: the tests left are returned for a fresh connection.
     """
     transaction = False  # a MAIL was accepted: RSET before the next test
     i = 0
     while i < len(claimed):
         if not session.connected:
             return claimed[i:]  # closed after the last reply (421 to RSET): not this test's try
+        # a test makes one error, as a rule
+        budget = state.error_budget
+        room = budget - session.refusals if budget is not None else len(claimed) - i
+        if room <= 0:
+            return claimed[i:]
         if session.pipelining:
             # one test first: a server that refuses MAIL meets one blind RCPT, not a group
-            group = claimed[i:] if session.pipelined else claimed[i : i + 1]
-            last = i + len(group) == len(claimed)
+            wanted = len(claimed) - i if session.pipelined else 1
+            end = i + min(wanted, room)
+            # QUIT ends the group that holds the connection's last tests, or the last the
+            # error budget allows it
+            last = end == len(claimed) or wanted > room
+            group = claimed[i:end]
             left, transaction = await _group(session, group, state, rset=transaction, goodbye=last)
             if left is not None:
-                return left + claimed[i + len(group) :]
-            i += len(group)
+                return left + claimed[end:]
+            if last:
+                return claimed[end:]
+            i = end
             continue
         test = claimed[i]
         if transaction:

@@ -290,6 +290,18 @@ async def test_short_sessions_stay_under_postfix_error_limits(run_lab: Probe) ->
     assert verdict.status is VerdictStatus.RELAY_REFUSED
 
 
+async def test_a_server_refusing_mail_gets_no_tenth_error_on_one_connection(run_lab: Probe) -> None:
+    """Pipelined, a refused MAIL makes its blind RCPT an error too: with nine tests on the
+    first connection that was a tenth error, and Postfix slowed the QUIT's reply by its error
+    sleep. The error budget hands the ninth test to the next connection instead."""
+    result, verdict = await run_lab(Behaviour.AUTH_REQUIRED, error_limits=True, error_sleep=0.5)
+    assert not any(ex.reply is not None and ex.reply.code == 421 for ex in result.transcript)
+    assert max(ex.elapsed_ms for ex in result.transcript) < 500  # no error sleep
+    assert not any(t.error for t in result.tests)  # every test ran
+    assert result.sessions == 3 + 3  # 8, 9 and 9 tests; then the 3 claimed HELO names
+    assert verdict.status is VerdictStatus.AUTH_REQUIRED
+
+
 # -- small hand-written servers for statuses the lab does not model ---------------------------
 
 
