@@ -207,10 +207,12 @@ class Bench:
         path.write_text(text, encoding="utf-8")
         return path
 
-    def ra_argv(self, config: Path) -> list[str]:
+    def ra_argv(self, config: Path, *, processes: int | None = None) -> list[str]:
+        """`relayaudit sweep`; `processes`: instead of --ra-processes."""
         argv = [sys.executable, "-m", "relayaudit", "sweep", "--config", str(config)]
-        if self.args.ra_processes:
-            argv += ["--processes", str(self.args.ra_processes)]
+        processes = processes or self.args.ra_processes
+        if processes:
+            argv += ["--processes", str(processes)]
         return argv
 
     def run(self, name: str, argv: list[str], **kw: Any) -> Measured:
@@ -683,11 +685,7 @@ class Bench:
         # one sweep process, profiled whole: with --subprocesses py-spy held the sweep's
         # parent at exit (its forked children left as zombies) until the bound stopped it,
         # in 2 of 3 full runs of 2026-12-07; a process's profile per host is the same either way
-        argv = self.ra_argv(config)
-        if "--processes" in argv:
-            at = argv.index("--processes")
-            del argv[at : at + 2]
-        ra = ["--", *argv, "--processes", "1"]
+        ra = ["--", *self.ra_argv(config, processes=1)]
         bound = min(120.0, self.args.run_timeout)
         m1 = self.run(
             f"{profile}-pyspy-svg",

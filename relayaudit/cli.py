@@ -677,9 +677,9 @@ def _check_owner_name(
     from difflib import get_close_matches
 
     from relayaudit.owners import load_owners
-    from relayaudit.state import read_findings
+    from relayaudit.state import read_owner_names
 
-    known = {r.finding.owner.name for r in read_findings(paths) if r.finding.owner is not None}
+    known = read_owner_names(paths)  # the owner column: the findings are read once, after
     where = "the state store"
     if config is not None:
         known.update(o.name for o in load_owners(config).owners)

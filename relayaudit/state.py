@@ -52,6 +52,7 @@ __all__ = [
     "read_findings",
     "read_history",
     "read_observations",
+    "read_owner_names",
     "read_owner_table",
     "read_sweeps",
 ]
@@ -1196,6 +1197,15 @@ class StateStore:
             for r in rows
         ]
 
+    def owner_names(self) -> set[str]:
+        """The owners' names the stored findings carry, resolved ones included (the owner
+        column: no finding is parsed)."""
+        with self._read("read owner names") as db:
+            rows = db.execute(
+                "SELECT DISTINCT owner FROM findings WHERE owner IS NOT NULL"
+            ).fetchall()
+        return {r[0] for r in rows}
+
     def findings(self, status: FindingStatus | str | None = None) -> list[FindingRow]:
         wanted = FindingStatus(status) if status is not None else None
         with self._read("read findings") as db:
@@ -1314,6 +1324,11 @@ def read_findings(
         if kept is None or row.last_seen > kept.last_seen:
             merged[row.id] = row
     return _sorted_findings(merged.values())
+
+
+def read_owner_names(paths: Sequence[Path]) -> set[str]:
+    """The owners' names the findings of several shard files carry, read-only."""
+    return set(_read_each(paths, lambda store: store.owner_names()))
 
 
 def read_changes(
