@@ -66,7 +66,15 @@ class Handshake:
         self.settings = settings
         self.gate = gate
         self.observed = observed
-        self.dial: Dial = dial or self._tcp
+        # no bound method of self kept on self: that cycle held each probe's whole transcript
+        # until the cyclic collector ran (tests/test_gc.py)
+        self._dial = dial
+
+    async def dial(self) -> Connection:
+        """A new connection: the injected dial (tests, the canary) or a TCP connect."""
+        if self._dial is not None:
+            return await self._dial()
+        return await self._tcp()
 
     async def _tcp(self) -> Connection:
         """A new TCP connection, paced by the gate."""
