@@ -10,13 +10,15 @@ generated from these models (`python -m relayaudit.export schemas/`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from enum import StrEnum
+from functools import cache
 from typing import Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, TypeAdapter
 
 from relayaudit import __version__
-from relayaudit.evidence import TestResult
+from relayaudit.evidence import Exchange, TestResult
 from relayaudit.verdict import Finding
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "Lifecycle",
     "Transition",
     "evidence_line",
+    "record_lines",
     "schema_files",
     "to_record",
 ]
@@ -115,7 +118,8 @@ def to_record(
         # the guess's signs stay with the whole finding; `software` (and the remediation's
         # guess_confidence) say what it concluded
         fields["fingerprint"] = finding.fingerprint.model_copy(update={"software_guess": None})
-    return FindingRecord(
+    # no second validation: every field is the validated finding's, or of its declared type
+    return FindingRecord.model_construct(
         **fields,
         evidence_lines=tuple(evidence_line(r) for r in finding.evidence[:EVIDENCE_LINES]),
         sweep_id=sweep_id,
@@ -124,6 +128,39 @@ def to_record(
         transition=transition,
         compact=compact,
     )
+
+
+# where a record's transcript goes in its line; `"` inside any JSON string is escaped (`\"`),
+# so this can only be the key itself (no nested model has a `transcript` field)
+_NO_TRANSCRIPT = '"transcript":[]'
+
+
+@cache
+def _transcript_json() -> TypeAdapter[tuple[Exchange, ...]]:
+    return TypeAdapter(tuple[Exchange, ...])
+
+
+def record_lines(records: Sequence[FindingRecord]) -> list[str]:
+    """The records' findings-file lines, each exactly its `model_dump_json()`.
+
+    The findings of one probe share its transcript (about nine tenths of a line): it is
+    serialized once and set into each line, not once per finding.
+    """
+    if len(records) < 2:
+        return [record.model_dump_json() for record in records]
+    lines = []
+    shared: tuple[tuple[Exchange, ...], str] | None = None
+    for record in records:
+        transcript = record.transcript
+        if not transcript:
+            lines.append(record.model_dump_json())
+            continue
+        if shared is None or shared[0] is not transcript:
+            text = _transcript_json().dump_json(transcript).decode()
+            shared = (transcript, f'"transcript":{text}')
+        bare = record.model_copy(update={"transcript": ()}).model_dump_json()
+        lines.append(bare.replace(_NO_TRANSCRIPT, shared[1], 1))
+    return lines
 
 
 def evidence_line(result: TestResult) -> str:

@@ -13,7 +13,7 @@ from typing import Literal
 from relayaudit.errors import OutputError
 from relayaudit.evidence import ProbeResult
 from relayaudit.files import open_append
-from relayaudit.records import FindingRecord, Lifecycle, Transition, to_record
+from relayaudit.records import FindingRecord, Lifecycle, Transition, record_lines, to_record
 from relayaudit.verdict import Finding, Verdict
 
 __all__ = ["Collector", "FindingsFile", "new_sweep_id"]
@@ -123,7 +123,7 @@ class FindingsFile:
                 self.open()
             assert self._fd is not None
             # one probe's lines in one write (O_APPEND: together, after any other writer's)
-            lines = [record.model_dump_json() for record in records]
+            lines = record_lines(list(records))
             if lines:
                 data = ("\n".join(lines) + "\n").encode()
                 rest = memoryview(data)

@@ -10,15 +10,24 @@ from typing import Any
 
 import jsonschema
 import pytest
+from factories import make_finding
 
 from relayaudit import __version__
 from relayaudit.config import Config, parse_config
 from relayaudit.engine import sweep
+from relayaudit.evidence import Exchange, Reply
 from relayaudit.export import schema_files
 from relayaudit.lab import Behaviour, Lab, ServerSpec
-from relayaudit.records import EVIDENCE_LINES, RECORD_SCHEMA_VERSION
+from relayaudit.records import (
+    EVIDENCE_LINES,
+    RECORD_SCHEMA_VERSION,
+    FindingRecord,
+    record_lines,
+    to_record,
+)
 from relayaudit.sinks import FindingsFile
 from relayaudit.state import SCHEMA_VERSION, StateSink, StateStore
+from relayaudit.verdict import FindingKind
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas"
@@ -88,6 +97,28 @@ async def test_every_line_of_a_lab_sweep_validates_and_says_who_wrote_it(tmp_pat
         assert record["status"] is None and record["compact"] is False  # no store: all whole
     relay = next(r for r in records if r["kind"] == "open-relay")
     assert relay["transcript"] and relay["evidence"]
+
+
+def test_lines_sharing_one_transcript_are_each_the_records_own_json() -> None:
+    """record_lines serializes a probe's transcript once for all its findings: each line must
+    still be exactly the record's own JSON, whatever the server wrote into the transcript."""
+    hostile = (
+        Exchange(command=None, reply=Reply(code=220, text='mx "transcript":[] \\" ESMTP \u00e9')),
+        Exchange(command='EHLO "transcript":[]', reply=Reply(code=250, text="mx\nPIPELINING")),
+        Exchange(command="QUIT", reply=None, error="closed \u2603", elapsed_ms=1.5),
+    )
+    shared = [
+        to_record(make_finding(kind, transcript=hostile), sweep_id="s", shard="0/1")
+        for kind in (FindingKind.OPEN_RELAY, FindingKind.UNAPPROVED_SMTP)
+    ]
+    other = to_record(make_finding(FindingKind.AUTH_WITHOUT_TLS), sweep_id="s", shard="0/1")
+    empty = to_record(make_finding(transcript=()), sweep_id="s", shard="0/1")
+    for records in ([*shared, other, empty], [other, *shared], shared[:1], []):
+        got = record_lines(records)
+        assert got == [r.model_dump_json() for r in records]
+        # and the records themselves are what validation would have made
+        for line, record in zip(got, records, strict=True):
+            assert FindingRecord.model_validate_json(line) == record
 
 
 def test_a_record_with_an_unknown_field_or_a_wrong_type_is_refused() -> None:
