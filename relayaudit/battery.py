@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import secrets
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class BatteryInputs:
     sender_local_part: str
 
 
+@functools.lru_cache(maxsize=1024)  # the vantage's, asked at each session's hello
 def address_literal(address: str) -> str:
     """RFC 5321 address literal: `[192.0.2.7]`, and `[IPv6:2001:db8::7]` for IPv6."""
     ip = ipaddress.ip_address(address)

@@ -116,6 +116,9 @@ class Transport(StrEnum):
     IMPLICIT_TLS = "implicit-tls"
 
 
+_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\b")
+
+
 class Reply(_Frozen):
     code: int
     text: Text
@@ -123,7 +126,7 @@ class Reply(_Frozen):
     @property
     def enhanced(self) -> str | None:
         """The RFC 3463 enhanced status code (`5.7.1`) if the reply carries one."""
-        match = re.match(r"([245]\.\d{1,3}\.\d{1,3})\b", self.text)
+        match = _ENHANCED.match(self.text)
         return match.group(1) if match else None
 
     def __str__(self) -> str:
