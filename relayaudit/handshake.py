@@ -120,12 +120,12 @@ class Handshake:
                 in_use = await self._xclient(session, claim)
             # RFC 2920: only where this session's EHLO offered it, and never again on a host
             # whose earlier group got out of step
-            session.pipelining = (
+            session.offered = (
                 self.settings.pipelining
                 and in_use is not None
                 and "pipelining" in in_use.extensions
-                and seen.lockstep is None
             )
+            session.pipelining = session.offered and seen.lockstep is None
         except BaseException:
             if session is not None:
                 session.end()

@@ -49,8 +49,17 @@ class Session(Protocol):
         replies that came before the failure) when the connection fails."""
         ...
 
-    def stop_pipelining(self, reason: str) -> None:
-        """Lock-step from here, on this connection and the host's later ones."""
+    @property
+    def sender_groups(self) -> bool:
+        """Whether MAIL FROMs may still go in groups of their own, each followed by RSET and
+        never by a RCPT: the server offers PIPELINING, and only a refused MAIL FROM ended
+        whole groups on this host."""
+        ...
+
+    def stop_pipelining(self, reason: str, *, senders: bool = False) -> None:
+        """No more whole groups, on this connection and the host's later ones; `senders`: a
+        refused MAIL FROM is why, so MAIL FROMs may still go in groups (sender_groups),
+        else lock-step from here."""
         ...
 
     async def data(self, message: bytes, *, shown_as: str) -> Reply:
@@ -112,4 +121,6 @@ class Observed:
     after_starttls: Capabilities | None = None  # the first EHLO reply inside STARTTLS
     pipelined: bool = False  # some commands went in pipelined groups (RFC 2920)
     lockstep: str | None = None  # why pipelining stopped for this host, if it did
+    # a refused MAIL FROM stopped whole groups, nothing else: MAIL FROMs still go in groups
+    senders_only: bool = False
     waiting: Waiting | None = None  # told what the probe waits for (`check` on a terminal)

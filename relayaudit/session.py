@@ -47,6 +47,7 @@ class SmtpSession:
         "expired",
         "log",
         "observed",
+        "offered",
         "pipelining",
         "refusals",
         "said_goodbye",
@@ -58,6 +59,7 @@ class SmtpSession:
     def __init__(self, wire: Wire, *, timeout: float, observed: Observed) -> None:
         self.wire = wire
         self.pipelining = False  # set by the handshake: offered, allowed, no confusion yet
+        self.offered = False  # set by the handshake: offered (this EHLO) and allowed
         self.timeout = timeout  # the command timeout
         self.observed = observed
         self.log: list[Exchange] = []
@@ -231,20 +233,34 @@ class SmtpSession:
             replies.append(reply)
         return replies
 
-    def stop_pipelining(self, reason: str) -> None:
-        """Lock-step from here, for this connection and the host's later ones; the transcript
-        says why (a line of its own, no command or reply)."""
+    @property
+    def sender_groups(self) -> bool:
+        return self.offered and self.observed.senders_only
+
+    def stop_pipelining(self, reason: str, *, senders: bool = False) -> None:
+        """No more whole groups, for this connection and the host's later ones; the transcript
+        says why (a line of its own, no command or reply). `senders`: a refused MAIL FROM is
+        why, so MAIL FROMs may still go in groups; otherwise (or later confused) lock-step."""
         self.pipelining = False
-        if self.observed.lockstep is None:
-            self.observed.lockstep = reason
-            self.log.append(
-                Exchange.model_construct(
-                    command=None,
-                    reply=None,
-                    error=writable_text(f"pipelining stopped ({reason}): lock-step from here"),
-                    elapsed_ms=0.0,
-                )
+        seen = self.observed
+        first = seen.lockstep is None
+        if not first and not (seen.senders_only and not senders):
+            return  # lock-step already, or sender groups already
+        seen.senders_only = senders
+        seen.lockstep = reason
+        after = (
+            "MAIL FROM commands in groups, a RCPT only after its MAIL's reply"
+            if senders
+            else "lock-step from here"
+        )
+        self.log.append(
+            Exchange.model_construct(
+                command=None,
+                reply=None,
+                error=writable_text(f"pipelining stopped ({reason}): {after}"),
+                elapsed_ms=0.0,
             )
+        )
 
     async def data(self, message: bytes, *, shown_as: str) -> Reply:
         """DATA and a message (the canary); the transcript shows `shown_as`, not the body."""

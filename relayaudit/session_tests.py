@@ -45,6 +45,8 @@ class Battery:
     # error replies one connection may have before a test; None: no budget
     error_budget: int | None = ERROR_BUDGET
     stop: str | None = None  # set: run nothing more, skip the rest with this reason
+    # tests whose MAIL FROM a sender group saw accepted (and reset): they run in lock-step
+    mail_first: set[str] = field(default_factory=set)
     last_failure: str = ""
 
     def ended(self, exc: Broken) -> None:
@@ -67,9 +69,11 @@ async def session_tests(
     In lock-step every command waits for its reply, and RCPT goes only after an accepted MAIL.
     Pipelined (RFC 2920, where the server offers it), the host's first test goes as one group,
     and once a group's MAIL was accepted, every test left on the connection goes as one group
-    (RSET between tests); a refused MAIL, or any confusion, turns the rest of the host's
-    battery to lock-step. No test starts that could make the connection's error replies more
-    than the battery's error budget: the tests left are returned for a fresh connection.
+    (RSET between tests). A refused MAIL ends whole groups for the rest of the host's battery:
+    from then on the MAIL FROMs go in groups of their own (`_senders`: MAIL, RSET, ...), and a
+    test whose MAIL was accepted runs again in lock-step; any confusion turns the rest to
+    lock-step. No test starts that could make the connection's error replies more than the
+    battery's error budget: the tests left are returned for a fresh connection.
     """
     transaction = False  # a MAIL was accepted: RSET before the next test
     i = 0
@@ -95,6 +99,20 @@ async def session_tests(
             if last:
                 return claimed[end:]
             i = end
+            continue
+        if session.sender_groups and claimed[i].id not in state.mail_first:
+            # the server refused a MAIL FROM: the MAIL FROMs of the tests from here go as
+            # one group, each followed by RSET; a refused one is its test's answer, as in
+            # lock-step, an accepted one's test runs again in lock-step, with its RCPT
+            end = i
+            while end < len(claimed) and end - i < room and claimed[end].id not in state.mail_first:
+                end += 1
+            group = claimed[i:end]
+            left = await _senders(session, group, state, rset=transaction)
+            if left is not None:
+                return left + claimed[end:]
+            claimed = [t for t in group if t.id in state.mail_first] + claimed[end:]
+            i, transaction = 0, False
             continue
         test = claimed[i]
         if transaction:
@@ -196,7 +214,7 @@ async def _group(
         if mail_class is not ReplyClass.OK:
             # a server that refuses MAIL answers each pipelined RCPT with an error too: from
             # here on, no RCPT without an accepted MAIL (as in lock-step)
-            session.stop_pipelining(f"MAIL FROM answered {mail.code}")
+            session.stop_pipelining(f"MAIL FROM answered {mail.code}", senders=True)
             result = _sender_refused(test, state.transport, mail, mail_class)
             next(answers, None)  # the blind RCPT's reply
         else:
@@ -219,6 +237,57 @@ async def _group(
                     session.stop_pipelining(f"RSET answered {between.code}")
                 return group[k + 1 :], False
     return None, transaction
+
+
+async def _senders(
+    session: Session, group: list[RelayTest], state: Battery, *, rset: bool
+) -> list[RelayTest] | None:
+    """The tests' MAIL FROMs as one pipelined group: [RSET,] MAIL, RSET, MAIL, RSET, ...
+
+    For a server that refused a MAIL FROM (AUTH or STARTTLS first, a sender policy): no RCPT
+    goes blind. A refused MAIL is that test's result, what lock-step would record; an accepted
+    one's transaction is reset at once, and its test is put in `state.mail_first` to run again
+    in lock-step. Returns the tests a failure left unfinished (None: all answered), as _group.
+    """
+    lines = ["RSET"] if rset else []
+    for test in group:
+        lines += [f"MAIL FROM:<{test.mail_from}>", "RSET"]
+    broken: Broken | None = None
+    try:
+        replies = await session.pipeline(lines)
+    except Broken as exc:
+        broken, replies = exc, exc.partial
+    answers = iter(replies)
+    if rset:
+        reply = next(answers, None)
+        if reply is None and broken is not None:
+            return _hit(group, 0, broken, state)
+        if reply is None or reply.code // 100 != 2:
+            if reply is not None and reply.code != _CLOSING:
+                session.stop_pipelining(f"RSET answered {reply.code}")
+            return group
+    for k, test in enumerate(group):
+        mail = next(answers, None)
+        if mail is None:
+            return _hit(group, k, broken, state) if broken else group[k:]
+        mail_class = classify_reply(mail)
+        if mail_class is ReplyClass.OK:
+            state.mail_first.add(test.id)  # no attempt yet: the RSET below ends it unanswered
+        else:
+            state.attempts[test.id] = attempts = state.attempts.get(test.id, 0) + 1
+            result = _sender_refused(test, state.transport, mail, mail_class)
+            left = _settle(test, result, attempts, None, state)
+            if left is not None:
+                return group[k + left :]
+        reset = next(answers, None)  # the RSET after this MAIL
+        if reset is None or reset.code // 100 != 2:
+            if broken is not None:
+                state.ended(broken)
+            elif reset is not None and reset.code != _CLOSING:
+                session.stop_pipelining(f"RSET answered {reset.code}")
+            # the accepted ones go again (their MAIL was never followed by a RCPT)
+            return [t for t in group[: k + 1] if t.id in state.mail_first] + group[k + 1 :]
+    return None
 
 
 def _hit(group: list[RelayTest], k: int, broken: Broken, state: Battery) -> list[RelayTest]:

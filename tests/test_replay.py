@@ -345,23 +345,57 @@ async def test_a_reply_too_many_turns_the_rest_of_the_battery_to_lock_step() -> 
 
 
 @pytest.mark.usefixtures("no_sockets")
-async def test_a_refused_mail_sends_no_more_rcpt_and_no_more_groups() -> None:
+async def test_a_refused_mail_sends_no_more_rcpt_only_groups_of_mail_from() -> None:
+    """After a refused MAIL FROM no RCPT goes blind: the other tests' MAIL FROMs go in one
+    group, each followed by RSET, and each refusal is its test's answer."""
     tests = _battery_lines()
     refused = b"530 5.7.0 Authentication required\r\n"
+    rest = tests[1:]
     events = [
         GREETING,
         *EHLO_PIPELINING,
         _group(*tests[0]),
         ("s", refused + b"503 5.5.1 Error: need MAIL command\r\n"),
+        _group(*(line for mail, _ in rest for line in (mail, "RSET"))),
+        ("s", (refused + b"250 2.0.0 Ok\r\n") * len(rest)),
     ]
-    for mail, _ in tests[1:]:  # lock-step: MAIL alone, no RCPT after a refused one
-        events += [("c", mail.encode() + b"\r\n"), ("s", refused)]
     settings = replace(ONE_TEST, max_tests_per_session=len(tests))
     dial = ReplayDial([[*events, *GOODBYE]], ("127.0.0.1", 25))
     result = await probe("127.0.0.1", 25, settings, dial=dial)
     assert result.lockstep == "MAIL FROM answered 530"
-    assert result.tests[0].rcpt is None  # as lock-step would record it: RCPT is not evidence
+    assert all(t.rcpt is None and t.mail.code == 530 for t in result.tests)  # type: ignore[union-attr]
+    assert len(result.tests) == len(tests)
     assert judge(result).status is VerdictStatus.AUTH_REQUIRED
+
+
+@pytest.mark.usefixtures("no_sockets")
+async def test_a_mail_accepted_in_a_group_of_senders_runs_again_with_its_rcpt() -> None:
+    """A sender policy that refuses most senders but accepts one: the accepted MAIL FROM is
+    reset unanswered, then its test runs in lock-step (MAIL, RCPT), recorded as lock-step
+    would, and the MAIL FROMs after it go on in a group."""
+    tests = _battery_lines()[:4]
+    refused = b"553 5.7.1 Sender address rejected\r\n"
+    reset = b"250 2.0.0 Ok\r\n"
+    (m0, r0), (m1, r1), (m2, _), (m3, _) = tests
+    events = [
+        GREETING,
+        *EHLO_PIPELINING,
+        _group(m0, r0),
+        ("s", refused + b"503 5.5.1 Error: need MAIL command\r\n"),
+        _group(m1, "RSET", m2, "RSET", m3, "RSET"),
+        ("s", OK + reset + refused + reset + refused + reset),
+        ("c", m1.encode() + b"\r\n"),
+        ("s", OK),
+        ("c", r1.encode() + b"\r\n"),
+        ("s", DENIED),
+    ]
+    settings = replace(ONE_TEST, max_tests_per_session=len(tests))
+    dial = ReplayDial([[*events, *GOODBYE]], ("127.0.0.1", 25))
+    battery = await probe("127.0.0.1", 25, settings, dial=dial)
+    ran = battery.tests[: len(tests)]
+    assert [t.test.mail_from for t in ran] == [m[len("MAIL FROM:<") : -1] for m, _ in tests]
+    assert [t.mail.code for t in ran] == [553, 250, 553, 553]  # type: ignore[union-attr]
+    assert ran[1].rcpt is not None and ran[1].rcpt.code == 554  # what lock-step records
 
 
 # -- a greeting wait that ends with nothing (issue 32): QUIT, and what comes back says why.
