@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -244,8 +244,16 @@ class Bench:
         return m
 
     def ra_sweep(
-        self, name: str, targets: list[str], scope: list[str], **kw: Any
+        self,
+        name: str,
+        targets: list[str],
+        scope: list[str],
+        *,
+        after_each: Callable[[int], object] | None = None,
+        **kw: Any,
     ) -> tuple[Measured, dict[str, Any], Path]:
+        """relayaudit's sweep, `repeat` times (the median is reported); `after_each(i)` runs
+        after its run i: the other tool's run i, so that the two alternate (issue 25)."""
         run_kw = {
             k: kw.pop(k)
             for k in ("stop_after", "on_tick", "timeout", "tick", "tree_every")
@@ -261,6 +269,8 @@ class Bench:
             argv = self.ra_argv(config)
             tag = f"{name}-{i + 1}" if repeat > 1 else name
             runs.append(self.run(tag, wrap(argv) if wrap else argv, **run_kw))
+            if after_each is not None:
+                after_each(i)
         m = _median(runs)
         summary = parse_summary(m.stdout())
         if m.returncode not in (0, 1) and not m.stopped:
@@ -272,12 +282,17 @@ class Bench:
     def nmap_run(
         self, name: str, args: list[str], *, repeat: int = 1
     ) -> tuple[Measured, dict[str, Any], Path]:
+        runs = [self.nmap_once(name, args, i, repeat) for i in range(repeat)]
+        return self.nmap_median(name, runs)
+
+    def nmap_once(self, name: str, args: list[str], i: int, repeat: int) -> Measured:
+        """nmap's run i of `repeat` (its XML is the last run's)."""
         assert self.nmap is not None
+        tag = f"{name}-{i + 1}" if repeat > 1 else name
+        return self.run(tag, [self.nmap, *args, "-oX", str(self.work / f"{name}.xml")])
+
+    def nmap_median(self, name: str, runs: list[Measured]) -> tuple[Measured, dict[str, Any], Path]:
         xml = self.work / f"{name}.xml"
-        runs = []
-        for i in range(repeat):
-            tag = f"{name}-{i + 1}" if repeat > 1 else name
-            runs.append(self.run(tag, [self.nmap, *args, "-oX", str(xml)]))
         m = _median(runs)
         hosts, stats = parse_nmap_xml(xml)  # the last run's verdicts
         m.extra["nmap_stats"] = stats
@@ -443,6 +458,8 @@ class Bench:
     def phase_discovery(self) -> None:
         net = str(self.empty_net)
         n = self.empty_net.num_addresses
+        nmap_args = [*NMAP_DISCOVERY_FLAGS, "-p", str(self.port), net]
+        nmap_runs: list[Measured] = []
         ra, summary, _ = self.ra_sweep(
             "discovery-relayaudit",
             [net],
@@ -451,6 +468,15 @@ class Bench:
             rate=UNLIMITED_RATE,
             subnet_rate=UNLIMITED_RATE,
             repeat=self.args.repeat,
+            after_each=(
+                (
+                    lambda i: nmap_runs.append(
+                        self.nmap_once("discovery-nmap", nmap_args, i, self.args.repeat)
+                    )
+                )
+                if self.nmap
+                else None
+            ),
         )
         out: dict[str, Any] = {"range": net, "addresses": n, "relayaudit": ra.as_dict()}
         ra_internal = summary.get("elapsed_s")
@@ -458,11 +484,7 @@ class Bench:
         out["relayaudit"]["probes_per_s_sweep_time"] = _rate(n, ra_internal or 0.0)
         out["relayaudit"]["cpu_s_per_1k_addresses"] = _per_k(ra.cpu_s, n)
         if self.nmap:
-            nm, res, _ = self.nmap_run(
-                "discovery-nmap",
-                [*NMAP_DISCOVERY_FLAGS, "-p", str(self.port), net],
-                repeat=self.args.repeat,
-            )
+            nm, res, _ = self.nmap_median("discovery-nmap", nmap_runs)
             out["nmap"] = nm.as_dict()
             out["nmap"]["probes_per_s"] = _rate(n, nm.wall_s)
             out["nmap"]["probes_per_s_sweep_time"] = _rate(n, res["stats"].get("elapsed_s", 0.0))
@@ -607,6 +629,19 @@ class Bench:
         args = self.args
         n = len(servers)
         targets = [f"{s.host}/32" for s in servers]
+        script = ("" if self.port in STANDARD_SMTP_PORTS else "+") + "smtp-open-relay"
+        nmap_args = [
+            *NMAP_RELAY_FLAGS,
+            "-p",
+            str(self.port),
+            "--script",
+            script,
+            "--script-args",
+            f"smtp-open-relay.domain={EXTERNAL_DOMAINS[0]}",
+            "-iL",
+            str(hosts_file),
+        ]
+        nmap_runs: list[Measured] = []
         ra, _, findings = self.ra_sweep(
             f"{name}-relayaudit",
             targets,
@@ -615,6 +650,12 @@ class Bench:
             rate=UNLIMITED_RATE,
             subnet_rate=UNLIMITED_RATE,
             repeat=repeat,
+            # each relayaudit run is followed by one of nmap's: the machine's speed drifts
+            after_each=(
+                (lambda i: nmap_runs.append(self.nmap_once(f"{name}-nmap", nmap_args, i, repeat)))
+                if self.nmap
+                else None
+            ),
         )
         out: dict[str, Any] = {"hosts": n, "relayaudit": ra.as_dict()}
         out["relayaudit"]["hosts_per_s"] = _rate(n, ra.wall_s)
@@ -639,22 +680,7 @@ class Bench:
         if not self.nmap:
             out["nmap"] = None
             return out, None
-        script = ("" if self.port in STANDARD_SMTP_PORTS else "+") + "smtp-open-relay"
-        nr, res, _ = self.nmap_run(
-            f"{name}-nmap",
-            [
-                *NMAP_RELAY_FLAGS,
-                "-p",
-                str(self.port),
-                "--script",
-                script,
-                "--script-args",
-                f"smtp-open-relay.domain={EXTERNAL_DOMAINS[0]}",
-                "-iL",
-                str(hosts_file),
-            ],
-            repeat=repeat,
-        )
+        nr, res, _ = self.nmap_median(f"{name}-nmap", nmap_runs)
         hosts: dict[tuple[str, int], NmapHost] = res["hosts"]
         out["nmap"] = nr.as_dict()
         out["nmap"]["hosts_per_s"] = _rate(n, nr.wall_s)

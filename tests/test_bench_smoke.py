@@ -104,3 +104,49 @@ def test_the_client_cpu_bound_divides_the_cores_by_a_hosts_cpu() -> None:
     assert bound["text"].endswith("py-spy, own time: record (relayaudit/session.py) 9 %")
     del relay["nmap"]
     assert "instant_client_cpu" not in run.bounds(doc)
+
+
+def test_the_two_tools_runs_alternate(tmp_path: Path) -> None:
+    """Issue 25 asks for medians of alternating runs: relayaudit's run i, then nmap's run i
+    (the machine's speed drifts; the runs once went all of relayaudit's, then all of nmap's).
+    nmap here is a stand-in on PATH that writes nothing: only the order is looked at."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    nmap = fake / "nmap"
+    nmap.write_text('#!/bin/sh\necho "Nmap version 7.93 ( stand-in )"\n', encoding="utf-8")
+    nmap.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--quick",
+            "--repeat",
+            "2",
+            "--profile",
+            "instant",
+            "--results-dir",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    done = [
+        line.split(":")[0].removeprefix("== ")
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if line.startswith("== ") and "s wall," in line
+    ]
+    for phase in ("discovery", "instant-relay"):
+        runs = [name for name in done if name.startswith(f"{phase}-") and name[-2] == "-"]
+        assert runs == [
+            f"{phase}-relayaudit-1",
+            f"{phase}-nmap-1",
+            f"{phase}-relayaudit-2",
+            f"{phase}-nmap-2",
+        ], done
