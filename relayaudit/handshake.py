@@ -101,7 +101,8 @@ class Handshake:
         if conn is None:
             conn = await self.dial()
         seen.port_state = PortState.OPEN
-        seen.vantage = conn.local_address() or seen.vantage
+        if not seen.vantage:  # the probe's first connection says where it came from
+            seen.vantage = conn.local_address() or ""
         seen.sessions += 1
         session: SmtpSession | None = None
         try:

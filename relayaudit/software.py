@@ -143,6 +143,10 @@ _REFUSALS: tuple[tuple[Software, re.Pattern[str], bool], ...] = (
 )
 
 
+# any of them: one search says whether a refusal names a product at all (most do not)
+_ANY_REFUSAL = re.compile("|".join(f"(?:{p.pattern})" for _, p, _ in _REFUSALS), re.I)
+
+
 def _seen(text: str) -> str:
     return text if len(text) <= 60 else text[:59] + "…"
 
@@ -227,15 +231,19 @@ def _named_in(text: str) -> tuple[SoftwareSign, ...]:
     found = _NAMED.get(text)
     if found is None:
         bare = _without_status(text)
-        found = tuple(
-            SoftwareSign(
-                source=SignSource.REFUSAL,
-                software=software,
-                seen=_seen(match.group() if exchange else text.splitlines()[0]),
-                exchange_only=exchange,
+        found = (
+            tuple(
+                SoftwareSign(
+                    source=SignSource.REFUSAL,
+                    software=software,
+                    seen=_seen(match.group() if exchange else text.splitlines()[0]),
+                    exchange_only=exchange,
+                )
+                for software, pattern, exchange in _REFUSALS
+                if (match := pattern.search(bare))
             )
-            for software, pattern, exchange in _REFUSALS
-            if (match := pattern.search(bare))
+            if _ANY_REFUSAL.search(bare)
+            else ()
         )
         if len(_NAMED) >= 4096:  # a server with a new wording per reply: start over
             _NAMED.clear()
@@ -312,7 +320,8 @@ def guess_of(result: ProbeResult) -> SoftwareGuess:
 def describe(found: SoftwareGuess) -> str:
     """One line for people: `Postfix (high confidence: greeting "Postfix", refusal "...")`."""
     signs = ", ".join(
-        f'{s.source.value} "{s.seen}"' + ("" if s.software is found.software else f" ({NAMES[s.software]})")
+        f'{s.source.value} "{s.seen}"'
+        + ("" if s.software is found.software else f" ({NAMES[s.software]})")
         for s in found.signs
     )
     if found.name is None:

@@ -464,9 +464,7 @@ def judge(
             port=result.port,
             status=session_status,
             summary=result.error or session_status.value,
-            findings=(_unapproved(_Context(result, approved_note), expired),)
-            if unapproved
-            else (),
+            findings=(_unapproved(_Context(result, approved_note), expired),) if unapproved else (),
         )
 
     ctx = _Context(result, approved_note)
@@ -772,10 +770,11 @@ def _status_summary(status: VerdictStatus, group: list[TestResult], result: Prob
     if first is not None:
         reply = first.rcpt or first.mail
         sample = f" (e.g. {reply})" if reply is not None else ""
-    syntax = sum(1 for r in group if _syntax_refusal(r))
-    how = f" ({syntax} of them as bad address syntax, 501 / x.1.3)" if syntax else ""
+    if status is VerdictStatus.RELAY_REFUSED:  # the one summary that counts them
+        syntax = sum(1 for r in group if _syntax_refusal(r))
+        how = f" ({syntax} of them as bad address syntax, 501 / x.1.3)" if syntax else ""
+        return f"All {len(group)} relay tests refused{sample}{how}."
     return {
-        VerdictStatus.RELAY_REFUSED: f"All {len(group)} relay tests refused{sample}{how}.",
         VerdictStatus.AUTH_REQUIRED: f"Relaying needs authentication{sample}.",
         VerdictStatus.TLS_REQUIRED: f"The server requires STARTTLS before mail{sample}.",
         VerdictStatus.INCONCLUSIVE: (
