@@ -106,6 +106,34 @@ def test_the_client_cpu_bound_divides_the_cores_by_a_hosts_cpu() -> None:
     assert "instant_client_cpu" not in run.bounds(doc)
 
 
+def test_the_serial_floor_counts_the_start_up_before_the_slowest_host() -> None:
+    """Realistic without tarpits: the run takes at least start-up plus the slowest host's
+    serial exchanges (before, the bound left the start-up out and promised more)."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = run
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec.loader.exec_module(run)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    rest = {
+        "hosts": 1000,
+        "relayaudit": {"slowest_host_exchanges_s": 1.75},
+        "nmap": {"hosts_per_s": 50.0},
+    }
+    doc = {
+        "machine": {"cpus": 2},
+        "relayaudit_startup": {"wall_s": 0.25},
+        "settings": {"relayaudit": {"sessions_per_host": 1}},
+        "profiles": {"realistic": {"relay": {"without_tarpits": rest}}},
+    }
+    floor = run.bounds(doc)["realistic_serial_floor"]
+    assert floor["best_hosts_per_s"] == 500.0 and floor["best_ratio"] == 10.0
+    assert "after relayaudit's start-up (0.25 s wall)" in floor["text"]
+
+
 def test_the_two_tools_runs_alternate(tmp_path: Path) -> None:
     """Issue 25 asks for medians of alternating runs: relayaudit's run i, then nmap's run i
     (the machine's speed drifts; the runs once went all of relayaudit's, then all of nmap's).
