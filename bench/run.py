@@ -1444,10 +1444,14 @@ def bounds(doc: dict[str, Any]) -> dict[str, Any]:
     hosts = rest.get("hosts")
     sessions = ((doc.get("settings") or {}).get("relayaudit") or {}).get("sessions_per_host", 1)
     # (with parallel sessions the transcript's waits overlap: no serial floor to state)
-    # a run's wall time also holds relayaudit's start-up before its first connect (the wall
-    # time of `relayaudit --version`, measured at the run's start)
+    # a run's wall time also holds relayaudit's start-up and exit, outside its sweep: the run's
+    # wall time less the sweep's own (its summary's, to 0.1 s), else `relayaudit --version`'s
+    wall = _get(rest, "relayaudit", "wall_s")
+    swept = _get(rest, "relayaudit", "summary", "elapsed_s")
     startup = _get(doc, "relayaudit_startup", "wall_s")
-    startup = float(startup) if isinstance(startup, int | float) else 0.0
+    if isinstance(wall, int | float) and isinstance(swept, int | float) and wall > swept:
+        startup = wall - swept
+    startup = round(float(startup), 2) if isinstance(startup, int | float) else 0.0
     if sessions == 1 and slowest and hosts and isinstance(nmap_rate, int | float) and nmap_rate > 0:
         best = hosts / (startup + slowest)
         out["realistic_serial_floor"] = {
@@ -1459,7 +1463,7 @@ def bounds(doc: dict[str, Any]) -> dict[str, Any]:
             "text": (
                 "realistic without tarpits: with one session per host at a time each "
                 f"host's exchanges wait for one another; the slowest host's took {slowest:.2f} s, "
-                f"after relayaudit's start-up ({startup:.2f} s wall), so {hosts} hosts take at "
+                f"and start-up and exit outside the sweep {startup:.2f} s, so {hosts} hosts take at "
                 f"least {startup + slowest:.2f} s: at most {best:,.0f} hosts/s, "
                 f"{best / nmap_rate:.2f}x nmap"
             ),

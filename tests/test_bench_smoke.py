@@ -107,8 +107,8 @@ def test_the_client_cpu_bound_divides_the_cores_by_a_hosts_cpu() -> None:
 
 
 def test_the_serial_floor_counts_the_start_up_before_the_slowest_host() -> None:
-    """Realistic without tarpits: the run takes at least start-up plus the slowest host's
-    serial exchanges (before, the bound left the start-up out and promised more)."""
+    """Realistic without tarpits: the run takes at least its start-up and exit plus the slowest
+    host's serial exchanges (before, the bound left the start-up out and promised more)."""
     spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
     assert spec is not None and spec.loader is not None
     run = importlib.util.module_from_spec(spec)
@@ -118,11 +118,8 @@ def test_the_serial_floor_counts_the_start_up_before_the_slowest_host() -> None:
         spec.loader.exec_module(run)
     finally:
         sys.path.remove(str(REPO / "bench"))
-    rest = {
-        "hosts": 1000,
-        "relayaudit": {"slowest_host_exchanges_s": 1.75},
-        "nmap": {"hosts_per_s": 50.0},
-    }
+    ra: dict[str, object] = {"slowest_host_exchanges_s": 1.75}
+    rest = {"hosts": 1000, "relayaudit": ra, "nmap": {"hosts_per_s": 50.0}}
     doc = {
         "machine": {"cpus": 2},
         "relayaudit_startup": {"wall_s": 0.25},
@@ -131,7 +128,11 @@ def test_the_serial_floor_counts_the_start_up_before_the_slowest_host() -> None:
     }
     floor = run.bounds(doc)["realistic_serial_floor"]
     assert floor["best_hosts_per_s"] == 500.0 and floor["best_ratio"] == 10.0
-    assert "after relayaudit's start-up (0.25 s wall)" in floor["text"]
+    assert "start-up and exit outside the sweep 0.25 s" in floor["text"]
+    # the run's own: its wall time less its sweep's
+    ra.update({"wall_s": 2.2, "summary": {"elapsed_s": 1.8}})
+    floor = run.bounds(doc)["realistic_serial_floor"]
+    assert floor["startup_wall_s"] == 0.4 and floor["best_hosts_per_s"] == round(1000 / 2.15, 1)
 
 
 def test_the_two_tools_runs_alternate(tmp_path: Path) -> None:
