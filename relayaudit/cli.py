@@ -1260,6 +1260,7 @@ def _sweep_main(args: argparse.Namespace) -> int:
                 targets=targets,
             ),
             config.limits.event_loop,
+            young=_sweep_young(config),
         )
         print(render_summary(stats))
         print(f"\n{written} findings written to {config.output.findings}")
@@ -1286,6 +1287,12 @@ def _sweep_main(args: argparse.Namespace) -> int:
     if args.report is not None and run is not None:
         sweep_report(args.report, config.output.findings, sweep_id, config=config, run=run)
     return code
+
+
+def _sweep_young(config: Config) -> int | None:
+    """A one-shot sweep that only probes gets the larger first generation (eventloop.py); with
+    the canary receiver, whose peers may be hostile and build cycles, the common one."""
+    return None if config.canary.enabled else eventloop.SWEEP_YOUNG
 
 
 def _sweep_targets(config: Config, files: Sequence[str]) -> TargetList | None:
@@ -1450,6 +1457,7 @@ def _sweep_processes(
                         targets=targets,
                     ),
                     config.limits.event_loop,
+                    young=_sweep_young(config),
                 )
                 report = {
                     **stats.to_json(),

@@ -46,13 +46,20 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
 
 # The first generation's threshold: the cyclic collector runs after this many allocations net.
 # At Python's default (700) it ran every few relay tests, each time walking every young object.
-# A probe builds no reference cycles (tests/test_gc.py), but hostile peers do (the canary
-# receiver under attack: at 500,000 the daemon grew 51 MB before a collection, and
-# tests/test_canary_receiver.py's bound failed), so the collector runs this often.
+# A probe builds no reference cycles (tests/test_gc.py), but hostile peers of the canary receiver
+# do: under attack, at 500,000, the daemon grew 51 MB before a collection
+# (tests/test_canary_receiver.py), so the daemon and everything else run at 50,000.
 GC_THRESHOLD = (50_000, 20, 100)
+# A one-shot sweep with no canary receiver only probes: its collections found nothing and walked
+# the probes in flight (1,024 of them, 300-500 objects each: four walks of 15-55 ms a process in
+# the instant bench, and pauses every probe waits out). Its first generation is larger, a net
+# for cycles a rare path may still build, bounded at this many objects (some tens of MB).
+SWEEP_YOUNG = 500_000
 
 
-def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice = "auto") -> T:
+def run(
+    main: Coroutine[Any, Any, T], choice: EventLoopChoice = "auto", *, young: int | None = None
+) -> T:
     """asyncio.run, on the chosen loop, with the collector tuned for many short-lived objects.
 
     What exists before the loop starts (modules, pydantic schemas, the config) lives as long
@@ -63,6 +70,6 @@ def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice = "auto") -> T:
     cost each process 15 ms to free the few cycles start-up left.
     """
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
+    gc.set_threshold(young or GC_THRESHOLD[0], *GC_THRESHOLD[1:])
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import pytest
 from cli_runner import run_cli
 
 from relayaudit import eventloop
+from relayaudit.cli import _sweep_young
 from relayaudit.config import parse_config
 from relayaudit.errors import ConfigError
 from relayaudit.lab import Behaviour, Lab, ServerSpec
@@ -100,3 +102,26 @@ async def test_both_loops_find_the_same(tmp_path: Path, lab: Lab) -> None:
     assert "open-relay" in plain["127.0.23.1"]
     assert "relay-campus-sender" in plain["127.0.23.3"]
     assert "127.0.23.6" not in plain  # the tarpit never greets: no-banner, no finding
+
+
+async def _young() -> int:
+    return gc.get_threshold()[0]
+
+
+def test_only_a_sweep_without_the_canary_receiver_gets_the_larger_first_generation() -> None:
+    """The daemon (the canary receiver's hostile peers build cycles) keeps the common
+    threshold; a one-shot sweep that only probes gets the larger one (eventloop.py)."""
+    before = gc.get_threshold()
+    try:
+        assert eventloop.run(_young(), "asyncio") == eventloop.GC_THRESHOLD[0] == 50_000
+        assert eventloop.run(_young(), "asyncio", young=eventloop.SWEEP_YOUNG) == 500_000
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+    base = {"scope": ["127.0.23.0/24"], "targets": ["127.0.23.0/29"]}
+    assert _sweep_young(parse_config(base, source="x.toml")) == eventloop.SWEEP_YOUNG
+    with_canary = {
+        **base,
+        "canary": {"enabled": True, "domain": "canary.campus.test", "listen": "127.0.0.1:2525"},
+    }
+    assert _sweep_young(parse_config(with_canary, source="x.toml")) is None
