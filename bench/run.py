@@ -460,6 +460,11 @@ class Bench:
         n = self.empty_net.num_addresses
         nmap_args = [*NMAP_DISCOVERY_FLAGS, "-p", str(self.port), net]
         nmap_runs: list[Measured] = []
+
+        def after_each(i: int) -> None:  # nmap's run i after relayaudit's: speed drifts
+            if self.nmap:
+                nmap_runs.append(self.nmap_once("discovery-nmap", nmap_args, i, self.args.repeat))
+
         ra, summary, _ = self.ra_sweep(
             "discovery-relayaudit",
             [net],
@@ -468,15 +473,7 @@ class Bench:
             rate=UNLIMITED_RATE,
             subnet_rate=UNLIMITED_RATE,
             repeat=self.args.repeat,
-            after_each=(
-                (
-                    lambda i: nmap_runs.append(
-                        self.nmap_once("discovery-nmap", nmap_args, i, self.args.repeat)
-                    )
-                )
-                if self.nmap
-                else None
-            ),
+            after_each=after_each,
         )
         out: dict[str, Any] = {"range": net, "addresses": n, "relayaudit": ra.as_dict()}
         ra_internal = summary.get("elapsed_s")

@@ -8,6 +8,7 @@ Written against the small `Session` protocol (session.py).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from relayaudit.evidence import (
@@ -188,21 +189,10 @@ async def _group(
     lines.pop()  # no RSET after the last test: the next group (or QUIT) starts with it
     if goodbye:
         lines.append("QUIT")
-    broken: Broken | None = None
-    try:
-        replies = await session.pipeline(lines)
-    except Broken as exc:
-        broken, replies = exc, exc.partial
-    answers = iter(replies)
-    if rset:
-        reply = next(answers, None)
-        if reply is None and broken is not None:
-            return _hit(group, 0, broken, state), False
-        if reply is None or reply.code // 100 != 2:
-            # the server closed, or refused RSET: the group goes again on a fresh connection
-            if reply is not None and reply.code != _CLOSING:
-                session.stop_pipelining(f"RSET answered {reply.code}")
-            return group, False
+    sent = await _send(session, lines, group, state, rset=rset)
+    if isinstance(sent, list):
+        return sent, False
+    answers, broken = sent
     transaction = False
     for k, test in enumerate(group):
         mail = next(answers, None)
@@ -239,19 +229,12 @@ async def _group(
     return None, transaction
 
 
-async def _senders(
-    session: Session, group: list[RelayTest], state: Battery, *, rset: bool
-) -> list[RelayTest] | None:
-    """The tests' MAIL FROMs as one pipelined group: [RSET,] MAIL, RSET, MAIL, RSET, ...
-
-    For a server that refused a MAIL FROM (AUTH or STARTTLS first, a sender policy): no RCPT
-    goes blind. A refused MAIL is that test's result, what lock-step would record; an accepted
-    one's transaction is reset at once, and its test is put in `state.mail_first` to run again
-    in lock-step. Returns the tests a failure left unfinished (None: all answered), as _group.
-    """
-    lines = ["RSET"] if rset else []
-    for test in group:
-        lines += [f"MAIL FROM:<{test.mail_from}>", "RSET"]
+async def _send(
+    session: Session, lines: list[str], group: list[RelayTest], state: Battery, *, rset: bool
+) -> list[RelayTest] | tuple[Iterator[Reply], Broken | None]:
+    """Send a group's lines; the replies to read (and the failure that cut them short, if one
+    did), or the group's unfinished tests when its opening RSET (`rset`) was not answered 2xx:
+    the server closed or refused it, and the group goes again on a fresh connection."""
     broken: Broken | None = None
     try:
         replies = await session.pipeline(lines)
@@ -266,6 +249,26 @@ async def _senders(
             if reply is not None and reply.code != _CLOSING:
                 session.stop_pipelining(f"RSET answered {reply.code}")
             return group
+    return answers, broken
+
+
+async def _senders(
+    session: Session, group: list[RelayTest], state: Battery, *, rset: bool
+) -> list[RelayTest] | None:
+    """The tests' MAIL FROMs as one pipelined group: [RSET,] MAIL, RSET, MAIL, RSET, ...
+
+    For a server that refused a MAIL FROM (AUTH or STARTTLS first, a sender policy): no RCPT
+    goes blind. A refused MAIL is that test's result, what lock-step would record; an accepted
+    one's transaction is reset at once, and its test is put in `state.mail_first` to run again
+    in lock-step. Returns the tests a failure left unfinished (None: all answered), as _group.
+    """
+    lines = ["RSET"] if rset else []
+    for test in group:
+        lines += [f"MAIL FROM:<{test.mail_from}>", "RSET"]
+    sent = await _send(session, lines, group, state, rset=rset)
+    if isinstance(sent, list):
+        return sent
+    answers, broken = sent
     for k, test in enumerate(group):
         mail = next(answers, None)
         if mail is None:

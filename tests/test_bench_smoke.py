@@ -15,17 +15,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_bench_quick_writes_the_report(tmp_path: Path) -> None:
+def _bench(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`bench/run.py ARGS` as a child of this checkout (`path`: its PATH)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "run.py"),
-            "--quick",
-            "--no-nmap",
-            "--results-dir",
-            str(tmp_path),
-        ],
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), *args],
         check=False,
         cwd=REPO,
         env=env,
@@ -34,6 +30,10 @@ def test_bench_quick_writes_the_report(tmp_path: Path) -> None:
         text=True,
         timeout=300,
     )
+
+
+def test_bench_quick_writes_the_report(tmp_path: Path) -> None:
+    proc = _bench("--quick", "--no-nmap", "--results-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     reports = sorted(tmp_path.glob("*.json"))
     assert len(reports) == 1, reports
@@ -144,26 +144,15 @@ def test_the_two_tools_runs_alternate(tmp_path: Path) -> None:
     nmap = fake / "nmap"
     nmap.write_text('#!/bin/sh\necho "Nmap version 7.93 ( stand-in )"\n', encoding="utf-8")
     nmap.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{fake}:{os.environ['PATH']}"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "run.py"),
-            "--quick",
-            "--repeat",
-            "2",
-            "--profile",
-            "instant",
-            "--results-dir",
-            str(tmp_path / "out"),
-        ],
-        check=False,
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _bench(
+        "--quick",
+        "--repeat",
+        "2",
+        "--profile",
+        "instant",
+        "--results-dir",
+        str(tmp_path / "out"),
+        path=f"{fake}:{os.environ['PATH']}",
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     done = [
